@@ -77,7 +77,7 @@ class RemoteProtocolError(ProtocolError):
 
 
 class ConfigError(AegisError):
-    """A configuration value is invalid. ``path`` is the dotted key, e.g. ``observability.otlp.endpoint``."""
+    """A configuration value is invalid; ``path`` is the dotted key, e.g. ``tools.allow``."""
 
     def __init__(self, message: str, *, path: str = "", hint: str = "") -> None:
         super().__init__(f"{path}: {message}" if path else message, hint=hint)

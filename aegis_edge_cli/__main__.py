@@ -1,0 +1,5 @@
+import sys
+
+from aegis_edge_cli import main
+
+sys.exit(main())
