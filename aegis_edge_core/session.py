@@ -1,0 +1,923 @@
+"""Sans-I/O sessions for both ends of the daemon stream.
+
+Theory of operation
+===================
+
+A daemon holds one bidirectional gRPC stream to its relay (``EdgeStream.Connect``). Each
+end of that stream is driven by a session object that owns the protocol state and nothing
+else: it never reads a socket, a clock or a random source. The server shell around it
+
+1. feeds every received message (or the raw frame bytes) into ``receive``/``receive_bytes``
+   together with ``now``, and acts on the returned :class:`Event` values;
+2. calls the session's send methods (``challenge``, ``accept``, ``send_command``,
+   ``heartbeat``, ...) when it decides to say something, and
+3. writes out whatever :meth:`messages_to_send` returns, in order.
+
+A message that is not allowed in the current state -- out of order, duplicated, unknown,
+malformed or oversized -- raises :class:`~aegis_edge_core.errors.RemoteProtocolError` and
+moves the session to ``CLOSED``; the shell closes that one stream with the error's
+``grpc_status``. Calling a send method that the state does not allow raises
+:class:`~aegis_edge_core.errors.LocalProtocolError` and leaves the state unchanged: it is
+a bug in the caller, not in the peer.
+
+The handshake::
+
+    daemon: IDLE --hello()--> HELLO_SENT --Challenge--> CHALLENGED --attest()--> ATTESTING
+            --Accepted--> ACCEPTED --Drain--> DRAINING --close()--> CLOSED
+    relay:  AWAITING_HELLO --Hello--> HELLO_RECEIVED --challenge()--> CHALLENGED
+            --AttestationResponse--> ATTESTED --accept(verified)--> ACCEPTED
+            --drain()--> DRAINING --close()--> CLOSED
+
+``accept`` takes a :class:`~aegis_edge_core.identity.attestation.VerifiedAttestation`,
+which only :func:`~aegis_edge_core.identity.attestation.verify_attestation` produces, and
+checks that it was made for *this* session's nonce and node: a relay session cannot reach
+``ACCEPTED`` without a valid attestation step. ``refuse`` ends the handshake with a named
+reason at any point before ``ACCEPTED``.
+
+Once accepted, heartbeats are acknowledged by the relay session itself (the ack is part of
+the protocol, not a decision), while results are acknowledged by the shell with
+:meth:`RelaySession.ack_result` only after it has stored them: the daemon forgets a result
+only once it is acked, so a result is never lost to a stream that drops in between.
+
+Both sides track the commands dispatched on this stream. A result or output for a command
+that was not dispatched on this stream is legal -- it finished while the daemon was
+disconnected and is delivered late -- and is reported with ``known=False``. A second result
+for a command already answered on this stream is a protocol error.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+from google.protobuf.message import DecodeError
+
+from aegis_edge_core import PROTOCOL_VERSION
+from aegis_edge_core.errors import LocalProtocolError, RemoteProtocolError
+from aegis_edge_core.identity.attestation import VerifiedAttestation
+from aegis_edge_core.wire import common_pb2, stream_pb2
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "AttestationReceived",
+    "CancelRequested",
+    "CapabilitiesChanged",
+    "ChallengeReceived",
+    "CommandReceived",
+    "DaemonSession",
+    "DaemonState",
+    "Drained",
+    "Event",
+    "HeartbeatAcked",
+    "HeartbeatReceived",
+    "HelloReceived",
+    "KeyRotated",
+    "OutputReceived",
+    "Refused",
+    "RelaySession",
+    "RelayState",
+    "ResultAcked",
+    "ResultReceived",
+    "Revoked",
+    "RotateKeyRequested",
+    "SessionAccepted",
+    "TokenRefreshRequested",
+    "TokenRefreshed",
+]
+
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+"""Default cap on one frame; a larger one closes the stream with RESOURCE_EXHAUSTED."""
+
+
+class DaemonState(enum.Enum):
+    IDLE = "idle"
+    HELLO_SENT = "hello_sent"
+    CHALLENGED = "challenged"
+    ATTESTING = "attesting"
+    ACCEPTED = "accepted"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class RelayState(enum.Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    HELLO_RECEIVED = "hello_received"
+    CHALLENGED = "challenged"
+    ATTESTED = "attested"
+    ACCEPTED = "accepted"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+# --------------------------------------------------------------------------- events
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Base of everything ``receive`` returns."""
+
+
+# relay side
+
+
+@attrs.frozen(kw_only=True)
+class HelloReceived(Event):
+    node_id: str
+    node_token: str = attrs.field(repr=False)
+    capabilities: common_pb2.Capabilities
+    host_time: float
+    control: bool
+    """A CONTROL session (``aegis edge keys rotate``) never takes commands."""
+
+
+@attrs.frozen(kw_only=True)
+class AttestationReceived(Event):
+    signature: bytes = attrs.field(repr=False)
+    nonce: bytes
+    """The nonce this session challenged with; pass it to ``verify_attestation``."""
+
+
+@attrs.frozen(kw_only=True)
+class HeartbeatReceived(Event):
+    seq: int
+    host_time: float
+    inflight: int
+
+
+@attrs.frozen(kw_only=True)
+class CapabilitiesChanged(Event):
+    capabilities: common_pb2.Capabilities
+
+
+@attrs.frozen(kw_only=True)
+class OutputReceived(Event):
+    command_id: str
+    seq: int
+    stdout: bytes
+    stderr: bytes
+    known: bool
+
+
+@attrs.frozen(kw_only=True)
+class ResultReceived(Event):
+    result: stream_pb2.CommandResult
+    known: bool
+    """False for a result of a command dispatched on an earlier stream (delivered late)."""
+
+
+@attrs.frozen(kw_only=True)
+class RotateKeyRequested(Event):
+    new_public_key: bytes
+    old_key_signature: bytes = attrs.field(repr=False)
+    new_key_signature: bytes = attrs.field(repr=False)
+    nonce: bytes
+
+
+@attrs.frozen(kw_only=True)
+class TokenRefreshRequested(Event):
+    pass
+
+
+# daemon side
+
+
+@attrs.frozen(kw_only=True)
+class ChallengeReceived(Event):
+    nonce: bytes
+    relay_time: float
+
+
+@attrs.frozen(kw_only=True)
+class SessionAccepted(Event):
+    node_id: str
+    tenant_id: str
+    heartbeat_interval_secs: float
+    stale_threshold_secs: float
+    node_token: str = attrs.field(repr=False)
+    """Empty unless the relay handed out a fresh token."""
+    token_expires_at: float
+    max_concurrent_commands: int
+    relay_time: float
+
+
+@attrs.frozen(kw_only=True)
+class Refused(Event):
+    reason: str
+    """Lower-case refusal reason, e.g. ``"revoked"``, ``"clock_skew"``."""
+    message: str
+    relay_time: float
+    retry_after_secs: float
+
+
+@attrs.frozen(kw_only=True)
+class HeartbeatAcked(Event):
+    seq: int
+    relay_time: float
+
+
+@attrs.frozen(kw_only=True)
+class CommandReceived(Event):
+    command: stream_pb2.CommandInvocation
+
+
+@attrs.frozen(kw_only=True)
+class CancelRequested(Event):
+    command_id: str
+    reason: str
+    known: bool
+
+
+@attrs.frozen(kw_only=True)
+class ResultAcked(Event):
+    command_id: str
+
+
+@attrs.frozen(kw_only=True)
+class TokenRefreshed(Event):
+    node_token: str = attrs.field(repr=False)
+    expires_at: float
+
+
+@attrs.frozen(kw_only=True)
+class KeyRotated(Event):
+    node_token: str = attrs.field(repr=False)
+    expires_at: float
+    key_thumbprint: str
+
+
+@attrs.frozen(kw_only=True)
+class Drained(Event):
+    reason: str
+    reconnect_after_secs: float
+
+
+@attrs.frozen(kw_only=True)
+class Revoked(Event):
+    reason: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _refusal_name(value: int) -> str:
+    try:
+        name = common_pb2.RefusalReason.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return "unspecified"
+    return name.removeprefix("REFUSAL_REASON_").lower()
+
+
+def _refusal_value(reason: str) -> common_pb2.RefusalReason.ValueType:
+    try:
+        return common_pb2.RefusalReason.Value("REFUSAL_REASON_" + reason.upper())
+    except ValueError:
+        raise LocalProtocolError(
+            f"unknown refusal reason {reason!r}",
+            hint="use one of the RefusalReason names in common.proto, lower-case",
+        ) from None
+
+
+def _parse(
+    cls: type[stream_pb2.DaemonMessage] | type[stream_pb2.RelayMessage], data: bytes, limit: int
+) -> stream_pb2.DaemonMessage | stream_pb2.RelayMessage:
+    if len(data) > limit:
+        raise RemoteProtocolError(
+            f"frame of {len(data)} bytes exceeds the {limit}-byte limit",
+            hint="split output into smaller chunks",
+            grpc_status="RESOURCE_EXHAUSTED",
+        )
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as err:
+        raise RemoteProtocolError(
+            f"frame is not a valid {cls.DESCRIPTOR.name}: {err}",
+            hint="the peer speaks another protocol or its frame was corrupted",
+        ) from None
+    return msg
+
+
+class _Base:
+    _limit: int
+    _outbox: list[stream_pb2.DaemonMessage] | list[stream_pb2.RelayMessage]
+
+    def _violation(
+        self, message: str, *, hint: str = "", status: str = "INVALID_ARGUMENT"
+    ) -> RemoteProtocolError:
+        self._close()
+        return RemoteProtocolError(message, hint=hint, grpc_status=status)
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- relay side
+
+# (state, received message kind) -> state after it. A pair missing here is a protocol error.
+_RELAY_RECEIVE: Final[Mapping[tuple[RelayState, str], RelayState]] = {
+    (RelayState.AWAITING_HELLO, "hello"): RelayState.HELLO_RECEIVED,
+    (RelayState.CHALLENGED, "attestation"): RelayState.ATTESTED,
+    **{
+        (s, kind): s
+        for s in (RelayState.ACCEPTED, RelayState.DRAINING)
+        for kind in ("heartbeat", "capabilities", "output", "result", "rotate_key", "token_refresh")
+    },
+}
+
+# send method -> states it is allowed in, and the state after it (None: unchanged).
+_RELAY_SEND: Final[Mapping[str, tuple[frozenset[RelayState], RelayState | None]]] = {
+    "challenge": (frozenset({RelayState.HELLO_RECEIVED}), RelayState.CHALLENGED),
+    "accept": (frozenset({RelayState.ATTESTED}), RelayState.ACCEPTED),
+    "refuse": (
+        frozenset(
+            {
+                RelayState.AWAITING_HELLO,
+                RelayState.HELLO_RECEIVED,
+                RelayState.CHALLENGED,
+                RelayState.ATTESTED,
+            }
+        ),
+        RelayState.CLOSED,
+    ),
+    "send_command": (frozenset({RelayState.ACCEPTED}), None),
+    "cancel": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
+    "ack_result": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
+    "refresh_token": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
+    "key_rotated": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
+    "drain": (frozenset({RelayState.ACCEPTED}), RelayState.DRAINING),
+    "revoke": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), RelayState.CLOSED),
+}
+
+
+class RelaySession(_Base):
+    """The relay's end of one daemon stream."""
+
+    def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.state = RelayState.AWAITING_HELLO
+        self._limit = max_message_bytes
+        self._outbox: list[stream_pb2.RelayMessage] = []
+        self.node_id: str | None = None
+        self.tenant_id: str | None = None
+        self.control = False
+        self.nonce: bytes | None = None
+        self._in_flight: set[str] = set()
+        self._answered: set[str] = set()
+
+    # -- receiving
+
+    def receive_bytes(self, data: bytes, now: float) -> list[Event]:
+        """Parse one raw frame and :meth:`receive` it."""
+        self._require_open()
+        msg = _parse(stream_pb2.DaemonMessage, data, self._limit)
+        assert isinstance(msg, stream_pb2.DaemonMessage)
+        return self.receive(msg, now)
+
+    def receive(self, msg: stream_pb2.DaemonMessage, now: float) -> list[Event]:
+        self._require_open()
+        kind = msg.WhichOneof("body")
+        if kind is None:
+            raise self._violation(
+                "empty or unknown daemon message",
+                hint="the daemon may be newer than this relay; upgrade the relay",
+            )
+        after = _RELAY_RECEIVE.get((self.state, kind))
+        if after is None:
+            raise self._violation(
+                f"daemon sent {kind!r} while the stream is {self.state.value}",
+                hint="the daemon broke the handshake order; it should reconnect",
+                status="FAILED_PRECONDITION",
+            )
+        events = self._handle(kind, msg, now)
+        if self.state is not RelayState.CLOSED:
+            self.state = after
+        return events
+
+    def _handle(self, kind: str, msg: stream_pb2.DaemonMessage, now: float) -> list[Event]:
+        if kind == "hello":
+            hello = msg.hello
+            if hello.protocol_version != PROTOCOL_VERSION:
+                raise self._violation(
+                    f"daemon speaks protocol v{hello.protocol_version}, "
+                    f"this relay v{PROTOCOL_VERSION}",
+                    hint="upgrade the daemon or the relay to the same major version",
+                )
+            if not hello.node_id or not hello.node_token:
+                raise self._violation(
+                    "hello without node id or token", hint="the daemon must enroll first"
+                )
+            self.node_id = hello.node_id
+            self.control = hello.kind == stream_pb2.SESSION_KIND_CONTROL
+            return [
+                HelloReceived(
+                    node_id=hello.node_id,
+                    node_token=hello.node_token,
+                    capabilities=hello.capabilities,
+                    host_time=hello.host_time,
+                    control=self.control,
+                )
+            ]
+        if kind == "attestation":
+            assert self.nonce is not None
+            if not msg.attestation.signature:
+                raise self._violation("attestation without a signature")
+            return [AttestationReceived(signature=msg.attestation.signature, nonce=self.nonce)]
+        if kind == "heartbeat":
+            hb = msg.heartbeat
+            ack = stream_pb2.RelayMessage()
+            ack.heartbeat_ack.seq = hb.seq
+            ack.heartbeat_ack.relay_time = now
+            self._outbox.append(ack)
+            return [HeartbeatReceived(seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight)]
+        if kind == "capabilities":
+            return [CapabilitiesChanged(capabilities=msg.capabilities.capabilities)]
+        if kind == "output":
+            out = msg.output
+            if not out.command_id:
+                raise self._violation("output without a command id")
+            return [
+                OutputReceived(
+                    command_id=out.command_id,
+                    seq=out.seq,
+                    stdout=out.stdout,
+                    stderr=out.stderr,
+                    known=out.command_id in self._in_flight,
+                )
+            ]
+        if kind == "result":
+            res = msg.result
+            if not res.command_id:
+                raise self._violation("result without a command id")
+            if res.command_id in self._answered:
+                raise self._violation(
+                    f"second result for command {res.command_id}",
+                    hint="a daemon answers each command once per stream",
+                )
+            known = res.command_id in self._in_flight
+            self._in_flight.discard(res.command_id)
+            self._answered.add(res.command_id)
+            return [ResultReceived(result=res, known=known)]
+        if kind == "rotate_key":
+            if self.control is False and self.nonce is None:  # pragma: no cover - guarded above
+                raise self._violation("rotate_key before attestation")
+            rk = msg.rotate_key
+            if len(rk.new_public_key) != 32:
+                raise self._violation("rotate_key: the new public key must be 32 bytes")
+            assert self.nonce is not None
+            return [
+                RotateKeyRequested(
+                    new_public_key=rk.new_public_key,
+                    old_key_signature=rk.old_key_signature,
+                    new_key_signature=rk.new_key_signature,
+                    nonce=self.nonce,
+                )
+            ]
+        assert kind == "token_refresh"
+        return [TokenRefreshRequested()]
+
+    # -- sending
+
+    def _transition(self, op: str) -> RelayState | None:
+        allowed, after = _RELAY_SEND[op]
+        if self.state not in allowed:
+            raise LocalProtocolError(
+                f"cannot {op} while the relay session is {self.state.value}",
+                hint="follow the state table in aegis_edge_core.session",
+            )
+        return after
+
+    def _emit(self, op: str, msg: stream_pb2.RelayMessage) -> None:
+        after = self._transition(op)
+        self._outbox.append(msg)
+        if after is not None:
+            self.state = after
+
+    def challenge(self, nonce: bytes, now: float) -> None:
+        """Answer the hello with a fresh nonce (caller draws 32 random bytes)."""
+        if len(nonce) < 16:
+            raise LocalProtocolError("an attestation nonce needs at least 16 random bytes")
+        self._transition("challenge")
+        self.nonce = nonce
+        msg = stream_pb2.RelayMessage()
+        msg.challenge.protocol_version = PROTOCOL_VERSION
+        msg.challenge.nonce = nonce
+        msg.challenge.relay_time = now
+        self._emit("challenge", msg)
+
+    def accept(
+        self,
+        verified: VerifiedAttestation,
+        *,
+        heartbeat_interval_secs: float,
+        stale_threshold_secs: float,
+        now: float,
+        node_token: str = "",
+        token_expires_at: float = 0.0,
+        max_concurrent_commands: int = 0,
+    ) -> None:
+        """Accept the daemon after ``verify_attestation`` approved *this* session's proof."""
+        self._transition("accept")
+        if verified.nonce != self.nonce or verified.node_id != self.node_id:
+            raise LocalProtocolError(
+                "the verified attestation belongs to another session",
+                hint="verify the AttestationReceived event of this session",
+            )
+        self.tenant_id = verified.tenant_id
+        msg = stream_pb2.RelayMessage()
+        acc = msg.accepted
+        acc.node_id = verified.node_id
+        acc.tenant_id = verified.tenant_id
+        acc.heartbeat_interval_secs = heartbeat_interval_secs
+        acc.stale_threshold_secs = stale_threshold_secs
+        acc.node_token = node_token
+        acc.token_expires_at = token_expires_at
+        acc.max_concurrent_commands = max_concurrent_commands
+        acc.relay_time = now
+        self._emit("accept", msg)
+
+    def refuse(
+        self, reason: str, message: str, now: float, *, retry_after_secs: float = 0.0
+    ) -> None:
+        msg = stream_pb2.RelayMessage()
+        msg.refused.reason = _refusal_value(reason)
+        msg.refused.message = message
+        msg.refused.relay_time = now
+        msg.refused.retry_after_secs = retry_after_secs
+        self._emit("refuse", msg)
+
+    def send_command(
+        self,
+        *,
+        command_id: str,
+        tool: str,
+        args_json: str = "{}",
+        fleet_command_id: str = "",
+        deadline: float = 0.0,
+        timeout_secs: float = 0.0,
+        traceparent: str = "",
+        tracestate: str = "",
+    ) -> None:
+        if self.control:
+            raise LocalProtocolError("a control session takes no commands")
+        if command_id in self._in_flight or command_id in self._answered:
+            raise LocalProtocolError(f"command {command_id} was already sent on this stream")
+        msg = stream_pb2.RelayMessage()
+        cmd = msg.command
+        cmd.command_id = command_id
+        cmd.fleet_command_id = fleet_command_id
+        cmd.tool = tool
+        cmd.args_json = args_json
+        cmd.deadline = deadline
+        cmd.timeout_secs = timeout_secs
+        cmd.trace.traceparent = traceparent
+        cmd.trace.tracestate = tracestate
+        self._emit("send_command", msg)
+        self._in_flight.add(command_id)
+
+    def cancel(self, command_id: str, reason: str) -> None:
+        msg = stream_pb2.RelayMessage()
+        msg.cancel.command_id = command_id
+        msg.cancel.reason = reason
+        self._emit("cancel", msg)
+
+    def ack_result(self, command_id: str) -> None:
+        """Tell the daemon it may forget a result: call only after storing it."""
+        msg = stream_pb2.RelayMessage()
+        msg.result_ack.command_id = command_id
+        self._emit("ack_result", msg)
+
+    def refresh_token(self, node_token: str, expires_at: float) -> None:
+        msg = stream_pb2.RelayMessage()
+        msg.token_refresh.node_token = node_token
+        msg.token_refresh.expires_at = expires_at
+        self._emit("refresh_token", msg)
+
+    def key_rotated(self, node_token: str, expires_at: float, key_thumbprint: str) -> None:
+        msg = stream_pb2.RelayMessage()
+        msg.key_rotated.node_token = node_token
+        msg.key_rotated.expires_at = expires_at
+        msg.key_rotated.key_thumbprint = key_thumbprint
+        self._emit("key_rotated", msg)
+
+    def drain(self, reason: str, reconnect_after_secs: float = 0.0) -> None:
+        msg = stream_pb2.RelayMessage()
+        msg.drain.reason = reason
+        msg.drain.reconnect_after_secs = reconnect_after_secs
+        self._emit("drain", msg)
+
+    def revoke(self, reason: str) -> list[str]:
+        """Tell the daemon it is revoked and close; returns the commands left in flight."""
+        msg = stream_pb2.RelayMessage()
+        msg.revoked.reason = reason
+        self._emit("revoke", msg)
+        return self.connection_lost()
+
+    def connection_lost(self) -> list[str]:
+        """The stream is gone: close, and return the commands that were in flight on it.
+
+        The dispatcher ends each of them ``edge_disconnected`` (seed: "Tools that were in
+        flight are reported back as EdgeDisconnected to the dispatcher").
+        """
+        lost = sorted(self._in_flight)
+        self._in_flight.clear()
+        self.state = RelayState.CLOSED
+        return lost
+
+    def messages_to_send(self) -> list[stream_pb2.RelayMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    def _require_open(self) -> None:
+        if self.state is RelayState.CLOSED:
+            raise RemoteProtocolError(
+                "message on a closed stream", grpc_status="FAILED_PRECONDITION"
+            )
+
+    def _close(self) -> None:
+        self.state = RelayState.CLOSED
+
+
+# --------------------------------------------------------------------------- daemon side
+
+_DAEMON_RECEIVE: Final[Mapping[tuple[DaemonState, str], DaemonState]] = {
+    (DaemonState.HELLO_SENT, "challenge"): DaemonState.CHALLENGED,
+    (DaemonState.ATTESTING, "accepted"): DaemonState.ACCEPTED,
+    **{
+        (s, "refused"): DaemonState.CLOSED
+        for s in (DaemonState.HELLO_SENT, DaemonState.CHALLENGED, DaemonState.ATTESTING)
+    },
+    **{
+        (s, kind): s
+        for s in (DaemonState.ACCEPTED, DaemonState.DRAINING)
+        for kind in ("heartbeat_ack", "cancel", "result_ack", "token_refresh", "key_rotated")
+    },
+    (DaemonState.ACCEPTED, "command"): DaemonState.ACCEPTED,
+    (DaemonState.ACCEPTED, "drain"): DaemonState.DRAINING,
+    (DaemonState.ACCEPTED, "revoked"): DaemonState.CLOSED,
+    (DaemonState.DRAINING, "revoked"): DaemonState.CLOSED,
+}
+
+_DAEMON_SEND: Final[Mapping[str, tuple[frozenset[DaemonState], DaemonState | None]]] = {
+    "hello": (frozenset({DaemonState.IDLE}), DaemonState.HELLO_SENT),
+    "attest": (frozenset({DaemonState.CHALLENGED}), DaemonState.ATTESTING),
+    **{
+        op: (frozenset({DaemonState.ACCEPTED, DaemonState.DRAINING}), None)
+        for op in (
+            "heartbeat",
+            "capabilities",
+            "output",
+            "result",
+            "rotate_key",
+            "request_token_refresh",
+        )
+    },
+}
+
+
+class DaemonSession(_Base):
+    """The daemon's end of its stream to the relay."""
+
+    def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.state = DaemonState.IDLE
+        self._limit = max_message_bytes
+        self._outbox: list[stream_pb2.DaemonMessage] = []
+        self.node_id: str | None = None
+        self.nonce: bytes | None = None
+        self.control = False
+        self._commands: set[str] = set()
+        self._answered: set[str] = set()
+        self._heartbeat_seq = 0
+        self._last_acked_seq = 0
+
+    # -- receiving
+
+    def receive_bytes(self, data: bytes, now: float) -> list[Event]:
+        self._require_open()
+        msg = _parse(stream_pb2.RelayMessage, data, self._limit)
+        assert isinstance(msg, stream_pb2.RelayMessage)
+        return self.receive(msg, now)
+
+    def receive(self, msg: stream_pb2.RelayMessage, now: float) -> list[Event]:
+        self._require_open()
+        kind = msg.WhichOneof("body")
+        if kind is None:
+            raise self._violation(
+                "empty or unknown relay message",
+                hint="the relay may be newer than this daemon; upgrade it",
+            )
+        after = _DAEMON_RECEIVE.get((self.state, kind))
+        if after is None:
+            raise self._violation(
+                f"relay sent {kind!r} while the stream is {self.state.value}",
+                hint="reconnect; if it repeats, the relay is broken or not an aegis relay",
+                status="FAILED_PRECONDITION",
+            )
+        events = self._handle(kind, msg)
+        if self.state is not DaemonState.CLOSED:
+            self.state = after
+        return events
+
+    def _handle(self, kind: str, msg: stream_pb2.RelayMessage) -> list[Event]:
+        if kind == "challenge":
+            ch = msg.challenge
+            if ch.protocol_version != PROTOCOL_VERSION:
+                raise self._violation(
+                    f"relay speaks protocol v{ch.protocol_version}",
+                    hint="upgrade the daemon or the relay",
+                )
+            if len(ch.nonce) < 16:
+                raise self._violation("challenge nonce is too short to be safe")
+            self.nonce = ch.nonce
+            return [ChallengeReceived(nonce=ch.nonce, relay_time=ch.relay_time)]
+        if kind == "accepted":
+            acc = msg.accepted
+            if acc.node_id != self.node_id:
+                raise self._violation("relay accepted a different node id")
+            return [
+                SessionAccepted(
+                    node_id=acc.node_id,
+                    tenant_id=acc.tenant_id,
+                    heartbeat_interval_secs=acc.heartbeat_interval_secs,
+                    stale_threshold_secs=acc.stale_threshold_secs,
+                    node_token=acc.node_token,
+                    token_expires_at=acc.token_expires_at,
+                    max_concurrent_commands=acc.max_concurrent_commands,
+                    relay_time=acc.relay_time,
+                )
+            ]
+        if kind == "refused":
+            ref = msg.refused
+            return [
+                Refused(
+                    reason=_refusal_name(ref.reason),
+                    message=ref.message,
+                    relay_time=ref.relay_time,
+                    retry_after_secs=ref.retry_after_secs,
+                )
+            ]
+        if kind == "heartbeat_ack":
+            ack = msg.heartbeat_ack
+            if ack.seq > self._heartbeat_seq:
+                raise self._violation(f"ack for heartbeat {ack.seq}, which was never sent")
+            self._last_acked_seq = max(self._last_acked_seq, ack.seq)
+            return [HeartbeatAcked(seq=ack.seq, relay_time=ack.relay_time)]
+        if kind == "command":
+            cmd = msg.command
+            if not cmd.command_id or not cmd.tool:
+                raise self._violation("command without id or tool")
+            if cmd.command_id in self._commands:
+                raise self._violation(f"command {cmd.command_id} was sent twice")
+            if self.control:
+                raise self._violation("relay sent a command to a control session")
+            self._commands.add(cmd.command_id)
+            return [CommandReceived(command=cmd)]
+        if kind == "cancel":
+            c = msg.cancel
+            known = c.command_id in self._commands and c.command_id not in self._answered
+            return [CancelRequested(command_id=c.command_id, reason=c.reason, known=known)]
+        if kind == "result_ack":
+            return [ResultAcked(command_id=msg.result_ack.command_id)]
+        if kind == "token_refresh":
+            tr = msg.token_refresh
+            if not tr.node_token:
+                raise self._violation("token refresh without a token")
+            return [TokenRefreshed(node_token=tr.node_token, expires_at=tr.expires_at)]
+        if kind == "key_rotated":
+            kr = msg.key_rotated
+            if not kr.node_token:
+                raise self._violation("key_rotated without a token")
+            return [
+                KeyRotated(
+                    node_token=kr.node_token,
+                    expires_at=kr.expires_at,
+                    key_thumbprint=kr.key_thumbprint,
+                )
+            ]
+        if kind == "drain":
+            return [
+                Drained(
+                    reason=msg.drain.reason, reconnect_after_secs=msg.drain.reconnect_after_secs
+                )
+            ]
+        assert kind == "revoked"
+        return [Revoked(reason=msg.revoked.reason)]
+
+    # -- sending
+
+    def _emit(self, op: str, msg: stream_pb2.DaemonMessage) -> None:
+        allowed, after = _DAEMON_SEND[op]
+        if self.state not in allowed:
+            raise LocalProtocolError(
+                f"cannot {op} while the daemon session is {self.state.value}",
+                hint="follow the state table in aegis_edge_core.session",
+            )
+        self._outbox.append(msg)
+        if after is not None:
+            self.state = after
+
+    def hello(
+        self,
+        *,
+        node_id: str,
+        node_token: str,
+        capabilities: common_pb2.Capabilities,
+        now: float,
+        control: bool = False,
+    ) -> None:
+        if not node_id or not node_token:
+            raise LocalProtocolError("hello needs the node id and token from enrollment")
+        msg = stream_pb2.DaemonMessage()
+        h = msg.hello
+        h.protocol_version = PROTOCOL_VERSION
+        h.node_id = node_id
+        h.node_token = node_token
+        h.capabilities.CopyFrom(capabilities)
+        h.host_time = now
+        h.kind = stream_pb2.SESSION_KIND_CONTROL if control else stream_pb2.SESSION_KIND_DAEMON
+        self._emit("hello", msg)
+        self.node_id = node_id
+        self.control = control
+
+    def attest(self, signature: bytes) -> None:
+        """Answer the challenge with ``sign_attestation(key, ..., nonce=self.nonce)``."""
+        msg = stream_pb2.DaemonMessage()
+        msg.attestation.signature = signature
+        self._emit("attest", msg)
+
+    def heartbeat(self, now: float, *, inflight: int = 0) -> int:
+        msg = stream_pb2.DaemonMessage()
+        self._emit("heartbeat", msg)
+        self._heartbeat_seq += 1
+        msg.heartbeat.seq = self._heartbeat_seq
+        msg.heartbeat.host_time = now
+        msg.heartbeat.inflight = inflight
+        return self._heartbeat_seq
+
+    @property
+    def heartbeats_unacked(self) -> int:
+        """Heartbeats sent since the last ack: a stalled relay shows up here first."""
+        return self._heartbeat_seq - self._last_acked_seq
+
+    def capabilities(self, capabilities: common_pb2.Capabilities) -> None:
+        msg = stream_pb2.DaemonMessage()
+        msg.capabilities.capabilities.CopyFrom(capabilities)
+        self._emit("capabilities", msg)
+
+    def output(
+        self, command_id: str, seq: int, *, stdout: bytes = b"", stderr: bytes = b""
+    ) -> None:
+        msg = stream_pb2.DaemonMessage()
+        msg.output.command_id = command_id
+        msg.output.seq = seq
+        msg.output.stdout = stdout
+        msg.output.stderr = stderr
+        if msg.ByteSize() > self._limit:
+            raise LocalProtocolError("output chunk exceeds the frame limit; send smaller chunks")
+        self._emit("output", msg)
+
+    def result(self, result: stream_pb2.CommandResult) -> None:
+        """Report a result: of a command of this stream, or (late) of an earlier one."""
+        if not result.command_id:
+            raise LocalProtocolError("a result needs the command id")
+        if result.command_id in self._answered:
+            raise LocalProtocolError(f"command {result.command_id} was already answered")
+        msg = stream_pb2.DaemonMessage()
+        msg.result.CopyFrom(result)
+        msg.result.delivered_late = result.command_id not in self._commands
+        self._emit("result", msg)
+        self._answered.add(result.command_id)
+
+    def rotate_key(
+        self, *, new_public_key: bytes, old_key_signature: bytes, new_key_signature: bytes
+    ) -> None:
+        msg = stream_pb2.DaemonMessage()
+        msg.rotate_key.new_public_key = new_public_key
+        msg.rotate_key.old_key_signature = old_key_signature
+        msg.rotate_key.new_key_signature = new_key_signature
+        self._emit("rotate_key", msg)
+
+    def request_token_refresh(self) -> None:
+        msg = stream_pb2.DaemonMessage()
+        msg.token_refresh.SetInParent()
+        self._emit("request_token_refresh", msg)
+
+    def close(self) -> None:
+        self.state = DaemonState.CLOSED
+
+    def messages_to_send(self) -> list[stream_pb2.DaemonMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _require_open(self) -> None:
+        if self.state is DaemonState.CLOSED:
+            raise RemoteProtocolError(
+                "message on a closed stream", grpc_status="FAILED_PRECONDITION"
+            )
+
+    def _close(self) -> None:
+        self.state = DaemonState.CLOSED
