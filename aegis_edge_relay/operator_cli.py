@@ -1,0 +1,1279 @@
+"""The operator-side ``aegis edge`` commands: gRPC clients of the relay's Admin service.
+
+``register(tree)`` adds ``ls``, ``show``, ``tag add|rm``, ``keys revoke-remote``,
+``tenants delete``, ``tokens issue`` and the ``fleet`` group (``preview``, ``run``,
+``runs``, ``show``, ``cancel``, ``keys rotate``) to the ``aegis`` command tree.
+
+Every command finds the relay through ``--relay HOST:PORT``, ``--ca-cert PATH`` and
+``--token TOKEN|@FILE`` or the environment (``AEGIS_RELAY``, ``AEGIS_CA_CERT``,
+``AEGIS_OPERATOR_TOKEN``), speaks TLS with the CA as its only root and sends the operator
+token as ``authorization: Bearer <token>`` metadata. A failure is one line on stderr and a
+non-zero exit (the CLI root prints :class:`~aegis_edge_cli.CliError`).
+
+The module is split in two: pure functions that turn proto messages into JSON values, table
+rows and relative times (tests call them without a server), and the command handlers that
+open a channel, make one call and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
+from aegis_edge_core.errors import AegisError
+from aegis_edge_core.wire import admin_pb2, common_pb2
+
+if TYPE_CHECKING:
+    import grpc
+
+    from aegis_edge_core.wire.admin_pb2_grpc import AdminStub
+
+__all__ = [
+    "ENV_CA_CERT",
+    "ENV_RELAY",
+    "ENV_TOKEN",
+    "Connection",
+    "build_fleet_spec",
+    "command_record_to_dict",
+    "fleet_preview_to_dict",
+    "fleet_run_summary",
+    "fleet_run_to_dict",
+    "format_duration",
+    "host_row",
+    "host_to_dict",
+    "iso_time",
+    "parse_arg_pairs",
+    "parse_duration_secs",
+    "register",
+    "relative_time",
+    "resolve_connection",
+    "rpc_error_message",
+    "run_outcome_name",
+    "skipped_to_dict",
+    "status_name",
+    "target_outcome_name",
+    "target_result_to_dict",
+]
+
+ENV_RELAY: Final = "AEGIS_RELAY"
+ENV_CA_CERT: Final = "AEGIS_CA_CERT"
+ENV_TOKEN: Final = "AEGIS_OPERATOR_TOKEN"  # noqa: S105 -- a variable name, not a secret
+
+UNARY_TIMEOUT_SECS: Final = 30.0
+"""How long a unary admin call may take before the CLI gives up."""
+
+DEFAULT_HISTORY: Final = 20
+"""How many recent tool calls ``edge show`` asks for."""
+
+HOST_COLUMNS: Final = ("NODE", "TENANT", "STATUS", "LAST HEARTBEAT", "OS/ARCH", "TAGS")
+
+# --------------------------------------------------------------------------------------------
+# Enum names: the seed's strings for the wire's enums
+# --------------------------------------------------------------------------------------------
+
+_STATUS_NAMES: Final[Mapping[int, str]] = {
+    common_pb2.DAEMON_STATUS_CONNECTED: "Connected",
+    common_pb2.DAEMON_STATUS_UNHEALTHY: "Unhealthy",
+    common_pb2.DAEMON_STATUS_DISCONNECTED: "Disconnected",
+    common_pb2.DAEMON_STATUS_REVOKED: "Revoked",
+}
+
+_TARGET_OUTCOME_NAMES: Final[Mapping[int, str]] = {
+    common_pb2.TARGET_OUTCOME_OK: "ok",
+    common_pb2.TARGET_OUTCOME_ERROR: "error",
+    common_pb2.TARGET_OUTCOME_TIMEOUT: "timeout",
+    common_pb2.TARGET_OUTCOME_CANCELLED: "cancelled",
+    common_pb2.TARGET_OUTCOME_DENIED: "denied",
+    common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED: "edge_disconnected",
+    common_pb2.TARGET_OUTCOME_NOT_STARTED: "not_started",
+}
+
+_RUN_OUTCOME_NAMES: Final[Mapping[int, str]] = {
+    common_pb2.RUN_OUTCOME_RUNNING: "running",
+    common_pb2.RUN_OUTCOME_COMPLETED: "completed",
+    common_pb2.RUN_OUTCOME_COMPLETED_WITH_ERRORS: "completed_with_errors",
+    common_pb2.RUN_OUTCOME_HALTED: "halted",
+    common_pb2.RUN_OUTCOME_DEADLINE_EXCEEDED: "deadline_exceeded",
+    common_pb2.RUN_OUTCOME_CANCELLED: "cancelled",
+}
+
+
+def status_name(status: int) -> str:
+    """``DaemonStatus`` as the seed's status pill; an unknown value reads ``Unknown``."""
+    return _STATUS_NAMES.get(status, "Unknown")
+
+
+def target_outcome_name(outcome: int, *, dispatched: bool = False) -> str:
+    """``TargetOutcome`` as its wire string.
+
+    UNSPECIFIED (or a value too new to know) means the target has not ended yet: it reads
+    ``running`` once dispatched and ``pending`` before.
+    """
+    name = _TARGET_OUTCOME_NAMES.get(outcome)
+    if name is not None:
+        return name
+    return "running" if dispatched else "pending"
+
+
+def run_outcome_name(outcome: int) -> str:
+    """``RunOutcome`` as its wire string; UNSPECIFIED (or unknown) reads ``unknown``."""
+    return _RUN_OUTCOME_NAMES.get(outcome, "unknown")
+
+
+# --------------------------------------------------------------------------------------------
+# Times
+# --------------------------------------------------------------------------------------------
+
+
+def iso_time(ts: float) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC (``2025-01-02T03:04:05.678Z``); 0 is None."""
+    if not ts or not math.isfinite(ts) or ts < 0:
+        return None
+    try:
+        moment = datetime.fromtimestamp(ts, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _span(secs: float) -> str:
+    secs = int(secs)
+    if secs < 60:
+        return f"{secs}s"
+    if secs < 3600:
+        return f"{secs // 60}m"
+    if secs < 86400:
+        return f"{secs // 3600}h"
+    return f"{secs // 86400}d"
+
+
+def relative_time(ts: float, now: float) -> str:
+    """``12s ago``, ``3m ago``, ``2h ago``, ``4d ago``; ``never`` for 0.
+
+    A time slightly ahead of ``now`` (clock skew between relay and operator) reads ``just
+    now``; one well in the future ``in 5m``.
+    """
+    if not ts or not math.isfinite(ts):
+        return "never"
+    delta = now - ts
+    if delta < 0:
+        return "just now" if delta > -5 else f"in {_span(-delta)}"
+    return f"{_span(delta)} ago"
+
+
+def format_duration(secs: float) -> str:
+    """A short duration for tables: ``850ms``, ``12.3s``, ``4m05s``, ``2h03m``."""
+    if secs < 0 or not math.isfinite(secs):
+        return ""
+    if secs < 1:
+        return f"{round(secs * 1000)}ms"
+    if secs < 60:
+        return f"{secs:.1f}s"
+    whole = int(secs)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{(whole % 3600) // 60:02d}m"
+
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS: Final[Mapping[str, float]] = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+
+
+def parse_duration_secs(text: str, *, flag: str) -> float:
+    """``120s``, ``15m``, ``1.5h``, ``500ms`` or bare seconds to a positive float.
+
+    Raises :class:`CliError` naming ``flag`` for anything else.
+    """
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise CliError(f"{flag}: invalid duration {text!r} (expected e.g. 30s, 15m, 2h)")
+    secs = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if secs <= 0 or not math.isfinite(secs):
+        raise CliError(f"{flag}: duration must be greater than zero, got {text!r}")
+    return secs
+
+
+# --------------------------------------------------------------------------------------------
+# Proto -> JSON values and table rows
+# --------------------------------------------------------------------------------------------
+
+
+def capabilities_to_dict(caps: common_pb2.Capabilities) -> dict[str, Any]:
+    return {
+        "os": caps.os,
+        "arch": caps.arch,
+        "tools": sorted(caps.tools),
+        "labels": dict(sorted(caps.labels.items())),
+        "tags": sorted(caps.tags),
+        "hostname": caps.hostname,
+        "agent_version": caps.agent_version,
+    }
+
+
+def command_record_to_dict(rec: admin_pb2.CommandRecord) -> dict[str, Any]:
+    return {
+        "command_id": rec.command_id,
+        "fleet_command_id": rec.fleet_command_id or None,
+        "tool": rec.tool,
+        "outcome": target_outcome_name(rec.outcome, dispatched=rec.dispatched_at > 0),
+        "exit_code": rec.exit_code if rec.has_exit_code else None,
+        "dispatched_at": iso_time(rec.dispatched_at),
+        "finished_at": iso_time(rec.finished_at),
+        "error_message": rec.error_message or None,
+    }
+
+
+def host_to_dict(host: admin_pb2.Host, *, with_history: bool = False) -> dict[str, Any]:
+    """One host as ``ls --output json`` and ``show --output json`` print it."""
+    out: dict[str, Any] = {
+        "node_id": host.node_id,
+        "tenant_id": host.tenant_id,
+        "status": status_name(host.status),
+        "last_heartbeat_at": iso_time(host.last_heartbeat_at),
+        "enrolled_at": iso_time(host.enrolled_at),
+        "connected_since": iso_time(host.connected_since),
+        "capabilities": capabilities_to_dict(host.capabilities),
+        "key_thumbprint": host.key_thumbprint or None,
+        "revoked_reason": host.revoked_reason or None,
+    }
+    if with_history:
+        out["history"] = [command_record_to_dict(rec) for rec in host.history]
+    return out
+
+
+def host_row(host: admin_pb2.Host, now: float) -> list[str]:
+    """A row under :data:`HOST_COLUMNS`."""
+    caps = host.capabilities
+    os_arch = "/".join(part for part in (caps.os, caps.arch) if part) or "-"
+    return [
+        host.node_id,
+        host.tenant_id,
+        status_name(host.status),
+        relative_time(host.last_heartbeat_at, now),
+        os_arch,
+        ",".join(sorted(caps.tags)) or "-",
+    ]
+
+
+def _tail(data: bytes) -> str | None:
+    return data.decode("utf-8", errors="replace") if data else None
+
+
+def target_result_to_dict(res: admin_pb2.TargetResult) -> dict[str, Any]:
+    return {
+        "node_id": res.node_id,
+        "tenant_id": res.tenant_id or None,
+        "command_id": res.command_id or None,
+        "outcome": target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0),
+        "exit_code": res.exit_code if res.has_exit_code else None,
+        "error_message": res.error_message or None,
+        "skip_reason": res.skip_reason or None,
+        "dispatched_at": iso_time(res.dispatched_at),
+        "finished_at": iso_time(res.finished_at),
+        "duration_secs": (
+            round(res.finished_at - res.dispatched_at, 6)
+            if res.dispatched_at and res.finished_at
+            else None
+        ),
+        "stdout_tail": _tail(res.stdout_tail),
+        "stderr_tail": _tail(res.stderr_tail),
+    }
+
+
+def skipped_to_dict(skip: admin_pb2.SkippedTarget) -> dict[str, Any]:
+    return {"node_id": skip.node_id, "reason": skip.reason}
+
+
+def _spec_to_dict(spec: admin_pb2.FleetRunSpec) -> dict[str, Any]:
+    try:
+        args: Any = json.loads(spec.args_json) if spec.args_json else {}
+    except ValueError:
+        args = spec.args_json
+    return {
+        "selector": spec.selector,
+        "tool": spec.tool,
+        "args": args,
+        "mode": spec.mode or "all",
+        "on_error": spec.on_error or "continue",
+        "deadline_secs": spec.deadline_secs or None,
+        "canary": spec.canary or None,
+        "tenant_id": spec.tenant_id or None,
+    }
+
+
+def fleet_run_to_dict(run: admin_pb2.FleetRun) -> dict[str, Any]:
+    """A run as ``fleet run|show --output json`` print it."""
+    spec = _spec_to_dict(run.spec)
+    return {
+        "fleet_command_id": run.fleet_command_id,
+        "outcome": run_outcome_name(run.outcome),
+        "tool": spec["tool"],
+        "selector": spec["selector"],
+        "spec": spec,
+        "created_at": iso_time(run.created_at),
+        "finished_at": iso_time(run.finished_at),
+        "created_by": run.created_by or None,
+        "trace_id": run.trace_id or None,
+        "halt_reason": run.halt_reason or None,
+        "targets": [target_result_to_dict(t) for t in run.targets],
+        "skipped": [skipped_to_dict(s) for s in run.skipped],
+        "counts": _outcome_counts(run),
+    }
+
+
+def fleet_preview_to_dict(preview: admin_pb2.FleetPreview) -> dict[str, Any]:
+    return {
+        "selector": preview.selector,
+        "matched": preview.matched,
+        "targets": list(preview.targets),
+        "skipped": [skipped_to_dict(s) for s in preview.skipped],
+    }
+
+
+def _outcome_counts(run: admin_pb2.FleetRun) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for res in run.targets:
+        name = target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0)
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def fleet_run_summary(run: admin_pb2.FleetRun) -> str:
+    """``halted: 3 ok, 1 error, 6 not_started; 2 skipped`` -- the one-line verdict."""
+    counts = _outcome_counts(run)
+    parts = ", ".join(f"{n} {name}" for name, n in counts.items()) or "no targets"
+    line = f"{run_outcome_name(run.outcome)}: {parts}"
+    if run.skipped:
+        line += f"; {len(run.skipped)} skipped"
+    return line
+
+
+def target_row(res: admin_pb2.TargetResult) -> list[str]:
+    duration = ""
+    if res.dispatched_at and res.finished_at:
+        duration = format_duration(res.finished_at - res.dispatched_at)
+    note = res.error_message or (f"skipped: {res.skip_reason}" if res.skip_reason else "")
+    return [
+        res.node_id,
+        target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0),
+        str(res.exit_code) if res.has_exit_code else "-",
+        duration or "-",
+        note.splitlines()[0] if note else "",
+    ]
+
+
+TARGET_COLUMNS: Final = ("NODE", "OUTCOME", "EXIT", "DURATION", "ERROR")
+
+
+# --------------------------------------------------------------------------------------------
+# Fleet arguments
+# --------------------------------------------------------------------------------------------
+
+
+def parse_arg_pairs(pairs: Sequence[str], json_pairs: Sequence[str] = ()) -> dict[str, Any]:
+    """``--arg k=v`` (string value, split on the first ``=`` only) and ``--arg-json k=<json>``.
+
+    ``--arg cmd="a && b=c"`` gives ``{"cmd": "a && b=c"}``. A key given twice is an error.
+    """
+    out: dict[str, Any] = {}
+
+    def put(flag: str, item: str, value_of: Callable[[str], Any]) -> None:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CliError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key in out:
+            raise CliError(f"{flag} {item!r}: argument {key!r} given twice")
+        out[key] = value_of(raw)
+
+    def as_json(raw: str) -> Any:
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            raise CliError(f"--arg-json: value is not valid JSON ({err}): {raw!r}") from None
+
+    for item in pairs:
+        put("--arg", item, str)
+    for item in json_pairs:
+        put("--arg-json", item, as_json)
+    return out
+
+
+_MODE_RE: Final = re.compile(r"^(all|sequential|rolling=([1-9]\d*)(%?))$")
+_ON_ERROR_RE: Final = re.compile(r"^(continue|fail-fast|stop-after=[1-9]\d*)$")
+
+_CORE_MODULES: Final = (
+    "aegis_edge_core.fleet",
+    "aegis_edge_core.fleet.spec",
+    "aegis_edge_core.fleet.policy",
+    "aegis_edge_core.fleet.plan",
+    "aegis_edge_core.fleet.planner",
+    "aegis_edge_core.fleet.selector",
+)
+
+
+def _core_parser(name: str) -> Callable[[str], object] | None:
+    """The core's ``parse_*`` function called ``name`` if this install has it."""
+    for module_name in _CORE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        func = getattr(module, name, None)
+        if callable(func):
+            parser: Callable[[str], object] = func
+            return parser
+    return None
+
+
+def _core_check(name: str, flag: str, value: str) -> bool:
+    """Validate ``value`` with the core parser ``name``; False when there is none."""
+    func = _core_parser(name)
+    if func is None:
+        return False
+    try:
+        func(value)
+    except AegisError as err:
+        render = getattr(err, "render", None)
+        if callable(render):
+            raise CliError(f"{flag}: {render()}") from None
+        raise CliError(f"{flag}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CliError(f"{flag}: {err}") from None
+    return True
+
+
+def validate_selector(text: str) -> None:
+    """Check ``--target`` with the core's selector parser (the relay checks it again)."""
+    if not text.strip():
+        raise CliError("--target: the selector is empty (write 'all' to mean every daemon)")
+    _core_check("parse_selector", "--target", text)
+
+
+def validate_mode(text: str) -> None:
+    if _core_check("parse_mode", "--mode", text):
+        return
+    match = _MODE_RE.match(text)
+    if match is None or (match.group(3) and int(match.group(2)) > 100):
+        raise CliError(
+            f"--mode: invalid mode {text!r} (expected all, sequential, rolling=N or rolling=N%)"
+        )
+
+
+def validate_on_error(text: str) -> None:
+    if _core_check("parse_on_error", "--on-error", text):
+        return
+    if _ON_ERROR_RE.match(text) is None:
+        raise CliError(
+            f"--on-error: invalid policy {text!r} (expected continue, fail-fast or stop-after=N)"
+        )
+
+
+def build_fleet_spec(
+    args: argparse.Namespace, *, tool: str | None = None
+) -> admin_pb2.FleetRunSpec:
+    """The ``FleetRunSpec`` for ``fleet preview|run|keys rotate``, validated locally first."""
+    selector: str = args.target
+    validate_selector(selector)
+    tool_name = tool if tool is not None else args.tool
+    if not tool_name:
+        raise CliError("--tool: a tool name is required (e.g. cmd.run, sys.info, edge.ping)")
+    mode: str = getattr(args, "mode", None) or "all"
+    on_error: str = getattr(args, "on_error", None) or "continue"
+    validate_mode(mode)
+    validate_on_error(on_error)
+    deadline_secs = 0.0
+    deadline: str | None = getattr(args, "deadline", None)
+    if deadline:
+        _core_check("parse_duration", "--deadline", deadline)
+        deadline_secs = parse_duration_secs(deadline, flag="--deadline")
+    tool_args: dict[str, Any] = {}
+    args_json: str | None = getattr(args, "args_json", None)
+    if args_json:
+        try:
+            loaded = json.loads(args_json)
+        except ValueError as err:
+            raise CliError(f"--args-json: not valid JSON ({err})") from None
+        if not isinstance(loaded, dict):
+            raise CliError("--args-json: expected a JSON object of tool arguments")
+        tool_args.update(loaded)
+    extra = parse_arg_pairs(getattr(args, "arg", None) or (), getattr(args, "arg_json", None) or ())
+    for key in extra:
+        if key in tool_args:
+            raise CliError(f"--arg {key}=...: argument {key!r} is also in --args-json")
+    tool_args.update(extra)
+    canary: int = getattr(args, "canary", None) or 0
+    if canary < 0:
+        raise CliError("--canary: must be zero or more")
+    return admin_pb2.FleetRunSpec(
+        selector=selector,
+        tool=tool_name,
+        args_json=json.dumps(tool_args, sort_keys=True) if tool_args else "",
+        mode=mode,
+        on_error=on_error,
+        deadline_secs=deadline_secs,
+        canary=canary,
+        tenant_id=getattr(args, "tenant", None) or "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Connection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the relay is and how to prove who we are to it."""
+
+    relay: str
+    ca_pem: bytes
+    token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def _read_file(path: str, what: str, flag: str) -> bytes:
+    try:
+        with open(os.path.expanduser(path), "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise CliError(f"{flag}: cannot read the {what} {path!r}: {err.strerror or err}") from None
+
+
+def resolve_connection(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Connection:
+    """Flags first, then the environment; a missing setting names both."""
+    env = os.environ if environ is None else environ
+    relay = (getattr(args, "relay", None) or env.get(ENV_RELAY, "")).strip()
+    if not relay:
+        raise CliError(f"no relay address: pass --relay HOST:PORT or set {ENV_RELAY}")
+    for scheme in ("grpcs://", "https://"):
+        if relay.startswith(scheme):
+            relay = relay[len(scheme) :]
+    host, sep, port = relay.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--relay: expected HOST:PORT, got {relay!r}")
+
+    ca_path = (getattr(args, "ca_cert", None) or env.get(ENV_CA_CERT, "")).strip()
+    if not ca_path:
+        raise CliError(
+            f"no CA certificate: pass --ca-cert PATH or set {ENV_CA_CERT} "
+            "(the relay writes it to <data-dir>/ca.pem)"
+        )
+    ca_pem = _read_file(ca_path, "CA certificate", "--ca-cert")
+    if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
+        raise CliError(f"--ca-cert: {ca_path!r} is not a PEM certificate")
+
+    token = (getattr(args, "token", None) or env.get(ENV_TOKEN, "")).strip()
+    if not token:
+        raise CliError(
+            f"no operator token: pass --token TOKEN (or @FILE) or set {ENV_TOKEN} "
+            "(the relay writes an admin token to <data-dir>/operator.token)"
+        )
+    if token.startswith("@"):
+        token_path = token[1:]
+        token = _read_file(token_path, "token file", "--token").decode("utf-8", "replace").strip()
+        if not token:
+            raise CliError(f"--token: the token file {token_path!r} is empty")
+    if any(ch.isspace() for ch in token) or not token.isprintable():
+        raise CliError("--token: the operator token contains whitespace or control characters")
+    return Connection(relay=relay, ca_pem=ca_pem, token=token)
+
+
+def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
+    """One line for a failed call: the status code's name and the relay's details."""
+    import grpc
+
+    code = err.code() if isinstance(err, grpc.Call) else None
+    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err) or "no details"
+    details = " ".join(details.split())
+    name = code.name if code is not None else "UNKNOWN"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        hint = "is `aegis relay serve` running?"
+        lowered = details.lower()
+        if any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
+            hint = f"check --ca-cert / {ENV_CA_CERT} and that it is the relay's CA"
+        return f"cannot reach the relay at {relay}: {details}; {hint}"
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return f"UNAUTHENTICATED: {details} (check --token / {ENV_TOKEN})"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"DEADLINE_EXCEEDED: the relay at {relay} did not answer in time ({details})"
+    return f"{name}: {details}"
+
+
+class AdminClient:
+    """A blocking Admin stub on a TLS channel, mapping gRPC failures to :class:`CliError`."""
+
+    def __init__(self, conn: Connection) -> None:
+        import grpc
+
+        from aegis_edge_core.wire import admin_pb2_grpc
+
+        self.conn = conn
+        creds = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
+        self._channel = grpc.secure_channel(conn.relay, creds)
+        self.stub: AdminStub = admin_pb2_grpc.AdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        import grpc
+
+        try:
+            yield
+        except grpc.RpcError as err:
+            raise CliError(rpc_error_message(err, self.conn.relay)) from None
+
+    def unary(self, method: str, request: Any) -> Any:
+        with self._errors():
+            return getattr(self.stub, method)(
+                request, metadata=self.conn.metadata, timeout=UNARY_TIMEOUT_SECS
+            )
+
+    def stream(self, method: str, request: Any) -> Iterator[admin_pb2.FleetRunEvent]:
+        with self._errors():
+            call = getattr(self.stub, method)(request, metadata=self.conn.metadata)
+            try:
+                yield from call
+            finally:
+                call.cancel()
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(resolve_connection(args))
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("relay connection")
+    group.add_argument(
+        "--relay", metavar="HOST:PORT", help=f"the relay's admin address (env {ENV_RELAY})"
+    )
+    group.add_argument(
+        "--ca-cert",
+        metavar="PATH",
+        help=f"the relay's CA certificate, <data-dir>/ca.pem (env {ENV_CA_CERT})",
+    )
+    group.add_argument(
+        "--token",
+        metavar="TOKEN|@FILE",
+        help=f"operator token, or @path to a file holding it (env {ENV_TOKEN})",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Host commands
+# --------------------------------------------------------------------------------------------
+
+
+def _now() -> float:
+    return datetime.now(tz=UTC).timestamp()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    selector = args.target or ""
+    if selector:
+        validate_selector(selector)
+    request = admin_pb2.ListHostsRequest(
+        connected_only=args.connected, tenant_id=args.tenant or "", selector=selector
+    )
+    with _client(args) as client:
+        resp: admin_pb2.ListHostsResponse = client.unary("ListHosts", request)
+    hosts = sorted(resp.hosts, key=lambda h: (h.tenant_id, h.node_id))
+    if args.output == "json":
+        print_json([host_to_dict(h) for h in hosts])
+        return 0
+    if not hosts:
+        print("no hosts" + (" connected" if args.connected else ""))
+        return 0
+    now = _now()
+    print_table(HOST_COLUMNS, (host_row(h, now) for h in hosts))
+    return 0
+
+
+def _print_host_detail(host: admin_pb2.Host) -> None:
+    now = _now()
+    caps = host.capabilities
+    fields: list[tuple[str, str]] = [
+        ("Node", host.node_id),
+        ("Tenant", host.tenant_id),
+        ("Status", status_name(host.status)),
+        (
+            "Last heartbeat",
+            f"{iso_time(host.last_heartbeat_at) or 'never'} "
+            f"({relative_time(host.last_heartbeat_at, now)})"
+            if host.last_heartbeat_at
+            else "never",
+        ),
+        ("Connected since", iso_time(host.connected_since) or "-"),
+        ("Enrolled", iso_time(host.enrolled_at) or "-"),
+        ("Hostname", caps.hostname or "-"),
+        ("OS/arch", "/".join(p for p in (caps.os, caps.arch) if p) or "-"),
+        ("Agent version", caps.agent_version or "-"),
+        ("Tools", ", ".join(sorted(caps.tools)) or "-"),
+        ("Labels", ", ".join(f"{k}={v}" for k, v in sorted(caps.labels.items())) or "-"),
+        ("Tags", ", ".join(sorted(caps.tags)) or "-"),
+        ("Key thumbprint", host.key_thumbprint or "-"),
+    ]
+    if host.revoked_reason:
+        fields.append(("Revoked reason", host.revoked_reason))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key + ':':<{width + 1}} {value}")
+    print()
+    if not host.history:
+        print("Command history: none")
+        return
+    rows = []
+    for rec in host.history:
+        duration = ""
+        if rec.dispatched_at and rec.finished_at:
+            duration = format_duration(rec.finished_at - rec.dispatched_at)
+        rows.append(
+            [
+                relative_time(rec.dispatched_at, now),
+                rec.tool,
+                target_outcome_name(rec.outcome, dispatched=rec.dispatched_at > 0),
+                str(rec.exit_code) if rec.has_exit_code else "-",
+                duration or "-",
+                rec.fleet_command_id or "-",
+                rec.command_id,
+            ]
+        )
+    print_table(
+        ("DISPATCHED", "TOOL", "OUTCOME", "EXIT", "DURATION", "FLEET RUN", "COMMAND"),
+        rows,
+        title=f"Command history (last {len(rows)})",
+    )
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    request = admin_pb2.GetHostRequest(node_id=args.node_id, history_limit=args.history)
+    with _client(args) as client:
+        host: admin_pb2.Host = client.unary("GetHost", request)
+    if args.output == "json":
+        print_json(host_to_dict(host, with_history=True))
+    else:
+        _print_host_detail(host)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    tags: list[str] = list(args.tags)
+    for tag in tags:
+        if not tag or any(ch.isspace() or ch in ",()=" for ch in tag):
+            raise CliError(f"invalid tag {tag!r}: tags may not be empty or hold spaces , ( ) =")
+    method = "AddTags" if args.tag_action == "add" else "RemoveTags"
+    with _client(args) as client:
+        host: admin_pb2.Host = client.unary(
+            method, admin_pb2.TagsRequest(node_id=args.node_id, tags=tags)
+        )
+    if args.output == "json":
+        print_json(host_to_dict(host))
+    else:
+        print(f"{host.node_id}: tags {', '.join(sorted(host.capabilities.tags)) or '(none)'}")
+    return 0
+
+
+def cmd_revoke_remote(args: argparse.Namespace) -> int:
+    request = admin_pb2.RevokeNodeRequest(node_id=args.node_id, reason=args.reason or "")
+    with _client(args) as client:
+        host: admin_pb2.Host = client.unary("RevokeNode", request)
+    if args.output == "json":
+        print_json(host_to_dict(host))
+    else:
+        reason = f" ({host.revoked_reason})" if host.revoked_reason else ""
+        print(f"revoked {host.node_id}: status {status_name(host.status)}{reason}")
+    return 0
+
+
+def _confirm(prompt: str, expected: str, stdin: TextIO) -> bool:
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    answer = stdin.readline()
+    return answer.strip() == expected
+
+
+def cmd_tenants_delete(args: argparse.Namespace) -> int:
+    tenant: str = args.tenant
+    if not tenant.strip():
+        raise CliError("tenants delete: the tenant id is empty")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"refusing to delete tenant {tenant!r} without confirmation: "
+                "stdin is not a terminal; pass --yes"
+            )
+        prompt = (
+            f"Deleting tenant {tenant!r} revokes every daemon bound to it; this cannot be "
+            f"undone.\nType the tenant id to confirm: "
+        )
+        if not _confirm(prompt, tenant, sys.stdin):
+            raise CliError(f"not deleting tenant {tenant!r}: confirmation did not match")
+    with _client(args) as client:
+        resp: admin_pb2.DeleteTenantResponse = client.unary(
+            "DeleteTenant", admin_pb2.DeleteTenantRequest(tenant_id=tenant)
+        )
+    if args.output == "json":
+        print_json({"tenant_id": tenant, "revoked_daemons": resp.revoked_daemons})
+    else:
+        noun = "daemon" if resp.revoked_daemons == 1 else "daemons"
+        print(f"deleted tenant {tenant}; revoked {resp.revoked_daemons} {noun}")
+    return 0
+
+
+def cmd_tokens_issue(args: argparse.Namespace) -> int:
+    tenant: str = args.tenant
+    if not tenant.strip():
+        raise CliError("--tenant: the tenant id is empty")
+    ttl = parse_duration_secs(args.ttl, flag="--ttl") if args.ttl else 0.0
+    with _client(args) as client:
+        resp: admin_pb2.IssueEnrollmentTokenResponse = client.unary(
+            "IssueEnrollmentToken",
+            admin_pb2.IssueEnrollmentTokenRequest(tenant_id=tenant, ttl_secs=ttl),
+        )
+    if args.output == "json":
+        print_json({"token": resp.token, "expires_at": iso_time(resp.expires_at)})
+    else:
+        # The token alone, so `TOKEN=$(aegis edge tokens issue --tenant t)` just works.
+        sys.stdout.write(resp.token + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Fleet commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_fleet_preview(args: argparse.Namespace) -> int:
+    spec = build_fleet_spec(args)
+    with _client(args) as client:
+        preview: admin_pb2.FleetPreview = client.unary("PreviewFleetRun", spec)
+    if args.output == "json":
+        print_json(fleet_preview_to_dict(preview))
+        return 0
+    print(
+        f"selector {preview.selector or spec.selector!r} matched {preview.matched}: "
+        f"{len(preview.targets)} target(s), {len(preview.skipped)} skipped"
+    )
+    rows: list[list[str]] = [[node, "target", ""] for node in preview.targets]
+    rows += [[s.node_id, "skip", s.reason] for s in preview.skipped]
+    if rows:
+        print_table(("NODE", "ACTION", "REASON"), rows)
+    return 0
+
+
+class _Progress:
+    """The live display of ``fleet run`` on a terminal; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self.total = 0
+        self.done = 0
+        self.running = 0
+        self.failed = 0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("fleet run", total=None, detail="starting")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _refresh(self) -> None:
+        if self._progress is None:
+            return
+        detail = f"{self.running} running, {self.failed} failed"
+        self._progress.update(
+            self._task, total=self.total or None, completed=self.done, detail=detail
+        )
+
+    def started(self, run: admin_pb2.FleetRun) -> None:
+        self.total = len(run.targets)
+        if self._progress is not None:
+            self._progress.update(self._task, description=run.fleet_command_id or "fleet run")
+        self._refresh()
+
+    def dispatched(self, _res: admin_pb2.TargetResult) -> None:
+        self.running += 1
+        self._refresh()
+
+    def finished(self, res: admin_pb2.TargetResult) -> None:
+        if res.dispatched_at:
+            self.running = max(0, self.running - 1)
+        self.done += 1
+        if res.outcome != common_pb2.TARGET_OUTCOME_OK:
+            self.failed += 1
+        self._refresh()
+
+
+def _print_run_tables(run: admin_pb2.FleetRun) -> None:
+    if run.targets:
+        print_table(TARGET_COLUMNS, (target_row(t) for t in run.targets))
+    if run.skipped:
+        print_table(("NODE", "SKIPPED BECAUSE"), ((s.node_id, s.reason) for s in run.skipped))
+
+
+def _run_and_report(args: argparse.Namespace, spec: admin_pb2.FleetRunSpec) -> int:
+    as_json = args.output == "json"
+    live = not as_json and sys.stdout.isatty()
+    final: admin_pb2.FleetRun | None = None
+    started: admin_pb2.FleetRun | None = None
+    with _client(args) as client:
+        try:
+            with _Progress(live) as progress:
+                for event in client.stream("StartFleetRun", spec):
+                    kind = event.WhichOneof("body")
+                    if kind == "started":
+                        started = event.started
+                        progress.started(event.started)
+                    elif kind == "dispatched":
+                        progress.dispatched(event.dispatched)
+                    elif kind == "target_finished":
+                        progress.finished(event.target_finished)
+                    elif kind == "finished":
+                        final = event.finished
+                        break
+        except KeyboardInterrupt:
+            run_id = started.fleet_command_id if started is not None else ""
+            if run_id:
+                raise CliError(
+                    f"interrupted; fleet run {run_id} goes on at the relay "
+                    f"(`aegis edge fleet cancel {run_id}` stops it)",
+                    exit_code=130,
+                ) from None
+            raise
+    if final is None:
+        run_id = started.fleet_command_id if started is not None else "?"
+        raise CliError(
+            f"the relay closed the event stream before fleet run {run_id} finished "
+            f"(`aegis edge fleet show {run_id}` shows where it is)"
+        )
+    if as_json:
+        print_json(fleet_run_to_dict(final))
+    else:
+        _print_run_tables(final)
+        print(f"fleet run {final.fleet_command_id}: {fleet_run_summary(final)}")
+    if final.outcome != common_pb2.RUN_OUTCOME_COMPLETED:
+        reason = f" ({final.halt_reason})" if final.halt_reason else ""
+        raise CliError(f"fleet run {final.fleet_command_id} {fleet_run_summary(final)}{reason}")
+    return 0
+
+
+def cmd_fleet_run(args: argparse.Namespace) -> int:
+    return _run_and_report(args, build_fleet_spec(args))
+
+
+def cmd_fleet_keys_rotate(args: argparse.Namespace) -> int:
+    return _run_and_report(args, build_fleet_spec(args, tool="keys.rotate"))
+
+
+def cmd_fleet_runs(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise CliError("--limit: must be zero or more")
+    request = admin_pb2.ListFleetRunsRequest(limit=args.limit, tenant_id=args.tenant or "")
+    with _client(args) as client:
+        resp: admin_pb2.ListFleetRunsResponse = client.unary("ListFleetRuns", request)
+    if args.output == "json":
+        print_json([fleet_run_to_dict(run) for run in resp.runs])
+        return 0
+    if not resp.runs:
+        print("no fleet runs")
+        return 0
+    now = _now()
+    rows = [
+        [
+            run.fleet_command_id,
+            relative_time(run.created_at, now),
+            run.created_by or "-",
+            run.spec.tool,
+            run.spec.selector,
+            run.spec.mode or "all",
+            run_outcome_name(run.outcome),
+        ]
+        for run in resp.runs
+    ]
+    print_table(("ID", "CREATED", "BY", "TOOL", "TARGET", "MODE", "OUTCOME"), rows)
+    return 0
+
+
+def _print_run_detail(run: admin_pb2.FleetRun) -> None:
+    spec = run.spec
+    fields = [
+        ("Fleet run", run.fleet_command_id),
+        ("Outcome", run_outcome_name(run.outcome)),
+        ("Tool", spec.tool),
+        ("Target", spec.selector),
+        ("Arguments", spec.args_json or "{}"),
+        ("Mode", spec.mode or "all"),
+        ("On error", spec.on_error or "continue"),
+        ("Deadline", format_duration(spec.deadline_secs) if spec.deadline_secs else "none"),
+        ("Created", iso_time(run.created_at) or "-"),
+        ("Finished", iso_time(run.finished_at) or "-"),
+        ("Created by", run.created_by or "-"),
+        ("Trace id", run.trace_id or "-"),
+    ]
+    if spec.canary:
+        fields.append(("Canary", str(spec.canary)))
+    if run.halt_reason:
+        fields.append(("Halt reason", run.halt_reason))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key + ':':<{width + 1}} {value}")
+    print()
+    _print_run_tables(run)
+    print(fleet_run_summary(run))
+
+
+def cmd_fleet_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        run: admin_pb2.FleetRun = client.unary(
+            "GetFleetRun", admin_pb2.GetFleetRunRequest(fleet_command_id=args.fleet_command_id)
+        )
+    if args.output == "json":
+        print_json(fleet_run_to_dict(run))
+    else:
+        _print_run_detail(run)
+    return 0
+
+
+def cmd_fleet_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        run: admin_pb2.FleetRun = client.unary(
+            "CancelFleetRun", admin_pb2.GetFleetRunRequest(fleet_command_id=args.fleet_command_id)
+        )
+    if args.output == "json":
+        print_json(fleet_run_to_dict(run))
+    else:
+        print(f"fleet run {run.fleet_command_id}: {run_outcome_name(run.outcome)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def _add_fleet_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode",
+        default="all",
+        help="all (default), sequential, rolling=N (at most N in flight) or rolling=N%%",
+    )
+    parser.add_argument(
+        "--on-error",
+        default="continue",
+        help="continue (default), fail-fast or stop-after=N",
+    )
+    parser.add_argument(
+        "--deadline", metavar="DURATION", help="bound on the whole run, e.g. 120s or 10m"
+    )
+    parser.add_argument(
+        "--canary",
+        type=_nonneg_int,
+        default=0,
+        metavar="K",
+        help="run on K targets first and go on only if they all succeed",
+    )
+    parser.add_argument("--tenant", metavar="TENANT", help="only daemons of this tenant")
+
+
+def _add_target_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        required=True,
+        metavar="SELECTOR",
+        help="which daemons, e.g. all, tags=prod, 'tags=AnyOf(a,b) os=linux'",
+    )
+
+
+def _add_tool_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a string tool argument, split on the first '=' (repeatable)",
+    )
+    parser.add_argument(
+        "--arg-json",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help='a tool argument as JSON, e.g. argv=\'["ls","-l"]\' (repeatable)',
+    )
+    parser.add_argument(
+        "--args-json", metavar="JSON", help="every tool argument as one JSON object"
+    )
+
+
+def register(tree: CommandTree) -> None:
+    """Add the operator-side ``aegis edge`` commands to ``tree``."""
+    p = tree.command("edge ls", cmd_ls, help="list edge hosts known to the relay")
+    p.add_argument("--connected", action="store_true", help="only Connected hosts")
+    p.add_argument("--tenant", metavar="TENANT", help="only hosts of this tenant")
+    p.add_argument("--target", metavar="SELECTOR", help="only hosts this selector matches")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command("edge show", cmd_show, help="one host in full, with its command history")
+    p.add_argument("node_id", metavar="NODE_ID")
+    p.add_argument(
+        "--history",
+        type=_nonneg_int,
+        default=DEFAULT_HISTORY,
+        metavar="N",
+        help=f"how many recent tool calls to show (default {DEFAULT_HISTORY})",
+    )
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    for action, help_ in (("add", "add operator tags to a host"), ("rm", "remove tags")):
+        p = tree.command(f"edge tag {action}", cmd_tag, help=help_)
+        p.set_defaults(tag_action=action)
+        p.add_argument("node_id", metavar="NODE_ID")
+        p.add_argument("tags", nargs="+", metavar="TAG")
+        add_output_flag(p)
+        _add_connection_flags(p)
+
+    p = tree.command(
+        "edge keys revoke-remote",
+        cmd_revoke_remote,
+        help="revoke a daemon from the relay side: status Revoked, token blacklisted, "
+        "stream dropped",
+    )
+    p.add_argument("node_id", metavar="NODE_ID")
+    p.add_argument("--reason", help="why, kept with the daemon's record")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge tenants delete",
+        cmd_tenants_delete,
+        help="delete a tenant and revoke every daemon bound to it",
+    )
+    p.add_argument("tenant", metavar="TENANT")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge tokens issue",
+        cmd_tokens_issue,
+        help="issue a single-use enrollment token for a tenant (printed alone on stdout)",
+    )
+    p.add_argument("--tenant", required=True, metavar="TENANT")
+    p.add_argument("--ttl", metavar="DURATION", help="lifetime, e.g. 15m (relay default 15m)")
+    p.add_argument(
+        "--output", "-o", choices=("text", "json"), default="text", help="text (default) or json"
+    )
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge fleet preview",
+        cmd_fleet_preview,
+        help="dry run: which daemons a fleet run would target and which it would skip",
+    )
+    _add_target_flag(p)
+    p.add_argument("--tool", required=True, help="tool name, e.g. cmd.run")
+    _add_tool_args(p)
+    _add_fleet_policy_flags(p)
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command("edge fleet run", cmd_fleet_run, help="run a tool across the fleet")
+    _add_target_flag(p)
+    p.add_argument("--tool", required=True, help="tool name, e.g. cmd.run, sys.info, edge.ping")
+    _add_tool_args(p)
+    _add_fleet_policy_flags(p)
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge fleet keys rotate",
+        cmd_fleet_keys_rotate,
+        help="rotate daemon keys across the fleet (a fleet run of keys.rotate)",
+    )
+    _add_target_flag(p)
+    _add_fleet_policy_flags(p)
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command("edge fleet runs", cmd_fleet_runs, help="recent fleet runs, newest first")
+    p.add_argument("--limit", type=_nonneg_int, default=20, help="how many (default 20)")
+    p.add_argument("--tenant", metavar="TENANT", help="only runs of this tenant")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command("edge fleet show", cmd_fleet_show, help="one fleet run with every target")
+    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge fleet cancel",
+        cmd_fleet_cancel,
+        help="cancel a running fleet run: nothing new is dispatched, in-flight calls cancelled",
+    )
+    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
+    add_output_flag(p)
+    _add_connection_flags(p)
