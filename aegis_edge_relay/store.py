@@ -1,0 +1,661 @@
+"""The relay's persistent state: an interface and its SQLite implementation.
+
+Everything the relay must remember across restarts lives behind :class:`Store`: enrolled
+daemons (which outlive their streams), redeemed enrollment tokens, the revocation list,
+command history and fleet runs. The SQLite implementation uses WAL, a versioned schema
+(``schema_version``) and one transaction for each change that must be atomic: redeeming an
+enrollment token *and* inserting the node; revoking a node *and* listing its token and key;
+deleting a tenant *and* revoking all of its daemons; swapping a rotated key *and* revoking
+the old token.
+
+The methods are synchronous and not thread-safe: the relay calls them through
+:class:`StoreWorker`, one dedicated thread, so the event loop never blocks on SQLite and
+there is never a second writer. Heartbeats do not cost a transaction each: the relay keeps
+``last_heartbeat_at`` in memory and calls :meth:`Store.flush_heartbeats` every few seconds.
+
+Moving past one relay means a PostgreSQL implementation of the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
+
+import attrs
+
+from aegis_edge_core.errors import AegisError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CommandRow",
+    "FleetRunRow",
+    "NodeRecord",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreWorker",
+    "TokenAlreadyRedeemed",
+]
+
+
+class StoreError(AegisError):
+    """A store operation was refused (unknown node, concurrent change...)."""
+
+
+class TokenAlreadyRedeemed(StoreError):
+    """The enrollment token's ``jti`` was redeemed before: tokens are single use."""
+
+
+@attrs.frozen(kw_only=True)
+class NodeRecord:
+    """One enrolled daemon as stored. ``revoked`` is the only status that is persisted;
+    live statuses (Connected, Unhealthy, Disconnected) come from the health tracker."""
+
+    node_id: str
+    tenant_id: str
+    public_key: bytes = attrs.field(repr=False)
+    key_thumbprint: str
+    enrolled_at: float
+    revoked: bool = False
+    revoked_reason: str = ""
+    revoked_at: float = 0.0
+    last_heartbeat_at: float | None = None
+    capabilities: Mapping[str, Any] = attrs.field(factory=dict)
+    tags: tuple[str, ...] = ()
+    token_jti: str = ""
+    token_expires_at: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class CommandRow:
+    command_id: str
+    node_id: str
+    tenant_id: str
+    tool: str
+    dispatched_at: float
+    fleet_command_id: str = ""
+    finished_at: float | None = None
+    outcome: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    stdout_tail: bytes = b""
+    stderr_tail: bytes = b""
+
+
+@attrs.frozen(kw_only=True)
+class FleetRunRow:
+    fleet_command_id: str
+    tenant_id: str
+    scope: tuple[str, ...] | None
+    """Tenants the creating token could see (None: all); readers need to cover them."""
+    spec: Mapping[str, Any]
+    outcome: str
+    created_at: float
+    finished_at: float | None
+    created_by: str
+    record: Mapping[str, Any]
+    trace_id: str = ""
+
+
+class Store(Protocol):
+    """What the relay needs from persistent storage. Methods are synchronous."""
+
+    def close(self) -> None: ...
+
+    # nodes
+    def load_nodes(self) -> list[NodeRecord]: ...
+    def get_node(self, node_id: str) -> NodeRecord | None: ...
+    def enroll(self, *, jti: str, token_expires_at: float, node: NodeRecord) -> None: ...
+    def is_tenant_deleted(self, tenant_id: str) -> bool: ...
+    def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None: ...
+    def set_tags(self, node_id: str, tags: Sequence[str]) -> None: ...
+    def set_token(self, node_id: str, jti: str, expires_at: float) -> None: ...
+    def flush_heartbeats(self, beats: Mapping[str, float]) -> None: ...
+    def revoke_node(
+        self, node_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> NodeRecord: ...
+    def delete_tenant(
+        self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> list[str]: ...
+    def rotate_key(
+        self,
+        node_id: str,
+        *,
+        old_thumbprint: str,
+        new_public_key: bytes,
+        new_thumbprint: str,
+        new_jti: str,
+        new_expires_at: float,
+        old_jti_prune_after: float,
+        now: float,
+    ) -> NodeRecord: ...
+
+    # revocations
+    def load_revocations(self) -> tuple[dict[str, float], set[str]]: ...
+    def revoke_token(self, jti: str, *, prune_after: float, now: float) -> None: ...
+    def prune_revocations(self, now: float) -> int: ...
+
+    # commands
+    def record_dispatch(self, row: CommandRow) -> None: ...
+    def record_result(self, row: CommandRow) -> bool: ...
+    def command_history(self, node_id: str, limit: int) -> list[CommandRow]: ...
+    def get_command(self, command_id: str) -> CommandRow | None: ...
+
+    # fleet runs
+    def save_fleet_run(self, row: FleetRunRow) -> None: ...
+    def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None: ...
+    def list_fleet_runs(self, limit: int) -> list[FleetRunRow]: ...
+
+
+SCHEMA_VERSION: Final = 1
+
+_MIGRATIONS: Final[Mapping[int, str]] = {
+    1: """
+    CREATE TABLE nodes (
+        node_id           TEXT PRIMARY KEY,
+        tenant_id         TEXT NOT NULL,
+        public_key        BLOB NOT NULL,
+        key_thumbprint    TEXT NOT NULL,
+        status            TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+        revoked_reason    TEXT NOT NULL DEFAULT '',
+        revoked_at        REAL,
+        enrolled_at       REAL NOT NULL,
+        last_heartbeat_at REAL,
+        capabilities      TEXT NOT NULL DEFAULT '{}',
+        tags              TEXT NOT NULL DEFAULT '[]',
+        token_jti         TEXT NOT NULL DEFAULT '',
+        token_expires_at  REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX nodes_tenant ON nodes (tenant_id);
+    CREATE TABLE enrollment_tokens (
+        jti         TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        redeemed_at REAL NOT NULL,
+        expires_at  REAL NOT NULL
+    );
+    CREATE TABLE revocations (
+        kind        TEXT NOT NULL CHECK (kind IN ('token', 'key')),
+        id          TEXT NOT NULL,
+        prune_after REAL,
+        revoked_at  REAL NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE deleted_tenants (
+        tenant_id  TEXT PRIMARY KEY,
+        deleted_at REAL NOT NULL
+    );
+    CREATE TABLE commands (
+        command_id       TEXT PRIMARY KEY,
+        node_id          TEXT NOT NULL,
+        tenant_id        TEXT NOT NULL,
+        fleet_command_id TEXT NOT NULL DEFAULT '',
+        tool             TEXT NOT NULL,
+        dispatched_at    REAL NOT NULL,
+        finished_at      REAL,
+        outcome          TEXT NOT NULL DEFAULT '',
+        exit_code        INTEGER,
+        error            TEXT NOT NULL DEFAULT '',
+        stdout_tail      BLOB NOT NULL DEFAULT x'',
+        stderr_tail      BLOB NOT NULL DEFAULT x''
+    );
+    CREATE INDEX commands_node ON commands (node_id, dispatched_at DESC);
+    CREATE TABLE fleet_runs (
+        fleet_command_id TEXT PRIMARY KEY,
+        tenant_id        TEXT NOT NULL DEFAULT '',
+        scope            TEXT,
+        spec             TEXT NOT NULL,
+        outcome          TEXT NOT NULL,
+        created_at       REAL NOT NULL,
+        finished_at      REAL,
+        created_by       TEXT NOT NULL,
+        record           TEXT NOT NULL,
+        trace_id         TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
+    """,
+}
+
+_TAIL_CAP: Final = 64 * 1024
+
+
+def _node(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        node_id=row["node_id"],
+        tenant_id=row["tenant_id"],
+        public_key=bytes(row["public_key"]),
+        key_thumbprint=row["key_thumbprint"],
+        enrolled_at=row["enrolled_at"],
+        revoked=row["status"] == "revoked",
+        revoked_reason=row["revoked_reason"],
+        revoked_at=row["revoked_at"] or 0.0,
+        last_heartbeat_at=row["last_heartbeat_at"],
+        capabilities=json.loads(row["capabilities"]),
+        tags=tuple(json.loads(row["tags"])),
+        token_jti=row["token_jti"],
+        token_expires_at=row["token_expires_at"],
+    )
+
+
+def _command(row: sqlite3.Row) -> CommandRow:
+    return CommandRow(
+        command_id=row["command_id"],
+        node_id=row["node_id"],
+        tenant_id=row["tenant_id"],
+        fleet_command_id=row["fleet_command_id"],
+        tool=row["tool"],
+        dispatched_at=row["dispatched_at"],
+        finished_at=row["finished_at"],
+        outcome=row["outcome"],
+        exit_code=row["exit_code"],
+        error=row["error"],
+        stdout_tail=bytes(row["stdout_tail"]),
+        stderr_tail=bytes(row["stderr_tail"]),
+    )
+
+
+def _run(row: sqlite3.Row) -> FleetRunRow:
+    scope = json.loads(row["scope"]) if row["scope"] is not None else None
+    return FleetRunRow(
+        fleet_command_id=row["fleet_command_id"],
+        tenant_id=row["tenant_id"],
+        scope=tuple(scope) if scope is not None else None,
+        spec=json.loads(row["spec"]),
+        outcome=row["outcome"],
+        created_at=row["created_at"],
+        finished_at=row["finished_at"],
+        created_by=row["created_by"],
+        record=json.loads(row["record"]),
+        trace_id=row["trace_id"],
+    )
+
+
+class SQLiteStore:
+    """:class:`Store` on one SQLite file in WAL mode. Use from one thread at a time."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    # -- plumbing
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def migrate(self) -> int:
+        """Apply the migrations this version knows and the file has not seen; return the
+        schema version. A file from a newer relay is refused rather than half-understood."""
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+            current = row["v"] or 0
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {current} is newer than this relay's "
+                f"({SCHEMA_VERSION})",
+                hint="run the newer relay, or restore a backup made by this version",
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self._tx() as db:
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        row = self._db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+        return int(row["v"] or 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- nodes
+
+    def load_nodes(self) -> list[NodeRecord]:
+        return [_node(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY node_id")]
+
+    def get_node(self, node_id: str) -> NodeRecord | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node(row) if row is not None else None
+
+    def is_tenant_deleted(self, tenant_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM deleted_tenants WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return row is not None
+
+    def enroll(self, *, jti: str, token_expires_at: float, node: NodeRecord) -> None:
+        """Redeem ``jti`` and insert ``node`` in one transaction; a second redemption of
+        the same ``jti`` raises :class:`TokenAlreadyRedeemed` and inserts nothing."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM enrollment_tokens WHERE jti = ?", (jti,)).fetchone():
+                raise TokenAlreadyRedeemed(
+                    "this enrollment token was already redeemed",
+                    hint="enrollment tokens are single use; issue a fresh one",
+                )
+            if db.execute(
+                "SELECT 1 FROM deleted_tenants WHERE tenant_id = ?", (node.tenant_id,)
+            ).fetchone():
+                raise StoreError(
+                    f"tenant {node.tenant_id!r} was deleted",
+                    hint="a deleted tenant takes no new daemons",
+                )
+            db.execute(
+                "INSERT INTO enrollment_tokens (jti, tenant_id, node_id, redeemed_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (jti, node.tenant_id, node.node_id, node.enrolled_at, token_expires_at),
+            )
+            db.execute(
+                "INSERT INTO nodes (node_id, tenant_id, public_key, key_thumbprint, enrolled_at,"
+                " capabilities, tags, token_jti, token_expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node.node_id,
+                    node.tenant_id,
+                    node.public_key,
+                    node.key_thumbprint,
+                    node.enrolled_at,
+                    json.dumps(dict(node.capabilities), sort_keys=True),
+                    json.dumps(list(node.tags)),
+                    node.token_jti,
+                    node.token_expires_at,
+                ),
+            )
+
+    def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET capabilities = ? WHERE node_id = ?",
+                (json.dumps(dict(capabilities), sort_keys=True), node_id),
+            )
+
+    def set_tags(self, node_id: str, tags: Sequence[str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET tags = ? WHERE node_id = ?",
+                (json.dumps(sorted(set(tags))), node_id),
+            )
+
+    def set_token(self, node_id: str, jti: str, expires_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET token_jti = ?, token_expires_at = ? WHERE node_id = ?",
+                (jti, expires_at, node_id),
+            )
+
+    def flush_heartbeats(self, beats: Mapping[str, float]) -> None:
+        """Write many ``last_heartbeat_at`` values in one transaction."""
+        if not beats:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE nodes SET last_heartbeat_at = MAX(COALESCE(last_heartbeat_at, 0), ?)"
+                " WHERE node_id = ?",
+                [(ts, node_id) for node_id, ts in beats.items()],
+            )
+
+    def _revoke_in(
+        self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, now: float, prune: float
+    ) -> None:
+        db.execute(
+            "UPDATE nodes SET status = 'revoked', revoked_reason = ?, revoked_at = ?"
+            " WHERE node_id = ?",
+            (reason, now, row["node_id"]),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+            " VALUES ('key', ?, NULL, ?)",
+            (row["key_thumbprint"], now),
+        )
+        if row["token_jti"]:
+            db.execute(
+                "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+                " VALUES ('token', ?, ?, ?)",
+                (row["token_jti"], max(prune, row["token_expires_at"] + 3600.0), now),
+            )
+
+    def revoke_node(
+        self, node_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> NodeRecord:
+        """Mark the node Revoked and put its key and current token on the revocation list,
+        in one transaction. Revoking twice keeps the first reason."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"daemon {node_id} not found")
+            if row["status"] != "revoked":
+                self._revoke_in(db, row, reason, now, token_prune_after)
+            updated = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node(updated)
+
+    def delete_tenant(
+        self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> list[str]:
+        """Record the tenant as deleted and revoke every daemon bound to it, in one
+        transaction; returns the node ids that were revoked by this call."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO deleted_tenants (tenant_id, deleted_at) VALUES (?, ?)",
+                (tenant_id, now),
+            )
+            rows = db.execute(
+                "SELECT * FROM nodes WHERE tenant_id = ? AND status != 'revoked'", (tenant_id,)
+            ).fetchall()
+            for row in rows:
+                self._revoke_in(db, row, reason, now, token_prune_after)
+        return [r["node_id"] for r in rows]
+
+    def rotate_key(
+        self,
+        node_id: str,
+        *,
+        old_thumbprint: str,
+        new_public_key: bytes,
+        new_thumbprint: str,
+        new_jti: str,
+        new_expires_at: float,
+        old_jti_prune_after: float,
+        now: float,
+    ) -> NodeRecord:
+        """Swap the node's key if it is still ``old_thumbprint`` (compare and swap), record
+        the new token and revoke the old token, in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"daemon {node_id} not found")
+            if row["status"] == "revoked":
+                raise StoreError(f"daemon {node_id} is revoked")
+            if row["key_thumbprint"] != old_thumbprint:
+                raise StoreError(
+                    "the key changed while rotating", hint="another rotation won; reconnect"
+                )
+            if row["token_jti"]:
+                db.execute(
+                    "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+                    " VALUES ('token', ?, ?, ?)",
+                    (row["token_jti"], old_jti_prune_after, now),
+                )
+            db.execute(
+                "UPDATE nodes SET public_key = ?, key_thumbprint = ?, token_jti = ?,"
+                " token_expires_at = ? WHERE node_id = ?",
+                (new_public_key, new_thumbprint, new_jti, new_expires_at, node_id),
+            )
+            updated = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node(updated)
+
+    # -- revocations
+
+    def load_revocations(self) -> tuple[dict[str, float], set[str]]:
+        tokens: dict[str, float] = {}
+        keys: set[str] = set()
+        for row in self._db.execute("SELECT kind, id, prune_after FROM revocations"):
+            if row["kind"] == "key":
+                keys.add(row["id"])
+            else:
+                tokens[row["id"]] = row["prune_after"]
+        return tokens, keys
+
+    def revoke_token(self, jti: str, *, prune_after: float, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+                " VALUES ('token', ?, ?, ?)",
+                (jti, prune_after, now),
+            )
+
+    def prune_revocations(self, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM revocations WHERE kind = 'token' AND prune_after < ?", (now,)
+            )
+            return cur.rowcount
+
+    # -- commands
+
+    def record_dispatch(self, row: CommandRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO commands (command_id, node_id, tenant_id,"
+                " fleet_command_id, tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    row.command_id,
+                    row.node_id,
+                    row.tenant_id,
+                    row.fleet_command_id,
+                    row.tool,
+                    row.dispatched_at,
+                ),
+            )
+
+    def record_result(self, row: CommandRow) -> bool:
+        """Store a command's end. A late result overwrites an ``edge_disconnected`` end;
+        a second real result is ignored. Returns whether the row changed."""
+        with self._tx() as db:
+            existing = db.execute(
+                "SELECT outcome FROM commands WHERE command_id = ?", (row.command_id,)
+            ).fetchone()
+            if existing is None:
+                db.execute(
+                    "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id,"
+                    " tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        row.command_id,
+                        row.node_id,
+                        row.tenant_id,
+                        row.fleet_command_id,
+                        row.tool,
+                        row.dispatched_at,
+                    ),
+                )
+            elif existing["outcome"] not in ("", "edge_disconnected"):
+                return False
+            db.execute(
+                "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
+                " stdout_tail = ?, stderr_tail = ? WHERE command_id = ?",
+                (
+                    row.finished_at,
+                    row.outcome,
+                    row.exit_code,
+                    row.error,
+                    row.stdout_tail[-_TAIL_CAP:],
+                    row.stderr_tail[-_TAIL_CAP:],
+                    row.command_id,
+                ),
+            )
+            return True
+
+    def command_history(self, node_id: str, limit: int) -> list[CommandRow]:
+        rows = self._db.execute(
+            "SELECT * FROM commands WHERE node_id = ? ORDER BY dispatched_at DESC LIMIT ?",
+            (node_id, limit),
+        )
+        return [_command(r) for r in rows]
+
+    def get_command(self, command_id: str) -> CommandRow | None:
+        row = self._db.execute(
+            "SELECT * FROM commands WHERE command_id = ?", (command_id,)
+        ).fetchone()
+        return _command(row) if row is not None else None
+
+    # -- fleet runs
+
+    def save_fleet_run(self, row: FleetRunRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO fleet_runs (fleet_command_id, tenant_id, scope, spec,"
+                " outcome, created_at, finished_at, created_by, record, trace_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.fleet_command_id,
+                    row.tenant_id,
+                    json.dumps(sorted(row.scope)) if row.scope is not None else None,
+                    json.dumps(dict(row.spec), sort_keys=True),
+                    row.outcome,
+                    row.created_at,
+                    row.finished_at,
+                    row.created_by,
+                    json.dumps(dict(row.record), sort_keys=True),
+                    row.trace_id,
+                ),
+            )
+
+    def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None:
+        row = self._db.execute(
+            "SELECT * FROM fleet_runs WHERE fleet_command_id = ?", (fleet_command_id,)
+        ).fetchone()
+        return _run(row) if row is not None else None
+
+    def list_fleet_runs(self, limit: int) -> list[FleetRunRow]:
+        rows = self._db.execute(
+            "SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        return [_run(r) for r in rows]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on any exception)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreWorker:
+    """Runs store calls on one dedicated thread, so async code never blocks on the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aegis-store")
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.submit(self.store.close).result()
+        self._pool.shutdown(wait=True)
