@@ -279,26 +279,6 @@ def _refusal_value(reason: str) -> common_pb2.RefusalReason.ValueType:
         ) from None
 
 
-def _parse(
-    cls: type[stream_pb2.DaemonMessage] | type[stream_pb2.RelayMessage], data: bytes, limit: int
-) -> stream_pb2.DaemonMessage | stream_pb2.RelayMessage:
-    if len(data) > limit:
-        raise RemoteProtocolError(
-            f"frame of {len(data)} bytes exceeds the {limit}-byte limit",
-            hint="split output into smaller chunks",
-            grpc_status="RESOURCE_EXHAUSTED",
-        )
-    msg = cls()
-    try:
-        msg.ParseFromString(data)
-    except DecodeError as err:
-        raise RemoteProtocolError(
-            f"frame is not a valid {cls.DESCRIPTOR.name}: {err}",
-            hint="the peer speaks another protocol or its frame was corrupted",
-        ) from None
-    return msg
-
-
 class _Base:
     _limit: int
     _outbox: list[stream_pb2.DaemonMessage] | list[stream_pb2.RelayMessage]
@@ -311,6 +291,25 @@ class _Base:
 
     def _close(self) -> None:
         raise NotImplementedError
+
+    def _parse(
+        self, cls: type[stream_pb2.DaemonMessage] | type[stream_pb2.RelayMessage], data: bytes
+    ) -> stream_pb2.DaemonMessage | stream_pb2.RelayMessage:
+        if len(data) > self._limit:
+            raise self._violation(
+                f"frame of {len(data)} bytes exceeds the {self._limit}-byte limit",
+                hint="split output into smaller chunks",
+                status="RESOURCE_EXHAUSTED",
+            )
+        msg = cls()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError as err:
+            raise self._violation(
+                f"frame is not a valid {cls.DESCRIPTOR.name}: {err}",
+                hint="the peer speaks another protocol or its frame was corrupted",
+            ) from None
+        return msg
 
 
 # --------------------------------------------------------------------------- relay side
@@ -370,7 +369,7 @@ class RelaySession(_Base):
     def receive_bytes(self, data: bytes, now: float) -> list[Event]:
         """Parse one raw frame and :meth:`receive` it."""
         self._require_open()
-        msg = _parse(stream_pb2.DaemonMessage, data, self._limit)
+        msg = self._parse(stream_pb2.DaemonMessage, data)
         assert isinstance(msg, stream_pb2.DaemonMessage)
         return self.receive(msg, now)
 
@@ -698,7 +697,7 @@ class DaemonSession(_Base):
 
     def receive_bytes(self, data: bytes, now: float) -> list[Event]:
         self._require_open()
-        msg = _parse(stream_pb2.RelayMessage, data, self._limit)
+        msg = self._parse(stream_pb2.RelayMessage, data)
         assert isinstance(msg, stream_pb2.RelayMessage)
         return self.receive(msg, now)
 
