@@ -1,0 +1,110 @@
+"""The vocabularies of a fleet run: daemon statuses, skip reasons, target and run outcomes.
+
+They are :class:`enum.StrEnum` so each member *is* its wire string: ``TargetOutcome.OK ==
+"ok"``, JSON encoders need no help, and metric labels (``outcome``, ``reason``) are the
+values as written. The strings are the ones ``aegis.edge.v1`` and the seed use, in lower
+case; :class:`DaemonStatus` keeps the seed's capitalised status pills.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "RESOLUTION_SKIP_REASONS",
+    "RUN_SKIP_REASONS",
+    "DaemonStatus",
+    "RunOutcome",
+    "RunPhase",
+    "SkipReason",
+    "TargetOutcome",
+    "TargetState",
+]
+
+
+class DaemonStatus(enum.StrEnum):
+    """What the relay last knew about a daemon, as shown on the seed's status pill."""
+
+    CONNECTED = "Connected"
+    UNHEALTHY = "Unhealthy"
+    DISCONNECTED = "Disconnected"
+    REVOKED = "Revoked"
+
+
+class SkipReason(enum.StrEnum):
+    """Why a matched daemon was not (or not any more) going to run the tool.
+
+    The first four are decided at resolution time, before anything is dispatched; the last
+    three are decided by the planner while the run goes on, and always go with the target
+    outcome ``not_started``. They are the ``reason`` label of
+    ``aegis_edge_fleet_targets_skipped_total``.
+    """
+
+    DISCONNECTED = "disconnected"
+    UNHEALTHY = "unhealthy"
+    REVOKED = "revoked"
+    TOOL_UNAVAILABLE = "tool_unavailable"
+    HALTED = "halted"
+    DEADLINE = "deadline"
+    CANCELLED = "cancelled"
+
+
+RESOLUTION_SKIP_REASONS = frozenset(
+    {
+        SkipReason.DISCONNECTED,
+        SkipReason.UNHEALTHY,
+        SkipReason.REVOKED,
+        SkipReason.TOOL_UNAVAILABLE,
+    }
+)
+RUN_SKIP_REASONS = frozenset({SkipReason.HALTED, SkipReason.DEADLINE, SkipReason.CANCELLED})
+
+
+class TargetOutcome(enum.StrEnum):
+    """How one target of a run ended. Everything but ``ok`` counts as a failure."""
+
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    DENIED = "denied"
+    EDGE_DISCONNECTED = "edge_disconnected"
+    NOT_STARTED = "not_started"
+
+
+class RunOutcome(enum.StrEnum):
+    """How a whole run ended.
+
+    ``completed`` means every target ended ``ok`` (the CLI exits 0 only for it);
+    ``completed_with_errors`` that every target ran but some failed; the last three that
+    the run was stopped early -- by its error policy, its deadline, or an operator.
+    """
+
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    HALTED = "halted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+
+
+class TargetState(enum.StrEnum):
+    """Where one target is in its life; only ``done`` targets have an outcome.
+
+    ``cancelling`` is in flight with a cancel sent: the planner waits for the daemon's
+    answer, up to the cancel grace period.
+    """
+
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    CANCELLING = "cancelling"
+    DONE = "done"
+
+
+class RunPhase(enum.StrEnum):
+    """Where a whole run is; see :mod:`aegis_edge_core.fleet.planner` for the transitions."""
+
+    NEW = "new"
+    CANARY = "canary"
+    RUNNING = "running"
+    DRAINING = "draining"
+    FINISHED = "finished"

@@ -1,0 +1,195 @@
+"""Target resolution: from a selector and the fleet as it is now, who runs the tool.
+
+Theory of operation
+-------------------
+
+Resolution is a pure function of three inputs: the daemon snapshots the caller passes in
+(already scoped to the tenants the operator may touch -- the core has no notion of who is
+asking), a :class:`~aegis_edge_core.fleet.selector.Selector`, and the tool name. Every
+snapshot the selector matches ends up in exactly one of two places:
+
+* ``targets`` -- the daemon is ``Connected`` and advertises the tool; or
+* ``skipped`` -- with exactly one :class:`~aegis_edge_core.fleet.outcomes.SkipReason`,
+  decided by the first row of this table that applies:
+
+  ========================  ====================
+  when the daemon's ...     skip reason
+  ========================  ====================
+  status is Revoked         ``revoked``
+  status is Disconnected    ``disconnected``
+  status is Unhealthy       ``unhealthy``
+  tools lack the tool       ``tool_unavailable``
+  ========================  ====================
+
+  Status comes first because it is the more fundamental fact: a revoked daemon that lacks
+  the tool is skipped for being revoked.
+
+Snapshots the selector does not match are only counted (``considered``). Both lists are
+sorted by node id, so the same fleet and selector always give the same plan, and a canary
+is always the same first few hosts.
+
+"Nothing matched is never silent": a resolution with no targets is a legal value
+(``fleet preview`` prints it), but :meth:`Resolution.require_targets` -- which the planner
+calls before it will start -- raises :class:`~aegis_edge_core.fleet.errors.NoTargets`,
+whose message names the selector and how many daemons matched but were skipped, by reason.
+
+Two *matched* snapshots with the same node id are a bug in the caller (its store returned a
+daemon twice) and raise :class:`~aegis_edge_core.errors.LocalProtocolError`: running a tool
+twice on one host because of it would be worse than refusing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import attrs
+
+from aegis_edge_core.errors import LocalProtocolError
+from aegis_edge_core.fleet.errors import NoTargets
+from aegis_edge_core.fleet.outcomes import DaemonStatus, SkipReason
+from aegis_edge_core.fleet.selector import Selector, parse_selector
+from aegis_edge_core.fleet.snapshot import DaemonSnapshot
+
+__all__ = ["Resolution", "Skipped", "resolve_targets"]
+
+
+@attrs.frozen(kw_only=True)
+class Skipped:
+    """A matched daemon that will not run the tool, and why."""
+
+    node_id: str = attrs.field(validator=attrs.validators.instance_of(str))
+    reason: SkipReason = attrs.field(converter=SkipReason)
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"node_id": ..., "reason": ...}``, the CLI's JSON shape for a skip."""
+        return {"node_id": self.node_id, "reason": self.reason.value}
+
+
+def _sorted_ids(node_ids: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(node_ids, str):
+        raise TypeError(f"expected a collection of node ids, got the string {node_ids!r}")
+    return tuple(sorted(node_ids))
+
+
+def _sorted_skips(skipped: Iterable[Skipped]) -> tuple[Skipped, ...]:
+    return tuple(sorted(skipped, key=lambda skip: skip.node_id))
+
+
+def _default_considered(resolution: Resolution) -> int:
+    return len(resolution.targets) + len(resolution.skipped)
+
+
+# Which statuses keep a matched daemon from being a target; Connected is the only one that
+# does not. Order of the checks is the docstring's table: status first, then the tool.
+_STATUS_SKIPS: Final[Mapping[DaemonStatus, SkipReason | None]] = {
+    DaemonStatus.CONNECTED: None,
+    DaemonStatus.UNHEALTHY: SkipReason.UNHEALTHY,
+    DaemonStatus.DISCONNECTED: SkipReason.DISCONNECTED,
+    DaemonStatus.REVOKED: SkipReason.REVOKED,
+}
+
+
+@attrs.frozen(kw_only=True)
+class Resolution:
+    """The outcome of resolving a selector for a tool over a fleet.
+
+    ``targets`` are node ids, sorted; ``skipped`` is sorted by node id; the two never share
+    a node id. ``considered`` is how many snapshots were examined (matched or not).
+    Construct directly to rebuild one from storage; the invariants are checked.
+    """
+
+    selector: Selector = attrs.field(validator=attrs.validators.instance_of(Selector))
+    tool: str = attrs.field(validator=attrs.validators.instance_of(str))
+    targets: tuple[str, ...] = attrs.field(converter=_sorted_ids)
+    skipped: tuple[Skipped, ...] = attrs.field(converter=_sorted_skips)
+    considered: int = attrs.field(
+        default=attrs.Factory(_default_considered, takes_self=True),
+        validator=attrs.validators.instance_of(int),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        ids = set(self.targets)
+        if len(ids) != len(self.targets):
+            raise ValueError("a node id appears twice among the targets")
+        skipped_ids = {skip.node_id for skip in self.skipped}
+        if len(skipped_ids) != len(self.skipped):
+            raise ValueError("a node id appears twice among the skipped")
+        if not ids.isdisjoint(skipped_ids):
+            raise ValueError("a node id is both a target and skipped")
+        if self.considered < self.matched:
+            raise ValueError(f"considered ({self.considered}) < matched ({self.matched})")
+
+    @property
+    def matched(self) -> int:
+        """How many daemons the selector matched: targets plus skipped."""
+        return len(self.targets) + len(self.skipped)
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to run on (nothing matched, or all were skipped)."""
+        return not self.targets
+
+    def skipped_by_reason(self) -> dict[SkipReason, int]:
+        """Skip counts per reason, in :class:`SkipReason` order, reasons with none left out."""
+        counts = Counter(skip.reason for skip in self.skipped)
+        return {reason: counts[reason] for reason in SkipReason if counts[reason]}
+
+    def require_targets(self) -> Resolution:
+        """Return ``self``, or raise :class:`NoTargets` if there is nothing to run on."""
+        if not self.targets:
+            raise NoTargets(self)
+        return self
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape of ``fleet preview --output json``."""
+        return {
+            "selector": str(self.selector),
+            "tool": self.tool,
+            "considered": self.considered,
+            "matched": self.matched,
+            "targets": list(self.targets),
+            "skipped": [skip.to_dict() for skip in self.skipped],
+        }
+
+
+def resolve_targets(
+    snapshots: Iterable[DaemonSnapshot], selector: Selector | str, tool: str
+) -> Resolution:
+    """Split the daemons ``selector`` matches into targets and skips for running ``tool``.
+
+    ``selector`` may be a string, parsed with
+    :func:`~aegis_edge_core.fleet.selector.parse_selector` (so a
+    :class:`~aegis_edge_core.fleet.errors.SelectorError` can come out). See the module
+    docstring for the exact rules.
+    """
+    if isinstance(selector, str):
+        selector = parse_selector(selector)
+    matches = selector.matches
+    status_skips = _STATUS_SKIPS
+    targets: list[str] = []
+    skipped: list[Skipped] = []
+    seen: set[str] = set()
+    considered = 0
+    for snapshot in snapshots:
+        considered += 1
+        if not matches(snapshot):
+            continue
+        node_id = snapshot.node_id
+        if node_id in seen:
+            raise LocalProtocolError(
+                f"node {node_id!r} appears twice in the snapshots",
+                hint="pass each daemon once; the store returned a duplicate",
+            )
+        seen.add(node_id)
+        reason = status_skips[snapshot.status]
+        if reason is None and tool not in snapshot.tools:
+            reason = SkipReason.TOOL_UNAVAILABLE
+        if reason is None:
+            targets.append(node_id)
+        else:
+            skipped.append(Skipped(node_id=node_id, reason=reason))
+    return Resolution(
+        selector=selector, tool=tool, targets=targets, skipped=skipped, considered=considered
+    )
