@@ -35,8 +35,10 @@ def _typecheck(session: nox.Session) -> None:
 def _proto(session: nox.Session) -> None:
     if "--write" in session.posargs:
         session.run("python", "scripts/gen_proto.py")
+        session.run("python", "scripts/gen_protocol_doc.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
+        session.run("python", "scripts/gen_protocol_doc.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -66,7 +68,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire is stale against proto/ (`-- --write` regenerates)."""
+    """Fail if aegis_edge_core/wire or docs/protocol.md is stale against proto/.
+
+    `nox -s proto -- --write` regenerates both.
+    """
     _install(session)
     _proto(session)
 
