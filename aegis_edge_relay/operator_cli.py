@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +29,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
-from aegis_edge_core.errors import AegisError
+from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
+from aegis_edge_core.fleet.selector import parse_selector
+from aegis_edge_core.fleet.spec import parse_duration, parse_mode, parse_on_error
 from aegis_edge_core.wire import admin_pb2, common_pb2
 
 if TYPE_CHECKING:
@@ -186,28 +186,15 @@ def format_duration(secs: float) -> str:
     return f"{whole // 3600}h{(whole % 3600) // 60:02d}m"
 
 
-_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS: Final[Mapping[str, float]] = {
-    "ms": 0.001,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-}
-
-
 def parse_duration_secs(text: str, *, flag: str) -> float:
-    """``120s``, ``15m``, ``1.5h``, ``500ms`` or bare seconds to a positive float.
+    """``120s``, ``15m``, ``1h30m`` or bare seconds to a positive float (the core's grammar).
 
     Raises :class:`CliError` naming ``flag`` for anything else.
     """
-    match = _DURATION_RE.match(text)
-    if match is None:
-        raise CliError(f"{flag}: invalid duration {text!r} (expected e.g. 30s, 15m, 2h)")
-    secs = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-    if secs <= 0 or not math.isfinite(secs):
-        raise CliError(f"{flag}: duration must be greater than zero, got {text!r}")
-    return secs
+    try:
+        return parse_duration(text, field=flag.lstrip("-"))
+    except FleetSpecError as err:
+        raise CliError(f"{flag}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,74 +403,31 @@ def parse_arg_pairs(pairs: Sequence[str], json_pairs: Sequence[str] = ()) -> dic
     return out
 
 
-_MODE_RE: Final = re.compile(r"^(all|sequential|rolling=([1-9]\d*)(%?))$")
-_ON_ERROR_RE: Final = re.compile(r"^(continue|fail-fast|stop-after=[1-9]\d*)$")
-
-_CORE_MODULES: Final = (
-    "aegis_edge_core.fleet",
-    "aegis_edge_core.fleet.spec",
-    "aegis_edge_core.fleet.policy",
-    "aegis_edge_core.fleet.plan",
-    "aegis_edge_core.fleet.planner",
-    "aegis_edge_core.fleet.selector",
-)
-
-
-def _core_parser(name: str) -> Callable[[str], object] | None:
-    """The core's ``parse_*`` function called ``name`` if this install has it."""
-    for module_name in _CORE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        func = getattr(module, name, None)
-        if callable(func):
-            parser: Callable[[str], object] = func
-            return parser
-    return None
-
-
-def _core_check(name: str, flag: str, value: str) -> bool:
-    """Validate ``value`` with the core parser ``name``; False when there is none."""
-    func = _core_parser(name)
-    if func is None:
-        return False
-    try:
-        func(value)
-    except AegisError as err:
-        render = getattr(err, "render", None)
-        if callable(render):
-            raise CliError(f"{flag}: {render()}") from None
-        raise CliError(f"{flag}: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise CliError(f"{flag}: {err}") from None
-    return True
-
-
 def validate_selector(text: str) -> None:
-    """Check ``--target`` with the core's selector parser (the relay checks it again)."""
+    """Check ``--target`` with the core's selector parser (the relay checks it again).
+
+    The error keeps the core's column and draws a caret under it on a second line.
+    """
     if not text.strip():
         raise CliError("--target: the selector is empty (write 'all' to mean every daemon)")
-    _core_check("parse_selector", "--target", text)
+    try:
+        parse_selector(text)
+    except SelectorError as err:
+        raise CliError(f"--target: {err.render()}") from None
 
 
 def validate_mode(text: str) -> None:
-    if _core_check("parse_mode", "--mode", text):
-        return
-    match = _MODE_RE.match(text)
-    if match is None or (match.group(3) and int(match.group(2)) > 100):
-        raise CliError(
-            f"--mode: invalid mode {text!r} (expected all, sequential, rolling=N or rolling=N%)"
-        )
+    try:
+        parse_mode(text)
+    except FleetSpecError as err:
+        raise CliError(f"--mode: {err}") from None
 
 
 def validate_on_error(text: str) -> None:
-    if _core_check("parse_on_error", "--on-error", text):
-        return
-    if _ON_ERROR_RE.match(text) is None:
-        raise CliError(
-            f"--on-error: invalid policy {text!r} (expected continue, fail-fast or stop-after=N)"
-        )
+    try:
+        parse_on_error(text)
+    except FleetSpecError as err:
+        raise CliError(f"--on-error: {err}") from None
 
 
 def build_fleet_spec(
@@ -502,7 +446,6 @@ def build_fleet_spec(
     deadline_secs = 0.0
     deadline: str | None = getattr(args, "deadline", None)
     if deadline:
-        _core_check("parse_duration", "--deadline", deadline)
         deadline_secs = parse_duration_secs(deadline, flag="--deadline")
     tool_args: dict[str, Any] = {}
     args_json: str | None = getattr(args, "args_json", None)
