@@ -569,6 +569,7 @@ class AdminClient:
     """A blocking Admin stub on a TLS channel, mapping gRPC failures to :class:`CliError`."""
 
     def __init__(self, conn: Connection) -> None:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # see register()
         import grpc
 
         from aegis_edge_core.wire import admin_pb2_grpc
@@ -1111,6 +1112,10 @@ def _add_tool_args(parser: argparse.ArgumentParser) -> None:
 
 def register(tree: CommandTree) -> None:
     """Add the operator-side ``aegis edge`` commands to ``tree``."""
+    # gRPC's C core reads its log level when grpc is first imported and would print a failed
+    # TLS handshake on stderr at INFO, above our one-line error. Errors only, unless the
+    # operator set GRPC_VERBOSITY. (Only effective if nothing imported grpc before.)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = tree.command("edge ls", cmd_ls, help="list edge hosts known to the relay")
     p.add_argument("--connected", action="store_true", help="only Connected hosts")
     p.add_argument("--tenant", metavar="TENANT", help="only hosts of this tenant")
