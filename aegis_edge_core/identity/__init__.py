@@ -39,6 +39,12 @@ from aegis_edge_core.identity.attestation import (
     sign_attestation,
     verify_attestation,
 )
+from aegis_edge_core.identity.enrollment import (
+    EnrollmentGrant,
+    enrollment_transcript,
+    redeem_enrollment,
+    sign_enrollment,
+)
 from aegis_edge_core.identity.errors import (
     REASONS,
     REFUSAL_REASONS,
@@ -63,6 +69,15 @@ from aegis_edge_core.identity.keys import (
     load_relay_signing_key,
 )
 from aegis_edge_core.identity.revocation import RevocationList, Revocations
+from aegis_edge_core.identity.rotation import (
+    DEFAULT_REFRESH_MARGIN,
+    RotationProof,
+    VerifiedRotation,
+    needs_refresh,
+    rotation_transcript,
+    sign_rotation,
+    verify_rotation,
+)
 from aegis_edge_core.identity.tokens import (
     DEFAULT_LEEWAY,
     ENROLLMENT_AUDIENCE,
@@ -89,6 +104,7 @@ from aegis_edge_core.identity.tokens import (
 __all__ = [
     "DEFAULT_LEEWAY",
     "DEFAULT_MAX_CLOCK_SKEW",
+    "DEFAULT_REFRESH_MARGIN",
     "ENROLLMENT_AUDIENCE",
     "ENROLLMENT_TOKEN_TTL",
     "MAX_TOKEN_LENGTH",
@@ -106,6 +122,7 @@ __all__ = [
     "AttestationError",
     "EnrollmentClaims",
     "EnrollmentError",
+    "EnrollmentGrant",
     "IdentityError",
     "IssuedToken",
     "KeyFileError",
@@ -121,18 +138,27 @@ __all__ = [
     "Revocations",
     "Role",
     "RotationError",
+    "RotationProof",
     "TokenError",
     "TokenIssuer",
     "TokenVerifier",
     "VerifiedAttestation",
+    "VerifiedRotation",
     "attestation_transcript",
     "ca_pin",
+    "enrollment_transcript",
     "jwk_thumbprint",
     "load_node_key",
     "load_relay_signing_key",
+    "needs_refresh",
     "new_jti",
     "peek_enrollment_token",
     "peek_node_token",
+    "redeem_enrollment",
+    "rotation_transcript",
     "sign_attestation",
+    "sign_enrollment",
+    "sign_rotation",
     "verify_attestation",
+    "verify_rotation",
 ]

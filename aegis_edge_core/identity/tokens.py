@@ -179,7 +179,7 @@ def _text(max_len: int) -> Any:
 def _timestamp(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{attribute.name} must be a number")
-    if not math.isfinite(value) or not 0 <= value < 2**40:
+    if isinstance(value, int) or not math.isfinite(value) or not 0 <= value < 2**40:
         raise ValueError(f"{attribute.name} must be a plausible Unix time")
 
 
@@ -191,12 +191,21 @@ def _regex(pattern: re.Pattern[str], what: str) -> Any:
     return check
 
 
+def _int_to_float(value: Any) -> Any:
+    # JSON gives ints for whole seconds; times are floats everywhere else. Anything that
+    # is not a number is left alone for the validator to refuse (float("12") would not be).
+    # Ints too large for a float stay ints, for the validator to refuse by range.
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return float(value)
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class _Claims:
     jti: str = attrs.field(validator=_text(256))
-    issued_at: float = attrs.field(validator=_timestamp)
-    not_before: float = attrs.field(validator=_timestamp)
-    expires_at: float = attrs.field(validator=_timestamp)
+    issued_at: float = attrs.field(converter=_int_to_float, validator=_timestamp)
+    not_before: float = attrs.field(converter=_int_to_float, validator=_timestamp)
+    expires_at: float = attrs.field(converter=_int_to_float, validator=_timestamp)
 
     def __attrs_post_init__(self) -> None:
         if self.expires_at <= self.not_before:
@@ -469,7 +478,7 @@ def _parse(token: object) -> _Parsed:
         _refuse("token is not text", "malformed")
     if len(token) > MAX_TOKEN_LENGTH:
         _refuse(f"token is longer than {MAX_TOKEN_LENGTH} characters", "malformed")
-    token = token.strip()
+    # No stripping: a token has one spelling; callers strip what they read from files.
     if not token:
         _refuse("token is empty", "malformed")
     segments = token.split(".")
@@ -664,7 +673,7 @@ class TokenVerifier:
         if not key.verify(parsed.signature, parsed.signing_input):
             _refuse("token signature does not verify", "bad_signature")
         try:
-            jwt.api_jws.decode_complete(token.strip(), key.to_cryptography(), [_ALGORITHM])
+            jwt.api_jws.decode_complete(token, key.to_cryptography(), [_ALGORITHM])
         except jwt.InvalidSignatureError:
             _refuse("token signature does not verify", "bad_signature")
         except jwt.PyJWTError:
