@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_CA_CERT",
     "ENV_RELAY",
+    "ENV_TLS_SERVER_NAME",
     "ENV_TOKEN",
     "Connection",
     "build_fleet_spec",
@@ -69,6 +70,7 @@ __all__ = [
 ENV_RELAY: Final = "AEGIS_RELAY"
 ENV_CA_CERT: Final = "AEGIS_CA_CERT"
 ENV_TOKEN: Final = "AEGIS_OPERATOR_TOKEN"  # noqa: S105 -- a variable name, not a secret
+ENV_TLS_SERVER_NAME: Final = "AEGIS_TLS_SERVER_NAME"
 
 UNARY_TIMEOUT_SECS: Final = 30.0
 """How long a unary admin call may take before the CLI gives up."""
@@ -489,6 +491,8 @@ class Connection:
     relay: str
     ca_pem: bytes
     token: str
+    server_name: str = ""
+    """TLS name to verify instead of the host of ``relay`` (``--tls-server-name``)."""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -541,7 +545,10 @@ def resolve_connection(
             raise CliError(f"--token: the token file {token_path!r} is empty")
     if any(ch.isspace() for ch in token) or not token.isprintable():
         raise CliError("--token: the operator token contains whitespace or control characters")
-    return Connection(relay=relay, ca_pem=ca_pem, token=token)
+    server_name = (
+        getattr(args, "tls_server_name", None) or env.get(ENV_TLS_SERVER_NAME, "")
+    ).strip()
+    return Connection(relay=relay, ca_pem=ca_pem, token=token, server_name=server_name)
 
 
 def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
@@ -576,7 +583,8 @@ class AdminClient:
 
         self.conn = conn
         creds = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
-        self._channel = grpc.secure_channel(conn.relay, creds)
+        options = [("grpc.ssl_target_name_override", conn.server_name)] if conn.server_name else []
+        self._channel = grpc.secure_channel(conn.relay, creds, options=options)
         self.stub: AdminStub = admin_pb2_grpc.AdminStub(self._channel)
 
     def close(self) -> None:
@@ -630,6 +638,12 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--token",
         metavar="TOKEN|@FILE",
         help=f"operator token, or @path to a file holding it (env {ENV_TOKEN})",
+    )
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name in the relay's certificate, when it differs from HOST "
+        f"(env {ENV_TLS_SERVER_NAME})",
     )
 
 
@@ -907,7 +921,8 @@ def _print_run_tables(run: admin_pb2.FleetRun) -> None:
         print_table(("NODE", "SKIPPED BECAUSE"), ((s.node_id, s.reason) for s in run.skipped))
 
 
-def _run_and_report(args: argparse.Namespace, spec: admin_pb2.FleetRunSpec) -> int:
+def _run_and_report(args: argparse.Namespace, method: str, request: Any) -> int:
+    """Follow a run's event stream (``StartFleetRun`` or ``WatchFleetRun``) to its end."""
     as_json = args.output == "json"
     live = not as_json and sys.stdout.isatty()
     final: admin_pb2.FleetRun | None = None
@@ -915,7 +930,7 @@ def _run_and_report(args: argparse.Namespace, spec: admin_pb2.FleetRunSpec) -> i
     with _client(args) as client:
         try:
             with _Progress(live) as progress:
-                for event in client.stream("StartFleetRun", spec):
+                for event in client.stream(method, request):
                     kind = event.WhichOneof("body")
                     if kind == "started":
                         started = event.started
@@ -932,7 +947,8 @@ def _run_and_report(args: argparse.Namespace, spec: admin_pb2.FleetRunSpec) -> i
             if run_id:
                 raise CliError(
                     f"interrupted; fleet run {run_id} goes on at the relay "
-                    f"(`aegis edge fleet cancel {run_id}` stops it)",
+                    f"(`aegis edge fleet watch {run_id}` follows it again, "
+                    f"`aegis edge fleet cancel {run_id}` stops it)",
                     exit_code=130,
                 ) from None
             raise
@@ -954,11 +970,16 @@ def _run_and_report(args: argparse.Namespace, spec: admin_pb2.FleetRunSpec) -> i
 
 
 def cmd_fleet_run(args: argparse.Namespace) -> int:
-    return _run_and_report(args, build_fleet_spec(args))
+    return _run_and_report(args, "StartFleetRun", build_fleet_spec(args))
 
 
 def cmd_fleet_keys_rotate(args: argparse.Namespace) -> int:
-    return _run_and_report(args, build_fleet_spec(args, tool="keys.rotate"))
+    return _run_and_report(args, "StartFleetRun", build_fleet_spec(args, tool="keys.rotate"))
+
+
+def cmd_fleet_watch(args: argparse.Namespace) -> int:
+    request = admin_pb2.GetFleetRunRequest(fleet_command_id=args.fleet_command_id)
+    return _run_and_report(args, "WatchFleetRun", request)
 
 
 def cmd_fleet_runs(args: argparse.Namespace) -> int:
@@ -1209,6 +1230,15 @@ def register(tree: CommandTree) -> None:
     p = tree.command("edge fleet runs", cmd_fleet_runs, help="recent fleet runs, newest first")
     p.add_argument("--limit", type=_nonneg_int, default=20, help="how many (default 20)")
     p.add_argument("--tenant", metavar="TENANT", help="only runs of this tenant")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge fleet watch",
+        cmd_fleet_watch,
+        help="follow a fleet run to its end; exits like `fleet run`",
+    )
+    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
     add_output_flag(p)
     _add_connection_flags(p)
 

@@ -481,6 +481,7 @@ def test_registered_commands() -> None:
         ["edge", "fleet", "runs", "--limit", "5", "-o", "json"],
         ["edge", "fleet", "show", "f1"],
         ["edge", "fleet", "cancel", "f1"],
+        ["edge", "fleet", "watch", "f1", "--tls-server-name", "relay.internal"],
         ["edge", "fleet", "keys", "rotate", "--target", "all"],
     ):
         args = tree.parser.parse_args(argv)

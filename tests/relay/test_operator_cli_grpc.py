@@ -267,7 +267,19 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
         self, request: Any, context: Any
     ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
         await self._auth("WatchFleetRun", request, context)
-        yield admin_pb2.FleetRunEvent()
+        if request.fleet_command_id != "fleet-42":
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no fleet run {request.fleet_command_id!r}"
+            )
+        spec = admin_pb2.FleetRunSpec(selector="all", tool="edge.ping")
+        result = _target("node-a", common_pb2.TARGET_OUTCOME_DENIED)
+        yield admin_pb2.FleetRunEvent(
+            started=self._run(spec, common_pb2.RUN_OUTCOME_RUNNING, [result])
+        )
+        yield admin_pb2.FleetRunEvent(target_finished=result)
+        yield admin_pb2.FleetRunEvent(
+            finished=self._run(spec, common_pb2.RUN_OUTCOME_COMPLETED_WITH_ERRORS, [result])
+        )
 
     async def ListFleetRuns(self, request: Any, context: Any) -> admin_pb2.ListFleetRunsResponse:
         await self._auth("ListFleetRuns", request, context)
@@ -811,3 +823,29 @@ def test_untrusted_relay_certificate(
     assert err.startswith("aegis: cannot reach the relay at 127.0.0.1:")
     assert len(err.splitlines()) == 1
     assert admin.calls == []
+
+
+def test_fleet_watch_follows_a_run_and_exits_like_run(
+    capsys: pytest.CaptureFixture[str], admin: FakeAdmin, env: dict[str, str]
+) -> None:
+    code, out, err = run(capsys, "edge", "fleet", "watch", "fleet-42", "-o", "json")
+    assert code == 1
+    body = json.loads(out)
+    assert body["outcome"] == "completed_with_errors"
+    assert body["targets"][0]["outcome"] == "denied"
+    assert err == ("aegis: fleet run fleet-42 completed_with_errors: 1 denied; 1 skipped\n")
+    assert admin.calls[-1][0] == "WatchFleetRun"
+    assert admin.calls[-1][1].fleet_command_id == "fleet-42"
+
+
+def test_tls_server_name_override(
+    capsys: pytest.CaptureFixture[str],
+    admin: FakeAdmin,
+    env: dict[str, str],
+    server: ServerThread,
+) -> None:
+    code, _, err = run(capsys, "edge", "fleet", "runs", "--tls-server-name", "localhost")
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "edge", "fleet", "runs", "--tls-server-name", "relay.example.com")
+    assert code == 1
+    assert err.startswith(f"aegis: cannot reach the relay at 127.0.0.1:{server.port}: ")
