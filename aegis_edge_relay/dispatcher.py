@@ -1,0 +1,685 @@
+"""The dispatcher: commands out to live streams, results back, fleet runs on top.
+
+Single commands and fleet runs take the same path: :meth:`Dispatcher.send` records the
+dispatch in command history, hands the invocation to the node's :class:`RelaySession` and
+remembers who is waiting. Results (:meth:`Dispatcher.on_result`, called by the stream
+reader *before* it acks), lost streams (:meth:`Dispatcher.connection_lost`, with the ids
+:meth:`RelaySession.connection_lost` returned) and late results all end up in
+:meth:`_finish`, which persists, counts and tells the waiter.
+
+A fleet run is the core's :class:`~aegis_edge_core.fleet.FleetRun` planner driven by this
+module: ``start``/``on_result``/``on_tick``/``cancel`` go in, ``Dispatch``/``Cancel``/``Finish``
+actions come out and are carried out here. The planner decides; the dispatcher does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from aegis_edge_core.fleet import (
+    Cancel,
+    Dispatch,
+    Finish,
+    FleetRun,
+    FleetSpec,
+    Resolution,
+    RunRecord,
+    TargetOutcome,
+)
+from aegis_edge_core.session import OutputReceived
+from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
+from aegis_edge_relay import jsonlog, tracing
+from aegis_edge_relay.store import CommandRow, FleetRunRow
+
+if TYPE_CHECKING:
+    from aegis_edge_relay.relay import Relay
+
+__all__ = ["ActiveRun", "CommandEnd", "Dispatcher", "NotConnected", "run_to_proto"]
+
+_TAIL: Final = 64 * 1024
+
+_OUTCOME_BY_PROTO: Final = {
+    common_pb2.TARGET_OUTCOME_OK: TargetOutcome.OK,
+    common_pb2.TARGET_OUTCOME_ERROR: TargetOutcome.ERROR,
+    common_pb2.TARGET_OUTCOME_TIMEOUT: TargetOutcome.TIMEOUT,
+    common_pb2.TARGET_OUTCOME_CANCELLED: TargetOutcome.CANCELLED,
+    common_pb2.TARGET_OUTCOME_DENIED: TargetOutcome.DENIED,
+    common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED: TargetOutcome.EDGE_DISCONNECTED,
+}
+_OUTCOME_BY_KIND: Final = {
+    stream_pb2.ERROR_KIND_OK: TargetOutcome.OK,
+    stream_pb2.ERROR_KIND_TIMEOUT: TargetOutcome.TIMEOUT,
+    stream_pb2.ERROR_KIND_CANCELLED: TargetOutcome.CANCELLED,
+    stream_pb2.ERROR_KIND_DENIED: TargetOutcome.DENIED,
+}
+PROTO_OUTCOME: Final = {
+    TargetOutcome.OK: common_pb2.TARGET_OUTCOME_OK,
+    TargetOutcome.ERROR: common_pb2.TARGET_OUTCOME_ERROR,
+    TargetOutcome.TIMEOUT: common_pb2.TARGET_OUTCOME_TIMEOUT,
+    TargetOutcome.CANCELLED: common_pb2.TARGET_OUTCOME_CANCELLED,
+    TargetOutcome.DENIED: common_pb2.TARGET_OUTCOME_DENIED,
+    TargetOutcome.EDGE_DISCONNECTED: common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED,
+    TargetOutcome.NOT_STARTED: common_pb2.TARGET_OUTCOME_NOT_STARTED,
+}
+PROTO_RUN_OUTCOME: Final = {
+    "running": common_pb2.RUN_OUTCOME_RUNNING,
+    "completed": common_pb2.RUN_OUTCOME_COMPLETED,
+    "completed_with_errors": common_pb2.RUN_OUTCOME_COMPLETED_WITH_ERRORS,
+    "halted": common_pb2.RUN_OUTCOME_HALTED,
+    "deadline_exceeded": common_pb2.RUN_OUTCOME_DEADLINE_EXCEEDED,
+    "cancelled": common_pb2.RUN_OUTCOME_CANCELLED,
+}
+
+
+def outcome_of(result: stream_pb2.CommandResult) -> TargetOutcome:
+    """The target outcome a daemon's result stands for (its ``error_kind`` if unset)."""
+    outcome = _OUTCOME_BY_PROTO.get(result.outcome)
+    if outcome is not None:
+        return outcome
+    return _OUTCOME_BY_KIND.get(result.error_kind, TargetOutcome.ERROR)
+
+
+class NotConnected(Exception):
+    """The node has no live daemon stream to dispatch on."""
+
+
+@attrs.frozen(kw_only=True)
+class CommandEnd:
+    command_id: str
+    node_id: str
+    tenant_id: str
+    tool: str
+    fleet_command_id: str
+    outcome: TargetOutcome
+    exit_code: int | None
+    error_message: str
+    dispatched_at: float
+    finished_at: float
+    stdout_tail: bytes = b""
+    stderr_tail: bytes = b""
+
+
+Listener = Callable[[CommandEnd], Awaitable[None]]
+
+
+@attrs.define(kw_only=True)
+class PendingCommand:
+    command_id: str
+    node_id: str
+    tenant_id: str
+    tool: str
+    fleet_command_id: str
+    dispatched_at: float
+    listener: Listener | None = None
+    span: Any = None
+    stdout: bytearray = attrs.field(factory=bytearray)
+    stderr: bytearray = attrs.field(factory=bytearray)
+
+
+@attrs.define(kw_only=True, eq=False)
+class ActiveRun:
+    """A fleet run in progress: the planner plus what the relay needs around it."""
+
+    run: FleetRun
+    spec: admin_pb2.FleetRunSpec
+    args_json: str
+    created_by: str
+    created_at: float
+    scope: tuple[str, ...] | None
+    tenants: dict[str, str]
+    command_ids: dict[str, str] = attrs.field(factory=dict)
+    ends: dict[str, CommandEnd] = attrs.field(factory=dict)
+    subscribers: list[asyncio.Queue[admin_pb2.FleetRunEvent | None]] = attrs.field(factory=list)
+    done: asyncio.Event = attrs.field(factory=asyncio.Event)
+    span: Any = None
+    trace_id: str = ""
+
+    @property
+    def fleet_command_id(self) -> str:
+        return self.run.fleet_command_id
+
+    def publish(self, event: admin_pb2.FleetRunEvent | None) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(event)
+
+    def subscribe(self) -> asyncio.Queue[admin_pb2.FleetRunEvent | None]:
+        queue: asyncio.Queue[admin_pb2.FleetRunEvent | None] = asyncio.Queue()
+        self.subscribers.append(queue)
+        return queue
+
+    def to_proto(self) -> admin_pb2.FleetRun:
+        return run_to_proto(
+            self.run.record(),
+            spec=self.spec,
+            created_by=self.created_by,
+            created_at=self.created_at,
+            trace_id=self.trace_id,
+            command_ids=self.command_ids,
+            tenants=self.tenants,
+            ends=self.ends,
+        )
+
+    def to_row(self) -> FleetRunRow:
+        record = self.run.record()
+        data = record.to_dict()
+        data["relay"] = {
+            "command_ids": self.command_ids,
+            "tenants": self.tenants,
+            "spec": _spec_dict(self.spec),
+        }
+        return FleetRunRow(
+            fleet_command_id=self.fleet_command_id,
+            tenant_id=self.spec.tenant_id,
+            scope=self.scope,
+            spec=_spec_dict(self.spec),
+            outcome=record.outcome.value if record.outcome is not None else "running",
+            created_at=self.created_at,
+            finished_at=record.finished_at,
+            created_by=self.created_by,
+            record=data,
+            trace_id=self.trace_id,
+        )
+
+
+def _spec_dict(spec: admin_pb2.FleetRunSpec) -> dict[str, Any]:
+    # Tool arguments stay out of stored records: they may hold secrets.
+    return {
+        "selector": spec.selector,
+        "tool": spec.tool,
+        "mode": spec.mode,
+        "on_error": spec.on_error,
+        "deadline_secs": spec.deadline_secs,
+        "canary": spec.canary,
+        "tenant_id": spec.tenant_id,
+    }
+
+
+def spec_from_dict(data: dict[str, Any]) -> admin_pb2.FleetRunSpec:
+    return admin_pb2.FleetRunSpec(
+        selector=str(data.get("selector", "")),
+        tool=str(data.get("tool", "")),
+        mode=str(data.get("mode", "")),
+        on_error=str(data.get("on_error", "")),
+        deadline_secs=float(data.get("deadline_secs") or 0.0),
+        canary=int(data.get("canary") or 0),
+        tenant_id=str(data.get("tenant_id", "")),
+    )
+
+
+def run_to_proto(
+    record: RunRecord,
+    *,
+    spec: admin_pb2.FleetRunSpec,
+    created_by: str,
+    created_at: float,
+    trace_id: str,
+    command_ids: dict[str, str],
+    tenants: dict[str, str],
+    ends: dict[str, CommandEnd] | None = None,
+    with_targets: bool = True,
+) -> admin_pb2.FleetRun:
+    out = admin_pb2.FleetRun(
+        fleet_command_id=record.fleet_command_id,
+        spec=spec,
+        outcome=PROTO_RUN_OUTCOME[record.outcome.value if record.outcome else "running"],
+        created_at=created_at,
+        finished_at=record.finished_at or 0.0,
+        created_by=created_by,
+        trace_id=trace_id,
+        halt_reason=record.halt_reason or "",
+    )
+    for skip in record.skipped:
+        out.skipped.add(node_id=skip.node_id, reason=skip.reason.value)
+    for target in record.targets:
+        if target.skip_reason is not None:
+            out.skipped.add(node_id=target.node_id, reason=target.skip_reason.value)
+    if with_targets:
+        for target in record.targets:
+            tr = out.targets.add(
+                node_id=target.node_id,
+                command_id=command_ids.get(target.node_id, ""),
+                outcome=PROTO_OUTCOME[target.outcome] if target.outcome else 0,
+                exit_code=target.exit_code or 0,
+                has_exit_code=target.exit_code is not None,
+                error_message=target.error_message or "",
+                dispatched_at=target.dispatched_at or 0.0,
+                finished_at=target.finished_at or 0.0,
+                skip_reason=target.skip_reason.value if target.skip_reason else "",
+                tenant_id=tenants.get(target.node_id, ""),
+            )
+            end = (ends or {}).get(target.node_id)
+            if end is not None:
+                tr.stdout_tail = end.stdout_tail
+                tr.stderr_tail = end.stderr_tail
+    return out
+
+
+class Dispatcher:
+    """Commands and fleet runs over the relay's live streams."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pending: dict[str, PendingCommand] = {}
+        self.runs: dict[str, ActiveRun] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        for active in list(self.runs.values()):
+            with contextlib.suppress(Exception):
+                await self.cancel_run(active, "relay shutting down")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._background):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as err:
+                jsonlog.log("error", "dispatcher.task_failed", error=repr(err))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ single commands
+
+    async def send(
+        self,
+        node_id: str,
+        tool: str,
+        args_json: str = "{}",
+        *,
+        fleet_command_id: str = "",
+        deadline: float = 0.0,
+        listener: Listener | None = None,
+        parent_span: Any = None,
+    ) -> PendingCommand:
+        """Dispatch one command on the node's live stream; raises :class:`NotConnected`."""
+        relay = self.relay
+        handle = relay.streams.get(node_id)
+        if handle is None or handle.closing:
+            raise NotConnected(f"daemon {node_id} has no live stream")
+        node = relay.nodes[node_id]
+        now = relay.now()
+        command_id = "c-" + os.urandom(10).hex()
+        span, traceparent, tracestate = tracing.start_node_span(
+            parent_span,
+            node_id=node_id,
+            tool=tool,
+            fleet_command_id=fleet_command_id,
+            command_id=command_id,
+        )
+        pending = PendingCommand(
+            command_id=command_id,
+            node_id=node_id,
+            tenant_id=node.tenant_id,
+            tool=tool,
+            fleet_command_id=fleet_command_id,
+            dispatched_at=now,
+            listener=listener,
+            span=span,
+        )
+        await relay.db.call(
+            relay.store.record_dispatch,
+            CommandRow(
+                command_id=command_id,
+                node_id=node_id,
+                tenant_id=node.tenant_id,
+                tool=tool,
+                dispatched_at=now,
+                fleet_command_id=fleet_command_id,
+            ),
+        )
+        if handle.closing or relay.streams.get(node_id) is not handle:
+            tracing.end_span(span, "edge_disconnected")
+            raise NotConnected(f"daemon {node_id} disconnected")
+        self.pending[command_id] = pending
+        handle.session.send_command(
+            command_id=command_id,
+            tool=tool,
+            args_json=args_json or "{}",
+            fleet_command_id=fleet_command_id,
+            deadline=deadline,
+            timeout_secs=max(0.0, deadline - now) if deadline else 0.0,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        handle.flush()
+        jsonlog.log(
+            "info",
+            "command.dispatched",
+            node_id=node_id,
+            tenant_id=node.tenant_id,
+            command_id=command_id,
+            fleet_command_id=fleet_command_id or None,
+            tool=tool,
+        )
+        return pending
+
+    def cancel_command(self, command_id: str, reason: str) -> None:
+        pending = self.pending.get(command_id)
+        if pending is None:
+            return
+        handle = self.relay.streams.get(pending.node_id)
+        if handle is not None and not handle.closing:
+            with contextlib.suppress(Exception):
+                handle.session.cancel(command_id, reason)
+                handle.flush()
+
+    def on_output(self, node_id: str, event: OutputReceived) -> None:
+        pending = self.pending.get(event.command_id)
+        if pending is None or pending.node_id != node_id:
+            return
+        if event.stdout:
+            pending.stdout += event.stdout
+            del pending.stdout[:-_TAIL]
+        if event.stderr:
+            pending.stderr += event.stderr
+            del pending.stderr[:-_TAIL]
+
+    async def on_result(
+        self, node_id: str, result: stream_pb2.CommandResult, *, known: bool
+    ) -> None:
+        """A daemon reported a result: persist it (the caller acks only after this)."""
+        now = self.relay.now()
+        pending = self.pending.get(result.command_id)
+        if pending is not None and pending.node_id != node_id:
+            pending = None  # another node's command id: never trust it
+        outcome = outcome_of(result)
+        exit_code = result.exit_code if result.has_exit_code else None
+        if pending is None:
+            # Late: dispatched on an earlier stream (maybe before a relay restart). Keep it
+            # in history; its run (if any) already counted it edge_disconnected.
+            existing = await self.relay.db.call(self.relay.store.get_command, result.command_id)
+            if existing is None or existing.node_id != node_id:
+                jsonlog.log(
+                    "warning",
+                    "command.unknown_result",
+                    node_id=node_id,
+                    command_id=result.command_id,
+                )
+                return
+            await self.relay.db.call(
+                self.relay.store.record_result,
+                attrs.evolve(
+                    existing,
+                    finished_at=result.finished_at or now,
+                    outcome=outcome.value,
+                    exit_code=exit_code,
+                    error=result.error_message,
+                    stdout_tail=result.stdout_tail,
+                    stderr_tail=result.stderr_tail,
+                ),
+            )
+            jsonlog.log(
+                "info",
+                "command.late_result",
+                node_id=node_id,
+                command_id=result.command_id,
+                outcome=outcome.value,
+            )
+            return
+        stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
+        stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
+        await self._finish(
+            pending,
+            outcome,
+            now,
+            exit_code=exit_code,
+            error_message=result.error_message,
+            stdout=stdout[-_TAIL:],
+            stderr=stderr[-_TAIL:],
+        )
+
+    def connection_lost(self, node_id: str, lost: Iterable[str]) -> None:
+        """The node's stream is gone: its in-flight commands end ``edge_disconnected``."""
+        now = self.relay.now()
+        for command_id in lost:
+            pending = self.pending.get(command_id)
+            if pending is None or pending.node_id != node_id:
+                continue
+            self._spawn(
+                self._finish(
+                    pending,
+                    TargetOutcome.EDGE_DISCONNECTED,
+                    now,
+                    exit_code=None,
+                    error_message="the daemon's stream dropped while the command ran",
+                    stdout=bytes(pending.stdout),
+                    stderr=bytes(pending.stderr),
+                )
+            )
+
+    async def _finish(
+        self,
+        pending: PendingCommand,
+        outcome: TargetOutcome,
+        now: float,
+        *,
+        exit_code: int | None,
+        error_message: str,
+        stdout: bytes,
+        stderr: bytes,
+    ) -> None:
+        if self.pending.pop(pending.command_id, None) is None:
+            return  # already finished (e.g. lost, then the late result raced in)
+        end = CommandEnd(
+            command_id=pending.command_id,
+            node_id=pending.node_id,
+            tenant_id=pending.tenant_id,
+            tool=pending.tool,
+            fleet_command_id=pending.fleet_command_id,
+            outcome=outcome,
+            exit_code=exit_code,
+            error_message=error_message,
+            dispatched_at=pending.dispatched_at,
+            finished_at=now,
+            stdout_tail=stdout,
+            stderr_tail=stderr,
+        )
+        metrics = self.relay.metrics
+        metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
+        metrics.command_duration.labels(tool=pending.tool).observe(
+            max(0.0, now - pending.dispatched_at)
+        )
+        tracing.end_span(pending.span, outcome.value)
+        await self.relay.db.call(
+            self.relay.store.record_result,
+            CommandRow(
+                command_id=pending.command_id,
+                node_id=pending.node_id,
+                tenant_id=pending.tenant_id,
+                tool=pending.tool,
+                dispatched_at=pending.dispatched_at,
+                fleet_command_id=pending.fleet_command_id,
+                finished_at=now,
+                outcome=outcome.value,
+                exit_code=exit_code,
+                error=error_message,
+                stdout_tail=stdout,
+                stderr_tail=stderr,
+            ),
+        )
+        jsonlog.log(
+            "info",
+            "command.finished",
+            node_id=pending.node_id,
+            tenant_id=pending.tenant_id,
+            command_id=pending.command_id,
+            fleet_command_id=pending.fleet_command_id or None,
+            tool=pending.tool,
+            outcome=outcome.value,
+            exit_code=exit_code,
+        )
+        if pending.listener is not None:
+            await pending.listener(end)
+
+    # ------------------------------------------------------------------ fleet runs
+
+    async def start_run(
+        self,
+        spec: FleetSpec,
+        spec_proto: admin_pb2.FleetRunSpec,
+        resolution: Resolution,
+        *,
+        created_by: str,
+        scope: tuple[str, ...] | None,
+        tenants: dict[str, str],
+    ) -> tuple[ActiveRun, asyncio.Queue[admin_pb2.FleetRunEvent | None]]:
+        """Start a run (the resolution must have targets; the planner checks).
+
+        Returns the run and a queue subscribed before the first dispatch, so the caller
+        sees every event; ``None`` on the queue ends it.
+        """
+        fleet_command_id = "f-" + os.urandom(10).hex()
+        run = FleetRun(spec, resolution, fleet_command_id=fleet_command_id)
+        now = self.relay.now()
+        span, trace_id = tracing.start_run_span(fleet_command_id, tool=spec.tool)
+        active = ActiveRun(
+            run=run,
+            spec=spec_proto,
+            args_json=json.dumps(dict(spec.args)),
+            created_by=created_by,
+            created_at=now,
+            scope=scope,
+            tenants=tenants,
+            span=span,
+            trace_id=trace_id,
+        )
+        self.runs[fleet_command_id] = active
+        queue = active.subscribe()
+        for skip in resolution.skipped:
+            self.relay.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
+        await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
+        jsonlog.log(
+            "info",
+            "fleet.run_started",
+            fleet_command_id=fleet_command_id,
+            tool=spec.tool,
+            selector=str(spec.selector),
+            targets=len(resolution.targets),
+            skipped=len(resolution.skipped),
+            created_by=created_by,
+        )
+        await self._apply(active, run.start(now))
+        return active, queue
+
+    async def cancel_run(self, active: ActiveRun, message: str | None = None) -> None:
+        await self._apply(active, active.run.cancel(self.relay.now(), message=message))
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.relay.now()
+            for active in list(self.runs.values()):
+                deadline = active.run.next_deadline()
+                if deadline is not None and now >= deadline:
+                    try:
+                        await self._apply(active, active.run.on_tick(now))
+                    except Exception as err:
+                        jsonlog.log("error", "fleet.tick_failed", error=repr(err))
+
+    async def _apply(self, active: ActiveRun, actions: list[Any]) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, Dispatch):
+                queue.extend(await self._dispatch_target(active, action.node_id))
+            elif isinstance(action, Cancel):
+                command_id = active.command_ids.get(action.node_id)
+                if command_id:
+                    self.cancel_command(command_id, action.reason.value)
+            elif isinstance(action, Finish):
+                await self._finish_run(active)
+
+    async def _dispatch_target(self, active: ActiveRun, node_id: str) -> list[Any]:
+        run = active.run
+        deadline = 0.0
+        if run.spec.deadline_secs is not None:
+            record = run.record()
+            if record.started_at is not None:
+                deadline = record.started_at + run.spec.deadline_secs
+
+        async def listener(end: CommandEnd) -> None:
+            active.ends[end.node_id] = end
+            actions = run.on_result(
+                end.node_id,
+                end.outcome,
+                self.relay.now(),
+                exit_code=end.exit_code,
+                error_message=end.error_message or None,
+            )
+            active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
+            await self._apply(active, actions)
+
+        try:
+            pending = await self.send(
+                node_id,
+                run.spec.tool,
+                active.args_json,
+                fleet_command_id=run.fleet_command_id,
+                deadline=deadline,
+                listener=listener,
+                parent_span=active.span,
+            )
+        except NotConnected as err:
+            # Resolved as Connected a moment ago, gone now: the planner hears it like a
+            # command lost to a dropped stream.
+            now = self.relay.now()
+            self.relay.metrics.commands_dispatched.labels(
+                tool=run.spec.tool, outcome=TargetOutcome.EDGE_DISCONNECTED.value
+            ).inc()
+            actions = run.on_result(
+                node_id, TargetOutcome.EDGE_DISCONNECTED, now, error_message=str(err)
+            )
+            active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
+            return list(actions)
+        active.command_ids[node_id] = pending.command_id
+        active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
+        return []
+
+    def _target(self, active: ActiveRun, node_id: str) -> admin_pb2.TargetResult:
+        proto = active.to_proto()
+        for target in proto.targets:
+            if target.node_id == node_id:
+                return target
+        return admin_pb2.TargetResult(node_id=node_id)
+
+    async def _finish_run(self, active: ActiveRun) -> None:
+        record = active.run.record()
+        outcome = record.outcome.value if record.outcome else "running"
+        self.relay.metrics.fleet_runs.labels(outcome=outcome).inc()
+        for target in record.targets:
+            if target.skip_reason is not None:
+                self.relay.metrics.fleet_targets_skipped.labels(
+                    reason=target.skip_reason.value
+                ).inc()
+        tracing.end_span(active.span, outcome)
+        await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
+        self.runs.pop(active.fleet_command_id, None)
+        jsonlog.log(
+            "info",
+            "fleet.run_finished",
+            fleet_command_id=active.fleet_command_id,
+            outcome=outcome,
+            halt_reason=record.halt_reason,
+        )
+        active.publish(admin_pb2.FleetRunEvent(finished=active.to_proto()))
+        active.publish(None)
+        active.done.set()

@@ -1,0 +1,254 @@
+"""Assembling and running the relay process: TLS, gRPC server, /metrics, relay.json, signals.
+
+``D/relay.json`` is written (atomically) once the relay listens, so scripts and tests that
+start it with port 0 learn the ports it got::
+
+    {"version": 1, "pid": 1234, "listen": "127.0.0.1:41235", "host": "127.0.0.1",
+     "port": 41235, "tls": true, "metrics": "http://127.0.0.1:9464/metrics",
+     "metrics_port": 9464, "ca_cert": "D/ca.pem", "operator_token": "D/operator.token",
+     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import grpc
+import prometheus_client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+
+from aegis_edge_core.identity import OPERATOR_TOKEN_TTL, TokenError, new_jti
+from aegis_edge_core.session import MAX_MESSAGE_BYTES
+from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc
+from aegis_edge_relay import jsonlog, tracing
+from aegis_edge_relay.durations import parse_hostport
+from aegis_edge_relay.files import atomic_write, ensure_private_dir
+from aegis_edge_relay.relay import Relay, RelayConfig, load_or_create_signing_key
+from aegis_edge_relay.services import AdminService, EnrollmentService, stream_handler
+from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
+
+__all__ = ["ServeOptions", "issue_operator_token", "raise_nofile_limit", "serve"]
+
+RELAY_JSON: Final = "relay.json"
+OPERATOR_TOKEN: Final = "operator.token"  # noqa: S105 - a file name
+
+SERVICES: Final = (
+    "aegis.edge.v1.EdgeStream",
+    "aegis.edge.v1.Enrollment",
+    "aegis.edge.v1.Admin",
+)
+
+
+@attrs.frozen(kw_only=True)
+class ServeOptions:
+    data_dir: Path
+    listen: str
+    metrics_listen: str | None = "127.0.0.1:9464"
+    heartbeat_interval: float = 30.0
+    stale_threshold: float = 90.0
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    advertise: str | None = None
+    drain_grace: float = 5.0
+    otlp_endpoint: str | None = None
+    log_level: str = "info"
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (one fd per daemon stream)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def issue_operator_token(
+    data_dir: Path, *, subject: str, role: str, tenants: list[str] | None, ttl: float
+) -> tuple[str, float]:
+    """Sign an operator token with the relay's key in ``data_dir``."""
+    from aegis_edge_core.identity import TokenIssuer
+
+    key = load_or_create_signing_key(data_dir)
+    issued = TokenIssuer(signing_key=key).issue_operator_token(
+        subject=subject,
+        role=role,  # type: ignore[arg-type]
+        tenants="*" if tenants is None else tenants,
+        now=_now(),
+        jti=new_jti(os.urandom(16)),
+        ttl=ttl,
+    )
+    return issued.token, issued.claims.expires_at
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _ensure_admin_token(relay: Relay, data_dir: Path) -> Path:
+    """``D/operator.token``: an admin token for every tenant, (re)made when missing or
+    within a day of expiry."""
+    path = data_dir / OPERATOR_TOKEN
+    if path.exists():
+        try:
+            claims = relay.verifier.verify_operator_token(
+                path.read_text().strip(), now=relay.now() + 86400
+            )
+            if claims.all_tenants and claims.role == "admin":
+                return path
+        except TokenError:
+            pass
+    token, _ = issue_operator_token(
+        data_dir, subject="admin", role="admin", tenants=None, ttl=OPERATOR_TOKEN_TTL
+    )
+    atomic_write(path, (token + "\n").encode(), mode=0o600)
+    return path
+
+
+def _grpc_options() -> list[tuple[str, Any]]:
+    # Tuned for many long-lived streams and reconnect storms: no cap on concurrent
+    # streams or pending requests that a few thousand reconnecting daemons would hit.
+    return [
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_receive_message_length", 2 * MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES),
+        ("grpc.max_concurrent_streams", 1_000_000),
+        ("grpc.server.max_pending_requests", 1_000_000),
+        ("grpc.server.max_pending_requests_hard_limit", 2_000_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _advertised(host: str, port: int, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(opts: ServeOptions) -> int:
+    """Run the relay until SIGTERM/SIGINT; returns the exit code."""
+    jsonlog.configure(level=opts.log_level)
+    data_dir = opts.data_dir
+    ensure_private_dir(data_dir)
+    host, _port = parse_hostport(opts.listen)
+    soft, _hard = raise_nofile_limit()
+    tls: TlsMaterial | None = None
+    if not opts.insecure:
+        if opts.tls_cert and opts.tls_key:
+            tls = load_tls(opts.tls_cert, opts.tls_key, data_dir)
+        else:
+            tls = ensure_tls(data_dir, host)
+    else:
+        print(
+            "WARNING: --insecure: the relay speaks plaintext gRPC. Tokens and commands "
+            "cross the network in the clear. Use this for local experiments only.",
+            file=sys.stderr,
+            flush=True,
+        )
+        jsonlog.log("warning", "relay.insecure", detail="plaintext gRPC; never in production")
+    tracing_mode = tracing.setup(opts.otlp_endpoint)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+    config = RelayConfig(
+        data_dir=data_dir,
+        heartbeat_interval=opts.heartbeat_interval,
+        stale_threshold=opts.stale_threshold,
+        drain_grace=opts.drain_grace,
+    )
+    relay = Relay(config, ca_der=tls.ca_der if tls else None)
+    token_path = _ensure_admin_token(relay, data_dir)
+
+    server = grpc.aio.server(options=_grpc_options(), maximum_concurrent_rpcs=None)
+    server.add_generic_rpc_handlers((stream_handler(relay),))
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(relay), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(relay), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+        bound = server.add_secure_port(opts.listen, creds)
+    else:
+        bound = server.add_insecure_port(opts.listen)
+    if not bound:
+        raise OSError(f"could not listen on {opts.listen}")
+    config.relay_endpoint = _advertised(host, bound, opts.advertise)
+
+    await relay.start()
+    await server.start()
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    metrics_url = ""
+    metrics_port = 0
+    if opts.metrics_listen:
+        m_host, m_port = parse_hostport(opts.metrics_listen)
+        metrics_port = relay.metrics.serve(m_host, m_port)
+        shown = f"[{m_host}]" if ":" in m_host else m_host
+        metrics_url = f"http://{shown}:{metrics_port}/metrics"
+
+    listen_shown = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    info = {
+        "version": 1,
+        "pid": os.getpid(),
+        "listen": listen_shown,
+        "host": host,
+        "port": bound,
+        "tls": tls is not None,
+        "metrics": metrics_url,
+        "metrics_port": metrics_port,
+        "ca_cert": str(tls.ca_path) if tls and tls.ca_path else "",
+        "operator_token": str(token_path),
+        "relay_endpoint": config.relay_endpoint,
+        "data_dir": str(data_dir),
+    }
+    atomic_write(data_dir / RELAY_JSON, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
+    print(f"aegis relay listening on {listen_shown} ({'TLS' if tls else 'PLAINTEXT'})")
+    print(f"  metrics:        {metrics_url or 'off'}")
+    print(f"  CA certificate: {info['ca_cert'] or '-'}")
+    print(f"  admin token:    {token_path}")
+    print(f"  relay.json:     {data_dir / RELAY_JSON}", flush=True)
+    jsonlog.log(
+        "info",
+        "relay.listening",
+        listen=listen_shown,
+        metrics=metrics_url,
+        tls=tls is not None,
+        nofile=soft,
+        tracing=tracing_mode,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    jsonlog.log("info", "relay.draining")
+    await health_servicer.enter_graceful_shutdown()
+    await relay.drain()
+    await server.stop(grace=2.0)
+    await relay.stop()
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / RELAY_JSON).unlink()
+    return 0

@@ -1,0 +1,533 @@
+"""The relay's gRPC services: thin adapters from RPCs to :class:`~.relay.Relay` methods.
+
+``EdgeStream.Connect`` is registered with a raw-bytes request deserializer so that every
+frame reaches :meth:`RelaySession.receive_bytes`: garbage becomes a counted protocol error
+closing that one stream, instead of a deserialization failure inside gRPC.
+
+Every Admin call first verifies the operator token (``authorization: Bearer <token>``) with
+the core's :class:`TokenVerifier` and then asks :mod:`aegis_edge_core.authz` whether the
+role and tenants allow it: UNAUTHENTICATED for a bad token, PERMISSION_DENIED for a role
+that may not, NOT_FOUND for another tenant's daemons and runs (they do not exist for it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Final, NoReturn
+
+import grpc
+
+from aegis_edge_core.authz import (
+    AuthzError,
+    Principal,
+    authorize,
+    check_tenant,
+    parse_role,
+    scope_tenants,
+)
+from aegis_edge_core.errors import AegisError
+from aegis_edge_core.fleet import (
+    FleetSpec,
+    NoTargets,
+    RunRecord,
+    parse_selector,
+    resolve_targets,
+)
+from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
+from aegis_edge_core.health import DaemonStatus
+from aegis_edge_core.identity import EnrollmentError, TokenError
+from aegis_edge_core.wire import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    stream_pb2,
+)
+from aegis_edge_relay import jsonlog
+from aegis_edge_relay.dispatcher import (
+    PROTO_OUTCOME,
+    ActiveRun,
+    run_to_proto,
+    spec_from_dict,
+)
+from aegis_edge_relay.relay import Relay
+from aegis_edge_relay.state import NodeState, capabilities_to_proto
+from aegis_edge_relay.store import CommandRow, FleetRunRow
+
+__all__ = ["AdminService", "EnrollmentService", "stream_handler"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_STATUS_PROTO: Final = {
+    DaemonStatus.CONNECTED: common_pb2.DAEMON_STATUS_CONNECTED,
+    DaemonStatus.UNHEALTHY: common_pb2.DAEMON_STATUS_UNHEALTHY,
+    DaemonStatus.DISCONNECTED: common_pb2.DAEMON_STATUS_DISCONNECTED,
+    DaemonStatus.REVOKED: common_pb2.DAEMON_STATUS_REVOKED,
+}
+_ENROLL_CODES: Final = {
+    "replayed": grpc.StatusCode.ALREADY_EXISTS,
+    "malformed": grpc.StatusCode.INVALID_ARGUMENT,
+    "expired": grpc.StatusCode.UNAUTHENTICATED,
+    "not_yet_valid": grpc.StatusCode.UNAUTHENTICATED,
+    "bad_signature": grpc.StatusCode.UNAUTHENTICATED,
+    "wrong_audience": grpc.StatusCode.UNAUTHENTICATED,
+}
+DEFAULT_HISTORY: Final = 20
+MAX_TAG_LENGTH: Final = 64
+
+
+def stream_handler(relay: Relay) -> grpc.GenericRpcHandler[Any, Any]:
+    """``aegis.edge.v1.EdgeStream/Connect`` with raw request bytes."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        relay.connect,
+        request_deserializer=None,
+        response_serializer=stream_pb2.RelayMessage.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("aegis.edge.v1.EdgeStream", {"Connect": handler})
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: Context
+    ) -> enrollment_pb2.EnrollResponse:
+        try:
+            return await self.relay.enroll(request)
+        except EnrollmentError as err:
+            jsonlog.log("warning", "enrollment.refused", reason=err.reason, error=err.message)
+            context.set_trailing_metadata((("aegis-refusal-reason", err.reason),))
+            await context.abort(
+                _ENROLL_CODES.get(err.reason, grpc.StatusCode.PERMISSION_DENIED),
+                f"enrollment refused ({err.reason}): {err}",
+            )
+            raise  # unreachable: abort raises
+
+
+def _valid_tag(tag: str) -> bool:
+    return (
+        0 < len(tag) <= MAX_TAG_LENGTH
+        and tag.isprintable()
+        and not any(c.isspace() or c in ",()=" for c in tag)
+    )
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _auth(self, context: Context, rpc: str) -> Principal:
+        value = ""
+        for key, val in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                value = val if isinstance(val, str) else val.decode("ascii", "replace")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no operator token: send metadata 'authorization: Bearer <token>' "
+                "(aegis relay operator-token prints one)",
+            )
+        try:
+            claims = self.relay.verifier.verify_operator_token(
+                token.strip(), now=self.relay.now(), revocations=self.relay.revocations
+            )
+        except TokenError as err:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"operator token refused ({err.reason}): {err}",
+            )
+        principal = Principal(
+            subject=claims.subject,
+            role=parse_role(claims.role),
+            tenants=None if claims.all_tenants else claims.tenants,
+        )
+        try:
+            authorize(principal, rpc)
+        except AuthzError as err:
+            await _abort(context, _code(err.grpc_status), str(err))
+        return principal
+
+    async def _node(self, context: Context, principal: Principal, node_id: str) -> NodeState:
+        node = self.relay.nodes.get(node_id)
+        if node is None or not principal.sees(node.tenant_id):
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"daemon {node_id!r} not found")
+        return node
+
+    def _host(self, node: NodeState) -> admin_pb2.Host:
+        relay = self.relay
+        status = relay.status_of(node.node_id)
+        health = relay.health.get(node.node_id)
+        return admin_pb2.Host(
+            node_id=node.node_id,
+            tenant_id=node.tenant_id,
+            status=_STATUS_PROTO[status],
+            last_heartbeat_at=(health.last_heartbeat_at or 0.0) if health else 0.0,
+            enrolled_at=node.enrolled_at,
+            connected_since=relay.connected_since.get(node.node_id, 0.0),
+            capabilities=capabilities_to_proto(node.capabilities, node.tags),
+            key_thumbprint=node.key_thumbprint,
+            revoked_reason=node.revoked_reason,
+        )
+
+    def _snapshots(self, tenants: frozenset[str] | None) -> list[Any]:
+        relay = self.relay
+        return [
+            node.snapshot(relay.status_of(node.node_id).value)
+            for node in relay.nodes.values()
+            if tenants is None or node.tenant_id in tenants
+        ]
+
+    # ------------------------------------------------------------------ hosts
+
+    async def ListHosts(
+        self, request: admin_pb2.ListHostsRequest, context: Context
+    ) -> admin_pb2.ListHostsResponse:
+        principal = await self._auth(context, "ListHosts")
+        tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
+        matches = None
+        if request.selector:
+            selector = await _guard(context, lambda: parse_selector(request.selector))
+            matches = selector.matches
+        out = admin_pb2.ListHostsResponse()
+        for node in sorted(self.relay.nodes.values(), key=lambda n: (n.tenant_id, n.node_id)):
+            if tenants is not None and node.tenant_id not in tenants:
+                continue
+            status = self.relay.status_of(node.node_id)
+            if request.connected_only and status is not DaemonStatus.CONNECTED:
+                continue
+            if matches is not None and not matches(node.snapshot(status.value)):
+                continue
+            out.hosts.append(self._host(node))
+        return out
+
+    async def GetHost(self, request: admin_pb2.GetHostRequest, context: Context) -> admin_pb2.Host:
+        principal = await self._auth(context, "GetHost")
+        node = await self._node(context, principal, request.node_id)
+        host = self._host(node)
+        limit = min(request.history_limit or DEFAULT_HISTORY, 1000)
+        rows = await self.relay.db.call(self.relay.store.command_history, node.node_id, limit)
+        for row in rows:
+            host.history.append(_command_record(row))
+        return host
+
+    async def AddTags(self, request: admin_pb2.TagsRequest, context: Context) -> admin_pb2.Host:
+        return await self._tags(request, context, "AddTags", add=True)
+
+    async def RemoveTags(self, request: admin_pb2.TagsRequest, context: Context) -> admin_pb2.Host:
+        return await self._tags(request, context, "RemoveTags", add=False)
+
+    async def _tags(
+        self, request: admin_pb2.TagsRequest, context: Context, rpc: str, *, add: bool
+    ) -> admin_pb2.Host:
+        principal = await self._auth(context, rpc)
+        node = await self._node(context, principal, request.node_id)
+        bad = [t for t in request.tags if not _valid_tag(t)]
+        if bad or not request.tags:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid tag {bad[0]!r}: 1-64 printable characters without spaces or ,()="
+                if bad
+                else "no tags given",
+            )
+        tags = set(node.tags)
+        if add:
+            tags |= set(request.tags)
+        else:
+            tags -= set(request.tags)
+        await self.relay.db.call(self.relay.store.set_tags, node.node_id, sorted(tags))
+        node.tags = tags
+        jsonlog.log(
+            "info",
+            "node.tags_changed",
+            node_id=node.node_id,
+            tenant_id=node.tenant_id,
+            tags=sorted(tags),
+            by=principal.subject,
+        )
+        return self._host(node)
+
+    async def RevokeNode(
+        self, request: admin_pb2.RevokeNodeRequest, context: Context
+    ) -> admin_pb2.Host:
+        principal = await self._auth(context, "RevokeNode")
+        node = await self._node(context, principal, request.node_id)
+        reason = request.reason or f"revoked by {principal.subject}"
+        if not node.revoked:
+            await self.relay.revoke_node(node.node_id, reason)
+        return self._host(node)
+
+    # ------------------------------------------------------------------ tenants
+
+    async def IssueEnrollmentToken(
+        self, request: admin_pb2.IssueEnrollmentTokenRequest, context: Context
+    ) -> admin_pb2.IssueEnrollmentTokenResponse:
+        principal = await self._auth(context, "IssueEnrollmentToken")
+        tenant = request.tenant_id
+        if not tenant and principal.tenants is not None and len(principal.tenants) == 1:
+            (tenant,) = principal.tenants
+        if not tenant:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
+        await _guard(context, lambda: check_tenant(principal, tenant))
+        if await self.relay.db.call(self.relay.store.is_tenant_deleted, tenant):
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tenant {tenant!r} was deleted and takes no new daemons",
+            )
+        ttl = request.ttl_secs or 15 * 60.0
+        if not 0 < ttl <= 30 * 86400:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 0 and 30 days"
+            )
+        try:
+            token, expires = self.relay.issue_enrollment_token(tenant, ttl)
+        except ValueError as err:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return admin_pb2.IssueEnrollmentTokenResponse(token=token, expires_at=expires)
+
+    async def DeleteTenant(
+        self, request: admin_pb2.DeleteTenantRequest, context: Context
+    ) -> admin_pb2.DeleteTenantResponse:
+        principal = await self._auth(context, "DeleteTenant")
+        if not request.tenant_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required")
+        await _guard(context, lambda: check_tenant(principal, request.tenant_id))
+        count = await self.relay.delete_tenant(request.tenant_id)
+        return admin_pb2.DeleteTenantResponse(revoked_daemons=count)
+
+    # ------------------------------------------------------------------ fleet runs
+
+    async def _spec(self, context: Context, request: admin_pb2.FleetRunSpec) -> FleetSpec:
+        def parse() -> FleetSpec:
+            try:
+                args = json.loads(request.args_json) if request.args_json else {}
+            except ValueError as err:
+                raise FleetSpecError(f"args_json is not JSON: {err}", field="args") from None
+            if not isinstance(args, dict):
+                raise FleetSpecError("args_json must be a JSON object", field="args")
+            return FleetSpec(
+                selector=request.selector or "all",
+                tool=request.tool,
+                args=args,
+                mode=request.mode or "all",
+                on_error=request.on_error or "continue",
+                deadline_secs=request.deadline_secs or None,
+                canary=request.canary,
+            )
+
+        spec: FleetSpec = await _guard(context, parse)
+        return spec
+
+    async def PreviewFleetRun(
+        self, request: admin_pb2.FleetRunSpec, context: Context
+    ) -> admin_pb2.FleetPreview:
+        principal = await self._auth(context, "PreviewFleetRun")
+        tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
+        spec = await self._spec(context, request)
+        res = resolve_targets(self._snapshots(tenants), spec.selector, spec.tool)
+        out = admin_pb2.FleetPreview(
+            targets=list(res.targets), matched=res.matched, selector=str(spec.selector)
+        )
+        for skip in res.skipped:
+            out.skipped.add(node_id=skip.node_id, reason=skip.reason.value)
+        return out
+
+    async def StartFleetRun(
+        self, request: admin_pb2.FleetRunSpec, context: Context
+    ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+        principal = await self._auth(context, "StartFleetRun")
+        tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
+        spec = await self._spec(context, request)
+        snapshots = self._snapshots(tenants)
+        res = resolve_targets(snapshots, spec.selector, spec.tool)
+        if not res.targets:
+            try:
+                res.require_targets()
+            except NoTargets as err:
+                for skip in res.skipped:
+                    self.relay.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        node_tenants = {
+            s.node_id: s.tenant_id
+            for s in snapshots
+            if s.node_id in set(res.targets) | {k.node_id for k in res.skipped}
+        }
+        involved = set(node_tenants.values()) | ({request.tenant_id} - {""})
+        proto_spec = admin_pb2.FleetRunSpec()
+        proto_spec.CopyFrom(request)
+        proto_spec.args_json = ""  # never stored or echoed: may hold secrets
+        proto_spec.selector = str(spec.selector)
+        active, queue = await self.relay.dispatcher.start_run(
+            spec,
+            proto_spec,
+            res,
+            created_by=principal.subject,
+            scope=tuple(sorted(involved)),
+            tenants=node_tenants,
+        )
+        async for event in _drain(active, queue):
+            yield event
+
+    async def WatchFleetRun(
+        self, request: admin_pb2.GetFleetRunRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+        principal = await self._auth(context, "WatchFleetRun")
+        active = self.relay.dispatcher.runs.get(request.fleet_command_id)
+        if active is not None and _visible(principal, active.scope):
+            queue = active.subscribe()
+            yield admin_pb2.FleetRunEvent(started=active.to_proto())
+            async for event in _drain(active, queue, started=False):
+                yield event
+            return
+        run = await self._stored_run(context, principal, request.fleet_command_id)
+        yield admin_pb2.FleetRunEvent(started=run)
+        yield admin_pb2.FleetRunEvent(finished=run)
+
+    async def ListFleetRuns(
+        self, request: admin_pb2.ListFleetRunsRequest, context: Context
+    ) -> admin_pb2.ListFleetRunsResponse:
+        principal = await self._auth(context, "ListFleetRuns")
+        if request.tenant_id:
+            await _guard(context, lambda: check_tenant(principal, request.tenant_id))
+        limit = min(request.limit or 20, 500)
+        rows = await self.relay.db.call(self.relay.store.list_fleet_runs, limit * 5)
+        out = admin_pb2.ListFleetRunsResponse()
+        for row in rows:
+            if not _visible(principal, row.scope):
+                continue
+            if request.tenant_id and request.tenant_id not in (row.scope or ()):
+                continue
+            active = self.relay.dispatcher.runs.get(row.fleet_command_id)
+            run = active.to_proto() if active is not None else _row_to_proto(row)
+            del run.targets[:]
+            out.runs.append(run)
+            if len(out.runs) >= limit:
+                break
+        return out
+
+    async def GetFleetRun(
+        self, request: admin_pb2.GetFleetRunRequest, context: Context
+    ) -> admin_pb2.FleetRun:
+        principal = await self._auth(context, "GetFleetRun")
+        active = self.relay.dispatcher.runs.get(request.fleet_command_id)
+        if active is not None and _visible(principal, active.scope):
+            return active.to_proto()
+        return await self._stored_run(context, principal, request.fleet_command_id)
+
+    async def CancelFleetRun(
+        self, request: admin_pb2.GetFleetRunRequest, context: Context
+    ) -> admin_pb2.FleetRun:
+        principal = await self._auth(context, "CancelFleetRun")
+        active = self.relay.dispatcher.runs.get(request.fleet_command_id)
+        if active is not None and _visible(principal, active.scope):
+            await self.relay.dispatcher.cancel_run(active, f"cancelled by {principal.subject}")
+            return active.to_proto()
+        return await self._stored_run(context, principal, request.fleet_command_id)
+
+    async def _stored_run(
+        self, context: Context, principal: Principal, fleet_command_id: str
+    ) -> admin_pb2.FleetRun:
+        row = await self.relay.db.call(self.relay.store.get_fleet_run, fleet_command_id)
+        if row is None or not _visible(principal, row.scope):
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"fleet run {fleet_command_id!r} not found"
+            )
+        run = _row_to_proto(row)
+        for target in run.targets:
+            if target.command_id:
+                cmd = await self.relay.db.call(self.relay.store.get_command, target.command_id)
+                if cmd is not None:
+                    target.stdout_tail = cmd.stdout_tail
+                    target.stderr_tail = cmd.stderr_tail
+        return run
+
+
+async def _drain(
+    active: ActiveRun,
+    queue: Any,
+    *,
+    started: bool = True,
+) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+    if started:
+        yield admin_pb2.FleetRunEvent(started=active.to_proto())
+    while True:
+        event = await queue.get()
+        if event is None:
+            return
+        yield event
+
+
+def _visible(principal: Principal, scope: tuple[str, ...] | None) -> bool:
+    if principal.tenants is None:
+        return True
+    if scope is None:
+        return False
+    return set(scope) <= principal.tenants
+
+
+def _row_to_proto(row: FleetRunRow) -> admin_pb2.FleetRun:
+    data = dict(row.record)
+    extra = dict(data.pop("relay", {}) or {})
+    record = RunRecord.from_dict(data)
+    return run_to_proto(
+        record,
+        spec=spec_from_dict(dict(row.spec)),
+        created_by=row.created_by,
+        created_at=row.created_at,
+        trace_id=row.trace_id,
+        command_ids=dict(extra.get("command_ids", {})),
+        tenants=dict(extra.get("tenants", {})),
+    )
+
+
+def _command_record(row: CommandRow) -> admin_pb2.CommandRecord:
+    from aegis_edge_core.fleet import TargetOutcome
+
+    outcome = 0
+    if row.outcome:
+        try:
+            outcome = PROTO_OUTCOME[TargetOutcome(row.outcome)]
+        except ValueError:
+            outcome = 0
+    return admin_pb2.CommandRecord(
+        command_id=row.command_id,
+        fleet_command_id=row.fleet_command_id,
+        tool=row.tool,
+        outcome=outcome,  # type: ignore[arg-type]
+        exit_code=row.exit_code or 0,
+        has_exit_code=row.exit_code is not None,
+        dispatched_at=row.dispatched_at,
+        finished_at=row.finished_at or 0.0,
+        error_message=row.error,
+    )
+
+
+def _code(name: str) -> grpc.StatusCode:
+    code: grpc.StatusCode = getattr(grpc.StatusCode, name, grpc.StatusCode.PERMISSION_DENIED)
+    return code
+
+
+async def _abort(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _guard(context: Context, fn: Any) -> Any:
+    """Run ``fn``; turn the core's bad-input errors into the right status."""
+    try:
+        return fn()
+    except AuthzError as err:
+        await _abort(context, _code(err.grpc_status), str(err))
+    except SelectorError as err:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.render())
+    except AegisError as err:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
