@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_CA_CERT",
     "ENV_RELAY",
+    "ENV_RELAY_DATA_DIR",
     "ENV_TLS_SERVER_NAME",
     "ENV_TOKEN",
     "Connection",
@@ -71,6 +72,7 @@ ENV_RELAY: Final = "AEGIS_RELAY"
 ENV_CA_CERT: Final = "AEGIS_CA_CERT"
 ENV_TOKEN: Final = "AEGIS_OPERATOR_TOKEN"  # noqa: S105 -- a variable name, not a secret
 ENV_TLS_SERVER_NAME: Final = "AEGIS_TLS_SERVER_NAME"
+ENV_RELAY_DATA_DIR: Final = "AEGIS_RELAY_DATA_DIR"
 
 UNARY_TIMEOUT_SECS: Final = 30.0
 """How long a unary admin call may take before the CLI gives up."""
@@ -493,6 +495,8 @@ class Connection:
     token: str
     server_name: str = ""
     """TLS name to verify instead of the host of ``relay`` (``--tls-server-name``)."""
+    insecure: bool = False
+    """Plaintext, for a relay started with ``--insecure`` (``ca_pem`` is then empty)."""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -507,14 +511,58 @@ def _read_file(path: str, what: str, flag: str) -> bytes:
         raise CliError(f"{flag}: cannot read the {what} {path!r}: {err.strerror or err}") from None
 
 
+def _relay_json(data_dir: str) -> dict[str, Any]:
+    path = os.path.join(os.path.expanduser(data_dir), "relay.json")
+    raw = _read_file(path, "relay description", "--relay-data-dir")
+    try:
+        info = json.loads(raw)
+    except ValueError as err:
+        raise CliError(f"--relay-data-dir: {path!r} is not JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise CliError(f"--relay-data-dir: {path!r} is not a JSON object")
+    return info
+
+
+def _relay_from_json(info: Mapping[str, Any]) -> str:
+    host, port = info.get("host"), info.get("port")
+    if not isinstance(host, str) or not isinstance(port, int):
+        listen = info.get("listen")
+        return listen if isinstance(listen, str) else ""
+    if host in ("", "0.0.0.0", "::", "[::]"):  # noqa: S104 -- a bind-all address, not a bind
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def resolve_connection(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Connection:
-    """Flags first, then the environment; a missing setting names both."""
+    """Flags first, then the environment; a missing setting names both.
+
+    ``--relay-data-dir D`` (or ``AEGIS_RELAY_DATA_DIR``) fills whatever is not given from
+    the ``D/relay.json`` a local ``aegis relay serve --data-dir D`` writes: its address, CA
+    and admin token. Given as a flag it beats the environment; from the environment it only
+    fills gaps.
+    """
     env = os.environ if environ is None else environ
-    relay = (getattr(args, "relay", None) or env.get(ENV_RELAY, "")).strip()
+    dir_flag: str = getattr(args, "relay_data_dir", None) or ""
+    data_dir = dir_flag or env.get(ENV_RELAY_DATA_DIR, "")
+    info = _relay_json(data_dir) if data_dir else {}
+
+    def pick(flag_value: str | None, env_name: str, from_dir: str) -> tuple[str, bool]:
+        if flag_value:
+            return flag_value.strip(), False
+        if dir_flag and from_dir:
+            return from_dir, True
+        if env.get(env_name, "").strip():
+            return env[env_name].strip(), False
+        return from_dir, bool(from_dir)
+
+    relay, relay_from_dir = pick(getattr(args, "relay", None), ENV_RELAY, _relay_from_json(info))
     if not relay:
-        raise CliError(f"no relay address: pass --relay HOST:PORT or set {ENV_RELAY}")
+        raise CliError(
+            f"no relay address: pass --relay HOST:PORT or set {ENV_RELAY} "
+            "(or --relay-data-dir D for a local relay)"
+        )
     for scheme in ("grpcs://", "https://"):
         if relay.startswith(scheme):
             relay = relay[len(scheme) :]
@@ -522,17 +570,28 @@ def resolve_connection(
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CliError(f"--relay: expected HOST:PORT, got {relay!r}")
 
-    ca_path = (getattr(args, "ca_cert", None) or env.get(ENV_CA_CERT, "")).strip()
-    if not ca_path:
-        raise CliError(
-            f"no CA certificate: pass --ca-cert PATH or set {ENV_CA_CERT} "
-            "(the relay writes it to <data-dir>/ca.pem)"
-        )
-    ca_pem = _read_file(ca_path, "CA certificate", "--ca-cert")
-    if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
-        raise CliError(f"--ca-cert: {ca_path!r} is not a PEM certificate")
+    insecure = bool(getattr(args, "insecure", False)) or (
+        relay_from_dir and info.get("tls") is False
+    )
+    ca_pem = b""
+    if not insecure:
+        ca_from_dir = info.get("ca_cert") if isinstance(info.get("ca_cert"), str) else ""
+        ca_path, _ = pick(getattr(args, "ca_cert", None), ENV_CA_CERT, str(ca_from_dir or ""))
+        if not ca_path:
+            raise CliError(
+                f"no CA certificate: pass --ca-cert PATH or set {ENV_CA_CERT} "
+                "(the relay writes it to <data-dir>/ca.pem)"
+            )
+        ca_pem = _read_file(ca_path, "CA certificate", "--ca-cert")
+        if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
+            raise CliError(f"--ca-cert: {ca_path!r} is not a PEM certificate")
 
-    token = (getattr(args, "token", None) or env.get(ENV_TOKEN, "")).strip()
+    token_file = info.get("operator_token")
+    token, _ = pick(
+        getattr(args, "token", None),
+        ENV_TOKEN,
+        f"@{token_file}" if isinstance(token_file, str) and token_file else "",
+    )
     if not token:
         raise CliError(
             f"no operator token: pass --token TOKEN (or @FILE) or set {ENV_TOKEN} "
@@ -548,7 +607,9 @@ def resolve_connection(
     server_name = (
         getattr(args, "tls_server_name", None) or env.get(ENV_TLS_SERVER_NAME, "")
     ).strip()
-    return Connection(relay=relay, ca_pem=ca_pem, token=token, server_name=server_name)
+    return Connection(
+        relay=relay, ca_pem=ca_pem, token=token, server_name=server_name, insecure=insecure
+    )
 
 
 def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
@@ -582,9 +643,14 @@ class AdminClient:
         from aegis_edge_core.wire import admin_pb2_grpc
 
         self.conn = conn
-        creds = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
-        options = [("grpc.ssl_target_name_override", conn.server_name)] if conn.server_name else []
-        self._channel = grpc.secure_channel(conn.relay, creds, options=options)
+        if conn.insecure:
+            self._channel = grpc.insecure_channel(conn.relay)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
+            options = (
+                [("grpc.ssl_target_name_override", conn.server_name)] if conn.server_name else []
+            )
+            self._channel = grpc.secure_channel(conn.relay, creds, options=options)
         self.stub: AdminStub = admin_pb2_grpc.AdminStub(self._channel)
 
     def close(self) -> None:
@@ -644,6 +710,17 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the name in the relay's certificate, when it differs from HOST "
         f"(env {ENV_TLS_SERVER_NAME})",
+    )
+    group.add_argument(
+        "--relay-data-dir",
+        metavar="DIR",
+        help="a local relay's --data-dir: address, CA and admin token from DIR/relay.json "
+        f"(env {ENV_RELAY_DATA_DIR})",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, for a relay started with --insecure (the token travels in clear)",
     )
 
 

@@ -565,3 +565,34 @@ def test_empty_token_file(ca_file: Path, tmp_path: Path) -> None:
         oc.resolve_connection(
             _conn_args(relay="h:1", ca_cert=str(ca_file), token=f"@{empty}"), environ={}
         )
+
+
+def test_relay_data_dir_fills_gaps_from_env_but_flags_win(ca_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "operator.token").write_text("dir-token\n")
+    info = {"host": "::", "port": 7443, "tls": True, "ca_cert": str(ca_file)}
+    info["operator_token"] = str(tmp_path / "operator.token")
+    (tmp_path / "relay.json").write_text(json.dumps(info))
+    env = {oc.ENV_RELAY_DATA_DIR: str(tmp_path), oc.ENV_RELAY: "prod:443"}
+    conn = oc.resolve_connection(_conn_args(), environ=env)
+    assert (conn.relay, conn.token, conn.insecure) == ("prod:443", "dir-token", False)
+    conn = oc.resolve_connection(_conn_args(relay_data_dir=str(tmp_path)), environ=env)
+    assert conn.relay == "127.0.0.1:7443"
+    conn = oc.resolve_connection(
+        _conn_args(relay_data_dir=str(tmp_path), token="flag"), environ=env
+    )
+    assert conn.token == "flag"
+
+
+def test_plaintext_relay_from_data_dir_or_flag(tmp_path: Path) -> None:
+    info = {"host": "127.0.0.1", "port": 7000, "tls": False, "ca_cert": ""}
+    (tmp_path / "relay.json").write_text(json.dumps(info))
+    conn = oc.resolve_connection(_conn_args(relay_data_dir=str(tmp_path), token="t"), environ={})
+    assert conn.insecure
+    assert conn.ca_pem == b""
+    args = argparse.Namespace(relay="h:1", ca_cert=None, token="t", insecure=True)
+    assert oc.resolve_connection(args, environ={}).insecure
+
+
+def test_missing_relay_json(tmp_path: Path) -> None:
+    with pytest.raises(CliError, match=r"--relay-data-dir: cannot read .*relay\.json"):
+        oc.resolve_connection(_conn_args(relay_data_dir=str(tmp_path)), environ={})

@@ -788,7 +788,10 @@ def test_missing_settings_name_flag_and_env(
         monkeypatch.delenv(key, raising=False)
     code, _, err = run(capsys, "edge", "ls")
     assert code == 1
-    assert err == "aegis: no relay address: pass --relay HOST:PORT or set AEGIS_RELAY\n"
+    assert err == (
+        "aegis: no relay address: pass --relay HOST:PORT or set AEGIS_RELAY "
+        "(or --relay-data-dir D for a local relay)\n"
+    )
 
 
 def _free_port() -> int:
@@ -849,3 +852,31 @@ def test_tls_server_name_override(
     code, _, err = run(capsys, "edge", "fleet", "runs", "--tls-server-name", "relay.example.com")
     assert code == 1
     assert err.startswith(f"aegis: cannot reach the relay at 127.0.0.1:{server.port}: ")
+
+
+def test_relay_data_dir_reads_relay_json(
+    capsys: pytest.CaptureFixture[str],
+    admin: FakeAdmin,
+    server: ServerThread,
+    tls: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "operator.token").write_text(TOKEN + "\n")
+    info = {
+        "version": 1,
+        "listen": f"0.0.0.0:{server.port}",
+        "host": "0.0.0.0",
+        "port": server.port,
+        "tls": True,
+        "ca_cert": str(tls["ca"]),
+        "operator_token": str(tmp_path / "operator.token"),
+    }
+    (tmp_path / "relay.json").write_text(json.dumps(info))
+    # A flag beats stale environment settings.
+    monkeypatch.setenv("AEGIS_RELAY", "127.0.0.1:1")
+    monkeypatch.setenv("AEGIS_OPERATOR_TOKEN", "stale")
+    code, out, err = run(capsys, "edge", "ls", "-o", "json", "--relay-data-dir", str(tmp_path))
+    assert (code, err) == (0, "")
+    assert len(json.loads(out)) == 3
+    assert admin.calls[-1][2]["authorization"] == f"Bearer {TOKEN}"
