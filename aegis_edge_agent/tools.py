@@ -1,0 +1,275 @@
+"""Tools the daemon runs: the built-ins and the ``aegis_edge.tools`` plugin group.
+
+A tool is any object with a ``name`` and an ``async run(args, context)`` (:class:`Tool`).
+It returns a :class:`ToolResult`; output goes through ``context.emit`` while it runs.
+Cancellation (relay cancel, deadline, daemon shutdown) arrives as ``asyncio.CancelledError``
+in ``run``: a tool that started processes must kill them and re-raise.
+
+Argument validation and result shaping are the core's (:mod:`aegis_edge_core.tools_spec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from aegis_edge_core import __version__, tools_spec
+from aegis_edge_core.wire import stream_pb2
+
+__all__ = [
+    "BUILTIN",
+    "ProcessRegistry",
+    "Tool",
+    "ToolContext",
+    "ToolResult",
+    "kill_process_group",
+    "load_plugins",
+]
+
+KILL_GRACE_SECS = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class ToolResult:
+    kind: stream_pb2.ErrorKind.ValueType = stream_pb2.ERROR_KIND_OK
+    message: str = ""
+    exit_code: int | None = None
+    result_json: str = ""
+
+
+class ProcessRegistry(Protocol):
+    """Where a tool records the process groups it starts (the daemon's pid spool)."""
+
+    def add(self, pgid: int, command_id: str) -> None: ...
+
+    def remove(self, pgid: int) -> None: ...
+
+
+class _NullRegistry:
+    def add(self, pgid: int, command_id: str) -> None:
+        pass
+
+    def remove(self, pgid: int) -> None:
+        pass
+
+
+@attrs.define(kw_only=True)
+class ToolContext:
+    """What a running tool may use; the daemon fills it in per call."""
+
+    command_id: str
+    fleet_command_id: str = ""
+    capture: tools_spec.OutputCapture = attrs.field(factory=tools_spec.OutputCapture)
+    emit: Callable[[str, bytes], None] = lambda stream, data: None
+    """Send an output chunk ("stdout"/"stderr") back; a no-op while disconnected."""
+    processes: ProcessRegistry = attrs.field(factory=_NullRegistry)
+    rotate_key: Callable[[], Awaitable[str]] | None = None
+    """Rotate the node key over the live stream; returns the new key thumbprint."""
+    kill_grace_secs: float = KILL_GRACE_SECS
+
+    def output(self, stream: str, data: bytes) -> None:
+        for chunk in self.capture.feed(stream, data):
+            self.emit(stream, chunk)
+
+
+@runtime_checkable
+class Tool(Protocol):
+    """A daemon tool: built in, or contributed through the ``aegis_edge.tools`` group."""
+
+    name: str
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult: ...
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def kill_process_group(pgid: int, sig: int = signal.SIGTERM) -> bool:
+    """Signal a process group; False if it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not gone within ``grace``."""
+    pgid = proc.pid
+    kill_process_group(pgid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), timeout=grace)
+    # Children that ignored SIGTERM (or outlived the shell) go now.
+    kill_process_group(pgid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), timeout=grace)
+
+
+class CmdRun:
+    name = tools_spec.CMD_RUN
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult:
+        spec = args.get("_spec")
+        if not isinstance(spec, tools_spec.CmdRunArgs):
+            spec = tools_spec.validate_args(self.name, args)
+            assert isinstance(spec, tools_spec.CmdRunArgs)
+        env = None
+        if spec.env:
+            env = dict(os.environ)
+            env.update(spec.env)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.command_line,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=spec.cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as err:
+            missing = spec.cwd if spec.cwd and not os.path.isdir(spec.cwd) else err.filename
+            return ToolResult(
+                kind=stream_pb2.ERROR_KIND_INTERNAL,
+                message=f"cannot start the command: {missing}: no such file or directory",
+            )
+        except OSError as err:
+            return ToolResult(
+                kind=stream_pb2.ERROR_KIND_INTERNAL,
+                message=f"cannot start the command: {err.strerror or err}",
+            )
+        context.processes.add(proc.pid, context.command_id)
+        try:
+
+            async def pump(reader: asyncio.StreamReader | None, stream: str) -> None:
+                if reader is None:
+                    return
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    context.output(stream, data)
+
+            try:
+                await asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
+                code = await proc.wait()
+            except asyncio.CancelledError:
+                await asyncio.shield(_terminate(proc, context.kill_grace_secs))
+                raise
+            # The shell is gone but a background child may hold the group: clean it up.
+            kill_process_group(proc.pid, signal.SIGKILL)
+        finally:
+            context.processes.remove(proc.pid)
+        if code == 0:
+            return ToolResult(exit_code=0)
+        if code < 0:
+            return ToolResult(
+                kind=stream_pb2.ERROR_KIND_EXIT_NONZERO,
+                exit_code=128 - code,
+                message=f"killed by signal {-code}",
+            )
+        return ToolResult(
+            kind=stream_pb2.ERROR_KIND_EXIT_NONZERO,
+            exit_code=code,
+            message=f"exited with status {code}",
+        )
+
+
+def _uptime() -> float | None:
+    try:
+        with open("/proc/uptime", encoding="ascii") as fh:
+            return float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _load() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+class SysInfo:
+    name = tools_spec.SYS_INFO
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult:
+        body = tools_spec.sys_info_json(
+            os=platform.system(),
+            arch=platform.machine(),
+            hostname=socket.gethostname(),
+            python=platform.python_version(),
+            uptime_secs=_uptime(),
+            load=_load(),
+            agent_version=__version__,
+            extra={"cpu_count": os.cpu_count(), "kernel": platform.release()},
+        )
+        return ToolResult(result_json=body)
+
+
+class EdgePing:
+    name = tools_spec.EDGE_PING
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult:
+        import json
+
+        echo = args.get("echo", "")
+        return ToolResult(result_json=json.dumps({"pong": True, "echo": echo, "t": time.time()}))
+
+
+class KeysRotate:
+    name = tools_spec.KEYS_ROTATE
+
+    async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult:
+        import json
+
+        if context.rotate_key is None:
+            return ToolResult(
+                kind=stream_pb2.ERROR_KIND_INTERNAL, message="key rotation needs a live stream"
+            )
+        thumbprint = await context.rotate_key()
+        return ToolResult(result_json=json.dumps({"key_thumbprint": thumbprint}))
+
+
+BUILTIN: Mapping[str, Tool] = {t.name: t for t in (CmdRun(), SysInfo(), EdgePing(), KeysRotate())}
+
+
+def load_plugins(log: Callable[[str, str], None] | None = None) -> dict[str, Tool]:
+    """Tools from the ``aegis_edge.tools`` entry-point group; broken plugins are skipped.
+
+    An entry point may name a Tool instance, a class (instantiated without arguments) or a
+    factory function returning a Tool.
+    """
+    found: dict[str, Tool] = {}
+    for ep in entry_points(group="aegis_edge.tools"):
+        try:
+            obj: Any = ep.load()
+            if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Tool)):
+                obj = obj()
+            if not isinstance(obj, Tool) or not isinstance(obj.name, str):
+                raise TypeError("not a Tool (needs name and async run(args, context))")
+            if obj.name in BUILTIN:
+                raise ValueError(f"{obj.name!r} is a built-in tool name")
+        except Exception as err:  # a broken plugin must not stop the daemon
+            if log is not None:
+                log(ep.name, f"{type(err).__name__}: {err}")
+            continue
+        found[obj.name] = obj
+    return found
+
+
+def python_version() -> str:
+    return sys.version.split()[0]
