@@ -50,13 +50,16 @@ from __future__ import annotations
 
 import enum
 import math
-import random
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import attrs
 
 from aegis_edge_core.errors import ConfigError, LocalProtocolError
+
+if TYPE_CHECKING:
+    import random  # only the type: randomness always comes from the caller's Random
 
 __all__ = [
     "BACKOFF_TRANSITIONS",

@@ -298,7 +298,7 @@ def _as_tuple(value: Iterable[str], path: str) -> tuple[str, ...]:
     if isinstance(value, str):
         # Iterating would split it into characters: almost certainly a missing list.
         raise ConfigError(f"expected a list of strings, got {value!r}", path=path)
-    return tuple(value)
+    return tuple(dict.fromkeys(value))  # duplicates dropped, as the parser does
 
 
 # attrs converters must be named functions for mypy's attrs plugin, hence one per field.

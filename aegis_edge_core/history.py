@@ -275,7 +275,7 @@ class CommandHistory:
         delivered later replaces the provisional outcome.
         """
         out = []
-        for command_id, record in self._records.items():
+        for command_id, record in list(self._records.items()):
             if _next(record, "disconnect") is RecordState.PROVISIONAL and record.in_flight:
                 updated = attrs.evolve(
                     record,
