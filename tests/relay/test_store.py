@@ -1,0 +1,215 @@
+"""The SQLite store: migrations, atomic enrollment, revocation, tenant cascade, history."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from aegis_edge_relay.store import (
+    SCHEMA_VERSION,
+    CommandRow,
+    FleetRunRow,
+    NodeRecord,
+    SQLiteStore,
+    StoreError,
+    TokenAlreadyRedeemed,
+)
+
+
+def node(node_id: str, tenant: str = "t1", thumb: str = "k", jti: str = "j") -> NodeRecord:
+    return NodeRecord(
+        node_id=node_id,
+        tenant_id=tenant,
+        public_key=b"\x01" * 32,
+        key_thumbprint=f"{thumb}-{node_id}",
+        enrolled_at=100.0,
+        capabilities={"os": "linux", "tools": ["cmd.run"]},
+        token_jti=f"{jti}-{node_id}",
+        token_expires_at=1000.0,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "relay.db")
+
+
+def test_wal_and_schema_version(store: SQLiteStore, tmp_path: Path) -> None:
+    assert store.schema_version() == SCHEMA_VERSION
+    mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    store.close()
+    again = SQLiteStore(tmp_path / "relay.db")  # re-opening migrates nothing twice
+    assert again.schema_version() == SCHEMA_VERSION
+    rows = again._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0]
+    assert rows == SCHEMA_VERSION
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO schema_version (version) VALUES (99)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(path)
+
+
+def test_enrollment_is_single_use_and_atomic(store: SQLiteStore) -> None:
+    store.enroll(jti="tok", token_expires_at=500.0, node=node("n1"))
+    with pytest.raises(TokenAlreadyRedeemed):
+        store.enroll(jti="tok", token_expires_at=500.0, node=node("n2"))
+    assert [n.node_id for n in store.load_nodes()] == ["n1"]
+    # a failing node insert leaves the token unredeemed (same transaction)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.enroll(jti="tok2", token_expires_at=500.0, node=node("n1"))
+    store.enroll(jti="tok2", token_expires_at=500.0, node=node("n3"))
+
+
+def test_concurrent_redemptions_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    SQLiteStore(path).close()
+    wins: list[str] = []
+    errors: list[Exception] = []
+
+    def redeem(i: int) -> None:
+        s = SQLiteStore(path)
+        try:
+            s.enroll(jti="same", token_expires_at=1.0, node=node(f"n{i}"))
+            wins.append(f"n{i}")
+        except TokenAlreadyRedeemed as err:
+            errors.append(err)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=redeem, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(errors) == 5
+
+
+def test_revoke_and_revocations(store: SQLiteStore) -> None:
+    store.enroll(jti="a", token_expires_at=1.0, node=node("n1"))
+    rec = store.revoke_node("n1", reason="leak", now=200.0, token_prune_after=5000.0)
+    assert rec.revoked and rec.revoked_reason == "leak"
+    tokens, keys = store.load_revocations()
+    assert keys == {"k-n1"}
+    assert "j-n1" in tokens
+    again = store.revoke_node("n1", reason="other", now=300.0, token_prune_after=5000.0)
+    assert again.revoked_reason == "leak"
+    with pytest.raises(StoreError):
+        store.revoke_node("nope", reason="x", now=1.0, token_prune_after=1.0)
+
+
+def test_tenant_deletion_cascade(store: SQLiteStore) -> None:
+    for i, tenant in enumerate(["doomed", "doomed", "kept"]):
+        store.enroll(jti=f"t{i}", token_expires_at=1.0, node=node(f"n{i}", tenant))
+    revoked = store.delete_tenant(
+        "doomed", reason="tenant deleted", now=10.0, token_prune_after=99.0
+    )
+    assert sorted(revoked) == ["n0", "n1"]
+    by_id = {n.node_id: n for n in store.load_nodes()}
+    assert by_id["n0"].revoked and by_id["n1"].revoked and not by_id["n2"].revoked
+    _tokens, keys = store.load_revocations()
+    assert keys == {"k-n0", "k-n1"}
+    assert store.is_tenant_deleted("doomed")
+    with pytest.raises(StoreError, match="deleted"):
+        store.enroll(jti="late", token_expires_at=1.0, node=node("n9", "doomed"))
+
+
+def test_rotate_key_compare_and_swap(store: SQLiteStore) -> None:
+    store.enroll(jti="a", token_expires_at=1.0, node=node("n1"))
+    rec = store.rotate_key(
+        "n1",
+        old_thumbprint="k-n1",
+        new_public_key=b"\x02" * 32,
+        new_thumbprint="new",
+        new_jti="j2",
+        new_expires_at=2000.0,
+        old_jti_prune_after=3000.0,
+        now=10.0,
+    )
+    assert rec.key_thumbprint == "new" and rec.token_jti == "j2"
+    tokens, _ = store.load_revocations()
+    assert tokens == {"j-n1": 3000.0}
+    with pytest.raises(StoreError, match="changed"):
+        store.rotate_key(
+            "n1",
+            old_thumbprint="k-n1",
+            new_public_key=b"\x03" * 32,
+            new_thumbprint="x",
+            new_jti="j3",
+            new_expires_at=1.0,
+            old_jti_prune_after=1.0,
+            now=11.0,
+        )
+
+
+def test_heartbeats_flush_in_one_batch(store: SQLiteStore) -> None:
+    for i in range(3):
+        store.enroll(jti=f"t{i}", token_expires_at=1.0, node=node(f"n{i}"))
+    store.flush_heartbeats({"n0": 5.0, "n1": 6.0})
+    store.flush_heartbeats({"n0": 4.0})  # never goes backwards
+    by_id = {n.node_id: n for n in store.load_nodes()}
+    assert by_id["n0"].last_heartbeat_at == 5.0
+    assert by_id["n1"].last_heartbeat_at == 6.0
+    assert by_id["n2"].last_heartbeat_at is None
+
+
+def test_command_history_and_late_results(store: SQLiteStore) -> None:
+    row = CommandRow(
+        command_id="c1", node_id="n1", tenant_id="t", tool="cmd.run", dispatched_at=1.0
+    )
+    store.record_dispatch(row)
+    lost = CommandRow(
+        command_id="c1",
+        node_id="n1",
+        tenant_id="t",
+        tool="cmd.run",
+        dispatched_at=1.0,
+        finished_at=2.0,
+        outcome="edge_disconnected",
+    )
+    assert store.record_result(lost)
+    late = CommandRow(
+        command_id="c1",
+        node_id="n1",
+        tenant_id="t",
+        tool="cmd.run",
+        dispatched_at=1.0,
+        finished_at=3.0,
+        outcome="ok",
+        exit_code=0,
+        stdout_tail=b"done",
+    )
+    assert store.record_result(late)  # a late real result replaces edge_disconnected
+    assert not store.record_result(lost)  # but never the other way round
+    (got,) = store.command_history("n1", 10)
+    assert got.outcome == "ok" and got.exit_code == 0 and got.stdout_tail == b"done"
+
+
+def test_fleet_runs_roundtrip(store: SQLiteStore) -> None:
+    for i in range(3):
+        store.save_fleet_run(
+            FleetRunRow(
+                fleet_command_id=f"f{i}",
+                tenant_id="",
+                scope=("a",) if i else None,
+                spec={"tool": "edge.ping"},
+                outcome="completed",
+                created_at=float(i),
+                finished_at=float(i) + 1,
+                created_by="admin",
+                record={"x": i},
+            )
+        )
+    assert [r.fleet_command_id for r in store.list_fleet_runs(2)] == ["f2", "f1"]
+    got = store.get_fleet_run("f0")
+    assert got is not None and got.scope is None and got.record == {"x": 0}
+    assert store.get_fleet_run("nope") is None
