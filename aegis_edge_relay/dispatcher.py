@@ -140,6 +140,8 @@ class ActiveRun:
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
     span: Any = None
     trace_id: str = ""
+    started_at: float = 0.0
+    dispatched_at: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def fleet_command_id(self) -> str:
@@ -564,6 +566,7 @@ class Dispatcher:
         )
         self.runs[fleet_command_id] = active
         queue = active.subscribe()
+        active.started_at = now
         for skip in resolution.skipped:
             self.relay.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
         await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
@@ -612,9 +615,8 @@ class Dispatcher:
         run = active.run
         deadline = 0.0
         if run.spec.deadline_secs is not None:
-            record = run.record()
-            if record.started_at is not None:
-                deadline = record.started_at + run.spec.deadline_secs
+            deadline = active.started_at + run.spec.deadline_secs
+        active.dispatched_at[node_id] = self.relay.now()
 
         async def listener(end: CommandEnd) -> None:
             active.ends[end.node_id] = end
@@ -648,6 +650,18 @@ class Dispatcher:
             actions = run.on_result(
                 node_id, TargetOutcome.EDGE_DISCONNECTED, now, error_message=str(err)
             )
+            active.ends[node_id] = CommandEnd(
+                command_id="",
+                node_id=node_id,
+                tenant_id=active.tenants.get(node_id, ""),
+                tool=run.spec.tool,
+                fleet_command_id=run.fleet_command_id,
+                outcome=TargetOutcome.EDGE_DISCONNECTED,
+                exit_code=None,
+                error_message=str(err),
+                dispatched_at=now,
+                finished_at=now,
+            )
             active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
             return list(actions)
         active.command_ids[node_id] = pending.command_id
@@ -655,11 +669,23 @@ class Dispatcher:
         return []
 
     def _target(self, active: ActiveRun, node_id: str) -> admin_pb2.TargetResult:
-        proto = active.to_proto()
-        for target in proto.targets:
-            if target.node_id == node_id:
-                return target
-        return admin_pb2.TargetResult(node_id=node_id)
+        """One target's progress for an event; O(1), so a 10k-target run stays linear."""
+        out = admin_pb2.TargetResult(
+            node_id=node_id,
+            command_id=active.command_ids.get(node_id, ""),
+            tenant_id=active.tenants.get(node_id, ""),
+            dispatched_at=active.dispatched_at.get(node_id, 0.0),
+        )
+        end = active.ends.get(node_id)
+        if end is not None:
+            out.outcome = PROTO_OUTCOME[end.outcome]
+            out.has_exit_code = end.exit_code is not None
+            out.exit_code = end.exit_code or 0
+            out.error_message = end.error_message
+            out.finished_at = end.finished_at
+            out.stdout_tail = end.stdout_tail
+            out.stderr_tail = end.stderr_tail
+        return out
 
     async def _finish_run(self, active: ActiveRun) -> None:
         record = active.run.record()
