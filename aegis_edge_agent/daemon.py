@@ -83,7 +83,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie has exited; only its parent has not reaped it yet
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @attrs.define
@@ -436,7 +440,13 @@ class Daemon:
                 call.cancel()
 
     async def _read(self, conn: _Connection) -> stream_pb2.RelayMessage | None:
-        msg = await conn.call.read()
+        try:
+            msg = await conn.call.read()
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError from read() once *we* cancelled the call.
+            if conn.closed:
+                return None
+            raise
         if msg is _EOF:
             return None
         assert isinstance(msg, stream_pb2.RelayMessage)
@@ -561,6 +571,7 @@ class Daemon:
         elif isinstance(event, s.ResultAcked):
             if self.results.pop(event.command_id, None) is not None:
                 self._write_spool()
+                self.set_status()
         elif isinstance(event, s.TokenRefreshed):
             self._store_token(event.node_token)
             conn.refresh_requested = False

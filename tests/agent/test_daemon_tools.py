@@ -194,5 +194,5 @@ def test_bad_config_is_named(tmp_path, bad):
 
     p = tmp_path / "aegis-config.yaml"
     p.write_text(bad)
-    with pytest.raises(ConfigError, match="aegis-config.yaml"):
+    with pytest.raises(ConfigError, match=r"aegis-config\.yaml"):
         load_settings(p)

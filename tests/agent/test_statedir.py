@@ -63,7 +63,7 @@ def test_corrupt_node_key_names_the_file(tmp_path):
 
 def test_missing_and_loose_key(tmp_path):
     sd = StateDir(tmp_path)
-    with pytest.raises(hs.HostStateError, match="node key is missing.*enroll"):
+    with pytest.raises(hs.HostStateError, match=r"node key is missing.*enroll"):
         sd.load_key()
     key = NodeKey.from_seed(b"\x01" * 32)
     sd.write(hs.NODE_KEY, key.to_pem())
@@ -100,7 +100,7 @@ def _enrollment_token() -> str:
 def test_enroll_refuses_to_clobber(tmp_path):
     sd = StateDir(tmp_path)
     sd.write(hs.NODE_KEY, b"existing")
-    with pytest.raises(enroll_mod.EnrollError, match="already holds an enrollment.*--force"):
+    with pytest.raises(enroll_mod.EnrollError, match=r"already holds an enrollment.*--force"):
         enroll_mod.enroll(_enrollment_token(), sd)
     assert (tmp_path / hs.NODE_KEY).read_bytes() == b"existing"
 
