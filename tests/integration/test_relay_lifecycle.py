@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -349,3 +350,51 @@ def test_promtool_accepts_metrics(relay: RelayProcess, tmp_path: Path) -> None:
     seed_name_lint = 'aegis_edge_daemons_total non-counter metrics should not have "_total" suffix'
     assert [p for p in problems if p != seed_name_lint] == [], problems
     assert out.returncode in (0, 3), problems
+
+
+def test_oversized_frame_and_clock_skew_and_expired_token(relay: RelayProcess) -> None:
+    from aegis_edge_core.identity import TokenIssuer, load_relay_signing_key
+
+    async def scenario() -> None:
+        async with relay.channel() as channel:
+            call = channel.stream_stream(
+                "/aegis.edge.v1.EdgeStream/Connect",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )()
+            await call.write(b"\x0a" + b"x" * (5 * 1024 * 1024))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            daemon = await _enroll(relay, channel, "clocks")
+            daemon.clock_offset = -3600.0
+            refused = await daemon.connect()
+            assert isinstance(refused, Refused) and refused.reason == "clock_skew"
+            assert "behind" in refused.message
+            daemon.clock_offset = 0.0
+
+            # offline past its token's expiry: the key still attests, a fresh token comes back
+            key_path = relay.data_dir / "relay-signing.key"
+            issuer = TokenIssuer(
+                signing_key=load_relay_signing_key(key_path.read_bytes(), source=str(key_path))
+            )
+            expired = issuer.issue_node_token(
+                node_id=daemon.node_id,
+                tenant_id="clocks",
+                key_thumbprint=daemon.key.thumbprint,
+                now=time.time() - 3 * 86400,
+                jti="expired-token-jti-0001",
+                ttl=3600,
+            )
+            daemon.token = expired.token
+            accepted = await daemon.connect()
+            assert isinstance(accepted, SessionAccepted)
+            assert accepted.node_token and accepted.token_expires_at > time.time()
+            await daemon.close()
+
+    asyncio.run(scenario())
+    text = relay.scrape()
+    assert 'aegis_edge_stream_protocol_errors_total{reason="oversized"}' in text
+    assert 'aegis_edge_attestation_refusals_total{reason="clock_skew"}' in text

@@ -262,6 +262,8 @@ class DaemonDriver:
         self._reader: asyncio.Task[None] | None = None
         self._beater: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.clock_offset = 0.0
+        """Seconds added to the host clock this daemon reports (to fake a skewed host)."""
         self.closed_status: grpc.StatusCode | None = None
         self.closed_details = ""
         self.stream_done = asyncio.Event()
@@ -298,7 +300,7 @@ class DaemonDriver:
             node_id=self.node_id,
             node_token=self.token,
             capabilities=self.capabilities,
-            now=time.time(),
+            now=time.time() + self.clock_offset,
             control=control,
         )
         start = len(self.events)
