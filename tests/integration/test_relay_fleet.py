@@ -230,3 +230,93 @@ async def _scenario(relay: RelayProcess, other_token: str) -> str:
         for d in daemons:
             await d.close()
         return run.fleet_command_id
+
+
+def test_fleet_key_rotation_and_cancel(tmp_path: Path) -> None:
+    relay = RelayProcess.start(tmp_path / "relay")
+
+    async def scenario() -> None:
+        async with relay.channel() as channel:
+            admin = relay.admin(channel)
+            daemons = []
+            for _ in range(2):
+                token = (
+                    await admin.IssueEnrollmentToken(
+                        admin_pb2.IssueEnrollmentTokenRequest(tenant_id="rot"),
+                        metadata=relay.auth(),
+                    )
+                ).token
+                d = DaemonDriver(channel)
+                await d.enroll(token)
+                assert isinstance(await d.connect(), SessionAccepted)
+                daemons.append(d)
+            before = {d.node_id: d.key.thumbprint for d in daemons}
+
+            # `fleet keys rotate` is a fleet run of the built-in keys.rotate tool
+            events = [
+                e
+                async for e in admin.StartFleetRun(
+                    admin_pb2.FleetRunSpec(
+                        selector="all", tool="keys.rotate", mode="rolling=1", tenant_id="rot"
+                    ),
+                    metadata=relay.auth(),
+                    timeout=20,
+                )
+            ]
+            assert events[-1].finished.outcome == common_pb2.RUN_OUTCOME_COMPLETED
+            hosts = await admin.ListHosts(
+                admin_pb2.ListHostsRequest(tenant_id="rot"), metadata=relay.auth()
+            )
+            for h in hosts.hosts:
+                assert h.key_thumbprint != before[h.node_id]
+            for d in daemons:
+                assert {h.node_id: h.key_thumbprint for h in hosts.hosts}[
+                    d.node_id
+                ] == d.key.thumbprint
+                await d.close()
+                assert isinstance(await d.connect(), SessionAccepted)  # the new key attests
+
+            # cancel: the in-flight command is cancelled on the daemon, the rest not started
+            async def never(_cmd: stream_pb2.CommandInvocation) -> tuple[str, int]:
+                await asyncio.sleep(60)
+                return ("ok", 0)
+
+            for d in daemons:
+                d.command_handler = never
+            got: list[admin_pb2.FleetRunEvent] = []
+
+            async def run() -> None:
+                async for e in admin.StartFleetRun(
+                    admin_pb2.FleetRunSpec(
+                        selector="all", tool="edge.ping", mode="sequential", tenant_id="rot"
+                    ),
+                    metadata=relay.auth(),
+                    timeout=20,
+                ):
+                    got.append(e)
+
+            task = asyncio.create_task(run())
+            await wait_until(lambda: got and got[0].started.fleet_command_id, what="started")
+            await wait_until(lambda: any(e.WhichOneof("body") == "dispatched" for e in got))
+            run_id = got[0].started.fleet_command_id
+            await admin.CancelFleetRun(
+                admin_pb2.GetFleetRunRequest(fleet_command_id=run_id), metadata=relay.auth()
+            )
+            await asyncio.wait_for(task, 10)
+            final = got[-1].finished
+            assert final.outcome == common_pb2.RUN_OUTCOME_CANCELLED
+            outcomes = sorted(t.outcome for t in final.targets)
+            assert outcomes == sorted(
+                [common_pb2.TARGET_OUTCOME_CANCELLED, common_pb2.TARGET_OUTCOME_NOT_STARTED]
+            )
+            assert [s.reason for s in final.skipped] == ["cancelled"]
+            for d in daemons:
+                await d.close()
+
+    try:
+        asyncio.run(scenario())
+        text = relay.scrape()
+        assert value(text, "aegis_edge_fleet_runs_total", outcome="cancelled") == 1
+        assert value(text, "aegis_edge_fleet_targets_skipped_total", reason="cancelled") == 1
+    finally:
+        assert relay.stop() == 0

@@ -45,6 +45,7 @@ from aegis_edge_core.identity.enrollment import sign_enrollment
 from aegis_edge_core.identity.rotation import sign_rotation
 from aegis_edge_core.identity.tokens import peek_enrollment_token
 from aegis_edge_core.session import (
+    CancelRequested,
     ChallengeReceived,
     CommandReceived,
     DaemonSession,
@@ -256,12 +257,13 @@ class DaemonDriver:
         self.commands: list[stream_pb2.CommandInvocation] = []
         self.command_handler: Callable[
             [stream_pb2.CommandInvocation], Awaitable[CommandReply] | CommandReply
-        ] = lambda _cmd: ("ok", 0)
+        ] = self.default_handler
         self.session: DaemonSession | None = None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._beater: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
         self.clock_offset = 0.0
         """Seconds added to the host clock this daemon reports (to fake a skewed host)."""
         self.closed_status: grpc.StatusCode | None = None
@@ -367,22 +369,40 @@ class DaemonDriver:
             self.commands.append(event.command)
             task = asyncio.get_running_loop().create_task(self._run_command(event.command))
             self._tasks.add(task)
+            self._running[event.command.command_id] = task
             task.add_done_callback(self._tasks.discard)
+        elif isinstance(event, CancelRequested):
+            running = self._running.pop(event.command_id, None)
+            if running is not None and not running.done():
+                running.cancel()
+                await self._send_result(event.command_id, "cancelled", None)
         elif isinstance(event, Revoked | Refused):
             pass
+
+    async def default_handler(self, cmd: stream_pb2.CommandInvocation) -> CommandReply:
+        """``ok``/0 for every tool; ``keys.rotate`` really rotates over the stream."""
+        if cmd.tool == "keys.rotate":
+            await self.rotate_key()
+        return ("ok", 0)
 
     async def _run_command(self, cmd: stream_pb2.CommandInvocation) -> None:
         reply = self.command_handler(cmd)
         if not isinstance(reply, tuple):
             reply = await reply
         outcome, exit_code = reply
+        self._running.pop(cmd.command_id, None)
+        await self._send_result(cmd.command_id, outcome, exit_code, tool=cmd.tool)
+
+    async def _send_result(
+        self, command_id: str, outcome: str, exit_code: int | None, *, tool: str = ""
+    ) -> None:
         target, kind = _OUTCOMES[outcome]
         result = stream_pb2.CommandResult(
-            command_id=cmd.command_id,
+            command_id=command_id,
             outcome=target,
             error_kind=kind,
             error_message="" if outcome == "ok" else f"scripted {outcome}",
-            stdout_tail=f"out of {cmd.tool}\n".encode(),
+            stdout_tail=f"out of {tool}\n".encode(),
             started_at=time.time(),
             finished_at=time.time(),
         )
