@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_edge_core import metrics_catalogue as cat
-from aegis_edge_core.session import SessionAccepted
+from aegis_edge_core.session import ResultAcked, SessionAccepted
 from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
 from tests.relay.daemon_driver import DaemonDriver, RelayProcess, wait_until
 
@@ -195,6 +195,31 @@ async def _scenario(relay: RelayProcess, other_token: str) -> str:
         assert lost.outcome == common_pb2.RUN_OUTCOME_COMPLETED_WITH_ERRORS
         assert lost.targets[0].outcome == common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED
 
+        # the daemon comes back and delivers the result late: kept in command history
+        assert isinstance(await slow.connect(), SessionAccepted)
+        lost_id = lost.targets[0].command_id
+        assert slow.session is not None
+        slow.session.result(
+            stream_pb2.CommandResult(
+                command_id=lost_id,
+                outcome=common_pb2.TARGET_OUTCOME_OK,
+                exit_code=0,
+                has_exit_code=True,
+            )
+        )
+        await slow._flush()
+        await wait_until(
+            lambda: any(
+                isinstance(e, ResultAcked) and e.command_id == lost_id for e in slow.events
+            ),
+            what="ResultAck of the late result",
+        )
+        host = await admin.GetHost(
+            admin_pb2.GetHostRequest(node_id=slow.node_id), metadata=relay.auth()
+        )
+        late = {h.command_id: h for h in host.history}[lost_id]
+        assert late.outcome == common_pb2.TARGET_OUTCOME_OK and late.has_exit_code
+
         await asyncio.sleep(1.1)  # one maintenance pass accounts stream seconds
         text = relay.scrape()
         for spec in cat.CATALOGUE:
@@ -222,8 +247,8 @@ async def _scenario(relay: RelayProcess, other_token: str) -> str:
         assert value(text, "aegis_edge_command_duration_seconds_count", tool="cmd.run") == 3
         assert value(text, "aegis_edge_heartbeats_total", tenant="fleet") > 0
         assert value(text, "aegis_edge_stream_seconds_total") > 0
-        assert value(text, "aegis_edge_daemons_total", status="Connected", tenant="fleet") == 3
-        assert value(text, "aegis_edge_daemons_total", status="Disconnected", tenant="fleet") == 2
+        assert value(text, "aegis_edge_daemons_total", status="Connected", tenant="fleet") == 4
+        assert value(text, "aegis_edge_daemons_total", status="Disconnected", tenant="fleet") == 1
         assert value(text, "aegis_edge_daemons_total", status="Unhealthy", tenant="fleet") == 0
         assert value(text, "aegis_edge_daemons_total", status="Revoked", tenant="fleet") == 0
 
