@@ -239,3 +239,25 @@ def test_revoked_daemon_stops(relay, daemons, tmp_path):
     # a restart does not retry for ever either
     d2 = daemons(h.state_dir)
     assert d2.wait_exit() == 3
+
+
+def test_spool_survives_restart_and_capabilities_follow_config(relay, daemons, tmp_path):
+    from aegis_edge_core import hoststate as hs
+    from aegis_edge_core.wire import stream_pb2
+
+    h = enroll_host(relay, tmp_path / "h")
+    # a result a previous daemon finished but never got acknowledged
+    leftover = stream_pb2.CommandResult(command_id="c-leftover", outcome=OK, error_kind=1)
+    (h.state_dir / hs.RESULT_SPOOL).write_text(hs.encode_result_spool([leftover]))
+    d = daemons(h.state_dir)
+    d.wait_event("spool_loaded")
+    d.wait_event("connected")
+    wait_until(lambda: not (h.state_dir / hs.RESULT_SPOOL).exists(), what="leftover acked")
+
+    cfg = h.state_dir / "aegis-config.yaml"
+    cfg.write_text(cfg.read_text() + "labels:\n  role: db\n")
+    d.wait_event("capabilities_changed")
+    wait_until(
+        lambda: relay.host(h.node_id).capabilities.labels.get("role") == "db",
+        what="relay sees the new label",
+    )
