@@ -287,7 +287,8 @@ class Daemon:
             return await self._run()
         except Fatal as err:
             self.log.error("daemon_stopped", error=str(err))
-            self.set_status(state=hs.ConnectionState.STOPPED, last_error=str(err))
+            if self.state.node_json_path.exists():
+                self.set_status(state=hs.ConnectionState.STOPPED, last_error=str(err))
             return err.exit_code
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -303,7 +304,6 @@ class Daemon:
 
     async def _run(self) -> int:
         try:
-            self.state.path.mkdir(parents=True, exist_ok=True, mode=hs.DIR_MODE)
             self.node = self.state.load_node()
             self._reload_settings(force=True)
         except AegisError as err:
