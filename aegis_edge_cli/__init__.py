@@ -113,10 +113,13 @@ def print_table(
 
     table = Table(title=title, show_edge=False, header_style="bold")
     for col in columns:
-        table.add_column(col)
+        # Fold rather than cut with an ellipsis: operators copy node ids out of tables.
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    Console(soft_wrap=True).print(table)
+    # Piped output has no terminal width; rich would assume 80 columns and squeeze.
+    width = None if sys.stdout.isatty() else 240
+    Console(soft_wrap=True, width=width).print(table)
 
 
 def build() -> CommandTree:

@@ -126,6 +126,7 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--ttl", type=_duration, default=30 * 86400.0, metavar="DURATION")
     p.add_argument("--subject", help="who the token is for (shown in run records)")
 
-    from aegis_edge_relay import operator_cli
+    from aegis_edge_relay import demo, operator_cli
 
     operator_cli.register(tree)
+    demo.register(tree)

@@ -164,10 +164,13 @@ def ensure_tls(data_dir: Path, listen_host: str) -> TlsMaterial:
         key, cert = _make_server(ca_key, ca_cert, listen_host, now)
         atomic_write(server_key_path, _key_pem(key), mode=0o600)
         atomic_write(server_cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    ca_pem = ca_cert_path.read_bytes()
+    # Serve the full chain: `aegis edge enroll` finds the CA it pins (the token's `cap`)
+    # among the certificates the relay presents, before it trusts anything.
     return TlsMaterial(
-        cert_chain=server_cert_path.read_bytes(),
+        cert_chain=server_cert_path.read_bytes() + ca_pem,
         private_key=server_key_path.read_bytes(),
-        ca_cert=ca_cert_path.read_bytes(),
+        ca_cert=ca_pem,
         ca_path=ca_cert_path,
     )
 
