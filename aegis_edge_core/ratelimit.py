@@ -43,9 +43,12 @@ import attrs
 from aegis_edge_core.errors import ConfigError
 
 __all__ = [
+    "ATTEST_PER_NODE",
+    "ATTEST_PER_SOURCE",
     "DEFAULT_ATTEST_PER_NODE",
     "DEFAULT_ATTEST_PER_SOURCE",
     "DEFAULT_ENROLL_PER_SOURCE",
+    "ENROLL_PER_SOURCE",
     "AttemptLimits",
     "Decision",
     "KeyedLimiter",
@@ -204,6 +207,18 @@ DEFAULT_ATTEST_PER_SOURCE: Final = "50000/10s"
 tests): a reconnect storm of 10k daemons behind one address is never refused."""
 DEFAULT_ENROLL_PER_SOURCE: Final = "20000/1m"
 """Per peer address, for ``Enroll``: bounds how fast one source can try tokens."""
+
+
+def _default(text: str) -> Limit:
+    limit = Limit.parse(text)
+    assert limit is not None
+    return limit
+
+
+ATTEST_PER_NODE: Final = _default(DEFAULT_ATTEST_PER_NODE)
+ATTEST_PER_SOURCE: Final = _default(DEFAULT_ATTEST_PER_SOURCE)
+ENROLL_PER_SOURCE: Final = _default(DEFAULT_ENROLL_PER_SOURCE)
+"""The defaults above as :class:`Limit` values."""
 
 
 @attrs.define

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
+from aegis_edge_core.errors import ConfigError
+from aegis_edge_core.ratelimit import (
+    DEFAULT_ATTEST_PER_NODE,
+    DEFAULT_ATTEST_PER_SOURCE,
+    DEFAULT_ENROLL_PER_SOURCE,
+    Limit,
+)
 from aegis_edge_relay.durations import parse_duration, parse_hostport
 
 __all__ = ["register"]
@@ -18,6 +25,13 @@ def _duration(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _limit(text: str) -> Limit | None:
+    try:
+        return Limit.parse(text)
+    except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
@@ -52,6 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace=args.drain_grace,
         otlp_endpoint=args.otlp_endpoint,
         log_level=args.log_level,
+        attest_limit_per_node=args.attest_limit_per_node,
+        attest_limit_per_source=args.attest_limit_per_source,
+        enroll_limit_per_source=args.enroll_limit_per_source,
     )
     try:
         return asyncio.run(serve(opts))
@@ -109,6 +126,22 @@ def register(tree: CommandTree) -> None:
     )
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to this endpoint")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    for flag, default, what in (
+        ("--attest-limit-per-node", DEFAULT_ATTEST_PER_NODE, "connection attempts per node id"),
+        (
+            "--attest-limit-per-source",
+            DEFAULT_ATTEST_PER_SOURCE,
+            "connection attempts per peer address (many daemons may share one)",
+        ),
+        ("--enroll-limit-per-source", DEFAULT_ENROLL_PER_SOURCE, "enrollments per peer address"),
+    ):
+        p.add_argument(
+            flag,
+            type=_limit,
+            default=Limit.parse(default),
+            metavar="N/PERIOD",
+            help=f"rate limit on {what}, e.g. 30/1m, or off (default {default})",
+        )
 
     p = tree.command(
         "relay operator-token",

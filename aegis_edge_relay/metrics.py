@@ -63,6 +63,12 @@ class RelayMetrics:
             ("reason",),
             registry=r,
         )
+        self.enrollment_refusals = Counter(
+            "aegis_edge_enrollment_refusals",
+            "Enrollment attempts refused, by reason.",
+            ("reason",),
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._daemon_counts: Tally[tuple[str, str]] = Tally()
         self._tenants: set[str] = set()

@@ -43,6 +43,16 @@ from aegis_edge_core.identity import (
 )
 from aegis_edge_core.identity.enrollment import EnrollmentGrant, redeem_enrollment
 from aegis_edge_core.identity.rotation import RotationProof, needs_refresh, verify_rotation
+from aegis_edge_core.ratelimit import (
+    ATTEST_PER_NODE,
+    ATTEST_PER_SOURCE,
+    ENROLL_PER_SOURCE,
+    AttemptLimits,
+    Decision,
+    KeyedLimiter,
+    Limit,
+    source_of,
+)
 from aegis_edge_core.session import (
     MAX_MESSAGE_BYTES,
     AttestationReceived,
@@ -105,6 +115,14 @@ class RelayConfig:
     heartbeat_flush_interval: float = 2.0
     drain_grace: float = 5.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    attest_limit_per_node: Limit | None = ATTEST_PER_NODE
+    attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
+    enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
+    """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
+
+
+def _limiter(limit: Limit | None) -> KeyedLimiter | None:
+    return KeyedLimiter(limit) if limit is not None else None
 
 
 def load_or_create_signing_key(data_dir: Path) -> RelaySigningKey:
@@ -143,6 +161,11 @@ class Relay:
         self._all_streams: set[StreamHandle] = set()
         self.draining = False
         self.dispatcher = Dispatcher(self)
+        self.attest_limits = AttemptLimits(
+            per_source=_limiter(config.attest_limit_per_source),
+            per_node=_limiter(config.attest_limit_per_node),
+        )
+        self.enroll_limits = AttemptLimits(per_source=_limiter(config.enroll_limit_per_source))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -525,6 +548,16 @@ class Relay:
             self._pending_heartbeats[node_id] = now
             self.metrics.heartbeats.labels(tenant=handle.tenant_id or "").inc()
         elif isinstance(event, HelloReceived):
+            # The per-node bucket is keyed on (node id, source): a node id is an unverified
+            # claim here, and a stranger flooding hellos that name it must not lock the
+            # real daemon (which connects from elsewhere) out.
+            source = source_of(handle.peer)
+            decision = self.attest_limits.check(
+                now, source=source, node=f"{event.node_id}@{source}"
+            )
+            if not decision.allowed:
+                self._refuse_rate_limited(handle, event.node_id, decision, now)
+                return
             handle.node_id = event.node_id
             handle.control = event.control
             handle.hello_token = event.node_token
@@ -548,6 +581,31 @@ class Relay:
             handle.session.refresh_token(issued.token, issued.claims.expires_at)
         elif isinstance(event, RotateKeyRequested):
             await self._rotate(handle, event, now)
+
+    def _refuse_rate_limited(
+        self, handle: StreamHandle, node_id: str, decision: Decision, now: float
+    ) -> None:
+        retry = round(max(decision.retry_after, 0.001), 3)
+        self.metrics.refusals.labels(reason="rate_limited").inc()
+        jsonlog.log(
+            "warning",
+            "stream.refused",
+            node_id=node_id,
+            reason="rate_limited",
+            retry_after_secs=retry,
+            peer=handle.peer,
+        )
+        handle.session.refuse(
+            "rate_limited",
+            f"too many connection attempts; retry in {retry:g}s",
+            now,
+            retry_after_secs=retry,
+        )
+        handle.close()
+
+    def check_enroll_rate(self, peer: str) -> Decision:
+        """May this peer try to enroll now? (Counts the attempt when it may.)"""
+        return self.enroll_limits.check(self.now(), source=source_of(peer))
 
     async def _attest(self, handle: StreamHandle, event: AttestationReceived, now: float) -> None:
         node_id = handle.node_id
@@ -686,6 +744,13 @@ class Relay:
         handle.session.key_rotated(
             issued.token, issued.claims.expires_at, verified.new_key_thumbprint
         )
+        live = self.streams.get(node.node_id)
+        if handle.control and live is not None and live is not handle:
+            # `aegis edge keys rotate` ran beside a running daemon, whose stream is still
+            # attested with the old key: drain it, so the daemon finishes what runs and
+            # reconnects with the new key and token from disk.
+            live.session.drain("key rotated on the host", reconnect_after_secs=0.0)
+            live.flush()
         jsonlog.log(
             "info",
             "key.rotated",

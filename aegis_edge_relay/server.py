@@ -29,6 +29,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
 from aegis_edge_core.identity import OPERATOR_TOKEN_TTL, TokenError, new_jti
+from aegis_edge_core.ratelimit import (
+    ATTEST_PER_NODE,
+    ATTEST_PER_SOURCE,
+    ENROLL_PER_SOURCE,
+    Limit,
+)
 from aegis_edge_core.session import MAX_MESSAGE_BYTES
 from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc
 from aegis_edge_relay import jsonlog, tracing
@@ -64,6 +70,9 @@ class ServeOptions:
     drain_grace: float = 5.0
     otlp_endpoint: str | None = None
     log_level: str = "info"
+    attest_limit_per_node: Limit | None = ATTEST_PER_NODE
+    attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
+    enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -175,6 +184,9 @@ async def serve(opts: ServeOptions) -> int:
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
+        attest_limit_per_node=opts.attest_limit_per_node,
+        attest_limit_per_source=opts.attest_limit_per_source,
+        enroll_limit_per_source=opts.enroll_limit_per_source,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = _ensure_admin_token(relay, data_dir)

@@ -95,9 +95,23 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: Context
     ) -> enrollment_pb2.EnrollResponse:
+        decision = self.relay.check_enroll_rate(context.peer())
+        if not decision.allowed:
+            retry = round(max(decision.retry_after, 0.001), 3)
+            self.relay.metrics.enrollment_refusals.labels(reason="rate_limited").inc()
+            jsonlog.log("warning", "enrollment.refused", reason="rate_limited", peer=context.peer())
+            context.set_trailing_metadata(
+                (("aegis-refusal-reason", "rate_limited"), ("retry-after", f"{retry:g}"))
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"enrollment refused (rate_limited): too many attempts from this address; "
+                f"retry in {retry:g}s",
+            )
         try:
             return await self.relay.enroll(request)
         except EnrollmentError as err:
+            self.relay.metrics.enrollment_refusals.labels(reason=err.reason).inc()
             jsonlog.log("warning", "enrollment.refused", reason=err.reason, error=err.message)
             context.set_trailing_metadata((("aegis-refusal-reason", err.reason),))
             await context.abort(
