@@ -1,0 +1,813 @@
+"""Scale harness: N daemons over TLS on one relay, beside the bare gRPC floor, in one run.
+
+    .venv/bin/python benchmarks/scale.py                      # N=10000, ~10 minutes
+    .venv/bin/python benchmarks/scale.py --daemons 1000 --quick   # ~2 minutes
+
+What it does (all on 127.0.0.1; every process it starts is in its own process group and is
+killed on exit, Ctrl-C or failure):
+
+1. starts a real relay (``python -m aegis_edge_cli relay serve``, port 0, read from
+   ``D/relay.json``) and enrolls N daemons through the Enrollment RPC, with tokens from
+   Admin ``IssueEnrollmentToken`` and ``D/operator.token`` (timed on its own);
+2. load generators (``scale_loadgen.py``, ~2500 daemons each, so each stays far below the
+   per-process file limit) connect 1k, 5k, N daemons; at each step the relay's RSS and CPU
+   (utime+stime per second, ``/proc/<pid>/stat``) are sampled over a window at a 30 s
+   heartbeat, later again at a 1 s heartbeat (stress);
+3. fleet runs of ``edge.ping`` over all connected daemons, mode ``all`` and ``rolling=1000``:
+   wall time, and per-node dispatch-to-result latency from the run's targets;
+4. reconnect storm: the relay is restarted (SIGTERM: drain; same port) with N attached --
+   seconds until ``aegis_edge_daemons_total{status="Connected"}`` is N again;
+5. the floor: ``scale_floor.py`` (a grpc.aio server that only holds the streams and reads
+   heartbeat-sized messages, same TLS, same server options) under the same N streams;
+6. one real ``aegis edge daemon`` idle (``benchmarks/daemon_idle.py``).
+
+Results: a table on stdout with each relay figure as a ratio to the floor, JSON in
+``benchmarks/results/latest.json`` (``--quick``: ``quick.json``) and, for full runs, the
+table in ``docs/benchmarks.md`` between the ``scale:begin``/``scale:end`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aegis_edge_core.wire import admin_pb2, admin_pb2_grpc, common_pb2
+from aegis_edge_relay.server import _grpc_options
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PER_WORKER = 2500
+TARGET = {
+    "relay_rss_mb": 1250.0,
+    "rss_ratio": 1.5,
+    "relay_cpu_cores_30s": 0.1,
+    "storm_seconds": 30.0,
+    "fleet_all_seconds": 5.0,
+    "daemon_idle_rss_mb": 30.0,
+    "daemon_idle_cpu_pct": 0.1,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every process the harness starts, each in its own session/process group."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
+        """SIGTERM the group, wait (bounded), SIGKILL; returns seconds it took."""
+        t0 = time.monotonic()
+        self.kill(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            proc.wait(10)
+        self.kill(proc)  # stragglers of the group
+        return time.monotonic() - t0
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                proc.wait(5)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_secs(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def sample(pid: int, window: float) -> dict[str, float]:
+    c0, t0 = cpu_secs(pid), time.monotonic()
+    peak = rss_mb(pid)
+    while time.monotonic() - t0 < window:
+        time.sleep(min(1.0, window))
+        peak = max(peak, rss_mb(pid))
+    c1, t1 = cpu_secs(pid), time.monotonic()
+    return {
+        "rss_mb": round(rss_mb(pid), 1),
+        "rss_peak_mb": round(peak, 1),
+        "cpu_cores": round((c1 - c0) / (t1 - t0), 4),
+        "window_s": round(t1 - t0, 1),
+        "fds": fd_count(pid),
+    }
+
+
+class Relay:
+    def __init__(self, procs: Procs, data_dir: Path) -> None:
+        self.procs = procs
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+        self.port = 0
+
+    def start(self, heartbeat: float, timeout: float = 120.0) -> float:
+        """Start (same port after the first start); returns seconds until relay.json."""
+        info = self.data_dir / "relay.json"
+        with contextlib.suppress(FileNotFoundError):
+            info.unlink()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        self.proc = self.procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "aegis_edge_cli",
+                "relay",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                f"{heartbeat}s",
+                "--stale-threshold",
+                f"{3 * heartbeat}s",
+            ],
+            stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
+            stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
+        )
+        while True:
+            if info.exists():
+                with contextlib.suppress(ValueError):
+                    data = json.loads(info.read_text())
+                    if data.get("pid") == self.proc.pid:
+                        self.info = data
+                        self.port = int(data["port"])
+                        return time.monotonic() - t0
+            if self.proc.poll() is not None:
+                tail = (self.data_dir / "stderr.log").read_text()[-2000:]
+                raise RuntimeError(f"relay exited with {self.proc.returncode}: {tail}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("relay did not write relay.json in time")
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        assert self.proc is not None
+        return self.procs.stop(self.proc, timeout=60)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return str(self.info["listen"])
+
+    def connected(self) -> int:
+        with urllib.request.urlopen(self.info["metrics"], timeout=10) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for m in re.finditer(
+            r"^aegis_edge_daemons_total\{([^}]*)\} ([0-9.e+]+)$", text, re.MULTILINE
+        ):
+            if 'status="Connected"' in m.group(1):
+                total += float(m.group(2))
+        return int(total)
+
+    def channel(self) -> grpc.Channel:
+        ca = Path(self.info["ca_cert"]).read_bytes()
+        return grpc.secure_channel(
+            self.address,
+            grpc.ssl_channel_credentials(root_certificates=ca),
+            options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)],
+        )
+
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        token = Path(self.info["operator_token"]).read_text().strip()
+        return (("authorization", f"Bearer {token}"),)
+
+
+class Workers:
+    """Load-generator processes, spoken to with JSON lines."""
+
+    def __init__(self, procs: Procs, count: int, address: str, ca: Path, log_dir: Path) -> None:
+        self.procs = procs
+        self.workers = []
+        for i in range(count):
+            proc = procs.spawn(
+                [sys.executable, str(HERE / "scale_loadgen.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=open(log_dir / f"loadgen-{i}.log", "ab"),  # noqa: SIM115
+            )
+            self.workers.append(proc)
+        self.all({"cmd": "init", "address": address, "ca": str(ca)}, per=lambda i: {"seed": i})
+
+    def all(
+        self, req: dict[str, Any], *, per: Any = None, timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
+        for i, proc in enumerate(self.workers):
+            body = dict(req, **(per(i) if per else {}))
+            assert proc.stdin is not None
+            proc.stdin.write((json.dumps(body) + "\n").encode())
+            proc.stdin.flush()
+        out = []
+        deadline = time.monotonic() + timeout
+        for proc in self.workers:
+            assert proc.stdout is not None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"load generator {proc.pid} did not answer {req['cmd']}")
+                ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
+                if ready:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"load generator {proc.pid} exited ({proc.returncode})")
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load generator {proc.pid} closed its pipe")
+            reply = json.loads(line)
+            if not reply.get("ok"):
+                raise RuntimeError(f"load generator {proc.pid}: {reply.get('error')}")
+            out.append(reply)
+        return out
+
+    def split(self, n: int) -> list[int]:
+        k = len(self.workers)
+        return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+    def target(self, n: int) -> None:
+        shares = self.split(n)
+        self.all({"cmd": "target"}, per=lambda i: {"n": shares[i]})
+
+    def floor(self, address: str, n: int, interval: float) -> None:
+        shares = self.split(n)
+        self.all(
+            {"cmd": "floor", "address": address, "interval": interval},
+            per=lambda i: {"n": shares[i]},
+        )
+
+    def stats(self) -> dict[str, Any]:
+        replies = self.all({"cmd": "stats"})
+        total: dict[str, Any] = {"errors": {}}
+        for r in replies:
+            for k in ("daemons", "connected", "attempts", "accepted", "results", "floor_open"):
+                total[k] = total.get(k, 0) + r[k]
+            for k, v in r["errors"].items():
+                total["errors"][k] = total["errors"].get(k, 0) + v
+        total["pids"] = [p.pid for p in self.workers]
+        return total
+
+
+def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.25) -> float:
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- phases
+
+
+def hold(relay: Relay, workers: Workers, n: int, window: float, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    workers.target(n)
+    last: dict[str, Any] = {}
+
+    def ready() -> bool:
+        nonlocal last
+        last = workers.stats()
+        return bool(last["connected"] >= n and relay.connected() >= n)
+
+    try:
+        wait_for(ready, timeout, f"{n} daemons connected", interval=0.5)
+    except RuntimeError:
+        log(f"  not all connected: {last}")
+        raise
+    connect_s = time.monotonic() - t0
+    time.sleep(min(3.0, window / 3))
+    res = sample(relay.pid, window)
+    res["connect_s"] = round(connect_s, 1)
+    return res
+
+
+def hold_floor(
+    pid: int, workers: Workers, address: str, n: int, hb: float, window: float, timeout: float
+) -> dict[str, Any]:
+    workers.floor(address, n, hb)
+    wait_for(lambda: workers.stats()["floor_open"] >= n, timeout, f"{n} floor streams", 0.5)
+    time.sleep(min(3.0, window / 3))
+    return sample(pid, window)
+
+
+def fleet_run(relay: Relay, mode: str, timeout: float) -> dict[str, Any]:
+    spec = admin_pb2.FleetRunSpec(
+        selector="all", tool="edge.ping", mode=mode, args_json='{"echo": "bench"}'
+    )
+    with relay.channel() as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        t0 = time.monotonic()
+        c0 = cpu_secs(relay.pid)
+        finished = None
+        first_result = None
+        for event in admin.StartFleetRun(spec, metadata=relay.auth(), timeout=timeout):
+            kind = event.WhichOneof("body")
+            if kind == "target_finished" and first_result is None:
+                first_result = time.monotonic() - t0
+            if kind == "finished":
+                finished = event.finished
+        wall = time.monotonic() - t0
+        cpu = cpu_secs(relay.pid) - c0
+    assert finished is not None, "no finished event"
+    lat = sorted(
+        t.finished_at - t.dispatched_at
+        for t in finished.targets
+        if t.finished_at and t.dispatched_at
+    )
+    ok = sum(1 for t in finished.targets if t.outcome == common_pb2.TARGET_OUTCOME_OK)
+
+    def pct(p: float) -> float:
+        if not lat:
+            return float("nan")
+        return round(1000 * lat[min(len(lat) - 1, math.ceil(p * len(lat)) - 1)], 1)
+
+    return {
+        "mode": mode,
+        "wall_s": round(wall, 2),
+        "targets": len(finished.targets),
+        "ok": ok,
+        "skipped": len(finished.skipped),
+        "outcome": common_pb2.RunOutcome.Name(finished.outcome),
+        "latency_ms_p50": pct(0.50),
+        "latency_ms_p99": pct(0.99),
+        "latency_ms_max": pct(1.0),
+        "first_result_s": round(first_result or 0.0, 3),
+        "relay_cpu_s": round(cpu, 2),
+    }
+
+
+def storm(relay: Relay, workers: Workers, n: int, hb: float, timeout: float) -> dict[str, Any]:
+    stop_s = relay.stop()
+    t0 = time.monotonic()
+    listen_s = relay.start(hb)
+    t_listen = time.monotonic()
+    c0 = cpu_secs(relay.pid)
+    first = None
+
+    def all_connected() -> bool:
+        nonlocal first
+        c = relay.connected()
+        if c and first is None:
+            first = time.monotonic()
+        return c >= n
+
+    wait_for(all_connected, timeout, f"{n} daemons reconnected", interval=0.1)
+    t_all = time.monotonic()
+    cpu = cpu_secs(relay.pid) - c0
+    st = workers.stats()
+    return {
+        "relay_stop_s": round(stop_s, 2),
+        "relay_start_s": round(listen_s, 2),
+        "storm_s": round(t_all - t0, 2),
+        "storm_from_listen_s": round(t_all - t_listen, 2),
+        "first_connected_after_listen_s": round((first or t_all) - t_listen, 2),
+        "attestations_per_s": round(n / max(1e-6, t_all - (first or t_listen)), 1),
+        "relay_cpu_cores_during": round(cpu / max(1e-6, t_all - t_listen), 2),
+        "relay_rss_mb_after": round(rss_mb(relay.pid), 1),
+        "client_attempts_total": st["attempts"],
+        "client_errors": st["errors"],
+    }
+
+
+def daemon_idle(seconds: float) -> dict[str, Any]:
+    script = HERE / "daemon_idle.py"
+    if not script.exists():
+        return {"error": "benchmarks/daemon_idle.py missing"}
+    out = subprocess.run(
+        [sys.executable, str(script), "--seconds", str(seconds)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=seconds + 120,
+        start_new_session=True,
+        check=False,
+    )
+    for line in reversed(out.stdout.decode().splitlines()):
+        with contextlib.suppress(ValueError):
+            data: dict[str, Any] = json.loads(line)
+            return data
+    return {"error": out.stderr.decode()[-500:]}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024
+    import resource
+
+    import grpc as g
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_mb": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": g.__version__,
+        "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+def commit() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, check=False
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "aegis_edge_relay", "aegis_edge_core"],
+        cwd=REPO,
+        capture_output=True,
+        check=False,
+    )
+    return out.stdout.decode().strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def verdict(value: float | None, limit: float) -> str:
+    if value is None:
+        return "-"
+    return "met" if value <= limit else "MISSED"
+
+
+def table(res: dict[str, Any]) -> str:
+    n = res["daemons"]
+    lab = label(n)
+    rows = [
+        "| figure | relay | floor | relay/floor | target | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for hb_key, hb_name in (("hb30", "30 s"), ("hb1", "1 s")):
+        for step in res["steps"]:
+            r = res["relay"].get(hb_key, {}).get(str(step))
+            f = res["floor"].get(hb_key, {}).get(str(step))
+            if r is None:
+                continue
+            tgt_rss = tgt_cpu = ""
+            ok_rss = ok_cpu = ""
+            if step == n and hb_key == "hb30":
+                tgt_rss = f"<= {TARGET['relay_rss_mb']:.0f} MB, <= 1.5x floor"
+                ok_rss = (
+                    "met"
+                    if r["rss_mb"] <= TARGET["relay_rss_mb"]
+                    and f
+                    and r["rss_mb"] / f["rss_mb"] <= TARGET["rss_ratio"]
+                    else "MISSED"
+                )
+                tgt_cpu = "<= 0.1 core"
+                ok_cpu = verdict(r["cpu_cores"], TARGET["relay_cpu_cores_30s"])
+            rows.append(
+                f"| RSS, {label(step)} daemons, {hb_name} heartbeat | {r['rss_mb']:.0f} MB "
+                f"| {f['rss_mb']:.0f} MB | {ratio(r['rss_mb'], f['rss_mb'] if f else None)} "
+                f"| {tgt_rss} | {ok_rss} |"
+                if f
+                else f"| RSS, {label(step)} daemons, {hb_name} heartbeat | {r['rss_mb']:.0f} MB"
+                f" | - | - | {tgt_rss} | {ok_rss} |"
+            )
+            fc = f["cpu_cores"] if f else None
+            rows.append(
+                f"| CPU (cores), {label(step)} daemons, {hb_name} heartbeat | {r['cpu_cores']:.3f} "
+                f"| {fc if fc is not None else '-'} | {ratio(r['cpu_cores'], fc)} | {tgt_cpu} "
+                f"| {ok_cpu} |"
+            )
+    st = res.get("storm")
+    if st:
+        rows.append(
+            f"| reconnect storm, {lab} (s to all Connected, from restart) | {st['storm_s']} | - "
+            f"| - | <= 30 s | {verdict(st['storm_s'], TARGET['storm_seconds'])} |"
+        )
+        rows.append(f"| storm: attestations per second | {st['attestations_per_s']} | - | - | | |")
+    for fr in res.get("fleet", []):
+        tgt = "<= 5 s" if fr["mode"] == "all" else ""
+        ok = verdict(fr["wall_s"], TARGET["fleet_all_seconds"]) if fr["mode"] == "all" else ""
+        rows.append(
+            f"| fleet edge.ping, {fr['targets']} targets, mode {fr['mode']}: wall s "
+            f"(p50 / p99 ms) | {fr['wall_s']} ({fr['latency_ms_p50']} / "
+            f"{fr['latency_ms_p99']}) | - | - | {tgt} | {ok} |"
+        )
+    en = res.get("enrollment")
+    if en:
+        rows.append(
+            f"| enrollment of {lab} via RPC (s; per s) | {en['seconds']} ({en['per_s']}/s) "
+            "| - | - | | |"
+        )
+    idle = res.get("daemon_idle", {})
+    if "rss_mib" in idle:
+        rss = idle["rss_mib"]["max"]
+        cpu = idle["cpu_percent_of_one_core"]
+        rows.append(
+            f"| idle daemon RSS (MB, max) | {rss} | - | - | <= 30 MB | {verdict(rss, 30.0)} |"
+        )
+        rows.append(
+            f"| idle daemon CPU (% of a core) | {cpu} | - | - | <= 0.1 % | {verdict(cpu, 0.1)} |"
+        )
+    return "\n".join(rows)
+
+
+def write_docs(res: dict[str, Any], text: str) -> None:
+    doc = REPO / "docs" / "benchmarks.md"
+    if not doc.exists():
+        return
+    body = doc.read_text()
+    begin, end = "<!-- scale:begin -->", "<!-- scale:end -->"
+    if begin not in body or end not in body:
+        return
+    head, rest = body.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    m = res["machine"]
+    stamp = (
+        f"Measured {res['date']} at commit `{res['commit']}` on {m['cpus']} CPUs "
+        f"({m['cpu_model']}), {m['mem_mb'] // 1024} GB, Python {m['python']}, grpcio "
+        f"{m['grpcio']}, with `{res['command']}`.\n\n"
+    )
+    doc.write_text(head + begin + "\n" + stamp + text + "\n" + end + tail)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
+    n = args.daemons
+    steps = sorted({s for s in (args.steps or [1000, 5000, n]) if s <= n} | {n})
+    if args.quick:
+        steps = [n]
+    win30 = args.window or (10.0 if args.quick else 30.0)
+    win1 = 5.0 if args.quick else 10.0
+    connect_timeout = max(60.0, n / 50)
+    res: dict[str, Any] = {
+        "daemons": n,
+        "steps": steps,
+        "quick": args.quick,
+        "machine": machine(),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "relay": {},
+        "floor": {},
+    }
+    data_dir = root / "relay"
+    relay = Relay(procs, data_dir)
+    log(f"relay: starting (30 s heartbeat) in {data_dir}")
+    relay.start(30.0)
+    res["relay_idle_rss_mb"] = round(rss_mb(relay.pid), 1)
+    nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
+    workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
+    log(f"enrolling {n} daemons through the Enrollment RPC ({nworkers} load generators)")
+    t0 = time.monotonic()
+    shares = workers.split(n)
+    workers.all(
+        {
+            "cmd": "enroll",
+            "token_path": relay.info["operator_token"],
+            "tenant": "bench",
+            "conc": 32,
+        },
+        per=lambda i: {"count": shares[i]},
+        timeout=max(120.0, n / 20),
+    )
+    secs = time.monotonic() - t0
+    res["enrollment"] = {"seconds": round(secs, 1), "per_s": round(n / secs, 1)}
+    log(f"  enrolled in {secs:.1f}s ({n / secs:.0f}/s)")
+    # The enrollment left its mark on the heap: restart so step figures start clean.
+    relay.stop()
+    relay.start(30.0)
+    workers.all({"cmd": "address", "address": relay.address})
+
+    res["relay"]["hb30"] = {}
+    for step in steps:
+        log(f"relay, 30 s heartbeat: holding {step} daemons")
+        r = hold(relay, workers, step, win30, connect_timeout)
+        res["relay"]["hb30"][str(step)] = r
+        log(f"  {r}")
+
+    res["fleet"] = []
+    for mode in ("all", "rolling=1000"):
+        log(f"fleet run edge.ping over {n}, mode {mode}")
+        fr = fleet_run(relay, mode, timeout=max(120.0, n / 50))
+        res["fleet"].append(fr)
+        log(f"  {fr}")
+
+    log(f"reconnect storm: restarting the relay with {n} daemons attached")
+    st = storm(relay, workers, n, 30.0, timeout=max(120.0, n / 40))
+    res["storm"] = st
+    log(f"  {st}")
+
+    if not args.skip_stress:
+        workers.target(0)
+        wait_for(lambda: workers.stats()["connected"] == 0, 60, "all daemons disconnected")
+        relay.stop()
+        relay.start(1.0)
+        res["relay"]["hb1"] = {}
+        for step in steps:
+            log(f"relay, 1 s heartbeat (stress): holding {step} daemons")
+            r = hold(relay, workers, step, win1, connect_timeout)
+            res["relay"]["hb1"][str(step)] = r
+            log(f"  {r}")
+    workers.target(0)
+    wait_for(lambda: workers.stats()["connected"] == 0, 60, "all daemons disconnected")
+    relay.stop()
+
+    # ---- the floor, same TLS certificate, same server options, same streams
+    for hb_key, hb, win in (("hb30", 30.0, win30), ("hb1", 1.0, win1)):
+        if hb_key == "hb1" and args.skip_stress:
+            continue
+        out = root / f"floor-{hb_key}.json"
+        floor = procs.spawn(
+            [
+                sys.executable,
+                str(HERE / "scale_floor.py"),
+                "--cert",
+                str(data_dir / "server.pem"),
+                "--key",
+                str(data_dir / "server.key"),
+                "--out",
+                str(out),
+                "--options",
+                json.dumps(_grpc_options()),
+            ],
+            stdout=open(root / "floor.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(out.exists, 30, "floor server")
+        info = json.loads(out.read_text())
+        address = f"127.0.0.1:{info['port']}"
+        res["floor"][hb_key] = {}
+        for step in steps:
+            log(f"floor, {hb:g} s heartbeat: holding {step} streams")
+            f = hold_floor(floor.pid, workers, address, step, hb, win, connect_timeout)
+            res["floor"][hb_key][str(step)] = f
+            log(f"  {f}")
+        workers.floor(address, 0, hb)
+        procs.stop(floor)
+    workers.all({"cmd": "quit"})
+
+    if not args.skip_idle:
+        secs = 20.0 if args.quick else 60.0
+        log(f"idle daemon: benchmarks/daemon_idle.py --seconds {secs:g}")
+        res["daemon_idle"] = daemon_idle(secs)
+        log(f"  {res['daemon_idle']}")
+
+    # ---- headline keys
+    lab = label(n)
+    r30 = res["relay"]["hb30"][str(n)]
+    f30 = res["floor"].get("hb30", {}).get(str(n), {})
+    all_run = next(fr for fr in res["fleet"] if fr["mode"] == "all")
+    idle = res.get("daemon_idle", {})
+    res.update(
+        {
+            f"relay_rss_mb_{lab}": r30["rss_mb"],
+            f"floor_rss_mb_{lab}": f30.get("rss_mb"),
+            f"relay_floor_rss_ratio_{lab}": round(r30["rss_mb"] / f30["rss_mb"], 2)
+            if f30
+            else None,
+            f"relay_cpu_cores_{lab}_30s": r30["cpu_cores"],
+            f"floor_cpu_cores_{lab}_30s": f30.get("cpu_cores"),
+            f"relay_cpu_cores_{lab}_1s": res["relay"]
+            .get("hb1", {})
+            .get(str(n), {})
+            .get("cpu_cores"),
+            f"floor_cpu_cores_{lab}_1s": res["floor"]
+            .get("hb1", {})
+            .get(str(n), {})
+            .get("cpu_cores"),
+            f"storm_seconds_{lab}": st["storm_s"],
+            f"storm_attestations_per_s_{lab}": st["attestations_per_s"],
+            f"fleet_all_seconds_{lab}": all_run["wall_s"],
+            f"fleet_rolling1000_seconds_{lab}": res["fleet"][1]["wall_s"],
+            "daemon_idle_rss_mb": idle.get("rss_mib", {}).get("max"),
+            "daemon_idle_cpu_pct": idle.get("cpu_percent_of_one_core"),
+        }
+    )
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--daemons", type=int, default=10_000, help="N (default 10000)")
+    ap.add_argument("--quick", action="store_true", help="only N, short windows (~2 min at 1000)")
+    ap.add_argument(
+        "--steps", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1000,5000,10000"
+    )
+    ap.add_argument("--window", type=float, help="sampling window at 30 s heartbeat (s)")
+    ap.add_argument("--workers", type=int, help=f"load generators (default N/{PER_WORKER})")
+    ap.add_argument("--skip-stress", action="store_true", help="no 1 s heartbeat phase")
+    ap.add_argument("--skip-idle", action="store_true", help="no idle-daemon measurement")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/latest.json|quick.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = ap.parse_args()
+
+    procs = Procs()
+    root = Path(tempfile.mkdtemp(prefix="aegis-scale-"))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        res = run(args, procs, root)
+    except KeyboardInterrupt:
+        log("interrupted: killing everything this run started")
+        return 130
+    finally:
+        procs.kill_all()
+        if args.keep:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    text = table(res)
+    print()
+    print(text)
+    out = (
+        Path(args.out)
+        if args.out
+        else HERE / "results" / ("quick.json" if args.quick else "latest.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    log(f"results: {out}")
+    if not args.quick and not args.no_docs and args.daemons == 10_000:
+        write_docs(res, text)
+        log("docs/benchmarks.md updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
