@@ -7,14 +7,22 @@ live half of ``drive_fleet_run.py`` runs against a real relay with scripted daem
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import os
 import subprocess
 import sys
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from aegis_edge_core.wire import admin_pb2
+from aegis_edge_agent.tools import BUILTIN, Tool, ToolContext
+from aegis_edge_core import tools_spec
+from aegis_edge_core.config import DEFAULT_CONFIG, parse_config
+from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
 from tests.relay.daemon_driver import DaemonDriver, RelayProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +196,113 @@ async def _live_run(relay: RelayProcess) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(
         ["drive_fleet_run.py", "run"], child.returncode, stdout.decode(), stderr.decode()
     )
+
+
+# --------------------------------------------------------------------------- tool plugin
+
+
+@pytest.fixture
+def plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    module = importlib.import_module("aegis_example_disk_tool")
+    yield module
+    sys.modules.pop("aegis_example_disk_tool", None)
+
+
+def _run_tool(tool: Tool, args: dict[str, Any]) -> tuple[stream_pb2.CommandResult, list[bytes]]:
+    """What the daemon does per call: a ToolContext in, a ToolResult out, shaped by the core."""
+    chunks: list[bytes] = []
+    context = ToolContext(command_id="cmd-1", emit=lambda stream, data: chunks.append(data))
+    result = asyncio.run(tool.run(args, context))
+    shaped = tools_spec.build_result(
+        "cmd-1",
+        result.kind,
+        started_at=1.0,
+        finished_at=2.0,
+        message=result.message,
+        exit_code=result.exit_code,
+        capture=context.capture,
+        result_json=result.result_json,
+    )
+    return shaped, chunks
+
+
+def test_plugin_satisfies_the_tool_protocol(plugin: Any) -> None:
+    tool = plugin.DiskUsage()
+    assert isinstance(tool, Tool)
+    assert tool.name == "example.disk_usage"
+    assert tool.name not in BUILTIN
+
+
+def test_plugin_runs_like_the_daemon_runs_it(plugin: Any, tmp_path: Path) -> None:
+    result, chunks = _run_tool(plugin.DiskUsage(), {"path": str(tmp_path)})
+    assert result.outcome == common_pb2.TARGET_OUTCOME_OK
+    assert result.exit_code == 0 and result.has_exit_code
+    body = json.loads(result.result_json)
+    assert body["path"] == str(tmp_path)
+    assert body["total"] >= body["used"] > 0
+    assert b"% used of" in b"".join(chunks)
+    assert result.stdout_tail == b"".join(chunks)
+
+    # Fuller than warn_percent=0: the tool fails with exit 1, the target ends `error`.
+    result, _ = _run_tool(plugin.DiskUsage(), {"path": str(tmp_path), "warn_percent": 0})
+    assert result.outcome == common_pb2.TARGET_OUTCOME_ERROR
+    assert result.exit_code == 1
+    assert "full (warn_percent 0)" in result.error_message
+
+    result, _ = _run_tool(plugin.DiskUsage(), {"path": str(tmp_path / "missing")})
+    assert result.outcome == common_pb2.TARGET_OUTCOME_ERROR
+    assert "cannot stat" in result.error_message
+
+
+@pytest.mark.parametrize(
+    "args", [{"path": ""}, {"warn_percent": 101}, {"warn_percent": True}, {"colour": "red"}]
+)
+def test_plugin_validates_its_arguments(plugin: Any, args: dict[str, Any]) -> None:
+    with pytest.raises(tools_spec.ToolArgumentError, match=r"^example\.disk_usage"):
+        asyncio.run(plugin.DiskUsage().run(args, ToolContext(command_id="cmd-1")))
+
+
+def test_plugin_is_denied_until_the_host_allows_it() -> None:
+    assert not DEFAULT_CONFIG.policy().evaluate("example.disk_usage").allowed
+    local = parse_config("tools:\n  allow: [sys.info, edge.ping, 'example.*']\n")
+    assert local.policy().evaluate("example.disk_usage", {"path": "/"}).allowed
+
+
+def test_plugin_entry_point_is_found_by_the_daemon(tmp_path: Path) -> None:
+    """``load_plugins()`` finds it through ``aegis_edge.tools`` -- nothing installed: a
+    dist-info directory on PYTHONPATH is all ``importlib.metadata`` needs."""
+    project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
+    dist = tmp_path / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    group = project["entry-points"]["aegis_edge.tools"]
+    lines = [f"{name} = {target}" for name, target in group.items()]
+    (dist / "entry_points.txt").write_text("[aegis_edge.tools]\n" + "\n".join(lines) + "\n")
+    code = (
+        "from aegis_edge_agent.tools import load_plugins\n"
+        "errors = []\n"
+        "tools = load_plugins(lambda name, err: errors.append((name, err)))\n"
+        "print(sorted(tools), errors)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(PLUGIN_DIR)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "'example.disk_usage'" in proc.stdout
+    assert proc.stdout.strip().endswith("[]")  # no plugin failed to load
+
+
+def test_plugin_script_runs_standalone() -> None:
+    proc = run_example("examples/custom_tool_plugin/aegis_example_disk_tool.py", str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["path"] == str(REPO)
