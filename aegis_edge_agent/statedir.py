@@ -114,6 +114,10 @@ class StateDir:
         atomic_write(self.file(name), data, mode=hs.REQUIRED_MODES.get(name, hs.SECRET_MODE))
 
     def existing_enrollment(self) -> list[str]:
+        """The credential files of a live enrollment. After `aegis edge logout` deleted
+        node.key and node.token there is no identity left to protect, so none count."""
+        if not (self.key_path.exists() or self.token_path.exists()):
+            return []
         return [n for n in hs.ENROLLMENT_FILES if self.file(n).exists()]
 
     def is_enrolled(self) -> bool:
