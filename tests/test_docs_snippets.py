@@ -1,4 +1,5 @@
-"""Every ```python block of docs/embedding.md runs, so the embedder guide cannot rot.
+"""Every ```python block of docs/embedding.md runs, and every ``aegis`` command in the docs
+parses with the real command tree, so the guides cannot rot.
 
 The blocks form one tutorial: each runs in the namespace the blocks before it built (as a
 reader pasting them into one session would), and a block's ``assert`` lines are its
@@ -8,7 +9,12 @@ not run. A failure names the block's first line in the Markdown file.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
+import io
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import FrameType
@@ -16,7 +22,10 @@ from typing import Any
 
 import pytest
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "embedding.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOC = DOCS / "embedding.md"
+# The pages this suite owns; security.md, benchmarks.md and protocol.md have their own.
+CLI_PAGES = ("operator-guide.md", "embedding.md", "architecture.md", "README.md")
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -91,3 +100,71 @@ def test_every_assert_in_the_guide_ran() -> None:
         if text.strip().startswith("assert ") and (f"{DOC}:{line}", offset) not in _executed
     ]
     assert not skipped, "\n".join(skipped)
+
+
+# --------------------------------------------------------------------------- CLI commands
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """argv (after ``aegis``) of every ``aegis`` command in the ```sh blocks of ``text``."""
+    commands = []
+    for match in _FENCE.finditer(text):
+        if match.group(1) != "sh":
+            continue
+        for line in match.group(2).replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for stop in ("|", "&&", ";", ">", "&"):
+                if stop in words:
+                    words = words[: words.index(stop)]
+            if "aegis" in words:
+                commands.append(words[words.index("aegis") + 1 :])
+    return commands
+
+
+def inline_commands(text: str) -> list[list[str]]:
+    """argv of every `aegis edge ...` / `aegis relay ...` code span in the prose."""
+    spans = re.findall(r"(?<!`)`(aegis (?:edge|relay)\b[^`]*)`", text)
+    return [shlex.split(span)[1:] for span in spans if "..." not in span]
+
+
+@functools.cache
+def _cli() -> argparse.ArgumentParser:
+    from aegis_edge_cli import build
+
+    return build().parser
+
+
+def _parse(argv: list[str]) -> int:
+    parser = _cli()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize("page", CLI_PAGES)
+def test_every_cli_command_in_the_docs_exists(page: str) -> None:
+    path = DOCS / page
+    if not path.exists():
+        pytest.skip(f"{page} not written yet")
+    text = path.read_text()
+    bad = ["aegis " + shlex.join(argv) for argv in shell_commands(text) if _parse(argv) != 0]
+    # Prose mentions may leave out required flags: only the command path must exist.
+    bad += [
+        "aegis " + shlex.join(argv)
+        for argv in inline_commands(text)
+        if _parse([*argv, "--help"]) != 0
+    ]
+    assert not bad, f"{page}: commands the CLI refuses:\n" + "\n".join(bad)
+
+
+def test_the_cli_check_catches_a_wrong_command() -> None:
+    assert _parse(["edge", "fleet", "run", "--target", "all", "--tool", "edge.ping"]) == 0
+    assert _parse(["edge", "fleet", "run", "--target", "all"]) != 0  # --tool is required
+    assert _parse(["edge", "fleet", "rollout", "--help"]) != 0
+    assert shell_commands("```sh\nFOO=1 aegis edge ls --connected | jq . # hi\n```\n") == [
+        ["edge", "ls", "--connected"]
+    ]
