@@ -16,6 +16,7 @@ import io
 import re
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +27,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOC = DOCS / "embedding.md"
 # The pages this suite owns; security.md, benchmarks.md and protocol.md have their own.
 CLI_PAGES = ("operator-guide.md", "embedding.md", "architecture.md", "README.md")
-_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -35,7 +36,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     for match in _FENCE.finditer(text):
         if match.group(1) == "python":
             line = text.count("\n", 0, match.start(2)) + 1
-            blocks.append((line, match.group(2)))
+            blocks.append((line, textwrap.dedent(match.group(2))))
     return blocks
 
 
@@ -45,7 +46,7 @@ BLOCKS = python_blocks(DOC.read_text())
 def test_the_guide_has_checked_snippets() -> None:
     assert len(BLOCKS) >= 12
     # The extractor sees every fence: an unterminated one would swallow the rest silently.
-    fences = [line for line in DOC.read_text().splitlines() if line.startswith("```")]
+    fences = [line for line in DOC.read_text().splitlines() if line.lstrip().startswith("```")]
     assert len(fences) % 2 == 0
 
 
