@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import attrs
 from google.protobuf.message import DecodeError
@@ -279,37 +279,84 @@ def _refusal_value(reason: str) -> common_pb2.RefusalReason.ValueType:
         ) from None
 
 
-class _Base:
-    _limit: int
-    _outbox: list[stream_pb2.DaemonMessage] | list[stream_pb2.RelayMessage]
+_State = TypeVar("_State", RelayState, DaemonState)
+_In = TypeVar("_In", stream_pb2.DaemonMessage, stream_pb2.RelayMessage)
+_Out = TypeVar("_Out", stream_pb2.DaemonMessage, stream_pb2.RelayMessage)
 
-    def _violation(
-        self, message: str, *, hint: str = "", status: str = "INVALID_ARGUMENT"
-    ) -> RemoteProtocolError:
-        self._close()
-        return RemoteProtocolError(message, hint=hint, grpc_status=status)
 
-    def _close(self) -> None:
-        raise NotImplementedError
+class _Session(Generic[_State, _In, _Out]):
+    """What both ends share: parsing, the receive table lookup, the outbox, closing."""
 
-    def _parse(
-        self, cls: type[stream_pb2.DaemonMessage] | type[stream_pb2.RelayMessage], data: bytes
-    ) -> stream_pb2.DaemonMessage | stream_pb2.RelayMessage:
+    _incoming: type[_In]
+    _receive_table: Mapping[tuple[_State, str], _State]
+    _closed: _State
+    _peer: str
+    _newer_peer_hint: str
+    _order_hint: str
+
+    def __init__(self, initial: _State, max_message_bytes: int) -> None:
+        self.state: _State = initial
+        self._limit = max_message_bytes
+        self._outbox: list[_Out] = []
+
+    def receive_bytes(self, data: bytes, now: float) -> list[Event]:
+        """Parse one raw frame and :meth:`receive` it."""
+        self._require_open()
         if len(data) > self._limit:
             raise self._violation(
                 f"frame of {len(data)} bytes exceeds the {self._limit}-byte limit",
                 hint="split output into smaller chunks",
                 status="RESOURCE_EXHAUSTED",
             )
-        msg = cls()
+        msg = self._incoming()
         try:
             msg.ParseFromString(data)
         except DecodeError as err:
             raise self._violation(
-                f"frame is not a valid {cls.DESCRIPTOR.name}: {err}",
+                f"frame is not a valid {self._incoming.DESCRIPTOR.name}: {err}",
                 hint="the peer speaks another protocol or its frame was corrupted",
             ) from None
-        return msg
+        return self.receive(msg, now)
+
+    def receive(self, msg: _In, now: float) -> list[Event]:
+        """Take one message from the peer; return what it means, in order."""
+        self._require_open()
+        kind = msg.WhichOneof("body")
+        if kind is None:
+            raise self._violation(
+                f"empty or unknown {self._peer} message", hint=self._newer_peer_hint
+            )
+        after = self._receive_table.get((self.state, kind))
+        if after is None:
+            raise self._violation(
+                f"{self._peer} sent {kind!r} while the stream is {self.state.value}",
+                hint=self._order_hint,
+                status="FAILED_PRECONDITION",
+            )
+        events = self._handle(kind, msg, now)
+        if self.state is not self._closed:
+            self.state = after
+        return events
+
+    def _handle(self, kind: str, msg: _In, now: float) -> list[Event]:
+        raise NotImplementedError
+
+    def messages_to_send(self) -> list[_Out]:
+        """Everything queued for the peer since the last call, in order."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _violation(
+        self, message: str, *, hint: str = "", status: str = "INVALID_ARGUMENT"
+    ) -> RemoteProtocolError:
+        self.state = self._closed
+        return RemoteProtocolError(message, hint=hint, grpc_status=status)
+
+    def _require_open(self) -> None:
+        if self.state is self._closed:
+            raise RemoteProtocolError(
+                "message on a closed stream", grpc_status="FAILED_PRECONDITION"
+            )
 
 
 # --------------------------------------------------------------------------- relay side
@@ -350,48 +397,24 @@ _RELAY_SEND: Final[Mapping[str, tuple[frozenset[RelayState], RelayState | None]]
 }
 
 
-class RelaySession(_Base):
+class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.RelayMessage]):
     """The relay's end of one daemon stream."""
 
+    _incoming = stream_pb2.DaemonMessage
+    _receive_table = _RELAY_RECEIVE
+    _closed = RelayState.CLOSED
+    _peer = "daemon"
+    _newer_peer_hint = "the daemon may be newer than this relay; upgrade the relay"
+    _order_hint = "the daemon broke the handshake order; it should reconnect"
+
     def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.state = RelayState.AWAITING_HELLO
-        self._limit = max_message_bytes
-        self._outbox: list[stream_pb2.RelayMessage] = []
+        super().__init__(RelayState.AWAITING_HELLO, max_message_bytes)
         self.node_id: str | None = None
         self.tenant_id: str | None = None
         self.control = False
         self.nonce: bytes | None = None
         self._in_flight: set[str] = set()
         self._answered: set[str] = set()
-
-    # -- receiving
-
-    def receive_bytes(self, data: bytes, now: float) -> list[Event]:
-        """Parse one raw frame and :meth:`receive` it."""
-        self._require_open()
-        msg = self._parse(stream_pb2.DaemonMessage, data)
-        assert isinstance(msg, stream_pb2.DaemonMessage)
-        return self.receive(msg, now)
-
-    def receive(self, msg: stream_pb2.DaemonMessage, now: float) -> list[Event]:
-        self._require_open()
-        kind = msg.WhichOneof("body")
-        if kind is None:
-            raise self._violation(
-                "empty or unknown daemon message",
-                hint="the daemon may be newer than this relay; upgrade the relay",
-            )
-        after = _RELAY_RECEIVE.get((self.state, kind))
-        if after is None:
-            raise self._violation(
-                f"daemon sent {kind!r} while the stream is {self.state.value}",
-                hint="the daemon broke the handshake order; it should reconnect",
-                status="FAILED_PRECONDITION",
-            )
-        events = self._handle(kind, msg, now)
-        if self.state is not RelayState.CLOSED:
-            self.state = after
-        return events
 
     def _handle(self, kind: str, msg: stream_pb2.DaemonMessage, now: float) -> list[Event]:
         if kind == "hello":
@@ -623,22 +646,9 @@ class RelaySession(_Base):
         self.state = RelayState.CLOSED
         return lost
 
-    def messages_to_send(self) -> list[stream_pb2.RelayMessage]:
-        out, self._outbox = self._outbox, []
-        return out
-
     @property
     def in_flight(self) -> frozenset[str]:
         return frozenset(self._in_flight)
-
-    def _require_open(self) -> None:
-        if self.state is RelayState.CLOSED:
-            raise RemoteProtocolError(
-                "message on a closed stream", grpc_status="FAILED_PRECONDITION"
-            )
-
-    def _close(self) -> None:
-        self.state = RelayState.CLOSED
 
 
 # --------------------------------------------------------------------------- daemon side
@@ -678,13 +688,18 @@ _DAEMON_SEND: Final[Mapping[str, tuple[frozenset[DaemonState], DaemonState | Non
 }
 
 
-class DaemonSession(_Base):
+class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.DaemonMessage]):
     """The daemon's end of its stream to the relay."""
 
+    _incoming = stream_pb2.RelayMessage
+    _receive_table = _DAEMON_RECEIVE
+    _closed = DaemonState.CLOSED
+    _peer = "relay"
+    _newer_peer_hint = "the relay may be newer than this daemon; upgrade it"
+    _order_hint = "reconnect; if it repeats, the relay is broken or not an aegis relay"
+
     def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.state = DaemonState.IDLE
-        self._limit = max_message_bytes
-        self._outbox: list[stream_pb2.DaemonMessage] = []
+        super().__init__(DaemonState.IDLE, max_message_bytes)
         self.node_id: str | None = None
         self.nonce: bytes | None = None
         self.control = False
@@ -693,35 +708,7 @@ class DaemonSession(_Base):
         self._heartbeat_seq = 0
         self._last_acked_seq = 0
 
-    # -- receiving
-
-    def receive_bytes(self, data: bytes, now: float) -> list[Event]:
-        self._require_open()
-        msg = self._parse(stream_pb2.RelayMessage, data)
-        assert isinstance(msg, stream_pb2.RelayMessage)
-        return self.receive(msg, now)
-
-    def receive(self, msg: stream_pb2.RelayMessage, now: float) -> list[Event]:
-        self._require_open()
-        kind = msg.WhichOneof("body")
-        if kind is None:
-            raise self._violation(
-                "empty or unknown relay message",
-                hint="the relay may be newer than this daemon; upgrade it",
-            )
-        after = _DAEMON_RECEIVE.get((self.state, kind))
-        if after is None:
-            raise self._violation(
-                f"relay sent {kind!r} while the stream is {self.state.value}",
-                hint="reconnect; if it repeats, the relay is broken or not an aegis relay",
-                status="FAILED_PRECONDITION",
-            )
-        events = self._handle(kind, msg)
-        if self.state is not DaemonState.CLOSED:
-            self.state = after
-        return events
-
-    def _handle(self, kind: str, msg: stream_pb2.RelayMessage) -> list[Event]:
+    def _handle(self, kind: str, msg: stream_pb2.RelayMessage, now: float) -> list[Event]:
         if kind == "challenge":
             ch = msg.challenge
             if ch.protocol_version != PROTOCOL_VERSION:
@@ -906,17 +893,4 @@ class DaemonSession(_Base):
         self._emit("request_token_refresh", msg)
 
     def close(self) -> None:
-        self.state = DaemonState.CLOSED
-
-    def messages_to_send(self) -> list[stream_pb2.DaemonMessage]:
-        out, self._outbox = self._outbox, []
-        return out
-
-    def _require_open(self) -> None:
-        if self.state is DaemonState.CLOSED:
-            raise RemoteProtocolError(
-                "message on a closed stream", grpc_status="FAILED_PRECONDITION"
-            )
-
-    def _close(self) -> None:
         self.state = DaemonState.CLOSED
