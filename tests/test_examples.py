@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -131,11 +132,20 @@ def test_plan_deadline_cancels_in_flight() -> None:
         (("--on-error", "stop-after=0"), "on-error count must be within 1.."),
     ],
 )
-def test_plan_refuses_bad_flags(flags: tuple[str, ...], message: str) -> None:
-    proc = run_example("examples/drive_fleet_run.py", "plan", *flags)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_plan_refuses_bad_flags(
+    flags: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process (the script's main() takes argv): parse errors need no subprocess.
+    spec = importlib.util.spec_from_file_location(
+        "drive_fleet_run", EXAMPLES / "drive_fleet_run.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["plan", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- fleet: live
