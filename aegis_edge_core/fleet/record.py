@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import attrs
 
@@ -54,16 +54,35 @@ _RUNNING = "running"
 _E = TypeVar("_E")
 
 
+# Converters that pass members straight through: record() builds one TargetRecord per
+# target, and an Enum call per field would dominate its cost on a 10k-target run.
+_TARGET_OUTCOMES: Final = {member.value: member for member in TargetOutcome}
+_RUN_OUTCOMES: Final = {member.value: member for member in RunOutcome}
+_SKIP_REASONS: Final = {member.value: member for member in SkipReason}
+_TARGET_STATES: Final = {member.value: member for member in TargetState}
+
+
+def _member(table: Mapping[str, _E], kind: str, value: str) -> _E:
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{value!r} is not a valid {kind}") from None
+
+
 def _target_outcome(value: str | None) -> TargetOutcome | None:
-    return None if value is None else TargetOutcome(value)
+    return None if value is None else _member(_TARGET_OUTCOMES, "TargetOutcome", value)
 
 
 def _run_outcome(value: str | None) -> RunOutcome | None:
-    return None if value is None else RunOutcome(value)
+    return None if value is None else _member(_RUN_OUTCOMES, "RunOutcome", value)
 
 
 def _skip_reason(value: str | None) -> SkipReason | None:
-    return None if value is None else SkipReason(value)
+    return None if value is None else _member(_SKIP_REASONS, "SkipReason", value)
+
+
+def _target_state(value: str) -> TargetState:
+    return _member(_TARGET_STATES, "TargetState", value)
 
 
 def _skips(values: Iterable[Skipped]) -> tuple[Skipped, ...]:
@@ -79,7 +98,7 @@ class TargetRecord:
     """One target of a run: where it is and, once done, how it ended."""
 
     node_id: str
-    state: TargetState = attrs.field(converter=TargetState)
+    state: TargetState = attrs.field(converter=_target_state)
     outcome: TargetOutcome | None = attrs.field(default=None, converter=_target_outcome)
     exit_code: int | None = None
     error_message: str | None = None

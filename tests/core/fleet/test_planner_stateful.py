@@ -319,7 +319,7 @@ class FleetRunMachine(RuleBasedStateMachine):
 
 
 FleetRunMachine.TestCase.settings = settings(
-    max_examples=250,
+    max_examples=200,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
