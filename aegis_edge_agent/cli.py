@@ -225,8 +225,8 @@ def _logout(args: argparse.Namespace) -> int:
         print(f"no credentials in {state.path}; already logged out")
     who = f" {node_id}" if node_id else ""
     print(
-        f"the relay keeps node{who} (shown Disconnected) until an operator revokes it: "
-        f"aegis edge keys revoke-remote{who or ' <node-id>'}"
+        f"the relay keeps node{who}'s record (Disconnected, unless already revoked); "
+        f"to revoke it: aegis edge keys revoke-remote{who or ' <node-id>'}"
     )
     return 0
 
