@@ -178,7 +178,7 @@ def test_logout_then_disconnected(relay, daemons, tmp_path):
     d = daemons(h.state_dir)
     d.wait_event("connected")
     out = cli("edge", "logout", "--state-dir", str(h.state_dir))
-    assert "until an operator revokes it" in out.stdout
+    assert "aegis edge keys revoke-remote" in out.stdout
     assert d.wait_exit() == 0
     assert not (h.state_dir / "node.key").exists() and not (h.state_dir / "node.token").exists()
     wait_until(
