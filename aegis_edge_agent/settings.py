@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 
 from aegis_edge_core.config import DaemonConfig, parse_config, render_config
+from aegis_edge_core.errors import ConfigError
 from aegis_edge_core.policy import ToolPolicy
 
 __all__ = ["AgentSettings", "OtlpSettings", "load_settings", "render_settings"]
@@ -65,6 +66,13 @@ def load_settings(path: Path, *, variables: Mapping[str, str] | None = None) -> 
         text = path.read_text("utf-8")
     except FileNotFoundError:
         return AgentSettings()
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start})",
+            hint="fix or restore the file; aegis edge enroll --force writes a fresh one",
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     cfg = parse_config(text, source=str(path))
     if variables:
         cfg = cfg.expand(

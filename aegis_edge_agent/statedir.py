@@ -162,6 +162,15 @@ class StateDir:
                 source=str(self.token_path),
                 hint="re-enroll this host (aegis edge enroll <token> --force)",
             )
+        try:
+            peek_node_token(text)  # shape only: the relay verifies; an expired one is fine
+        except TokenError as err:
+            raise hs.HostStateError(
+                f"the node token is damaged ({err.reason})",
+                source=str(self.token_path),
+                hint="restore node.token from a backup or re-enroll this host "
+                "(aegis edge enroll <token> --force)",
+            ) from None
         return text
 
     def token_claims(self) -> NodeClaims | None:
