@@ -33,6 +33,8 @@ from aegis_edge_core.fleet import (
     RunRecord,
     TargetOutcome,
 )
+from aegis_edge_core.fleet.outcomes import RunOutcome, RunPhase, SkipReason, TargetState
+from aegis_edge_core.fleet.record import TargetRecord
 from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
@@ -263,6 +265,77 @@ def run_to_proto(
     return out
 
 
+_RECOVERED_HALT: Final = "the relay restarted during the run; undispatched targets did not start"
+
+
+def recovered_run(row: FleetRunRow, commands: Iterable[CommandRow], now: float) -> FleetRunRow:
+    """The finished form of a run a crashed relay left ``running`` (see
+    :meth:`Dispatcher.recover`)."""
+    data = dict(row.record)
+    extra = dict(data.pop("relay", {}) or {})
+    record = RunRecord.from_dict(data)
+    first: dict[str, CommandRow] = {}
+    for cmd in sorted(commands, key=lambda c: c.dispatched_at):
+        first.setdefault(cmd.node_id, cmd)
+    targets: list[TargetRecord] = []
+    stopped = False
+    for target in record.targets:
+        if target.state is TargetState.DONE:
+            targets.append(target)
+            continue
+        found = first.get(target.node_id)
+        if found is None:
+            stopped = True
+            targets.append(
+                TargetRecord(
+                    node_id=target.node_id,
+                    state=TargetState.DONE,
+                    outcome=TargetOutcome.NOT_STARTED,
+                    skip_reason=SkipReason.CANCELLED,
+                    finished_at=now,
+                )
+            )
+            continue
+        cmd = found
+        try:
+            outcome = TargetOutcome(cmd.outcome)
+        except ValueError:
+            outcome = TargetOutcome.EDGE_DISCONNECTED
+        if outcome is TargetOutcome.NOT_STARTED:
+            outcome = TargetOutcome.EDGE_DISCONNECTED
+        targets.append(
+            TargetRecord(
+                node_id=target.node_id,
+                state=TargetState.DONE,
+                outcome=outcome,
+                exit_code=cmd.exit_code,
+                error_message=cmd.error or None,
+                dispatched_at=cmd.dispatched_at,
+                finished_at=cmd.finished_at or now,
+            )
+        )
+    if stopped or record.halt_reason:
+        outcome_run = RunOutcome.CANCELLED
+    elif all(t.outcome is TargetOutcome.OK for t in targets):
+        outcome_run = RunOutcome.COMPLETED
+    else:
+        outcome_run = RunOutcome.COMPLETED_WITH_ERRORS
+    done = attrs.evolve(
+        record,
+        phase=RunPhase.FINISHED,
+        outcome=outcome_run,
+        halt_reason=record.halt_reason or (_RECOVERED_HALT if stopped else None),
+        started_at=record.started_at if record.started_at is not None else row.created_at,
+        finished_at=now,
+        targets=targets,
+    )
+    out = done.to_dict()
+    command_ids = dict(extra.get("command_ids", {}))
+    command_ids.update({node: cmd.command_id for node, cmd in first.items()})
+    out["relay"] = {**extra, "command_ids": command_ids}
+    return attrs.evolve(row, outcome=outcome_run.value, finished_at=now, record=out)
+
+
 class Dispatcher:
     """Commands and fleet runs over the relay's live streams."""
 
@@ -274,7 +347,47 @@ class Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        await self.recover()
         self._task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def recover(self) -> None:
+        """After a crash (kill -9, power loss): end what the previous process left open.
+
+        Commands without an end are ``edge_disconnected`` (a late result still lands in
+        history); each run still ``running`` in the store is finished from its command
+        rows -- finished targets keep their results, in-flight ones end
+        ``edge_disconnected``, undispatched ones ``not_started`` (``cancelled``). Nothing
+        is dispatched again: a command may already have run on its daemon.
+        """
+        relay = self.relay
+        now = relay.now()
+        lost = await relay.db.call(
+            relay.store.finish_orphaned_commands,
+            now=now,
+            error="the relay restarted while the command ran",
+        )
+        for row in await relay.db.call(relay.store.unfinished_fleet_runs):
+            try:
+                commands = await relay.db.call(relay.store.fleet_run_commands, row.fleet_command_id)
+                finished = recovered_run(row, commands, now)
+            except Exception as err:  # one unreadable record must not stop the relay
+                jsonlog.log(
+                    "error",
+                    "fleet.recover_failed",
+                    fleet_command_id=row.fleet_command_id,
+                    error=repr(err),
+                )
+                continue
+            await relay.db.call(relay.store.save_fleet_run, finished)
+            relay.metrics.fleet_runs.labels(outcome=finished.outcome).inc()
+            jsonlog.log(
+                "warning",
+                "fleet.run_recovered",
+                fleet_command_id=row.fleet_command_id,
+                outcome=finished.outcome,
+            )
+        if lost:
+            jsonlog.log("warning", "commands.recovered", edge_disconnected=lost)
 
     async def stop(self) -> None:
         for active in list(self.runs.values()):
@@ -564,12 +677,17 @@ class Dispatcher:
             span=span,
             trace_id=trace_id,
         )
-        self.runs[fleet_command_id] = active
         queue = active.subscribe()
         active.started_at = now
+        # Stored first: a run the store refused (disk full) must not linger in memory.
+        try:
+            await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
+        except BaseException:
+            tracing.end_span(span, "store_unavailable")
+            raise
+        self.runs[fleet_command_id] = active
         for skip in resolution.skipped:
             self.relay.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
-        await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
         jsonlog.log(
             "info",
             "fleet.run_started",

@@ -80,6 +80,7 @@ from aegis_edge_relay.store import (
     NodeRecord,
     SQLiteStore,
     StoreError,
+    StoreUnavailable,
     StoreWorker,
     TokenAlreadyRedeemed,
 )
@@ -250,7 +251,12 @@ class Relay:
         if not self._pending_heartbeats:
             return
         beats, self._pending_heartbeats = self._pending_heartbeats, {}
-        await self.db.call(self.store.flush_heartbeats, beats)
+        try:
+            await self.db.call(self.store.flush_heartbeats, beats)
+        except Exception:
+            # Keep them for the next flush (newer beats that came in meanwhile win).
+            self._pending_heartbeats = {**beats, **self._pending_heartbeats}
+            raise
 
     async def _maintenance_loop(self) -> None:
         """Slow chores: stream-seconds accounting, token refresh pushes, pruning."""
@@ -271,7 +277,11 @@ class Relay:
             if now - last_prune > 3600:
                 last_prune = now
                 self.revocations.prune(now)
-                await self.db.call(self.store.prune_revocations, now)
+                try:
+                    await self.db.call(self.store.prune_revocations, now)
+                except Exception as err:  # a busy disk must not end the loop for good
+                    last_prune = now - 3600 + 60  # try again in a minute
+                    jsonlog.log("error", "store.prune_failed", error=str(err))
 
     def _refresh_margin(self) -> float:
         return min(3600.0, self.config.node_token_ttl / 4)
@@ -382,6 +392,8 @@ class Relay:
             raise EnrollmentError(
                 "this enrollment token has already been used", reason="replayed"
             ) from None
+        except StoreUnavailable:
+            raise
         except StoreError as err:
             raise EnrollmentError(err.message, reason="wrong_tenant", hint=err.hint) from None
         self.nodes[node_id] = NodeState.from_record(record)
@@ -506,6 +518,9 @@ class Relay:
                 peer=handle.peer,
             )
             handle.close(_status_code(err.grpc_status), str(err))
+        except StoreUnavailable as err:
+            jsonlog.log("error", "stream.store_unavailable", node_id=handle.node_id, error=str(err))
+            handle.close(grpc.StatusCode.UNAVAILABLE, "relay store unavailable; retry later")
         except asyncio.CancelledError:
             raise
         except Exception as err:

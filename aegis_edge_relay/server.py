@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import grpc
@@ -42,6 +42,7 @@ from aegis_edge_relay.durations import parse_hostport
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
 from aegis_edge_relay.relay import Relay, RelayConfig, load_or_create_signing_key
 from aegis_edge_relay.services import AdminService, EnrollmentService, stream_handler
+from aegis_edge_relay.store import StoreUnavailable
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
 
 __all__ = ["ServeOptions", "issue_operator_token", "raise_nofile_limit", "serve"]
@@ -129,6 +130,50 @@ def _ensure_admin_token(relay: Relay, data_dir: Path) -> Path:
     return path
 
 
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class StoreErrorInterceptor(_Interceptor):
+    """A store that cannot be written (locked, disk full) answers UNAVAILABLE with the
+    store's sentence, instead of gRPC's generic UNKNOWN. The store rolled back: nothing
+    half-written."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                try:
+                    return await inner_uu(request, context)
+                except StoreUnavailable as err:
+                    await _store_abort(context, err)
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except StoreUnavailable as err:
+                    await _store_abort(context, err)
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
+
+
+async def _store_abort(context: Any, err: StoreUnavailable) -> None:
+    jsonlog.log("error", "store.unavailable", error=err.message, hint=err.hint)
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+
 def _grpc_options() -> list[tuple[str, Any]]:
     # Tuned for many long-lived streams and reconnect storms: no cap on concurrent
     # streams or pending requests that a few thousand reconnecting daemons would hit.
@@ -191,7 +236,11 @@ async def serve(opts: ServeOptions) -> int:
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = _ensure_admin_token(relay, data_dir)
 
-    server = grpc.aio.server(options=_grpc_options(), maximum_concurrent_rpcs=None)
+    server = grpc.aio.server(
+        options=_grpc_options(),
+        maximum_concurrent_rpcs=None,
+        interceptors=[StoreErrorInterceptor()],
+    )
     server.add_generic_rpc_handlers((stream_handler(relay),))
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(relay), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(relay), server)

@@ -19,6 +19,7 @@ Moving past one relay means a PostgreSQL implementation of the same interface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "StoreWorker",
     "TokenAlreadyRedeemed",
 ]
@@ -45,6 +47,11 @@ __all__ = [
 
 class StoreError(AegisError):
     """A store operation was refused (unknown node, concurrent change...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be read or written (locked, disk full, I/O error). Nothing
+    was changed: the transaction was rolled back. Callers answer UNAVAILABLE."""
 
 
 class TokenAlreadyRedeemed(StoreError):
@@ -145,11 +152,14 @@ class Store(Protocol):
     def record_result(self, row: CommandRow) -> bool: ...
     def command_history(self, node_id: str, limit: int) -> list[CommandRow]: ...
     def get_command(self, command_id: str) -> CommandRow | None: ...
+    def finish_orphaned_commands(self, *, now: float, error: str) -> int: ...
+    def fleet_run_commands(self, fleet_command_id: str) -> list[CommandRow]: ...
 
     # fleet runs
     def save_fleet_run(self, row: FleetRunRow) -> None: ...
     def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None: ...
     def list_fleet_runs(self, limit: int) -> list[FleetRunRow]: ...
+    def unfinished_fleet_runs(self) -> list[FleetRunRow]: ...
 
 
 SCHEMA_VERSION: Final = 1
@@ -285,7 +295,10 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # The relay is the only writer (one store thread), so a lock is someone else's
+        # (a backup, the sqlite3 shell): wait briefly, then fail the call with UNAVAILABLE
+        # rather than let every queued call wait behind it.
+        self._db.execute("PRAGMA busy_timeout=1000")
         self.migrate()
 
     # -- plumbing
@@ -589,7 +602,29 @@ class SQLiteStore:
         ).fetchone()
         return _command(row) if row is not None else None
 
+    def finish_orphaned_commands(self, *, now: float, error: str) -> int:
+        """At start: every command still without an end was lost with the previous relay
+        process; end it ``edge_disconnected`` (a late result still overwrites it)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE commands SET finished_at = ?, outcome = 'edge_disconnected', error = ?"
+                " WHERE outcome = ''",
+                (now, error),
+            )
+            return cur.rowcount
+
+    def fleet_run_commands(self, fleet_command_id: str) -> list[CommandRow]:
+        rows = self._db.execute(
+            "SELECT * FROM commands WHERE fleet_command_id = ? ORDER BY dispatched_at",
+            (fleet_command_id,),
+        )
+        return [_command(r) for r in rows]
+
     # -- fleet runs
+
+    def unfinished_fleet_runs(self) -> list[FleetRunRow]:
+        rows = self._db.execute("SELECT * FROM fleet_runs WHERE outcome = 'running'")
+        return [_run(r) for r in rows]
 
     def save_fleet_run(self, row: FleetRunRow) -> None:
         with self._tx() as db:
@@ -636,9 +671,28 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O error) can leave the transaction open;
+                # end it so the next BEGIN does not fail forever.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+        elif self._db.in_transaction:
             self._db.execute("ROLLBACK")
+
+
+def _unavailable(err: sqlite3.DatabaseError, path: str) -> StoreUnavailable:
+    text = str(err)
+    if "locked" in text or "busy" in text:
+        hint = "another process holds a lock on the database; stop it, then retry"
+    elif "full" in text or "too large" in text:
+        hint = "the disk (or the file size limit) is full; free space, then retry"
+    else:
+        hint = "check the disk and the file; restore from a backup if it is damaged"
+    return StoreUnavailable(f"relay store {path} unavailable: {text}", hint=hint)
 
 
 P = ParamSpec("P")
@@ -653,8 +707,18 @@ class StoreWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aegis-store")
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the store thread; database failures become :class:`StoreUnavailable`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+        def run() -> T:
+            try:
+                return fn(*args, **kwargs)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.DatabaseError as err:
+                raise _unavailable(err, getattr(self.store, "path", "the store")) from err
+
+        return await loop.run_in_executor(self._pool, run)
 
     def close(self) -> None:
         self._pool.submit(self.store.close).result()
