@@ -15,11 +15,12 @@ actions come out and are carried out here. The planner decides; the dispatcher d
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import attrs
 
@@ -336,6 +337,44 @@ def recovered_run(row: FleetRunRow, commands: Iterable[CommandRow], now: float) 
     return attrs.evolve(row, outcome=outcome_run.value, finished_at=now, record=out)
 
 
+R = TypeVar("R")
+W = TypeVar("W")
+
+
+class GroupCommit(Generic[R, W]):
+    """Rows that arrive while a batch is being written go together into the next one: one
+    store transaction (and one hop to the store thread) per batch, not per row. Each caller
+    still awaits *its* row being committed, so "persist, then send/ack" holds."""
+
+    def __init__(self, relay: Relay, write_many: Callable[[list[R]], list[W] | None]) -> None:
+        self._relay = relay
+        self._write_many = write_many
+        self._queue: list[tuple[R, asyncio.Future[W | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, row: R) -> W | None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[W | None] = loop.create_future()
+        self._queue.append((row, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                out = await self._relay.db.call(self._write_many, [row for row, _ in batch])
+            except Exception as err:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for i, (_, fut) in enumerate(batch):
+                if not fut.done():
+                    fut.set_result(out[i] if out is not None else None)
+
+
 class Dispatcher:
     """Commands and fleet runs over the relay's live streams."""
 
@@ -345,6 +384,12 @@ class Dispatcher:
         self.runs: dict[str, ActiveRun] = {}
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._dispatch_log: GroupCommit[CommandRow, None] = GroupCommit(
+            relay, relay.store.record_dispatches
+        )
+        self._result_log: GroupCommit[CommandRow, bool] = GroupCommit(
+            relay, relay.store.record_results
+        )
 
     async def start(self) -> None:
         await self.recover()
@@ -450,8 +495,7 @@ class Dispatcher:
             listener=listener,
             span=span,
         )
-        await relay.db.call(
-            relay.store.record_dispatch,
+        await self._dispatch_log.submit(
             CommandRow(
                 command_id=command_id,
                 node_id=node_id,
@@ -459,7 +503,7 @@ class Dispatcher:
                 tool=tool,
                 dispatched_at=now,
                 fleet_command_id=fleet_command_id,
-            ),
+            )
         )
         if handle.closing or relay.streams.get(node_id) is not handle:
             tracing.end_span(span, "edge_disconnected")
@@ -614,8 +658,7 @@ class Dispatcher:
             max(0.0, now - pending.dispatched_at)
         )
         tracing.end_span(pending.span, outcome.value)
-        await self.relay.db.call(
-            self.relay.store.record_result,
+        await self._result_log.submit(
             CommandRow(
                 command_id=pending.command_id,
                 node_id=pending.node_id,
@@ -629,7 +672,7 @@ class Dispatcher:
                 error=error_message,
                 stdout_tail=stdout,
                 stderr_tail=stderr,
-            ),
+            )
         )
         jsonlog.log(
             "info",
@@ -717,12 +760,21 @@ class Dispatcher:
                         jsonlog.log("error", "fleet.tick_failed", error=repr(err))
 
     async def _apply(self, active: ActiveRun, actions: list[Any]) -> None:
-        queue = list(actions)
+        queue = collections.deque(actions)
         while queue:
-            action = queue.pop(0)
-            if isinstance(action, Dispatch):
-                queue.extend(await self._dispatch_target(active, action.node_id))
-            elif isinstance(action, Cancel):
+            if isinstance(queue[0], Dispatch):
+                # Consecutive dispatches go out together, so their history rows share one
+                # store transaction (mode all: 10k targets, one commit, not 10k).
+                batch: list[str] = []
+                while queue and isinstance(queue[0], Dispatch):
+                    batch.append(queue.popleft().node_id)
+                for more in await asyncio.gather(
+                    *(self._dispatch_target(active, node_id) for node_id in batch)
+                ):
+                    queue.extend(more)
+                continue
+            action = queue.popleft()
+            if isinstance(action, Cancel):
                 command_id = active.command_ids.get(action.node_id)
                 if command_id:
                     self.cancel_command(command_id, action.reason.value)

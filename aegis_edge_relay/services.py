@@ -370,11 +370,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 for skip in res.skipped:
                     self.relay.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        node_tenants = {
-            s.node_id: s.tenant_id
-            for s in snapshots
-            if s.node_id in set(res.targets) | {k.node_id for k in res.skipped}
-        }
+        involved_nodes = set(res.targets) | {k.node_id for k in res.skipped}
+        node_tenants = {s.node_id: s.tenant_id for s in snapshots if s.node_id in involved_nodes}
         involved = set(node_tenants.values()) | ({request.tenant_id} - {""})
         proto_spec = admin_pb2.FleetRunSpec()
         proto_spec.CopyFrom(request)

@@ -150,6 +150,8 @@ class Store(Protocol):
     # commands
     def record_dispatch(self, row: CommandRow) -> None: ...
     def record_result(self, row: CommandRow) -> bool: ...
+    def record_dispatches(self, rows: Sequence[CommandRow]) -> None: ...
+    def record_results(self, rows: Sequence[CommandRow]) -> list[bool]: ...
     def command_history(self, node_id: str, limit: int) -> list[CommandRow]: ...
     def get_command(self, command_id: str) -> CommandRow | None: ...
     def finish_orphaned_commands(self, *, now: float, error: str) -> int: ...
@@ -538,10 +540,45 @@ class SQLiteStore:
     # -- commands
 
     def record_dispatch(self, row: CommandRow) -> None:
+        self.record_dispatches([row])
+
+    def record_dispatches(self, rows: Sequence[CommandRow]) -> None:
+        """Many dispatches in one transaction (the dispatcher's group commit)."""
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR IGNORE INTO commands (command_id, node_id, tenant_id,"
                 " fleet_command_id, tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        row.command_id,
+                        row.node_id,
+                        row.tenant_id,
+                        row.fleet_command_id,
+                        row.tool,
+                        row.dispatched_at,
+                    )
+                    for row in rows
+                ],
+            )
+
+    def record_result(self, row: CommandRow) -> bool:
+        """Store a command's end. A late result overwrites an ``edge_disconnected`` end;
+        a second real result is ignored. Returns whether the row changed."""
+        return self.record_results([row])[0]
+
+    def record_results(self, rows: Sequence[CommandRow]) -> list[bool]:
+        """:meth:`record_result` for many rows in one transaction (group commit)."""
+        with self._tx() as db:
+            return [self._result_in(db, row) for row in rows]
+
+    def _result_in(self, db: sqlite3.Connection, row: CommandRow) -> bool:
+        existing = db.execute(
+            "SELECT outcome FROM commands WHERE command_id = ?", (row.command_id,)
+        ).fetchone()
+        if existing is None:
+            db.execute(
+                "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id,"
+                " tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     row.command_id,
                     row.node_id,
@@ -551,43 +588,22 @@ class SQLiteStore:
                     row.dispatched_at,
                 ),
             )
-
-    def record_result(self, row: CommandRow) -> bool:
-        """Store a command's end. A late result overwrites an ``edge_disconnected`` end;
-        a second real result is ignored. Returns whether the row changed."""
-        with self._tx() as db:
-            existing = db.execute(
-                "SELECT outcome FROM commands WHERE command_id = ?", (row.command_id,)
-            ).fetchone()
-            if existing is None:
-                db.execute(
-                    "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id,"
-                    " tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        row.command_id,
-                        row.node_id,
-                        row.tenant_id,
-                        row.fleet_command_id,
-                        row.tool,
-                        row.dispatched_at,
-                    ),
-                )
-            elif existing["outcome"] not in ("", "edge_disconnected"):
-                return False
-            db.execute(
-                "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
-                " stdout_tail = ?, stderr_tail = ? WHERE command_id = ?",
-                (
-                    row.finished_at,
-                    row.outcome,
-                    row.exit_code,
-                    row.error,
-                    row.stdout_tail[-_TAIL_CAP:],
-                    row.stderr_tail[-_TAIL_CAP:],
-                    row.command_id,
-                ),
-            )
-            return True
+        elif existing["outcome"] not in ("", "edge_disconnected"):
+            return False
+        db.execute(
+            "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
+            " stdout_tail = ?, stderr_tail = ? WHERE command_id = ?",
+            (
+                row.finished_at,
+                row.outcome,
+                row.exit_code,
+                row.error,
+                row.stdout_tail[-_TAIL_CAP:],
+                row.stderr_tail[-_TAIL_CAP:],
+                row.command_id,
+            ),
+        )
+        return True
 
     def command_history(self, node_id: str, limit: int) -> list[CommandRow]:
         rows = self._db.execute(
