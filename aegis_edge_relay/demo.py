@@ -37,7 +37,6 @@ from aegis_edge_cli import CliError, CommandTree
 __all__ = ["register"]
 
 _HOSTS = ("web-1", "web-2", "web-3", "web-4", "db-1")
-_FAILING_HOST = "web-3"
 _TENANT = "acme"
 _AEGIS = [sys.executable, "-m", "aegis_edge_cli"]
 
@@ -185,12 +184,16 @@ class _Demo:
         self.say("3. The hosts, as an operator sees them")
         self.aegis("edge", "ls")
 
-    def rolling_update(self) -> int:
+    def rolling_update(self, node_ids: dict[str, str]) -> int:
         self.say("4. The seed's fleet-wide update: rolling=2, stop after the first failure")
+        # Targets go out in node-id order: break the first one's upgrade, so the halt
+        # leaves hosts that never started.
+        failing = min((h for h in node_ids if h.startswith("web")), key=node_ids.__getitem__)
+        print(f"(the upgrade script is broken on {failing})")
         script = (
-            'if [ "$AEGIS_DEMO_HOST" = "' + _FAILING_HOST + '" ]; then '
+            'if [ "$AEGIS_DEMO_HOST" = "' + failing + '" ]; then '
             'echo "upgrade failed on $AEGIS_DEMO_HOST" >&2; exit 3; fi; '
-            'echo "upgraded $AEGIS_DEMO_HOST"'
+            'sleep 1; echo "upgraded $AEGIS_DEMO_HOST"'
         )
         done = self.aegis(
             "edge", "fleet", "run", "--target", "tags=managed-fleet", "--tool", "cmd.run",
@@ -232,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
         info = demo.start_relay()
         node_ids = demo.enroll_hosts()
         demo.hosts_table()
-        demo.rolling_update()
+        demo.rolling_update(node_ids)
         demo.revoke(node_ids["db-1"], "db-1")
         demo.metrics(info)
         if args.keep_running:
