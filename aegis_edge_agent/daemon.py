@@ -583,7 +583,8 @@ class Daemon:
         elif isinstance(event, s.Drained):
             self.log.info("drain", reason=event.reason)
             conn.close(f"drained: {event.reason}")
-            return max(0.0, event.reconnect_after_secs) or None
+            # jittered: every daemon of a restarting relay hears the same hint at once
+            return self.backoff.after_drain(event.reconnect_after_secs, self.rng)
         elif isinstance(event, s.Revoked):
             conn.end_reason = "revoked"
             conn.close("revoked")

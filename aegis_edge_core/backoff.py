@@ -16,6 +16,14 @@ together, those the busy relay refuses spread again over ``[1, 2]`` s, then ``[2
 on -- each round spreads the herd wider in absolute time. ``jitter=0`` gives the bare schedule
 (useful in tests); ``jitter=1`` is "full jitter" over ``[0, step]``.
 
+Drain. A relay that shuts down or hands a daemon off sends ``Drain`` with
+``reconnect_after_secs``: "come back after X". Every daemon of that relay gets the same X in
+the same instant, so X alone would bring the whole fleet back in one burst -- exactly what the
+jitter above exists to prevent. :meth:`Backoff.after_drain` draws the wait from
+``[X, X * (1 + jitter)]`` instead: never earlier than the relay asked, spread by the same
+fraction. X of 0 (no hint) means "use the schedule". A drain is a polite disconnect, not a
+failure: it does not climb the schedule.
+
 Reset rule. Reaching a relay is not the same as staying connected: a flapping link (TLS up,
 dropped seconds later) must keep climbing the schedule, or it would hammer the relay every
 second. So the schedule only starts again at the bottom when a connection *stayed up* for at
@@ -174,6 +182,16 @@ class BackoffPolicy:
         # Clamp: low + (high - low) * r can round a hair outside [low, high].
         return min(high, max(low, low + (high - low) * rng.random()))
 
+    def drain_delay(self, reconnect_after: float, rng: random.Random) -> float | None:
+        """The wait after a relay's ``Drain`` asking to come back after ``reconnect_after``
+        seconds: drawn from ``[after, after * (1 + jitter)]``; ``None`` when the relay gave no
+        positive hint (use :meth:`Backoff.next_delay`). Consumes one ``rng.random()`` value
+        when it returns a number."""
+        if not math.isfinite(reconnect_after) or reconnect_after <= 0:
+            return None
+        low, high = reconnect_after, reconnect_after * (1 + self.jitter)
+        return min(high, max(low, low + (high - low) * rng.random()))
+
 
 class LinkState(enum.Enum):
     """Whether the connection loop currently holds an accepted stream."""
@@ -258,6 +276,11 @@ class Backoff:
         delay = self.policy.delay(self._attempt, rng)
         self._attempt += 1
         return delay
+
+    def after_drain(self, reconnect_after: float, rng: random.Random) -> float | None:
+        """The wait after the relay drained this stream (see the module's *Drain* section);
+        ``None``: no hint, draw :meth:`next_delay`. Does not climb the schedule."""
+        return self.policy.drain_delay(reconnect_after, rng)
 
     def connected(self, now: float) -> None:
         """The relay accepted the stream at ``now``. Does not reset yet: see the reset rule."""

@@ -144,6 +144,29 @@ def test_a_relay_restart_spreads_ten_thousand_daemons() -> None:
     assert max(buckets) < 1_300  # roughly uniform: no bucket holds the herd
 
 
+def test_a_drain_hint_is_jittered_never_early_and_does_not_climb() -> None:
+    # A relay restart drains every daemon with the same "come back after 1 s" at once.
+    waits = []
+    for i in range(10_000):
+        b = Backoff()
+        b.connected(0.0)
+        b.disconnected(5.0)
+        wait = b.after_drain(1.0, random.Random(i))
+        assert wait is not None
+        waits.append(wait)
+        assert b.attempt == 0  # a polite disconnect, not a failure
+    assert min(waits) >= 1.0  # never before the relay asked
+    assert max(waits) <= 1.5  # [X, X * (1 + jitter)]
+    buckets = [0] * 10
+    for w in waits:
+        buckets[min(int((w - 1.0) / 0.05), 9)] += 1
+    assert max(buckets) < 1_300  # not one burst
+    b = Backoff()
+    assert b.after_drain(0.0, random.Random(0)) is None  # no hint: use the schedule
+    assert b.after_drain(float("nan"), random.Random(0)) is None
+    assert Backoff(BackoffPolicy(jitter=0)).after_drain(2.0, random.Random(0)) == 2.0
+
+
 def test_calls_out_of_order_raise() -> None:
     b = Backoff()
     rng = random.Random(0)
