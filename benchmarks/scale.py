@@ -333,15 +333,21 @@ def hold(relay: Relay, workers: Workers, n: int, window: float, timeout: float) 
         last = workers.stats()
         return bool(last["connected"] >= n and relay.connected() >= n)
 
+    saturated = False
     try:
         wait_for(ready, timeout, f"{n} daemons connected", interval=0.5)
     except RuntimeError:
-        log(f"  not all connected: {last}")
-        raise
+        # A saturated relay (1 s heartbeat stress) may never hold them all: measure what it
+        # holds and say so, rather than lose the run.
+        saturated = True
+        log(f"  not all connected after {timeout:.0f}s: {last}")
     connect_s = time.monotonic() - t0
     time.sleep(min(3.0, window / 3))
     res = sample(relay.pid, window)
     res["connect_s"] = round(connect_s, 1)
+    if saturated:
+        res["saturated"] = True
+        res["connected"] = relay.connected()
     return res
 
 
@@ -542,8 +548,10 @@ def table(res: dict[str, Any]) -> str:
                 f" | - | - | {tgt_rss} | {ok_rss} |"
             )
             fc = f["cpu_cores"] if f else None
+            sat = f" (saturated: held {r.get('connected')} of {step})" if r.get("saturated") else ""
             rows.append(
-                f"| CPU (cores), {label(step)} daemons, {hb_name} heartbeat | {r['cpu_cores']:.3f} "
+                f"| CPU (cores), {label(step)} daemons, {hb_name} heartbeat "
+                f"| {r['cpu_cores']:.3f}{sat} "
                 f"| {fc if fc is not None else '-'} | {ratio(r['cpu_cores'], fc)} | {tgt_cpu} "
                 f"| {ok_cpu} |"
             )
@@ -677,9 +685,12 @@ def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
         res["relay"]["hb1"] = {}
         for step in steps:
             log(f"relay, 1 s heartbeat (stress): holding {step} daemons")
-            r = hold(relay, workers, step, win1, connect_timeout)
+            r = hold(relay, workers, step, win1, min(connect_timeout, 90.0))
             res["relay"]["hb1"][str(step)] = r
             log(f"  {r}")
+            if r.get("saturated"):
+                log("  saturated: larger steps at a 1 s heartbeat skipped")
+                break
     workers.target(0)
     wait_for(lambda: workers.stats()["connected"] == 0, 60, "all daemons disconnected")
     relay.stop()
