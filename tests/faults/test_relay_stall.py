@@ -1,0 +1,76 @@
+"""A relay that stalls (SIGSTOP): the daemon notices, drops the stream and reconnects.
+
+A stopped relay keeps its TCP connections open, so the stream never errors out: only the
+daemon's own count of unacknowledged heartbeats can tell. With a 0.5 s heartbeat and a 2 s
+stale threshold the daemon gives up after ``ceil(2 / 0.5) = 4`` unanswered beats, logs
+``relay_stalled``, and goes through its reconnect backoff; once the relay runs again
+(SIGCONT) the daemon is Connected on a new stream and commands run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from aegis_edge_core.wire import common_pb2
+from tests.agent.harness import DaemonProcess, RelayProcess, enroll_host, wait_until
+from tests.faults.conftest import Tally
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(90)]
+
+OK = common_pb2.TARGET_OUTCOME_OK
+CONNECTED = common_pb2.DAEMON_STATUS_CONNECTED
+
+
+def test_relay_sigstop_daemon_detects_stall_and_reconnects(tmp_path: Path, tally: Tally) -> None:
+    relay = RelayProcess.start(tmp_path / "relay", heartbeat_interval="0.5s", stale_threshold="2s")
+    daemon: DaemonProcess | None = None
+    stopped = False
+    try:
+        host = enroll_host(relay, tmp_path / "edge", allow_tools=("cmd.run",))
+        daemon = DaemonProcess.start(host.state_dir)
+        first = daemon.wait_event("connected")
+        assert first["heartbeat_interval_secs"] == 0.5
+        assert relay.run(host.node_id, "edge.ping").targets[0].outcome == OK
+
+        os.kill(relay.proc.pid, signal.SIGSTOP)
+        stopped = True
+        stalled_at = time.monotonic()
+        tally.fault()
+
+        stall = daemon.wait_event("relay_stalled", timeout=15)
+        detected_after = time.monotonic() - stalled_at
+        assert stall["heartbeats_unacked"] >= 4  # ceil(stale 2 s / heartbeat 0.5 s)
+        # 4 beats of 0.5 s, plus one interval of phase, plus the log pump's latency
+        assert detected_after < 6.0, f"stall detected only after {detected_after:.1f}s"
+        print(f"stall detected after {detected_after:.2f}s")
+        down = daemon.wait_event("disconnected")
+        assert "stalled" in down["reason"]
+        backoff = daemon.wait_event("reconnect_backoff")
+        assert 0 < backoff["delay_secs"] <= 1.0  # first step of the schedule, jittered
+        # it keeps trying while the relay is frozen; nothing is accepted meanwhile
+        daemon.wait_event("connecting", count=2, timeout=10)
+        assert len(daemon.events("connected")) == 1
+
+        os.kill(relay.proc.pid, signal.SIGCONT)
+        stopped = False
+        resumed_at = time.monotonic()
+        back = daemon.wait_event("connected", count=2, timeout=30)
+        print(f"Connected again {time.monotonic() - resumed_at:.2f}s after SIGCONT")
+        assert back["pending_results"] == 0
+        wait_until(lambda: relay.host(host.node_id).status == CONNECTED, what="Connected again")
+        run = relay.run(host.node_id, "cmd.run", {"cmd": "echo after-stall"})
+        (target,) = run.targets
+        assert target.outcome == OK, target
+        assert b"after-stall" in target.stdout_tail
+        assert daemon.proc.poll() is None
+    finally:
+        if stopped:
+            os.kill(relay.proc.pid, signal.SIGCONT)
+        if daemon is not None:
+            daemon.stop()
+        relay.stop()
