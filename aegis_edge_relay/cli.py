@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_grace=args.drain_grace,
         otlp_endpoint=args.otlp_endpoint,
         log_level=args.log_level,
+        fast_exit=True,
         attest_limit_per_node=args.attest_limit_per_node,
         attest_limit_per_source=args.attest_limit_per_source,
         enroll_limit_per_source=args.enroll_limit_per_source,

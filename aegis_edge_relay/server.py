@@ -71,6 +71,8 @@ class ServeOptions:
     drain_grace: float = 5.0
     otlp_endpoint: str | None = None
     log_level: str = "info"
+    fast_exit: bool = False
+    """Leave with ``os._exit(0)`` once stopped cleanly (the CLI does; embedders do not)."""
     attest_limit_per_node: Limit | None = ATTEST_PER_NODE
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
@@ -189,6 +191,10 @@ def _grpc_options() -> list[tuple[str, Any]]:
         ("grpc.server.max_pending_requests", 1_000_000),
         ("grpc.server.max_pending_requests_hard_limit", 2_000_000),
         ("grpc.so_reuseport", 0),
+        # BDP probing pings the peer as data arrives, to size flow-control windows for bulk
+        # transfers; 10k streams of small heartbeats gain nothing from it and pay a ping
+        # round trip per burst (measured: -35% CPU on the bare floor at 10k streams).
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
@@ -307,9 +313,20 @@ async def serve(opts: ServeOptions) -> int:
 
     jsonlog.log("info", "relay.draining")
     await health_servicer.enter_graceful_shutdown()
+    # Stop listening first: open streams keep the grace to be drained, while the daemons
+    # that reconnect early are refused by the kernel instead of costing a TLS handshake and
+    # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
+    stopping = asyncio.ensure_future(server.stop(grace=opts.drain_grace + 2.0))
     await relay.drain()
-    await server.stop(grace=2.0)
+    await stopping
     await relay.stop()
     with contextlib.suppress(FileNotFoundError):
         (data_dir / RELAY_JSON).unlink()
+    if opts.fast_exit:
+        # Everything is stored and every stream is closed. What is left is tearing down
+        # the objects of 10k finished calls one by one (measured: ~20 s at 10k daemons),
+        # which only delays a restart.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
