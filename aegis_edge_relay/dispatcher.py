@@ -34,8 +34,7 @@ from aegis_edge_core.fleet import (
     RunRecord,
     TargetOutcome,
 )
-from aegis_edge_core.fleet.outcomes import RunOutcome, RunPhase, SkipReason, TargetState
-from aegis_edge_core.fleet.record import TargetRecord
+from aegis_edge_core.fleet.recovery import StoredCommand, recover_run
 from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
@@ -266,75 +265,33 @@ def run_to_proto(
     return out
 
 
-_RECOVERED_HALT: Final = "the relay restarted during the run; undispatched targets did not start"
-
-
 def recovered_run(row: FleetRunRow, commands: Iterable[CommandRow], now: float) -> FleetRunRow:
     """The finished form of a run a crashed relay left ``running`` (see
-    :meth:`Dispatcher.recover`)."""
+    :meth:`Dispatcher.recover` and :mod:`aegis_edge_core.fleet.recovery` for the rules)."""
     data = dict(row.record)
     extra = dict(data.pop("relay", {}) or {})
-    record = RunRecord.from_dict(data)
-    first: dict[str, CommandRow] = {}
-    for cmd in sorted(commands, key=lambda c: c.dispatched_at):
-        first.setdefault(cmd.node_id, cmd)
-    targets: list[TargetRecord] = []
-    stopped = False
-    for target in record.targets:
-        if target.state is TargetState.DONE:
-            targets.append(target)
-            continue
-        found = first.get(target.node_id)
-        if found is None:
-            stopped = True
-            targets.append(
-                TargetRecord(
-                    node_id=target.node_id,
-                    state=TargetState.DONE,
-                    outcome=TargetOutcome.NOT_STARTED,
-                    skip_reason=SkipReason.CANCELLED,
-                    finished_at=now,
-                )
+    done, first = recover_run(
+        RunRecord.from_dict(data),
+        (
+            StoredCommand(
+                node_id=c.node_id,
+                command_id=c.command_id,
+                dispatched_at=c.dispatched_at,
+                outcome=c.outcome or None,
+                exit_code=c.exit_code,
+                error_message=c.error or None,
+                finished_at=c.finished_at,
             )
-            continue
-        cmd = found
-        try:
-            outcome = TargetOutcome(cmd.outcome)
-        except ValueError:
-            outcome = TargetOutcome.EDGE_DISCONNECTED
-        if outcome is TargetOutcome.NOT_STARTED:
-            outcome = TargetOutcome.EDGE_DISCONNECTED
-        targets.append(
-            TargetRecord(
-                node_id=target.node_id,
-                state=TargetState.DONE,
-                outcome=outcome,
-                exit_code=cmd.exit_code,
-                error_message=cmd.error or None,
-                dispatched_at=cmd.dispatched_at,
-                finished_at=cmd.finished_at or now,
-            )
-        )
-    if stopped or record.halt_reason:
-        outcome_run = RunOutcome.CANCELLED
-    elif all(t.outcome is TargetOutcome.OK for t in targets):
-        outcome_run = RunOutcome.COMPLETED
-    else:
-        outcome_run = RunOutcome.COMPLETED_WITH_ERRORS
-    done = attrs.evolve(
-        record,
-        phase=RunPhase.FINISHED,
-        outcome=outcome_run,
-        halt_reason=record.halt_reason or (_RECOVERED_HALT if stopped else None),
-        started_at=record.started_at if record.started_at is not None else row.created_at,
-        finished_at=now,
-        targets=targets,
+            for c in commands
+        ),
+        now=now,
+        created_at=row.created_at,
     )
     out = done.to_dict()
-    command_ids = dict(extra.get("command_ids", {}))
-    command_ids.update({node: cmd.command_id for node, cmd in first.items()})
+    command_ids = {**dict(extra.get("command_ids", {})), **first}
     out["relay"] = {**extra, "command_ids": command_ids}
-    return attrs.evolve(row, outcome=outcome_run.value, finished_at=now, record=out)
+    assert done.outcome is not None
+    return attrs.evolve(row, outcome=done.outcome.value, finished_at=now, record=out)
 
 
 R = TypeVar("R")
