@@ -451,11 +451,11 @@ def daemon_idle(seconds: float) -> dict[str, Any]:
         start_new_session=True,
         check=False,
     )
-    for line in reversed(out.stdout.decode().splitlines()):
-        with contextlib.suppress(ValueError):
-            data: dict[str, Any] = json.loads(line)
-            return data
-    return {"error": out.stderr.decode()[-500:]}
+    text = out.stdout.decode()
+    with contextlib.suppress(ValueError):
+        data: dict[str, Any] = json.loads(text[text.find("{") :])
+        return data
+    return {"error": (out.stderr.decode() or text)[-500:]}
 
 
 def machine() -> dict[str, Any]:
