@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import enum
 
+# One status vocabulary for the whole core: the health machine's (the seed's status pill).
+from aegis_edge_core.health import DaemonStatus
+
 __all__ = [
     "RESOLUTION_SKIP_REASONS",
     "RUN_SKIP_REASONS",
@@ -20,15 +23,6 @@ __all__ = [
     "TargetOutcome",
     "TargetState",
 ]
-
-
-class DaemonStatus(enum.StrEnum):
-    """What the relay last knew about a daemon, as shown on the seed's status pill."""
-
-    CONNECTED = "Connected"
-    UNHEALTHY = "Unhealthy"
-    DISCONNECTED = "Disconnected"
-    REVOKED = "Revoked"
 
 
 class SkipReason(enum.StrEnum):
