@@ -171,3 +171,10 @@ def test_holds_exactly_the_last_n_dispatches(limit: int, ops: list[tuple[str, in
                 assert rec.outcome is CommandOutcome.EDGE_DISCONNECTED
         assert [r.command_id for r in h.records()] == dispatched[-limit:]
         assert len(h) <= limit
+
+
+def test_command_outcomes_are_the_target_outcomes_a_dispatched_call_can_have() -> None:
+    # Two enums on purpose (a dispatched call is never not_started); one vocabulary.
+    from aegis_edge_core.fleet.outcomes import TargetOutcome
+
+    assert {o.value for o in CommandOutcome} == {o.value for o in TargetOutcome} - {"not_started"}
