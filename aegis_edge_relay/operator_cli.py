@@ -366,11 +366,23 @@ def target_row(res: admin_pb2.TargetResult) -> list[str]:
         target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0),
         str(res.exit_code) if res.has_exit_code else "-",
         duration or "-",
+        last_output_line(res),
         note.splitlines()[0] if note else "",
     ]
 
 
-TARGET_COLUMNS: Final = ("NODE", "OUTCOME", "EXIT", "DURATION", "ERROR")
+def last_output_line(res: admin_pb2.TargetResult, width: int = 60) -> str:
+    """The last line the command printed (stdout, else stderr), for a glance in a table;
+    `fleet show -o json` has the whole captured tails."""
+    for tail in (res.stdout_tail, res.stderr_tail):
+        lines = [ln for ln in tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+        if lines:
+            line = lines[-1].strip()
+            return line if len(line) <= width else line[: width - 1] + "…"
+    return ""
+
+
+TARGET_COLUMNS: Final = ("NODE", "OUTCOME", "EXIT", "DURATION", "LAST OUTPUT", "ERROR")
 
 
 # --------------------------------------------------------------------------------------------

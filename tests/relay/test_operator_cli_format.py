@@ -303,9 +303,16 @@ def test_fleet_run_summary() -> None:
 
 def test_target_row() -> None:
     rows = [oc.target_row(t) for t in _run().targets]
-    assert rows[0] == ["a", "ok", "0", "1.0s", ""]
-    assert rows[1] == ["b", "error", "1", "10.0s", "exit status 1"]
-    assert rows[2] == ["c", "not_started", "-", "-", "skipped: halted"]
+    assert rows[0] == ["a", "ok", "0", "1.0s", "hello", ""]
+    assert rows[1][:4] == ["b", "error", "1", "10.0s"] and rows[1][5] == "exit status 1"
+    assert rows[2] == ["c", "not_started", "-", "-", "", "skipped: halted"]
+
+
+def test_last_output_line_prefers_stdout_and_caps_width() -> None:
+    res = admin_pb2.TargetResult(stdout_tail=b"one\ntwo\n\n", stderr_tail=b"warn\n")
+    assert oc.last_output_line(res) == "two"
+    assert oc.last_output_line(admin_pb2.TargetResult(stderr_tail=b"boom\n")) == "boom"
+    assert oc.last_output_line(admin_pb2.TargetResult(stdout_tail=b"x" * 100)) == "x" * 59 + "…"
 
 
 def test_preview_to_dict() -> None:
