@@ -60,6 +60,7 @@ class CommandTree:
         self._top.required = True
         self._groups: dict[str, argparse._SubParsersAction[_Parser]] = {}
         self._nested: dict[tuple[str, ...], argparse._SubParsersAction[_Parser]] = {}
+        self._commands: set[tuple[str, ...]] = set()
         for name, help_ in (
             ("edge", "enroll and run a daemon; operate the fleet"),
             ("relay", "run and administer the reference relay"),
@@ -86,7 +87,19 @@ class CommandTree:
             parent = self._nested[key]
         parser = parent.add_parser(words[-1], help=help, description=help)
         parser.set_defaults(_handler=handler)
+        self._commands.add(tuple(words))
         return parser
+
+    def has_command(self, argv: Sequence[str]) -> bool:
+        """Whether ``argv`` starts with the words of a command added so far."""
+        words: list[str] = []
+        for arg in argv:
+            if arg.startswith("-"):
+                break
+            words.append(arg)
+            if tuple(words) in self._commands:
+                return True
+        return False
 
 
 def add_output_flag(parser: argparse.ArgumentParser) -> None:
@@ -122,15 +135,24 @@ def print_table(
     Console(soft_wrap=True, width=width).print(table)
 
 
-def build() -> CommandTree:
+def build(argv: Sequence[str] | None = None) -> CommandTree:
+    """The command tree from every ``aegis.cli`` entry point.
+
+    Given the command line, stop loading entry points once one of them has added the
+    command it names: running ``aegis edge daemon`` then imports neither the relay nor the
+    operator commands (a long-running daemon would carry them for nothing). Help for a
+    group, or a command no entry point loaded so far has, loads them all.
+    """
     tree = CommandTree()
     for ep in sorted(entry_points(group="aegis.cli"), key=lambda e: e.name):
         ep.load()(tree)
+        if argv is not None and tree.has_command(argv):
+            break
     return tree
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    tree = build()
+    tree = build(sys.argv[1:] if argv is None else argv)
     args = tree.parser.parse_args(argv)
     handler: Handler = args._handler
     try:

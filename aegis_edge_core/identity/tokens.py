@@ -55,8 +55,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, Generic, Literal, NoReturn, TypeVar
 
 import attrs
-import jwt
-import jwt.api_jws
 
 from aegis_edge_core.identity._codec import b64url_decode, b64url_encode
 from aegis_edge_core.identity.errors import Reason, TokenError
@@ -356,6 +354,8 @@ class TokenIssuer:
     signing_key: RelaySigningKey
 
     def sign(self, claims: EnrollmentClaims | NodeClaims | OperatorClaims) -> str:
+        import jwt  # here, not at the top: hosts that only peek at tokens never load PyJWT
+
         headers = {"kid": self.signing_key.kid, "typ": "JWT"}
         return jwt.encode(
             claims.to_payload(),
@@ -672,6 +672,8 @@ class TokenVerifier:
         # so a change in either cannot open the door alone.
         if not key.verify(parsed.signature, parsed.signing_input):
             _refuse("token signature does not verify", "bad_signature")
+        import jwt.api_jws  # lazily, as in TokenIssuer.sign
+
         try:
             jwt.api_jws.decode_complete(token, key.to_cryptography(), [_ALGORITHM])
         except jwt.InvalidSignatureError:
