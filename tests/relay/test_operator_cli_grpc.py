@@ -388,7 +388,7 @@ def env(
 
 @pytest.fixture(autouse=True)
 def _only_our_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    def build() -> CommandTree:
+    def build(argv: object = None) -> CommandTree:  # main passes the command line
         tree = CommandTree()
         operator_cli.register(tree)
         return tree
