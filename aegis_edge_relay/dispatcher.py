@@ -47,6 +47,13 @@ __all__ = ["ActiveRun", "CommandEnd", "Dispatcher", "NotConnected", "run_to_prot
 
 _TAIL: Final = 64 * 1024
 
+DETAIL_LIMIT: Final = 256
+"""Runs with more targets than this are *large*: their admin event stream carries no
+per-target ``dispatched`` events (only ``started``, one ``target_finished`` per target and
+``finished``), and their per-command log lines are at debug level (the run's
+``fleet.run_started``/``fleet.run_finished`` lines stay at info). At 10k targets each event
+and each log line is a measurable share of the relay's one event loop."""
+
 _OUTCOME_BY_PROTO: Final = {
     common_pb2.TARGET_OUTCOME_OK: TargetOutcome.OK,
     common_pb2.TARGET_OUTCOME_ERROR: TargetOutcome.ERROR,
@@ -121,6 +128,7 @@ class PendingCommand:
     dispatched_at: float
     listener: Listener | None = None
     span: Any = None
+    log_level: str = "info"
     stdout: bytearray = attrs.field(factory=bytearray)
     stderr: bytearray = attrs.field(factory=bytearray)
 
@@ -144,6 +152,8 @@ class ActiveRun:
     trace_id: str = ""
     started_at: float = 0.0
     dispatched_at: dict[str, float] = attrs.field(factory=dict)
+    large: bool = False
+    """More than :data:`DETAIL_LIMIT` targets: no ``dispatched`` events, debug command logs."""
 
     @property
     def fleet_command_id(self) -> str:
@@ -426,6 +436,7 @@ class Dispatcher:
         deadline: float = 0.0,
         listener: Listener | None = None,
         parent_span: Any = None,
+        log_level: str = "info",
     ) -> PendingCommand:
         """Dispatch one command on the node's live stream; raises :class:`NotConnected`."""
         relay = self.relay
@@ -451,6 +462,7 @@ class Dispatcher:
             dispatched_at=now,
             listener=listener,
             span=span,
+            log_level=log_level,
         )
         await self._dispatch_log.submit(
             CommandRow(
@@ -478,7 +490,7 @@ class Dispatcher:
         )
         handle.flush()
         jsonlog.log(
-            "info",
+            log_level,
             "command.dispatched",
             node_id=node_id,
             tenant_id=node.tenant_id,
@@ -632,7 +644,7 @@ class Dispatcher:
             )
         )
         jsonlog.log(
-            "info",
+            pending.log_level,
             "command.finished",
             node_id=pending.node_id,
             tenant_id=pending.tenant_id,
@@ -676,6 +688,7 @@ class Dispatcher:
             tenants=tenants,
             span=span,
             trace_id=trace_id,
+            large=len(resolution.targets) > DETAIL_LIMIT,
         )
         queue = active.subscribe()
         active.started_at = now
@@ -766,6 +779,7 @@ class Dispatcher:
                 deadline=deadline,
                 listener=listener,
                 parent_span=active.span,
+                log_level="debug" if active.large else "info",
             )
         except NotConnected as err:
             # Resolved as Connected a moment ago, gone now: the planner hears it like a
@@ -792,7 +806,8 @@ class Dispatcher:
             active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
             return list(actions)
         active.command_ids[node_id] = pending.command_id
-        active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
+        if not active.large:
+            active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
         return []
 
     def _target(self, active: ActiveRun, node_id: str) -> admin_pb2.TargetResult:
@@ -832,6 +847,10 @@ class Dispatcher:
             fleet_command_id=active.fleet_command_id,
             outcome=outcome,
             halt_reason=record.halt_reason,
+            targets=len(record.targets),
+            outcomes=dict(
+                collections.Counter(t.outcome.value for t in record.targets if t.outcome)
+            ),
         )
         active.publish(admin_pb2.FleetRunEvent(finished=active.to_proto()))
         active.publish(None)

@@ -948,6 +948,7 @@ class _Progress:
         self.total = 0
         self.done = 0
         self.running = 0
+        self.saw_dispatched = False
         self.failed = 0
 
     def __enter__(self) -> _Progress:
@@ -979,7 +980,13 @@ class _Progress:
     def _refresh(self) -> None:
         if self._progress is None:
             return
-        detail = f"{self.running} running, {self.failed} failed"
+        # Large runs (more than the relay's DETAIL_LIMIT targets) send no per-target
+        # ``dispatched`` events: then only what finished is known.
+        detail = (
+            f"{self.running} running, {self.failed} failed"
+            if self.saw_dispatched
+            else f"{self.failed} failed"
+        )
         self._progress.update(
             self._task, total=self.total or None, completed=self.done, detail=detail
         )
@@ -991,6 +998,7 @@ class _Progress:
         self._refresh()
 
     def dispatched(self, _res: admin_pb2.TargetResult) -> None:
+        self.saw_dispatched = True
         self.running += 1
         self._refresh()
 
