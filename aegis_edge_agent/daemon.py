@@ -354,7 +354,8 @@ class Daemon:
                 if self.stop_event.is_set():
                     break
                 if delay is None:
-                    delay = self.backoff.next_delay(self.rng)
+                    # now: a failure soon after a relay's Drain does not climb the ladder
+                    delay = self.backoff.next_delay(self.rng, time.time())
                 self.log.info(
                     "reconnect_backoff", delay_secs=round(delay, 3), attempt=self.backoff.attempt
                 )
@@ -584,7 +585,9 @@ class Daemon:
             self.log.info("drain", reason=event.reason)
             conn.close(f"drained: {event.reason}")
             # jittered: every daemon of a restarting relay hears the same hint at once
-            return self.backoff.after_drain(event.reconnect_after_secs, self.rng)
+            # now: the relay is restarting, not the network broken -- the schedule starts
+            # again at the bottom and refused attempts in the drain window do not climb
+            return self.backoff.after_drain(event.reconnect_after_secs, self.rng, time.time())
         elif isinstance(event, s.Revoked):
             conn.end_reason = "revoked"
             conn.close("revoked")

@@ -24,6 +24,19 @@ jitter above exists to prevent. :meth:`Backoff.after_drain` draws the wait from
 fraction. X of 0 (no hint) means "use the schedule". A drain is a polite disconnect, not a
 failure: it does not climb the schedule.
 
+Drain window. A drained daemon knows its relay is restarting (or handing it off), not that the
+network is broken; the new relay may not listen yet when the daemon comes back, and a refused
+attempt there must not push the daemon up the ladder (with 10k daemons, a restart whose old
+process takes seconds to close its streams used to leave every daemon on its 15-60 s steps by
+the time the new one listened). So when the loop passes ``now`` to :meth:`Backoff.after_drain`,
+the schedule starts again at the bottom, and failed attempts within ``drain_window`` seconds
+of that drain (default 10 s; ``now`` passed to :meth:`Backoff.next_delay`) all draw from the
+bottom step -- jittered, ``[step0 * (1 - jitter), step0]`` -- without climbing. An accepted
+stream ends the window; after the window (a relay that did not come back) the schedule climbs
+as usual from the bottom. Without ``now`` both calls behave as before. 10 s covers a relay
+restart (the old process ends its streams and exits, the new one starts listening); a relay
+still gone after that is an outage, and the ladder is what dampens those.
+
 Reset rule. Reaching a relay is not the same as staying connected: a flapping link (TLS up,
 dropped seconds later) must keep climbing the schedule, or it would hammer the relay every
 second. So the schedule only starts again at the bottom when a connection *stayed up* for at
@@ -45,11 +58,11 @@ form a two-state table (:data:`BACKOFF_TRANSITIONS`); calls outside it raise
         try:
             stream = connect_and_attest()          # I/O, in the agent
         except ConnectError:
-            sleep(backoff.next_delay(rng)); continue
+            sleep(backoff.next_delay(rng, clock())); continue
         backoff.connected(clock())
-        serve(stream)                              # returns when the stream drops
-        backoff.disconnected(clock())
-        sleep(backoff.next_delay(rng))
+        hint = serve(stream)                       # returns when the stream drops; on a
+        backoff.disconnected(clock())              # Drain: after_drain(X, rng, clock())
+        sleep(hint if hint is not None else backoff.next_delay(rng, clock()))
 
 Nothing here reads the clock or draws randomness on its own: ``now`` and ``rng`` are passed in.
 """
@@ -71,6 +84,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKOFF_TRANSITIONS",
+    "DEFAULT_DRAIN_WINDOW",
     "DEFAULT_JITTER",
     "DEFAULT_SCHEDULE",
     "Backoff",
@@ -85,6 +99,9 @@ DEFAULT_SCHEDULE: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 60.0)
 
 DEFAULT_JITTER = 0.5
 """Fraction of each step that is randomised: waits fall in ``[step * (1 - j), step]``."""
+
+DEFAULT_DRAIN_WINDOW = 10.0
+"""Seconds after a relay's ``Drain`` during which failed attempts do not climb the schedule."""
 
 
 class BackoffProtocolError(LocalProtocolError):
@@ -141,6 +158,19 @@ def _check_reset_after(_inst: object, _attr: object, value: float | None) -> Non
         )
 
 
+def _check_drain_window(_inst: object, _attr: object, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(
+            f"expected a non-negative number of seconds, got {value!r}",
+            path="backoff.drain_window",
+        )
+
+
 @attrs.frozen(kw_only=True)
 class BackoffPolicy:
     """The schedule, jitter fraction and reset threshold; validated on construction.
@@ -154,6 +184,7 @@ class BackoffPolicy:
     )
     jitter: float = attrs.field(default=DEFAULT_JITTER, validator=_check_jitter)
     reset_after: float | None = attrs.field(default=None, validator=_check_reset_after)
+    drain_window: float = attrs.field(default=DEFAULT_DRAIN_WINDOW, validator=_check_drain_window)
 
     @property
     def cap(self) -> float:
@@ -235,13 +266,14 @@ class Backoff:
     ``policy.step(attempt)``.
     """
 
-    __slots__ = ("_attempt", "_connected_at", "_state", "policy")
+    __slots__ = ("_attempt", "_connected_at", "_drained_at", "_state", "policy")
 
     def __init__(self, policy: BackoffPolicy | None = None) -> None:
         self.policy = policy if policy is not None else BackoffPolicy()
         self._attempt = 0
         self._state = LinkState.DISCONNECTED
         self._connected_at: float | None = None
+        self._drained_at: float | None = None
 
     def __repr__(self) -> str:
         return f"Backoff(attempt={self._attempt}, state={self._state.value}, policy={self.policy})"
@@ -270,16 +302,44 @@ class Backoff:
                 hint="call disconnected(now) when the stream drops, before waiting again",
             ) from None
 
-    def next_delay(self, rng: random.Random) -> float:
-        """Draw the next wait in seconds and climb one step. Only while disconnected."""
+    @property
+    def drained_at(self) -> float | None:
+        """When the last ``Drain`` (passed with ``now``) arrived, until a stream is accepted
+        again; ``None`` otherwise."""
+        return self._drained_at
+
+    def in_drain_window(self, now: float) -> bool:
+        """Whether a failure at ``now`` follows a drain closely enough not to climb."""
+        return self._drained_at is not None and 0 <= now - self._drained_at <= (
+            self.policy.drain_window
+        )
+
+    def next_delay(self, rng: random.Random, now: float | None = None) -> float:
+        """Draw the next wait in seconds and climb one step. Only while disconnected.
+
+        With ``now`` within the drain window (see the module's *Drain window*), the wait is
+        drawn from the bottom step and the schedule does not climb.
+        """
         self._state = self._advance(BackoffEvent.NEXT_DELAY)
+        if now is not None and self._drained_at is not None:
+            if self.in_drain_window(_check_now(now)):
+                return self.policy.delay(0, rng)
+            self._drained_at = None  # the window is over: climb as usual from here
         delay = self.policy.delay(self._attempt, rng)
         self._attempt += 1
         return delay
 
-    def after_drain(self, reconnect_after: float, rng: random.Random) -> float | None:
+    def after_drain(
+        self, reconnect_after: float, rng: random.Random, now: float | None = None
+    ) -> float | None:
         """The wait after the relay drained this stream (see the module's *Drain* section);
-        ``None``: no hint, draw :meth:`next_delay`. Does not climb the schedule."""
+        ``None``: no hint, draw :meth:`next_delay`. Does not climb the schedule.
+
+        With ``now``, the schedule starts again at the bottom and the drain window opens.
+        """
+        if now is not None:
+            self._drained_at = _check_now(now)
+            self._attempt = 0
         return self.policy.drain_delay(reconnect_after, rng)
 
     def connected(self, now: float) -> None:
@@ -287,6 +347,7 @@ class Backoff:
         now = _check_now(now)
         self._state = self._advance(BackoffEvent.CONNECTED)
         self._connected_at = now
+        self._drained_at = None  # back in: a later failure is a failure again
 
     def disconnected(self, now: float) -> bool:
         """The stream dropped at ``now``. Returns ``True`` if this reset the schedule.

@@ -207,8 +207,13 @@ class Relay:
         self.metrics.set_daemon_counts(pairs)
 
     async def drain(self) -> None:
-        """Tell every daemon to go away and come back, and wait (bounded) for them."""
+        """Tell every daemon to go away and come back, and wait (bounded) for them.
+
+        Per-stream ``stream.closed``/``daemon.status`` lines are at debug level from here
+        on; one ``relay.drained`` line sums the drain up."""
         self.draining = True
+        started = time.monotonic()
+        total = len(self._all_streams)
         for handle in list(self._all_streams):
             with contextlib.suppress(Exception):
                 if handle.attested and not handle.control:
@@ -222,8 +227,16 @@ class Relay:
         deadline = time.monotonic() + self.config.drain_grace
         while self._all_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for handle in list(self._all_streams):
+        cut = list(self._all_streams)
+        for handle in cut:
             handle.close(grpc.StatusCode.UNAVAILABLE, "relay shutting down")
+        jsonlog.log(
+            "info",
+            "relay.drained",
+            streams=total,
+            cut_at_grace=len(cut),
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     async def stop(self) -> None:
         await self.dispatcher.stop()
@@ -329,7 +342,9 @@ class Relay:
                 tenant, t.old.value if t.old else None, t.new.value if t.new else None
             )
             jsonlog.log(
-                "info",
+                # while draining every stream goes Disconnected at once: one summary line
+                # (relay.drained) instead of 10k
+                "debug" if self.draining else "info",
                 "daemon.status",
                 node_id=t.node_id,
                 tenant_id=tenant,
@@ -570,7 +585,7 @@ class Relay:
             self.connected_since.pop(handle.node_id, None)
         self.apply_transitions(self.health.stream_closed(handle.node_id, now, stream_id=handle.id))
         jsonlog.log(
-            "info",
+            "debug" if self.draining else "info",
             "stream.closed",
             node_id=handle.node_id,
             tenant_id=handle.tenant_id,

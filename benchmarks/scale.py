@@ -407,8 +407,9 @@ def fleet_run(relay: Relay, mode: str, timeout: float) -> dict[str, Any]:
 
 
 def storm(relay: Relay, workers: Workers, n: int, hb: float, timeout: float) -> dict[str, Any]:
-    stop_s = relay.stop()
+    # The clock starts at the SIGTERM: the old relay's shutdown is part of the storm.
     t0 = time.monotonic()
+    stop_s = relay.stop()
     listen_s = relay.start(hb)
     t_listen = time.monotonic()
     c0 = cpu_secs(relay.pid)
@@ -611,6 +612,57 @@ def write_docs(res: dict[str, Any], text: str) -> None:
 # ---------------------------------------------------------------------- main
 
 
+def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
+    """``--only fleet,storm``: enroll, connect N at a 30 s heartbeat, then only those phases
+    (no sampling windows, no floor, no idle daemon) -- for iterating on one figure."""
+    n = args.daemons
+    only = set(args.only)
+    res: dict[str, Any] = {
+        "daemons": n,
+        "only": sorted(only),
+        "machine": machine(),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+    }
+    relay = Relay(procs, root / "relay")
+    relay.start(30.0)
+    nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
+    workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
+    log(f"enrolling {n} daemons ({nworkers} load generators)")
+    shares = workers.split(n)
+    workers.all(
+        {
+            "cmd": "enroll",
+            "token_path": relay.info["operator_token"],
+            "tenant": "bench",
+            "conc": 32,
+        },
+        per=lambda i: {"count": shares[i]},
+        timeout=max(120.0, n / 20),
+    )
+    relay.stop()
+    relay.start(30.0)
+    workers.all({"cmd": "address", "address": relay.address})
+    r = hold(relay, workers, n, 3.0, max(60.0, n / 50))
+    log(f"  held {n}: {r}")
+    res["fleet"] = []
+    for mode in ("all", "rolling=1000"):
+        if ("fleet" if mode == "all" else "rolling") not in only:
+            continue
+        log(f"fleet run edge.ping over {n}, mode {mode} (relay pid {relay.pid})")
+        fr = fleet_run(relay, mode, timeout=max(120.0, n / 50))
+        res["fleet"].append(fr)
+        log(f"  {fr}")
+    if "storm" in only:
+        log(f"reconnect storm: restarting the relay with {n} daemons attached")
+        res["storm"] = storm(relay, workers, n, 30.0, timeout=max(120.0, n / 40))
+        log(f"  {res['storm']}")
+    workers.target(0)
+    relay.stop()
+    return res
+
+
 def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
     n = args.daemons
     steps = sorted({s for s in (args.steps or [1000, 5000, n]) if s <= n} | {n})
@@ -783,6 +835,12 @@ def main() -> int:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/latest.json|quick.json)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument(
+        "--only",
+        type=lambda t: t.split(","),
+        help="only these phases, e.g. fleet,rolling,storm (after enroll + connect N); "
+        "JSON to benchmarks/results/only.json, no table, no docs",
+    )
     args = ap.parse_args()
 
     procs = Procs()
@@ -793,6 +851,12 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        if args.only:
+            res = run_only(args, procs, root)
+            out = Path(args.out) if args.out else HERE / "results" / "only.json"
+            out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+            log(f"results: {out}")
+            return 0
         res = run(args, procs, root)
     except KeyboardInterrupt:
         log("interrupted: killing everything this run started")

@@ -4,7 +4,8 @@ Each simulated daemon is what ``aegis edge daemon`` is on the wire: its own grpc
 channel (a local subchannel pool, so one TCP connection and one TLS session each), the core's
 :class:`DaemonSession` driving ``EdgeStream.Connect``, a real Ed25519 attestation on every
 connect, heartbeats at the interval the relay hands out, the agent's reconnect policy
-(``Drain`` -> ``reconnect_after_secs``, otherwise the core's :class:`Backoff` with jitter),
+(``Drain`` -> the core's ``Backoff.after_drain`` with its drain window, otherwise
+``Backoff.next_delay`` with jitter, each called as the agent calls them),
 and real ``edge.ping`` results (the agent's tool output shape, through ``tools_spec``).
 The agent's own :class:`Daemon` is not reused: it is one process per host by design (state
 dir, lock file, status file written on every ack, spool) -- all per-host I/O that would
@@ -175,7 +176,8 @@ class Worker:
             if not d.want:
                 return
             if delay is None:
-                delay = d.backoff.next_delay(self.rng)
+                # as the agent: a failure within the drain window does not climb
+                delay = d.backoff.next_delay(self.rng, time.time())
             d.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(d.wake.wait(), timeout=delay)
@@ -244,7 +246,11 @@ class Worker:
                         if isinstance(ev, s.CommandReceived):
                             session.result(self._run_tool(ev.command))
                         elif isinstance(ev, s.Drained):
-                            delay = max(0.0, ev.reconnect_after_secs) or None
+                            # exactly the agent's rule: jittered hint, ladder back to the
+                            # bottom, drain window opened (aegis_edge_agent/daemon.py)
+                            delay = d.backoff.after_drain(
+                                ev.reconnect_after_secs, self.rng, time.time()
+                            )
                         elif isinstance(ev, s.TokenRefreshed | s.KeyRotated):
                             d.token = ev.node_token
                         elif isinstance(ev, s.Revoked):

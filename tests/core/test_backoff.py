@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from aegis_edge_core.backoff import (
     BACKOFF_TRANSITIONS,
+    DEFAULT_DRAIN_WINDOW,
     DEFAULT_SCHEDULE,
     Backoff,
     BackoffPolicy,
@@ -201,3 +202,82 @@ def test_policy_is_validated(kwargs: dict[str, object], path: str) -> None:
     with pytest.raises(ConfigError) as info:
         BackoffPolicy(**kwargs)  # type: ignore[arg-type]
     assert info.value.path == path
+
+
+def test_drain_window_defaults_and_validation() -> None:
+    assert BackoffPolicy().drain_window == DEFAULT_DRAIN_WINDOW == 10.0
+    for bad in (-1, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ConfigError) as info:
+            BackoffPolicy(drain_window=bad)  # type: ignore[arg-type]
+        assert info.value.path == "backoff.drain_window"
+
+
+def test_failures_right_after_a_drain_stay_at_the_bottom() -> None:
+    # A relay restart: drained at t=100, the new relay listens only at t=120.
+    b = Backoff(BackoffPolicy(jitter=0, drain_window=30.0))
+    rng = random.Random(0)
+    for _ in range(3):  # an earlier outage had climbed the ladder
+        b.next_delay(rng)
+    b.connected(10.0)
+    assert b.after_drain(1.0, rng, now=100.0) == 1.0
+    assert b.attempt == 0 and b.drained_at == 100.0
+    b.disconnected(100.0)
+    waits = [b.next_delay(rng, now=101.0 + i) for i in range(20)]
+    assert waits == [1.0] * 20  # refused by a closed port: no climbing
+    assert b.attempt == 0
+    b.connected(121.0)
+    assert b.drained_at is None  # accepted: the window is over
+    b.disconnected(122.0)
+    assert [b.next_delay(rng, now=123.0 + i) for i in range(3)] == [1.0, 2.0, 5.0]
+
+
+def test_after_the_drain_window_the_schedule_climbs_again() -> None:
+    b = Backoff(BackoffPolicy(jitter=0, drain_window=10.0))
+    rng = random.Random(0)
+    b.after_drain(1.0, rng, now=0.0)
+    assert b.next_delay(rng, now=10.0) == 1.0  # the window is closed: [0, 10]
+    assert [b.next_delay(rng, now=10.5 + i) for i in range(3)] == [1.0, 2.0, 5.0]
+    assert b.drained_at is None
+
+
+def test_without_now_a_drain_changes_nothing_for_next_delay() -> None:
+    b = Backoff(BackoffPolicy(jitter=0))
+    rng = random.Random(0)
+    b.next_delay(rng)
+    b.after_drain(1.0, rng)  # the old call: no window, no reset
+    assert b.attempt == 1 and b.drained_at is None
+    assert b.next_delay(rng) == 2.0
+
+
+@FAST
+@given(
+    policy=policies,
+    seed=st.integers(0, 2**32),
+    drained_at=st.floats(min_value=0, max_value=1e6),
+    gaps=st.lists(st.floats(min_value=0, max_value=100), max_size=30),
+)
+def test_drain_window_property(
+    policy: BackoffPolicy, seed: int, drained_at: float, gaps: list[float]
+) -> None:
+    """Within the window every wait is a jittered bottom step and nothing climbs; the first
+    failure past the window climbs from the bottom; waits never exceed the cap."""
+    b = Backoff(policy)
+    rng = random.Random(seed)
+    b.after_drain(1.0, rng, now=drained_at)
+    low, high = policy.bounds(0)
+    now = drained_at
+    closed = False
+    for gap in gaps:
+        now += gap
+        inside = not closed and now - drained_at <= policy.drain_window
+        before = b.attempt
+        wait = b.next_delay(rng, now=now)
+        assert wait <= policy.cap
+        if inside:
+            assert low <= wait <= high
+            assert b.attempt == before == 0
+        else:
+            closed = True
+            lo, hi = policy.bounds(before)
+            assert lo <= wait <= hi
+            assert b.attempt == before + 1

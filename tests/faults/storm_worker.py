@@ -140,7 +140,7 @@ class Worker:
             except Exception as err:
                 d.errors.append(type(err).__name__)
             if delay is None:
-                delay = d.backoff.next_delay(d.rng)
+                delay = d.backoff.next_delay(d.rng, time.time())
             await asyncio.sleep(delay)
 
     async def _connect_once(self, d: Daemon) -> float | None:
@@ -197,7 +197,9 @@ class Worker:
                         break
                     for ev in session.receive(msg, time.time()):
                         if isinstance(ev, s.Drained):
-                            delay = d.backoff.after_drain(ev.reconnect_after_secs, d.rng)
+                            delay = d.backoff.after_drain(
+                                ev.reconnect_after_secs, d.rng, time.time()
+                            )
                             d.drain_delays.append(delay or 0.0)
                         elif isinstance(ev, s.TokenRefreshed | s.KeyRotated):
                             d.token = ev.node_token
