@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -76,6 +77,29 @@ class ServeOptions:
     attest_limit_per_node: Limit | None = ATTEST_PER_NODE
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
+
+
+GC_THRESHOLDS: tuple[int, int, int] = (50_000, 20, 10)
+"""The relay process's cyclic-GC thresholds (Python's default is 700, 10, 10). Per-command
+and per-stream objects mostly die young; a larger first generation lets them, instead of
+promoting them towards the full collections that walk every object of 10k streams."""
+
+
+MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
+"""glibc returns a heap's free top to the system (madvise) once it exceeds this (default
+128 KB). With 10k streams every burst of frees (a fleet run's messages, streams closing at a
+drain) made it madvise over and over on the event loop's thread: ~40% of the main thread's
+samples while a 10k relay drained. Freed memory is reused by the next burst instead."""
+
+
+def _keep_freed_memory() -> None:
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold = -1  # <malloc.h>
+        libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -262,6 +286,14 @@ async def serve(opts: ServeOptions) -> int:
     config.relay_endpoint = _advertised(host, bound, opts.advertise)
 
     await relay.start()
+    if opts.fast_exit:
+        # The CLI's process: what it loaded to start (modules, the fleet) lives as long as
+        # the process, so keep it out of every full GC pass; and collect the young
+        # generations less often. Measured at 10k daemons: a full collection walks the
+        # 1 GB heap in 0.3-2.6 s, and a 10k-target fleet run triggered three of them.
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        _keep_freed_memory()
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -312,6 +344,10 @@ async def serve(opts: ServeOptions) -> int:
     await stop.wait()
 
     jsonlog.log("info", "relay.draining")
+    if opts.fast_exit:
+        # The process ends in seconds: no cyclic-GC passes over a 1 GB heap of 10k streams
+        # while it drains (a full collection there costs ~1 s, and draining allocates).
+        gc.disable()
     await health_servicer.enter_graceful_shutdown()
     # Stop listening first: open streams keep the grace to be drained, while the daemons
     # that reconnect early are refused by the kernel instead of costing a TLS handshake and
