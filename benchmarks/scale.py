@@ -559,7 +559,7 @@ def table(res: dict[str, Any]) -> str:
     st = res.get("storm")
     if st:
         rows.append(
-            f"| reconnect storm, {lab} (s to all Connected, from restart) | {st['storm_s']} | - "
+            f"| reconnect storm, {lab} (s to all Connected, from SIGTERM) | {st['storm_s']} | - "
             f"| - | <= 30 s | {verdict(st['storm_s'], TARGET['storm_seconds'])} |"
         )
         rows.append(f"| storm: attestations per second | {st['attestations_per_s']} | - | - | | |")
