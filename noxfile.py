@@ -98,13 +98,8 @@ def bench(session: nox.Session) -> None:
     gRPC floor, ~10 min). Arguments go to the harness: `nox -s bench -- --daemons 1000
     --quick` is the ~2 minute version.
     """
-    from pathlib import Path
-
     _install(session)
-    if Path("benchmarks/bench_fleet.py").exists():
-        session.run("python", "benchmarks/bench_fleet.py")
-    else:
-        session.warn("benchmarks/bench_fleet.py not found; skipping the fleet micro-benchmark")
+    session.run("python", "benchmarks/bench_fleet.py")
     session.run("python", "benchmarks/scale.py", *session.posargs)
 
 
