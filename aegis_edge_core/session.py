@@ -481,8 +481,6 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             self._answered.add(res.command_id)
             return [ResultReceived(result=res, known=known)]
         if kind == "rotate_key":
-            if self.control is False and self.nonce is None:  # pragma: no cover - guarded above
-                raise self._violation("rotate_key before attestation")
             rk = msg.rotate_key
             if len(rk.new_public_key) != 32:
                 raise self._violation("rotate_key: the new public key must be 32 bytes")
