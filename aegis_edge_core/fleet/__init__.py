@@ -19,8 +19,9 @@ The pieces, in the order a fleet run uses them::
 
 Everything here is sans-I/O: time comes in as ``now``, ids come from the caller, and the
 answers are values and lists of actions. Each module's docstring states its exact rules:
-:mod:`~aegis_edge_core.fleet.selector` (grammar), :mod:`~aegis_edge_core.fleet.resolve`
-(targets vs. skips), :mod:`~aegis_edge_core.fleet.spec` (mode, on-error, deadline),
+:mod:`~aegis_edge_core.fleet.selector` (grammar), :mod:`~aegis_edge_core.fleet.groups`
+(saved groups, ``group=web``), :mod:`~aegis_edge_core.fleet.resolve` (targets vs. skips),
+:mod:`~aegis_edge_core.fleet.spec` (mode, on-error, deadline),
 :mod:`~aegis_edge_core.fleet.planner` (the state machine) and
 :mod:`~aegis_edge_core.fleet.record` (the persisted shape).
 """
@@ -28,6 +29,7 @@ answers are values and lists of actions. Each module's docstring states its exac
 from __future__ import annotations
 
 from aegis_edge_core.fleet.errors import FleetRecordError, FleetSpecError, NoTargets, SelectorError
+from aegis_edge_core.fleet.groups import Group, GroupError, GroupIndex, index_groups
 from aegis_edge_core.fleet.outcomes import (
     DaemonStatus,
     RunOutcome,
@@ -70,6 +72,9 @@ __all__ = [
     "FleetRun",
     "FleetSpec",
     "FleetSpecError",
+    "Group",
+    "GroupError",
+    "GroupIndex",
     "NoTargets",
     "Resolution",
     "RolloutMode",
@@ -83,6 +88,7 @@ __all__ = [
     "TargetOutcome",
     "TargetRecord",
     "TargetState",
+    "index_groups",
     "parse_duration",
     "parse_mode",
     "parse_on_error",

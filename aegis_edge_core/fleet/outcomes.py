@@ -28,16 +28,18 @@ __all__ = [
 class SkipReason(enum.StrEnum):
     """Why a matched daemon was not (or not any more) going to run the tool.
 
-    The first four are decided at resolution time, before anything is dispatched; the last
+    The first five are decided at resolution time, before anything is dispatched; the last
     three are decided by the planner while the run goes on, and always go with the target
     outcome ``not_started``. They are the ``reason`` label of
-    ``aegis_edge_fleet_targets_skipped_total``.
+    ``aegis_edge_fleet_targets_skipped_total``. ``not_found`` is a node a saved group pins
+    that is not in the fleet (see :mod:`aegis_edge_core.fleet.groups`).
     """
 
     DISCONNECTED = "disconnected"
     UNHEALTHY = "unhealthy"
     REVOKED = "revoked"
     TOOL_UNAVAILABLE = "tool_unavailable"
+    NOT_FOUND = "not_found"
     HALTED = "halted"
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
@@ -49,6 +51,7 @@ RESOLUTION_SKIP_REASONS = frozenset(
         SkipReason.UNHEALTHY,
         SkipReason.REVOKED,
         SkipReason.TOOL_UNAVAILABLE,
+        SkipReason.NOT_FOUND,
     }
 )
 RUN_SKIP_REASONS = frozenset({SkipReason.HALTED, SkipReason.DEADLINE, SkipReason.CANCELLED})

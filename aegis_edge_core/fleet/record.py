@@ -13,7 +13,8 @@ Shape and invariants
   those have a ``skip_reason``. ``dispatched_at`` is set exactly for targets that were
   dispatched, ``finished_at`` exactly for ``done`` ones.
 * ``skipped`` lists the daemons that matched but were skipped at resolution
-  (``disconnected``, ``unhealthy``, ``revoked``, ``tool_unavailable``). So every matched
+  (``disconnected``, ``unhealthy``, ``revoked``, ``tool_unavailable``, and ``not_found``
+  for a group's pinned node that is not in the fleet). So every matched
   daemon appears exactly once in ``targets`` or ``skipped``, and ``matched`` is the sum.
   :meth:`RunRecord.skip_counts` adds the run-time skips for the
   ``aegis_edge_fleet_targets_skipped_total{reason}`` metric.

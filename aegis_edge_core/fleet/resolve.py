@@ -28,6 +28,14 @@ Snapshots the selector does not match are only counted (``considered``). Both li
 sorted by node id, so the same fleet and selector always give the same plan, and a canary
 is always the same first few hosts.
 
+A selector that names saved groups (``group=web``) is resolved against the ``groups`` the
+caller passes (:mod:`aegis_edge_core.fleet.groups`; an unknown name is a
+:class:`~aegis_edge_core.fleet.errors.SelectorError`). One more row then applies: a node
+pinned by a named group that is not among the snapshots at all is skipped ``not_found``
+-- there is no snapshot to match the other terms against, and dropping it would hide
+that a host the operator pinned is gone. Such skips are counted in ``matched`` but not in
+``considered`` (they were never examined).
+
 "Nothing matched is never silent": a resolution with no targets is a legal value
 (``fleet preview`` prints it), but :meth:`Resolution.require_targets` -- which the planner
 calls before it will start -- raises :class:`~aegis_edge_core.fleet.errors.NoTargets`,
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
@@ -51,6 +59,9 @@ from aegis_edge_core.fleet.errors import NoTargets
 from aegis_edge_core.fleet.outcomes import DaemonStatus, SkipReason
 from aegis_edge_core.fleet.selector import Selector, parse_selector
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
+
+if TYPE_CHECKING:
+    from aegis_edge_core.fleet.groups import Group
 
 __all__ = ["Resolution", "Skipped", "resolve_targets"]
 
@@ -118,8 +129,9 @@ class Resolution:
             raise ValueError("a node id appears twice among the skipped")
         if not ids.isdisjoint(skipped_ids):
             raise ValueError("a node id is both a target and skipped")
-        if self.considered < self.matched:
-            raise ValueError(f"considered ({self.considered}) < matched ({self.matched})")
+        examined = self.matched - sum(s.reason is SkipReason.NOT_FOUND for s in self.skipped)
+        if self.considered < examined:
+            raise ValueError(f"considered ({self.considered}) < matched ({examined})")
 
     @property
     def matched(self) -> int:
@@ -155,18 +167,28 @@ class Resolution:
 
 
 def resolve_targets(
-    snapshots: Iterable[DaemonSnapshot], selector: Selector | str, tool: str
+    snapshots: Iterable[DaemonSnapshot],
+    selector: Selector | str,
+    tool: str,
+    *,
+    groups: Mapping[str, Group] | None = None,
 ) -> Resolution:
     """Split the daemons ``selector`` matches into targets and skips for running ``tool``.
 
     ``selector`` may be a string, parsed with
     :func:`~aegis_edge_core.fleet.selector.parse_selector` (so a
-    :class:`~aegis_edge_core.fleet.errors.SelectorError` can come out). See the module
-    docstring for the exact rules.
+    :class:`~aegis_edge_core.fleet.errors.SelectorError` can come out). ``groups`` are the
+    saved groups in the caller's scope by name (see
+    :func:`~aegis_edge_core.fleet.groups.index_groups`), needed only when the selector
+    names one. See the module docstring for the exact rules.
     """
     if isinstance(selector, str):
-        selector = parse_selector(selector)
-    matches = selector.matches
+        selector = parse_selector(selector, groups=groups)
+    matches = selector.matcher(groups)
+    pinned: set[str] = set()
+    for name in selector.group_names:
+        assert groups is not None  # matcher() raised otherwise
+        pinned.update(groups[name].pinned)
     status_skips = _STATUS_SKIPS
     targets: list[str] = []
     skipped: list[Skipped] = []
@@ -174,6 +196,8 @@ def resolve_targets(
     considered = 0
     for snapshot in snapshots:
         considered += 1
+        if pinned:
+            pinned.discard(snapshot.node_id)
         if not matches(snapshot):
             continue
         node_id = snapshot.node_id
@@ -190,6 +214,7 @@ def resolve_targets(
             targets.append(node_id)
         else:
             skipped.append(Skipped(node_id=node_id, reason=reason))
+    skipped.extend(Skipped(node_id=node_id, reason=SkipReason.NOT_FOUND) for node_id in pinned)
     return Resolution(
         selector=selector, tool=tool, targets=targets, skipped=skipped, considered=considered
     )

@@ -20,8 +20,10 @@ trailing whitespace is ignored. A daemon is selected when **every** term holds::
                | "tags="   op "(" name ("," name)* ")"
                | "labels=" name                      daemon has this label key
                | "labels=" name "=" name             label key has exactly this value
+               | "group="  group                     daemon is a member of a saved group
     op        := "AnyOf" | "AllOf" | "NoneOf"        at least one / every / none of the tags
     name      := one or more of  A-Z a-z 0-9 - . _ : / @ +
+    group     := a-z or 0-9, then up to 63 of  a-z 0-9 - . _
 
 Exact rules, in the order an operator meets them:
 
@@ -45,6 +47,14 @@ Exact rules, in the order an operator meets them:
   in effect, and ``node=a node=b`` matches nothing.
 * The empty selector (or only whitespace) is an error: write ``all`` to mean everything.
   So is a selector longer than :data:`MAX_SELECTOR_LENGTH` characters.
+* ``group=web`` names one saved group (:mod:`aegis_edge_core.fleet.groups`); its members
+  are the daemons of the group's tenant its own selector matches, plus its pinned nodes.
+  Group names are lower case (:data:`GROUP_NAME_CHARACTERS`), one per term; like every
+  other term it is ANDed, so ``group=web os=linux`` is the group's Linux members. The
+  parser knows groups only when the caller passes them (``parse_selector(text,
+  groups=...)``): then an unknown name is an error at its column. Without them the term is
+  only checked for spelling, and :meth:`Selector.matcher` binds it later; ``matches`` of a
+  selector that names a group is a caller bug (:class:`~aegis_edge_core.errors.LocalProtocolError`).
 
 Canonical form
 --------------
@@ -68,20 +78,27 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Callable, Iterable
-from typing import ClassVar, Final, TypeAlias
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, ClassVar, Final, TypeAlias
 
 import attrs
 
+from aegis_edge_core.errors import LocalProtocolError
 from aegis_edge_core.fleet.errors import SelectorError
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 
+if TYPE_CHECKING:
+    from aegis_edge_core.fleet.groups import Group
+
 __all__ = [
+    "GROUP_NAME_CHARACTERS",
+    "MAX_GROUP_NAME_LENGTH",
     "MAX_SELECTOR_LENGTH",
     "NAME_CHARACTERS",
     "SELECTOR_KEYS",
     "AllTerm",
     "ArchTerm",
+    "GroupTerm",
     "LabelTerm",
     "NodeTerm",
     "OsTerm",
@@ -90,6 +107,7 @@ __all__ = [
     "TagsTerm",
     "Term",
     "ToolsTerm",
+    "group_name_problem",
     "parse_selector",
 ]
 
@@ -101,8 +119,43 @@ NAME_CHARACTERS: Final = frozenset(
 )
 """Characters allowed in node ids, OS and arch names, tools, tags, label keys and values."""
 
-SELECTOR_KEYS: Final = ("node", "os", "arch", "tools", "tags", "labels")
+SELECTOR_KEYS: Final = ("node", "os", "arch", "tools", "tags", "labels", "group")
 """The keys of ``key=value`` terms, in canonical order (``all`` sorts before them)."""
+
+GROUP_NAME_CHARACTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+"""Characters allowed in a group name; the first must be a letter or digit."""
+
+MAX_GROUP_NAME_LENGTH: Final = 64
+"""Longer group names are refused: a name is typed, and it is a key in the store."""
+
+
+def group_name_problem(name: str) -> tuple[int, str, str] | None:
+    """What is wrong with ``name`` as a group name: ``(index, message, hint)``, or None.
+
+    ``index`` is the 0-based position of the first character that cannot be right (0 for
+    an empty name, :data:`MAX_GROUP_NAME_LENGTH` for one that is too long). One rule, used
+    by the selector parser (``group=``) and by :class:`~aegis_edge_core.fleet.groups.Group`.
+    Lower case only, so that ``Web`` and ``web`` can never be two groups an operator
+    confuses.
+    """
+    hint = "group names are 1-64 of a-z 0-9 - . _, starting with a letter or digit"
+    if not name:
+        return 0, "empty group name", hint
+    if len(name) > MAX_GROUP_NAME_LENGTH:
+        return MAX_GROUP_NAME_LENGTH, f"group name longer than {MAX_GROUP_NAME_LENGTH}", hint
+    for index, char in enumerate(name):
+        if char not in GROUP_NAME_CHARACTERS:
+            if char.lower() in GROUP_NAME_CHARACTERS:
+                return (
+                    index,
+                    f"group names are lower case, got {char!r}",
+                    (f"write {name.lower()!r}"),
+                )
+            return index, f"{char!r} is not allowed in a group name", hint
+    if name[0] in "-._":
+        return 0, f"a group name cannot start with {name[0]!r}", hint
+    return None
+
 
 _WHITESPACE: Final = frozenset(" \t\r\n")
 
@@ -304,7 +357,42 @@ class LabelTerm:
         return lambda snapshot: snapshot.labels.get(key) == value
 
 
-Term: TypeAlias = AllTerm | NodeTerm | OsTerm | ArchTerm | ToolsTerm | TagsTerm | LabelTerm
+def _check_group_name(_inst: object, _attr: attrs.Attribute[str], name: str) -> None:
+    problem = group_name_problem(name)
+    if problem is not None:
+        _index, message, hint = problem
+        raise ValueError(f"invalid group name {name!r}: {message} ({hint})")
+
+
+@attrs.frozen(kw_only=True)
+class GroupTerm:
+    """``group=web``: the daemon is a member of the saved group ``name``.
+
+    The term is only a name; what it matches depends on the group's definition, which the
+    caller passes to :meth:`Selector.matcher`.
+    """
+
+    rank: ClassVar[int] = 7
+    name: str = attrs.field(validator=_check_group_name)
+
+    def __str__(self) -> str:
+        return f"group={self.name}"
+
+    def predicate(self) -> Callable[[DaemonSnapshot], bool]:
+        name = self.name
+
+        def unbound(_snapshot: DaemonSnapshot) -> bool:
+            raise LocalProtocolError(
+                f"the selector names group {name!r}, which has no definition here",
+                hint="match with selector.matcher(groups), passing the groups in scope",
+            )
+
+        return unbound
+
+
+Term: TypeAlias = (
+    AllTerm | NodeTerm | OsTerm | ArchTerm | ToolsTerm | TagsTerm | LabelTerm | GroupTerm
+)
 """One ``key=value`` condition (or ``all``) of a selector."""
 
 
@@ -368,9 +456,43 @@ class Selector:
         """``matches(snapshot) -> bool``: whether every term holds for the daemon.
 
         A property returning the compiled predicate, so ``filter(sel.matches, snapshots)``
-        costs one call per daemon and no attribute lookups.
+        costs one call per daemon and no attribute lookups. For a selector that names a
+        group use :meth:`matcher` instead: the group term alone cannot decide.
         """
         return self._matches
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """The names of the groups the ``group=`` terms name, sorted."""
+        return tuple(term.name for term in self.terms if isinstance(term, GroupTerm))
+
+    def matcher(
+        self, groups: Mapping[str, Group] | None = None
+    ) -> Callable[[DaemonSnapshot], bool]:
+        """The predicate with every ``group=`` term bound to its definition in ``groups``.
+
+        Raises :class:`~aegis_edge_core.fleet.errors.SelectorError` for a group that
+        ``groups`` lacks, with the column of its term in ``str(self)`` (the canonical
+        text; parse the operator's text with ``parse_selector(text, groups=...)`` to get
+        the column in what they typed). A selector without group terms returns
+        :attr:`matches` and ignores ``groups``.
+        """
+        if not self.group_names:
+            return self._matches
+        known = groups if groups is not None else {}
+        checks: list[Callable[[DaemonSnapshot], bool]] = []
+        column = 1
+        for term in self.terms:
+            if isinstance(term, GroupTerm):
+                group = known.get(term.name)
+                if group is None:
+                    text = str(self)
+                    raise _unknown_group(text, column + len("group=") - 1, term.name, known)
+                checks.append(group.holds)
+            else:
+                checks.append(term.predicate())
+            column += len(str(term)) + 1
+        return _all_hold(tuple(checks))
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -392,12 +514,35 @@ def _describe(text: str, index: int) -> str:
     return repr(char)
 
 
+def _unknown_group(text: str, index: int, name: str, groups: Mapping[str, Group]) -> SelectorError:
+    """The error for ``group=<name>`` when ``groups`` has no such group.
+
+    A name that several tenants in scope define is ambiguous rather than unknown: the
+    caller (:func:`~aegis_edge_core.fleet.groups.index_groups`) left it out and recorded
+    the tenants, and the fix is to name one.
+    """
+    from aegis_edge_core.fleet.groups import GroupIndex
+
+    if isinstance(groups, GroupIndex) and name in groups.ambiguous:
+        tenants = ", ".join(groups.ambiguous[name])
+        return SelectorError(
+            f"group {name!r} is defined in more than one tenant ({tenants})",
+            column=index + 1,
+            source=text,
+            hint="name the tenant (--tenant) so the group is unambiguous",
+        )
+    near = _suggestion(name, groups)
+    hint = f"did you mean 'group={near}'?" if near else "'aegis edge groups ls' lists the groups"
+    return SelectorError(f"unknown group {name!r}", column=index + 1, source=text, hint=hint)
+
+
 class _Parser:
     """A hand-written scanner: the grammar is small and every error needs its column."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, groups: Mapping[str, Group] | None = None) -> None:
         self.text = text
         self.pos = 0
+        self.groups = groups
 
     def fail(self, message: str, index: int, hint: str = "") -> SelectorError:
         return SelectorError(message, column=index + 1, source=self.text, hint=hint)
@@ -484,7 +629,7 @@ class _Parser:
                 raise self.fail(
                     f"expected a term, got {_describe(self.text, start)}",
                     start,
-                    "terms are all, node=, os=, arch=, tools=, tags= and labels=",
+                    "terms are all, node=, os=, arch=, tools=, tags=, labels= and group=",
                 )
             if key in SELECTOR_KEYS:
                 raise self.fail(
@@ -519,6 +664,23 @@ class _Parser:
 
     def node_value(self) -> Term:
         return NodeTerm(node_ids=self.name_list("node id"))
+
+    def group_value(self) -> Term:
+        start = self.pos
+        name = self.name("group name")
+        problem = group_name_problem(name)
+        if problem is not None:
+            index, message, hint = problem
+            raise self.fail(message, start + index, hint)
+        if self.peek() == ",":
+            raise self.fail(
+                "'group' takes one group name",
+                self.pos,
+                "terms are ANDed: to run on two groups, run once per group",
+            )
+        if self.groups is not None and name not in self.groups:
+            raise _unknown_group(self.text, start, name, self.groups)
+        return GroupTerm(name=name)
 
     def os_value(self) -> Term:
         return OsTerm(os=self.name("os name"))
@@ -583,6 +745,7 @@ _EXAMPLES: Final = {
     "tools": "tools=cmd.run",
     "tags": "tags=prod or tags=AnyOf(a,b)",
     "labels": "labels=region=eu or labels=region",
+    "group": "group=web",
 }
 
 # key -> how its value is read. Every key of SELECTOR_KEYS has exactly one entry.
@@ -593,15 +756,17 @@ _VALUE_PARSERS: Final[dict[str, Callable[[_Parser], Term]]] = {
     "tools": _Parser.tools_value,
     "tags": _Parser.tags_value,
     "labels": _Parser.labels_value,
+    "group": _Parser.group_value,
 }
 
 
-def parse_selector(text: str) -> Selector:
+def parse_selector(text: str, *, groups: Mapping[str, Group] | None = None) -> Selector:
     """Parse ``text`` (see the module docstring for the grammar) into a :class:`Selector`.
 
     Raises :class:`~aegis_edge_core.fleet.errors.SelectorError`, and nothing else, for any
-    string that is not a valid selector.
+    string that is not a valid selector. With ``groups`` (the groups in the caller's scope,
+    by name), a ``group=`` term naming none of them is an error at the name's column too.
     """
     if not isinstance(text, str):
         raise TypeError(f"selector must be a str, not {type(text).__name__}")
-    return _Parser(text).parse()
+    return _Parser(text, groups).parse()
