@@ -68,12 +68,16 @@ REQUIRED_ROLES: Final[Mapping[str, Role]] = {
     "WatchFleetRun": Role.VIEWER,
     "ListFleetRuns": Role.VIEWER,
     "GetFleetRun": Role.VIEWER,
+    "ListGroups": Role.VIEWER,
+    "GetGroup": Role.VIEWER,
     "AddTags": Role.OPERATOR,
     "RemoveTags": Role.OPERATOR,
     "StartFleetRun": Role.OPERATOR,
     "CancelFleetRun": Role.OPERATOR,
     "RevokeNode": Role.OPERATOR,
     "IssueEnrollmentToken": Role.OPERATOR,
+    "CreateGroup": Role.OPERATOR,
+    "DeleteGroup": Role.OPERATOR,
     "DeleteTenant": Role.ADMIN,
 }
 """The least role each ``aegis.edge.v1.Admin`` RPC needs. An RPC not listed needs admin."""

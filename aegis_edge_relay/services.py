@@ -7,7 +7,13 @@ closing that one stream, instead of a deserialization failure inside gRPC.
 Every Admin call first verifies the operator token (``authorization: Bearer <token>``) with
 the core's :class:`TokenVerifier` and then asks :mod:`aegis_edge_core.authz` whether the
 role and tenants allow it: UNAUTHENTICATED for a bad token, PERMISSION_DENIED for a role
-that may not, NOT_FOUND for another tenant's daemons and runs (they do not exist for it).
+that may not, NOT_FOUND for another tenant's daemons, runs and groups (they do not exist
+for it).
+
+Saved groups (``group=web`` in a selector) are looked up in the tenants the request may
+touch: ``tenant_id`` if the request names one, else every tenant of the token. A name that
+more than one of those tenants defines is refused (INVALID_ARGUMENT, at its column) until
+the request names the tenant -- an all-tenants token never picks one silently.
 """
 
 from __future__ import annotations
@@ -29,12 +35,17 @@ from aegis_edge_core.authz import (
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.fleet import (
     FleetSpec,
+    Group,
+    GroupIndex,
     NoTargets,
     RunRecord,
+    Selector,
+    index_groups,
     parse_selector,
     resolve_targets,
 )
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
+from aegis_edge_core.fleet.groups import check_group_name
 from aegis_edge_core.health import DaemonStatus
 from aegis_edge_core.identity import EnrollmentError, TokenError
 from aegis_edge_core.wire import (
@@ -54,7 +65,7 @@ from aegis_edge_relay.dispatcher import (
 )
 from aegis_edge_relay.relay import Relay
 from aegis_edge_relay.state import NodeState, capabilities_to_proto
-from aegis_edge_relay.store import CommandRow, FleetRunRow
+from aegis_edge_relay.store import CommandRow, FleetRunRow, GroupExists, GroupRow
 
 __all__ = ["AdminService", "EnrollmentService", "stream_handler"]
 
@@ -209,7 +220,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         matches = None
         if request.selector:
             selector = await _guard(context, lambda: parse_selector(request.selector))
-            matches = selector.matches
+            groups = await self._group_index(context, request.selector, selector, tenants)
+            matches = await _guard(context, lambda: selector.matcher(groups))
         out = admin_pb2.ListHostsResponse()
         for node in sorted(self.relay.nodes.values(), key=lambda n: (n.tenant_id, n.node_id)):
             if tenants is not None and node.tenant_id not in tenants:
@@ -347,7 +359,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         principal = await self._auth(context, "PreviewFleetRun")
         tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
         spec = await self._spec(context, request)
-        res = resolve_targets(self._snapshots(tenants), spec.selector, spec.tool)
+        groups = await self._group_index(context, request.selector, spec.selector, tenants)
+        res = resolve_targets(self._snapshots(tenants), spec.selector, spec.tool, groups=groups)
         out = admin_pb2.FleetPreview(
             targets=list(res.targets), matched=res.matched, selector=str(spec.selector)
         )
@@ -361,8 +374,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         principal = await self._auth(context, "StartFleetRun")
         tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
         spec = await self._spec(context, request)
+        groups = await self._group_index(context, request.selector, spec.selector, tenants)
         snapshots = self._snapshots(tenants)
-        res = resolve_targets(snapshots, spec.selector, spec.tool)
+        res = resolve_targets(snapshots, spec.selector, spec.tool, groups=groups)
         if not res.targets:
             try:
                 res.require_targets()
@@ -373,6 +387,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         involved_nodes = set(res.targets) | {k.node_id for k in res.skipped}
         node_tenants = {s.node_id: s.tenant_id for s in snapshots if s.node_id in involved_nodes}
         involved = set(node_tenants.values()) | ({request.tenant_id} - {""})
+        if groups is not None:
+            involved |= {groups[name].tenant_id for name in spec.selector.group_names}
         proto_spec = admin_pb2.FleetRunSpec()
         proto_spec.CopyFrom(request)
         proto_spec.args_json = ""  # never stored or echoed: may hold secrets
@@ -444,6 +460,182 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             return active.to_proto()
         return await self._stored_run(context, principal, request.fleet_command_id)
 
+    # ------------------------------------------------------------------ saved groups
+
+    async def _groups_of(self, tenants: frozenset[str] | None) -> list[tuple[GroupRow, Group]]:
+        """The stored groups of ``tenants`` (None: all) as core values.
+
+        A row the core refuses (written by a version with other rules) is logged and
+        left out rather than failing every run that names some other group.
+        """
+        rows = await self.relay.db.call(self.relay.store.list_groups, tenants)
+        out = []
+        for row in rows:
+            try:
+                out.append((row, _group_of(row)))
+            except AegisError as err:
+                jsonlog.log(
+                    "warning",
+                    "group.invalid",
+                    tenant_id=row.tenant_id,
+                    name=row.name,
+                    error=str(err),
+                )
+        return out
+
+    async def _group_index(
+        self,
+        context: Context,
+        text: str,
+        selector: Selector,
+        tenants: frozenset[str] | None,
+    ) -> GroupIndex | None:
+        """The groups a selector names may come from, or None if it names none.
+
+        Parses ``text`` again against them, so an unknown or ambiguous group is refused
+        with the column in what the operator typed.
+        """
+        if not selector.group_names:
+            return None
+        index = index_groups(group for _row, group in await self._groups_of(tenants))
+        await _guard(context, lambda: parse_selector(text, groups=index))
+        return index
+
+    async def _group_tenant(self, context: Context, principal: Principal, requested: str) -> str:
+        """The one tenant a new group belongs to: the request's, or the token's only one."""
+        tenant = requested
+        if not tenant and principal.tenants is not None and len(principal.tenants) == 1:
+            (tenant,) = principal.tenants
+        if not tenant:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "tenant_id is required: this token may touch several tenants and a group "
+                "belongs to one (--tenant)",
+            )
+        await _guard(context, lambda: check_tenant(principal, tenant))
+        return tenant
+
+    async def _find_group(
+        self, context: Context, principal: Principal, request: admin_pb2.GetGroupRequest
+    ) -> tuple[GroupRow, Group]:
+        name = request.name
+        await _guard(context, lambda: check_group_name(name))
+        if request.tenant_id:
+            await _guard(context, lambda: check_tenant(principal, request.tenant_id))
+            tenants: frozenset[str] | None = frozenset({request.tenant_id})
+        else:
+            tenants = principal.tenants
+        found = [(row, g) for row, g in await self._groups_of(tenants) if row.name == name]
+        if not found:
+            where = f" in tenant {request.tenant_id!r}" if request.tenant_id else ""
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"group {name!r} not found{where}")
+        if len(found) > 1:
+            names = ", ".join(row.tenant_id for row, _ in found)
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"group {name!r} exists in tenants {names}: name one (--tenant)",
+            )
+        return found[0]
+
+    def _group_proto(
+        self, row: GroupRow, group: Group, *, with_members: bool = False
+    ) -> admin_pb2.Group:
+        out = admin_pb2.Group(
+            name=group.name,
+            tenant_id=group.tenant_id,
+            selector=str(group.selector),
+            pinned=list(group.pinned),
+            created_at=row.created_at,
+            created_by=row.created_by,
+        )
+        if with_members:
+            snapshots = self._snapshots(frozenset({group.tenant_id}))
+            out.members.extend(group.members(snapshots))
+            out.missing.extend(group.missing(snapshots))
+        return out
+
+    async def CreateGroup(
+        self, request: admin_pb2.CreateGroupRequest, context: Context
+    ) -> admin_pb2.Group:
+        principal = await self._auth(context, "CreateGroup")
+        tenant = await self._group_tenant(context, principal, request.tenant_id)
+        group: Group = await _guard(
+            context,
+            lambda: Group(
+                name=request.name,
+                tenant_id=tenant,
+                selector=request.selector,
+                pinned=list(request.pinned),
+            ),
+        )
+        for node_id in group.pinned:
+            node = self.relay.nodes.get(node_id)
+            if node is None or node.tenant_id != tenant:
+                # The same answer whether the node is unknown or another tenant's.
+                await _abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"pinned daemon {node_id!r} not found in tenant {tenant!r}",
+                )
+        if await self.relay.db.call(self.relay.store.is_tenant_deleted, tenant):
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tenant {tenant!r} was deleted and takes no new groups",
+            )
+        row = GroupRow(
+            tenant_id=tenant,
+            name=group.name,
+            selector=str(group.selector),
+            pinned=group.pinned,
+            created_at=self.relay.now(),
+            created_by=principal.subject,
+        )
+        try:
+            await self.relay.db.call(self.relay.store.create_group, row)
+        except GroupExists as err:
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(err))
+        jsonlog.log(
+            "info",
+            "group.created",
+            tenant_id=tenant,
+            name=group.name,
+            selector=str(group.selector),
+            pinned=len(group.pinned),
+            by=principal.subject,
+        )
+        return self._group_proto(row, group, with_members=True)
+
+    async def ListGroups(
+        self, request: admin_pb2.ListGroupsRequest, context: Context
+    ) -> admin_pb2.ListGroupsResponse:
+        principal = await self._auth(context, "ListGroups")
+        tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
+        out = admin_pb2.ListGroupsResponse()
+        for row, group in await self._groups_of(tenants):
+            out.groups.append(self._group_proto(row, group))
+        return out
+
+    async def GetGroup(
+        self, request: admin_pb2.GetGroupRequest, context: Context
+    ) -> admin_pb2.Group:
+        principal = await self._auth(context, "GetGroup")
+        row, group = await self._find_group(context, principal, request)
+        return self._group_proto(row, group, with_members=True)
+
+    async def DeleteGroup(
+        self, request: admin_pb2.GetGroupRequest, context: Context
+    ) -> admin_pb2.Group:
+        principal = await self._auth(context, "DeleteGroup")
+        row, group = await self._find_group(context, principal, request)
+        await self.relay.db.call(self.relay.store.delete_group, row.tenant_id, row.name)
+        jsonlog.log(
+            "info", "group.deleted", tenant_id=row.tenant_id, name=row.name, by=principal.subject
+        )
+        return self._group_proto(row, group)
+
     async def _stored_run(
         self, context: Context, principal: Principal, fleet_command_id: str
     ) -> admin_pb2.FleetRun:
@@ -498,6 +690,10 @@ def _row_to_proto(row: FleetRunRow) -> admin_pb2.FleetRun:
         command_ids=dict(extra.get("command_ids", {})),
         tenants=dict(extra.get("tenants", {})),
     )
+
+
+def _group_of(row: GroupRow) -> Group:
+    return Group(name=row.name, tenant_id=row.tenant_id, selector=row.selector, pinned=row.pinned)
 
 
 def _command_record(row: CommandRow) -> admin_pb2.CommandRecord:

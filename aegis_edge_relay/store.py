@@ -2,7 +2,7 @@
 
 Everything the relay must remember across restarts lives behind :class:`Store`: enrolled
 daemons (which outlive their streams), redeemed enrollment tokens, the revocation list,
-command history and fleet runs. The SQLite implementation uses WAL, a versioned schema
+command history, fleet runs and saved groups. The SQLite implementation uses WAL, a versioned schema
 (``schema_version``) and one transaction for each change that must be atomic: redeeming an
 enrollment token *and* inserting the node; revoking a node *and* listing its token and key;
 deleting a tenant *and* revoking all of its daemons; swapping a rotated key *and* revoking
@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, ParamSpec, Protocol, TypeVar
@@ -35,6 +35,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "CommandRow",
     "FleetRunRow",
+    "GroupExists",
+    "GroupRow",
     "NodeRecord",
     "SQLiteStore",
     "Store",
@@ -56,6 +58,10 @@ class StoreUnavailable(StoreError):
 
 class TokenAlreadyRedeemed(StoreError):
     """The enrollment token's ``jti`` was redeemed before: tokens are single use."""
+
+
+class GroupExists(StoreError):
+    """The tenant already has a group of that name."""
 
 
 @attrs.frozen(kw_only=True)
@@ -107,6 +113,18 @@ class FleetRunRow:
     created_by: str
     record: Mapping[str, Any]
     trace_id: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class GroupRow:
+    """A saved group as stored; the core's ``Group`` validates it when it is used."""
+
+    tenant_id: str
+    name: str
+    selector: str
+    pinned: tuple[str, ...] = ()
+    created_at: float = 0.0
+    created_by: str = ""
 
 
 class Store(Protocol):
@@ -163,8 +181,14 @@ class Store(Protocol):
     def list_fleet_runs(self, limit: int) -> list[FleetRunRow]: ...
     def unfinished_fleet_runs(self) -> list[FleetRunRow]: ...
 
+    # saved groups
+    def create_group(self, row: GroupRow) -> None: ...
+    def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]: ...
+    def get_group(self, tenant_id: str, name: str) -> GroupRow | None: ...
+    def delete_group(self, tenant_id: str, name: str) -> bool: ...
 
-SCHEMA_VERSION: Final = 1
+
+SCHEMA_VERSION: Final = 2
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -231,6 +255,17 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     );
     CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
     """,
+    2: """
+    CREATE TABLE groups (
+        tenant_id  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        selector   TEXT NOT NULL,
+        pinned     TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (tenant_id, name)
+    );
+    """,
 }
 
 _TAIL_CAP: Final = 64 * 1024
@@ -268,6 +303,17 @@ def _command(row: sqlite3.Row) -> CommandRow:
         error=row["error"],
         stdout_tail=bytes(row["stdout_tail"]),
         stderr_tail=bytes(row["stderr_tail"]),
+    )
+
+
+def _group(row: sqlite3.Row) -> GroupRow:
+    return GroupRow(
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        selector=row["selector"],
+        pinned=tuple(json.loads(row["pinned"])),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
     )
 
 
@@ -673,6 +719,59 @@ class SQLiteStore:
             "SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT ?", (limit,)
         )
         return [_run(r) for r in rows]
+
+    # -- saved groups
+
+    def create_group(self, row: GroupRow) -> None:
+        """Insert a group; :class:`GroupExists` if the tenant has one of that name."""
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO groups (tenant_id, name, selector, pinned, created_at,"
+                    " created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        row.tenant_id,
+                        row.name,
+                        row.selector,
+                        json.dumps(sorted(set(row.pinned))),
+                        row.created_at,
+                        row.created_by,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise GroupExists(
+                f"group {row.name!r} already exists in tenant {row.tenant_id!r}",
+                hint=f"remove it first (aegis edge groups rm {row.name}) or pick another name",
+            ) from None
+
+    def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]:
+        """The groups of ``tenants`` (None: every tenant), by tenant then name."""
+        if tenants is None:
+            rows = self._db.execute("SELECT * FROM groups ORDER BY tenant_id, name")
+            return [_group(r) for r in rows]
+        wanted = sorted(set(tenants))
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = self._db.execute(
+            f"SELECT * FROM groups WHERE tenant_id IN ({marks}) ORDER BY tenant_id, name",  # noqa: S608 -- placeholders only
+            wanted,
+        )
+        return [_group(r) for r in rows]
+
+    def get_group(self, tenant_id: str, name: str) -> GroupRow | None:
+        row = self._db.execute(
+            "SELECT * FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
+        ).fetchone()
+        return _group(row) if row is not None else None
+
+    def delete_group(self, tenant_id: str, name: str) -> bool:
+        """Delete a group; returns whether there was one."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
+            )
+            return cur.rowcount > 0
 
 
 class _Transaction:

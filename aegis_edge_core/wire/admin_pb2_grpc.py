@@ -100,6 +100,26 @@ class AdminStub:
                 request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetFleetRunRequest.SerializeToString,
                 response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRun.FromString,
                 _registered_method=True)
+        self.CreateGroup = channel.unary_unary(
+                '/aegis.edge.v1.Admin/CreateGroup',
+                request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.CreateGroupRequest.SerializeToString,
+                response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/aegis.edge.v1.Admin/ListGroups',
+                request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.GetGroup = channel.unary_unary(
+                '/aegis.edge.v1.Admin/GetGroup',
+                request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+                response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/aegis.edge.v1.Admin/DeleteGroup',
+                request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+                response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -188,6 +208,33 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGroup(self, request, context):
+        """Saved groups (`group=NAME` in a selector). Tenant-scoped: a group of another tenant
+        answers NOT_FOUND, as if it did not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """answers the group as it was
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +302,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CancelFleetRun,
                     request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetFleetRunRequest.FromString,
                     response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRun.SerializeToString,
+            ),
+            'CreateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGroup,
+                    request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.CreateGroupRequest.FromString,
+                    response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsRequest.FromString,
+                    response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'GetGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroup,
+                    request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.FromString,
+                    response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.FromString,
+                    response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,6 +675,114 @@ class Admin:
             '/aegis.edge.v1.Admin/CancelFleetRun',
             aegis_dot_edge_dot_v1_dot_admin__pb2.GetFleetRunRequest.SerializeToString,
             aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRun.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.edge.v1.Admin/CreateGroup',
+            aegis_dot_edge_dot_v1_dot_admin__pb2.CreateGroupRequest.SerializeToString,
+            aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.edge.v1.Admin/ListGroups',
+            aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsRequest.SerializeToString,
+            aegis_dot_edge_dot_v1_dot_admin__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.edge.v1.Admin/GetGroup',
+            aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+            aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aegis.edge.v1.Admin/DeleteGroup',
+            aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+            aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,14 @@ class AdminStub:
     ListFleetRuns: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListFleetRunsRequest, _admin_pb2.ListFleetRunsResponse]
     GetFleetRun: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]
     CancelFleetRun: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]
+    CreateGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateGroupRequest, _admin_pb2.Group]
+    """Saved groups (`group=NAME` in a selector). Tenant-scoped: a group of another tenant
+    answers NOT_FOUND, as if it did not exist.
+    """
+    ListGroups: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]
+    GetGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]
+    DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]
+    """answers the group as it was"""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -81,6 +89,14 @@ class AdminAsyncStub(AdminStub):
     ListFleetRuns: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListFleetRunsRequest, _admin_pb2.ListFleetRunsResponse]  # type: ignore[assignment]
     GetFleetRun: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]  # type: ignore[assignment]
     CancelFleetRun: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]  # type: ignore[assignment]
+    CreateGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateGroupRequest, _admin_pb2.Group]  # type: ignore[assignment]
+    """Saved groups (`group=NAME` in a selector). Tenant-scoped: a group of another tenant
+    answers NOT_FOUND, as if it did not exist.
+    """
+    ListGroups: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]  # type: ignore[assignment]
+    GetGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]  # type: ignore[assignment]
+    DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]  # type: ignore[assignment]
+    """answers the group as it was"""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -179,5 +195,37 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetFleetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.FleetRun, _abc.Awaitable[_admin_pb2.FleetRun]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateGroup(
+        self,
+        request: _admin_pb2.CreateGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Group, _abc.Awaitable[_admin_pb2.Group]]:
+        """Saved groups (`group=NAME` in a selector). Tenant-scoped: a group of another tenant
+        answers NOT_FOUND, as if it did not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGroups(
+        self,
+        request: _admin_pb2.ListGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListGroupsResponse, _abc.Awaitable[_admin_pb2.ListGroupsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetGroup(
+        self,
+        request: _admin_pb2.GetGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Group, _abc.Awaitable[_admin_pb2.Group]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteGroup(
+        self,
+        request: _admin_pb2.GetGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Group, _abc.Awaitable[_admin_pb2.Group]]:
+        """answers the group as it was"""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
