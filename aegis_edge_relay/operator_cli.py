@@ -1,8 +1,9 @@
 """The operator-side ``aegis edge`` commands: gRPC clients of the relay's Admin service.
 
 ``register(tree)`` adds ``ls``, ``show``, ``tag add|rm``, ``keys revoke-remote``,
-``tenants delete``, ``tokens issue`` and the ``fleet`` group (``preview``, ``run``,
-``runs``, ``show``, ``cancel``, ``keys rotate``) to the ``aegis`` command tree.
+``tenants delete``, ``tokens issue``, the ``fleet`` group (``preview``, ``run``,
+``runs``, ``show``, ``cancel``, ``keys rotate``) and the ``groups`` group (``create``,
+``ls``, ``show``, ``rm``) to the ``aegis`` command tree.
 
 Every command finds the relay through ``--relay HOST:PORT``, ``--ca-cert PATH`` and
 ``--token TOKEN|@FILE`` or the environment (``AEGIS_RELAY``, ``AEGIS_CA_CERT``,
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
+from aegis_edge_core.fleet.groups import GroupError, check_group_name, check_group_selector
 from aegis_edge_core.fleet.selector import parse_selector
 from aegis_edge_core.fleet.spec import parse_duration, parse_mode, parse_on_error
 from aegis_edge_core.wire import admin_pb2, common_pb2
@@ -52,6 +54,7 @@ __all__ = [
     "fleet_run_summary",
     "fleet_run_to_dict",
     "format_duration",
+    "group_to_dict",
     "host_row",
     "host_to_dict",
     "iso_time",
@@ -1161,6 +1164,121 @@ def cmd_fleet_cancel(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Saved groups
+# --------------------------------------------------------------------------------------------
+
+
+def group_to_dict(group: admin_pb2.Group, *, with_members: bool = False) -> dict[str, Any]:
+    """A group as ``groups ls|show --output json`` print it (``show`` adds the members)."""
+    out: dict[str, Any] = {
+        "name": group.name,
+        "tenant_id": group.tenant_id,
+        "selector": group.selector,
+        "pinned": list(group.pinned),
+        "created_at": iso_time(group.created_at),
+        "created_by": group.created_by or None,
+    }
+    if with_members:
+        out["members"] = list(group.members)
+        out["missing"] = list(group.missing)
+    return out
+
+
+def _group_name(name: str) -> str:
+    try:
+        return check_group_name(name)
+    except GroupError as err:
+        raise CliError(str(err)) from None
+
+
+def _group_request(args: argparse.Namespace) -> admin_pb2.GetGroupRequest:
+    return admin_pb2.GetGroupRequest(name=_group_name(args.name), tenant_id=args.tenant or "")
+
+
+def cmd_groups_create(args: argparse.Namespace) -> int:
+    name = _group_name(args.name)
+    validate_selector(args.target)
+    try:
+        check_group_selector(args.target)
+    except GroupError as err:
+        raise CliError(f"--target: {err}") from None
+    request = admin_pb2.CreateGroupRequest(
+        name=name, tenant_id=args.tenant or "", selector=args.target, pinned=list(args.pin)
+    )
+    with _client(args) as client:
+        group: admin_pb2.Group = client.unary("CreateGroup", request)
+    if args.output == "json":
+        print_json(group_to_dict(group, with_members=True))
+        return 0
+    pinned = f" + {len(group.pinned)} pinned" if group.pinned else ""
+    print(
+        f"created group {group.name} in tenant {group.tenant_id}: {group.selector}{pinned}; "
+        f"{len(group.members)} member(s) now"
+    )
+    return 0
+
+
+def cmd_groups_ls(args: argparse.Namespace) -> int:
+    request = admin_pb2.ListGroupsRequest(tenant_id=args.tenant or "")
+    with _client(args) as client:
+        resp: admin_pb2.ListGroupsResponse = client.unary("ListGroups", request)
+    if args.output == "json":
+        print_json([group_to_dict(g) for g in resp.groups])
+        return 0
+    if not resp.groups:
+        print("no groups")
+        return 0
+    now = _now()
+    rows = [
+        [
+            g.name,
+            g.tenant_id,
+            g.selector,
+            ",".join(g.pinned) or "-",
+            g.created_by or "-",
+            relative_time(g.created_at, now),
+        ]
+        for g in resp.groups
+    ]
+    print_table(("NAME", "TENANT", "SELECTOR", "PINNED", "CREATED BY", "CREATED"), rows)
+    return 0
+
+
+def cmd_groups_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        group: admin_pb2.Group = client.unary("GetGroup", _group_request(args))
+    if args.output == "json":
+        print_json(group_to_dict(group, with_members=True))
+        return 0
+    fields = [
+        ("Group", group.name),
+        ("Tenant", group.tenant_id),
+        ("Selector", group.selector),
+        ("Pinned", ", ".join(group.pinned) or "-"),
+        ("Created", iso_time(group.created_at) or "-"),
+        ("Created by", group.created_by or "-"),
+        ("Members now", f"{len(group.members)}: {', '.join(group.members) or '-'}"),
+    ]
+    if group.missing:
+        fields.append(("Pinned, not found", ", ".join(group.missing)))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key + ':':<{width + 1}} {value}")
+    print(f"(statuses and skips: aegis edge fleet preview --target group={group.name} --tool TOOL)")
+    return 0
+
+
+def cmd_groups_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        group: admin_pb2.Group = client.unary("DeleteGroup", _group_request(args))
+    if args.output == "json":
+        print_json(group_to_dict(group))
+    else:
+        print(f"removed group {group.name} from tenant {group.tenant_id}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
 
@@ -1352,3 +1470,43 @@ def register(tree: CommandTree) -> None:
     p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
     add_output_flag(p)
     _add_connection_flags(p)
+
+    p = tree.command(
+        "edge groups create",
+        cmd_groups_create,
+        help="save a group: a selector plus pinned nodes, named in selectors as group=NAME",
+    )
+    p.add_argument("name", metavar="NAME", help="1-64 of a-z 0-9 - . _")
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="SELECTOR",
+        help="which daemons of the tenant belong, e.g. tags=web (cannot name another group)",
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="a node that belongs whatever the selector says (repeatable)",
+    )
+    p.add_argument("--tenant", metavar="TENANT", help="the group's tenant (default: the token's)")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command("edge groups ls", cmd_groups_ls, help="saved groups, by tenant then name")
+    p.add_argument("--tenant", metavar="TENANT", help="only groups of this tenant")
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    for action, handler, help_ in (
+        ("show", cmd_groups_show, "one group with its members now"),
+        ("rm", cmd_groups_rm, "delete a group (runs already started are not affected)"),
+    ):
+        p = tree.command(f"edge groups {action}", handler, help=help_)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument(
+            "--tenant", metavar="TENANT", help="the group's tenant, if several have this name"
+        )
+        add_output_flag(p)
+        _add_connection_flags(p)
