@@ -133,6 +133,22 @@ async def _preview(w: World) -> list[tuple[str, bool]]:
     out.append(
         ("preview tenant B", await refused(w.admin.PreviewFleetRun(spec, metadata=w.attacker)))
     )
+    # group=web is A's web (B has one too): B's pinned daemon never shows up.
+    p = await w.admin.PreviewFleetRun(
+        admin_pb2.FleetRunSpec(selector="group=web", tool="edge.ping"), metadata=w.attacker
+    )
+    seen = set(p.targets) | {s.node_id for s in p.skipped}
+    out.append(("preview group=web is A's", seen == {w.a.node_id}))
+    only_b = admin_pb2.FleetRunSpec(selector="group=b-only", tool="edge.ping")
+    out.append(
+        (
+            "preview B's group",
+            await refused(
+                w.admin.PreviewFleetRun(only_b, metadata=w.attacker),
+                {grpc.StatusCode.INVALID_ARGUMENT},
+            ),
+        )
+    )
     return out
 
 
@@ -160,11 +176,24 @@ async def _start(w: World) -> list[tuple[str, bool]]:
             ),
         ),
     ]
-    # "all" runs on A's daemon only
-    async for _ in w.admin.StartFleetRun(
-        admin_pb2.FleetRunSpec(selector="all", tool="edge.ping"), metadata=w.attacker
-    ):
-        pass
+    out.append(
+        (
+            "run on B's group",
+            await refused(
+                w.admin.StartFleetRun(
+                    admin_pb2.FleetRunSpec(selector="group=b-only", tool="edge.ping"),
+                    metadata=w.attacker,
+                ),
+                {grpc.StatusCode.INVALID_ARGUMENT},
+            ),
+        )
+    )
+    # "all" and A's group=web run on A's daemon only
+    for selector in ("all", "group=web"):
+        async for _ in w.admin.StartFleetRun(
+            admin_pb2.FleetRunSpec(selector=selector, tool="edge.ping"), metadata=w.attacker
+        ):
+            pass
     out.append(("B's daemon got no command", len(w.b.commands) == before))
     return out
 
@@ -231,6 +260,80 @@ async def _list_runs(w: World) -> list[tuple[str, bool]]:
     ]
 
 
+async def b_groups(w: World) -> list[tuple[str, str, tuple[str, ...]]]:
+    listed = await w.admin.ListGroups(admin_pb2.ListGroupsRequest(tenant_id=B), metadata=w.root)
+    return [(g.name, g.selector, tuple(g.pinned)) for g in listed.groups]
+
+
+@case("CreateGroup")
+async def _create_group(w: World) -> list[tuple[str, bool]]:
+    before = await b_groups(w)
+    pin_b = admin_pb2.CreateGroupRequest(name="pin-b", selector="all", pinned=[w.b.node_id])
+    in_b = admin_pb2.CreateGroupRequest(name="pwn", tenant_id=B, selector="all")
+    out = [
+        ("create in tenant B", await refused(w.admin.CreateGroup(in_b, metadata=w.attacker))),
+        ("pin B's daemon", await refused(w.admin.CreateGroup(pin_b, metadata=w.attacker))),
+    ]
+    mine = await w.admin.ListGroups(admin_pb2.ListGroupsRequest(), metadata=w.attacker)
+    out.append(("no group was written", {g.name for g in mine.groups} == {"web"}))
+    out.append(("B's groups unchanged", await b_groups(w) == before))
+    return out
+
+
+@case("ListGroups")
+async def _list_groups(w: World) -> list[tuple[str, bool]]:
+    listed = await w.admin.ListGroups(admin_pb2.ListGroupsRequest(), metadata=w.attacker)
+    return [
+        ("list", [(g.tenant_id, g.name) for g in listed.groups] == [(A, "web")]),
+        (
+            "list tenant B",
+            await refused(
+                w.admin.ListGroups(admin_pb2.ListGroupsRequest(tenant_id=B), metadata=w.attacker)
+            ),
+        ),
+    ]
+
+
+@case("GetGroup")
+async def _get_group(w: World) -> list[tuple[str, bool]]:
+    web = await w.admin.GetGroup(admin_pb2.GetGroupRequest(name="web"), metadata=w.attacker)
+    return [
+        ("show web is A's", web.tenant_id == A and list(web.members) == [w.a.node_id]),
+        (
+            "show B's group",
+            await refused(
+                w.admin.GetGroup(admin_pb2.GetGroupRequest(name="b-only"), metadata=w.attacker)
+            ),
+        ),
+        (
+            "show web of B",
+            await refused(
+                w.admin.GetGroup(
+                    admin_pb2.GetGroupRequest(name="web", tenant_id=B), metadata=w.attacker
+                )
+            ),
+        ),
+    ]
+
+
+@case("DeleteGroup")
+async def _delete_group(w: World) -> list[tuple[str, bool]]:
+    before = await b_groups(w)
+    out = [
+        (
+            f"rm {name} {tenant or '(no tenant)'}",
+            await refused(
+                w.admin.DeleteGroup(
+                    admin_pb2.GetGroupRequest(name=name, tenant_id=tenant), metadata=w.attacker
+                )
+            ),
+        )
+        for name, tenant in (("b-only", ""), ("web", B), ("b-only", B))
+    ]
+    out.append(("B's groups unchanged", await b_groups(w) == before and len(before) == 2))
+    return out
+
+
 @pytest.mark.parametrize("rpc", ADMIN_RPCS)
 def test_every_rpc_has_a_case(rpc: str) -> None:
     assert rpc in CASES, f"Admin.{rpc} has no tenant-isolation case in {__file__}"
@@ -274,6 +377,17 @@ def test_tenant_a_cannot_touch_tenant_b(relay: RelayProcess, tally: Tally) -> No
             )
             live_run = (await live.read()).started.fleet_command_id
             await wait_until(lambda: len(b.commands) == 2, what="B's live run dispatched")
+            for tenant, name, selector, pinned in (
+                (A, "web", "tags=none-such", [a.node_id]),
+                (B, "web", "all", [b.node_id]),
+                (B, "b-only", "all", [b.node_id]),
+            ):
+                await admin.CreateGroup(
+                    admin_pb2.CreateGroupRequest(
+                        name=name, tenant_id=tenant, selector=selector, pinned=pinned
+                    ),
+                    metadata=root,
+                )
             world = World(admin, attacker, root, a, b, done_run, live_run)
             before = await admin.GetHost(admin_pb2.GetHostRequest(node_id=b.node_id), metadata=root)
 
