@@ -603,3 +603,48 @@ def test_plaintext_relay_from_data_dir_or_flag(tmp_path: Path) -> None:
 def test_missing_relay_json(tmp_path: Path) -> None:
     with pytest.raises(CliError, match=r"--relay-data-dir: cannot read .*relay\.json"):
         oc.resolve_connection(_conn_args(relay_data_dir=str(tmp_path)), environ={})
+
+
+def test_group_to_dict_and_the_groups_commands_parse() -> None:
+    group = admin_pb2.Group(
+        name="web", tenant_id="acme", selector="tags=web", pinned=["n-1"], created_at=NOW,
+        created_by="alice", members=["n-1", "n-2"], missing=["n-9"],
+    )  # fmt: skip
+    assert oc.group_to_dict(group) == {
+        "name": "web",
+        "tenant_id": "acme",
+        "selector": "tags=web",
+        "pinned": ["n-1"],
+        "created_at": oc.iso_time(NOW),
+        "created_by": "alice",
+    }
+    full = oc.group_to_dict(group, with_members=True)
+    assert full["members"] == ["n-1", "n-2"] and full["missing"] == ["n-9"]
+    args = _parse(
+        "edge", "groups", "create", "web", "--target", "tags=web", "--pin", "a", "--pin", "b"
+    )
+    assert (args.name, args.target, args.pin) == ("web", "tags=web", ["a", "b"])
+    assert (
+        _parse("edge", "groups", "show", "web", "--tenant", "acme", "-o", "json").output == "json"
+    )
+    with pytest.raises(SystemExit):
+        _parse("edge", "groups", "create", "web")  # --target is required
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("create", "Web", "--target", "all"), "lower case"),
+        (("create", "web", "--target", "tagz=x"), "selector column 1"),
+        (("create", "web", "--target", "os=linux group=db"), "cannot name another group"),
+        (("show", "_web"), "cannot start with '_'"),
+        (("rm", "w b"), "' ' is not allowed"),
+    ],
+)
+def test_groups_commands_refuse_bad_input_before_calling_the_relay(
+    argv: tuple[str, ...], message: str
+) -> None:
+    args = _parse("edge", "groups", *argv, "--relay", "127.0.0.1:1", "--insecure", "--token", "t")
+    with pytest.raises(CliError) as caught:
+        args._handler(args)
+    assert message in str(caught.value)
