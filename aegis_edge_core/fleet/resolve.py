@@ -194,10 +194,13 @@ def resolve_targets(
     skipped: list[Skipped] = []
     seen: set[str] = set()
     considered = 0
+    if pinned:
+        # Which pinned nodes are absent needs a second look at the snapshots; only a
+        # selector with a pinning group pays for it, not the 10k-daemon hot path.
+        snapshots = list(snapshots)
+        pinned.difference_update(s.node_id for s in snapshots)
     for snapshot in snapshots:
         considered += 1
-        if pinned:
-            pinned.discard(snapshot.node_id)
         if not matches(snapshot):
             continue
         node_id = snapshot.node_id
