@@ -128,6 +128,8 @@ GROUP_NAME_CHARACTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.
 MAX_GROUP_NAME_LENGTH: Final = 64
 """Longer group names are refused: a name is typed, and it is a key in the store."""
 
+_GROUP_NAME_HINT: Final = "group names are 1-64 of a-z 0-9 - . _, starting with a letter or digit"
+
 
 def group_name_problem(name: str) -> tuple[int, str, str] | None:
     """What is wrong with ``name`` as a group name: ``(index, message, hint)``, or None.
@@ -138,7 +140,7 @@ def group_name_problem(name: str) -> tuple[int, str, str] | None:
     Lower case only, so that ``Web`` and ``web`` can never be two groups an operator
     confuses.
     """
-    hint = "group names are 1-64 of a-z 0-9 - . _, starting with a letter or digit"
+    hint = _GROUP_NAME_HINT
     if not name:
         return 0, "empty group name", hint
     if len(name) > MAX_GROUP_NAME_LENGTH:
@@ -667,7 +669,13 @@ class _Parser:
 
     def group_value(self) -> Term:
         start = self.pos
-        name = self.name("group name")
+        name = self.word()
+        if not name:
+            raise self.fail(
+                f"expected a group name, got {_describe(self.text, start)}",
+                start,
+                _GROUP_NAME_HINT,
+            )
         problem = group_name_problem(name)
         if problem is not None:
             index, message, hint = problem
