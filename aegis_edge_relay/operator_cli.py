@@ -625,24 +625,29 @@ def resolve_connection(
 
 
 def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
-    """One line for a failed call: the status code's name and the relay's details."""
+    """One line for a failed call, for people: the relay's sentence, no status-code name.
+
+    The relay's details already say what to do where it knows (a refused token says how
+    to get a good one), so nothing is added to them except where the relay could not
+    answer at all.
+    """
     import grpc
 
     code = err.code() if isinstance(err, grpc.Call) else None
-    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err) or "no details"
+    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err) or ""
     details = " ".join(details.split())
-    name = code.name if code is not None else "UNKNOWN"
     if code is grpc.StatusCode.UNAVAILABLE:
         hint = "is `aegis relay serve` running?"
         lowered = details.lower()
         if any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
             hint = f"check --ca-cert / {ENV_CA_CERT} and that it is the relay's CA"
-        return f"cannot reach the relay at {relay}: {details}; {hint}"
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return f"UNAUTHENTICATED: {details} (check --token / {ENV_TOKEN})"
+        return f"cannot reach the relay at {relay}: {details or 'no answer'}; {hint}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"DEADLINE_EXCEEDED: the relay at {relay} did not answer in time ({details})"
-    return f"{name}: {details}"
+        return f"the relay at {relay} did not answer in time" + (f" ({details})" if details else "")
+    if details:
+        return details
+    what = code.name.lower().replace("_", " ") if code is not None else "an unknown error"
+    return f"the relay answered {what} without details"
 
 
 class AdminClient:
