@@ -175,7 +175,7 @@ def _status(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         rows = [(k, "" if v is None else v) for k, v in info.items()]
-        print_table(["field", "value"], rows, title="aegis edge status")
+        print_table(["field", "value"], rows)
     return 0
 
 

@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,14 @@ from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.otel import Telemetry
 from aegis_edge_agent.settings import AgentSettings, load_settings
 from aegis_edge_agent.statedir import StateDir
-from aegis_edge_agent.tools import BUILTIN, Tool, ToolContext, kill_process_group, load_plugins
+from aegis_edge_agent.tools import (
+    BUILTIN,
+    Tool,
+    ToolContext,
+    kill_process_group,
+    load_plugins,
+    reported_hostname,
+)
 from aegis_edge_core import PROTOCOL_VERSION, __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
@@ -274,7 +280,7 @@ class Daemon:
             arch=platform.machine(),
             tools=tools,
             labels=self.settings.labels,
-            hostname=socket.gethostname(),
+            hostname=reported_hostname(),
             agent_version=__version__,
         )
 

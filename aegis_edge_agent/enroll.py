@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ import grpc
 from aegis_edge_agent.settings import render_settings
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.tls import fetch_pinned_ca, verify_pin
-from aegis_edge_agent.tools import BUILTIN
+from aegis_edge_agent.tools import BUILTIN, reported_hostname
 from aegis_edge_core import __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core.config import parse_config, parse_label
@@ -82,7 +81,7 @@ def enroll(
         arch=platform.machine(),
         tools=[t for t in BUILTIN if policy.allows_tool(t)],
         labels=labels,
-        hostname=socket.gethostname(),
+        hostname=reported_hostname(),
         agent_version=__version__,
     )
     request = enrollment_pb2.EnrollRequest(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
-from aegis_edge_core.errors import ConfigError
+from aegis_edge_core.errors import AegisError, ConfigError
+from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.ratelimit import (
     DEFAULT_ATTEST_PER_NODE,
     DEFAULT_ATTEST_PER_SOURCE,
@@ -90,6 +91,11 @@ def cmd_operator_token(args: argparse.Namespace) -> int:
     except AuthzError as err:
         raise CliError(str(err)) from None
     tenants = None if args.tenant == ["*"] else args.tenant
+    for tenant in tenants or ():
+        try:
+            check_tenant_id(tenant)
+        except AegisError as err:
+            raise CliError(f"--tenant: {err.message}", hint=err.hint) from None
     token, _expires = issue_operator_token(
         data_dir,
         subject=args.subject or f"operator:{','.join(args.tenant)}",

@@ -29,9 +29,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
+from aegis_edge_core.errors import AegisError
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
 from aegis_edge_core.fleet.selector import parse_selector
 from aegis_edge_core.fleet.spec import parse_duration, parse_mode, parse_on_error
+from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.wire import admin_pb2, common_pb2
 
 if TYPE_CHECKING:
@@ -80,7 +82,15 @@ UNARY_TIMEOUT_SECS: Final = 30.0
 DEFAULT_HISTORY: Final = 20
 """How many recent tool calls ``edge show`` asks for."""
 
-HOST_COLUMNS: Final = ("NODE", "TENANT", "STATUS", "LAST HEARTBEAT", "OS/ARCH", "TAGS")
+HOST_COLUMNS: Final = (
+    "NODE",
+    "HOSTNAME",
+    "TENANT",
+    "STATUS",
+    "LAST HEARTBEAT",
+    "OS/ARCH",
+    "TAGS",
+)
 
 # --------------------------------------------------------------------------------------------
 # Enum names: the seed's strings for the wire's enums
@@ -249,15 +259,25 @@ def host_to_dict(host: admin_pb2.Host, *, with_history: bool = False) -> dict[st
     return out
 
 
+def last_heard(host: admin_pb2.Host, now: float) -> str:
+    """LAST HEARTBEAT: when the host last heartbeat, or, for a stream that has attested
+    but not heartbeat yet, when it attested -- not ``never`` for a host that is there."""
+    live = host.status in (common_pb2.DAEMON_STATUS_CONNECTED, common_pb2.DAEMON_STATUS_UNHEALTHY)
+    if not host.last_heartbeat_at and live and host.connected_since:
+        return f"attested {relative_time(host.connected_since, now)}"
+    return relative_time(host.last_heartbeat_at, now)
+
+
 def host_row(host: admin_pb2.Host, now: float) -> list[str]:
     """A row under :data:`HOST_COLUMNS`."""
     caps = host.capabilities
     os_arch = "/".join(part for part in (caps.os, caps.arch) if part) or "-"
     return [
         host.node_id,
+        caps.hostname or "-",
         host.tenant_id,
         status_name(host.status),
-        relative_time(host.last_heartbeat_at, now),
+        last_heard(host, now),
         os_arch,
         ",".join(sorted(caps.tags)) or "-",
     ]
@@ -906,6 +926,10 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
     tenant: str = args.tenant
     if not tenant.strip():
         raise CliError("--tenant: the tenant id is empty")
+    try:
+        check_tenant_id(tenant)
+    except AegisError as err:
+        raise CliError(f"--tenant: {err.message}", hint=err.hint) from None
     ttl = parse_duration_secs(args.ttl, flag="--ttl") if args.ttl else 0.0
     with _client(args) as client:
         resp: admin_pb2.IssueEnrollmentTokenResponse = client.unary(

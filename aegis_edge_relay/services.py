@@ -304,7 +304,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         try:
             token, expires = self.relay.issue_enrollment_token(tenant, ttl)
-        except ValueError as err:
+        except (ValueError, AegisError) as err:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return admin_pb2.IssueEnrollmentTokenResponse(token=token, expires_at=expires)
 

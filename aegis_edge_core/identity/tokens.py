@@ -57,7 +57,7 @@ from typing import Any, Final, Generic, Literal, NoReturn, TypeVar
 import attrs
 
 from aegis_edge_core.identity._codec import b64url_decode, b64url_encode
-from aegis_edge_core.identity.errors import Reason, TokenError, default_hint
+from aegis_edge_core.identity.errors import IdentityError, Reason, TokenError, default_hint
 from aegis_edge_core.identity.keys import PublicKey, RelaySigningKey
 from aegis_edge_core.identity.revocation import Revocations
 
@@ -71,6 +71,8 @@ __all__ = [
     "OPERATOR_AUDIENCE",
     "OPERATOR_TOKEN_TTL",
     "ROLES",
+    "TENANT_ID_PATTERN",
+    "TENANT_ID_RULE",
     "EnrollmentClaims",
     "IssuedToken",
     "NodeClaims",
@@ -79,6 +81,7 @@ __all__ = [
     "TokenIssuer",
     "TokenVerifier",
     "ca_pin",
+    "check_tenant_id",
     "new_jti",
     "peek_enrollment_token",
     "peek_node_token",
@@ -142,6 +145,23 @@ _HINTS_BY_AUDIENCE: Final[Mapping[str, Mapping[str, str]]] = {
         "empty": "node.token is empty; re-enroll with a fresh enrollment token",
     },
 }
+
+
+TENANT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_ID_RULE: Final = (
+    "a tenant id is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+"""What a tenant id may be. Tenant ids appear in metric labels, log fields, shell commands
+and the OTLP header template, where spaces, quotes and ``*`` (all tenants) would bite."""
+
+
+def check_tenant_id(tenant_id: str) -> None:
+    """Raise ``IdentityError(reason="malformed")`` naming :data:`TENANT_ID_RULE` if
+    ``tenant_id`` breaks it."""
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise IdentityError(
+            f"tenant id {tenant_id!r} is not allowed", reason="malformed", hint=TENANT_ID_RULE
+        )
 
 
 def token_hint(reason: str, audience: str) -> str | None:
@@ -410,6 +430,7 @@ class TokenIssuer:
         jti: str,
         ttl: float = ENROLLMENT_TOKEN_TTL,
     ) -> IssuedToken[EnrollmentClaims]:
+        check_tenant_id(tenant_id)  # tenants come into being here: the rule holds from birth
         start, end = _window(now, ttl)
         claims = EnrollmentClaims(
             jti=jti,

@@ -775,9 +775,7 @@ def test_wrong_token_is_unauthenticated(
     code, out, err = run(capsys, "edge", "ls")
     assert code == 1
     assert out == ""
-    assert err == (
-        "aegis: operator token refused: bad\n"
-    )
+    assert err == ("aegis: operator token refused: bad\n")
 
 
 def test_missing_settings_name_flag_and_env(
