@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import time
 from pathlib import Path
 
 from aegis_edge_cli import CliError, CommandTree
@@ -107,6 +109,70 @@ def cmd_operator_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ready_problem(data_dir: Path) -> tuple[str | None, str]:
+    """``(None, address)`` once the relay of ``data_dir`` answers health checks; else
+    ``(what is missing, address or "")``."""
+    import json
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        info = json.loads((data_dir / "relay.json").read_text())
+    except FileNotFoundError:
+        return f"{data_dir / 'relay.json'} is not written yet", ""
+    except (OSError, ValueError) as err:
+        return f"{data_dir / 'relay.json'} is unreadable ({err})", ""
+    pid = info.get("pid")
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"relay.json names pid {pid}, which is not running (a stale file)", ""
+        except PermissionError:
+            pass
+    host, port = str(info.get("host", "")), info.get("port")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 -- a bind-all address, not a bind
+        host = "127.0.0.1"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if info.get("tls") is False:
+        channel = grpc.insecure_channel(address)
+    else:
+        try:
+            ca = Path(info["ca_cert"]).read_bytes()
+        except (KeyError, OSError) as err:
+            return f"the relay's CA certificate is unreadable ({err})", address
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2.0
+            )
+        except grpc.RpcError as err:
+            return f"{address} does not answer health checks yet ({err.code().name})", address
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"{address} is not serving yet", address
+    return None, address
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Return once ``aegis relay serve --data-dir D`` (started in the background) serves."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    data_dir = Path(args.data_dir).expanduser()
+    deadline = time.monotonic() + args.timeout
+    while True:
+        problem, address = _ready_problem(data_dir)
+        if problem is None:
+            print(f"relay ready at {address}")
+            return 0
+        if time.monotonic() >= deadline:
+            raise CliError(
+                f"the relay in {data_dir} is not ready after {args.timeout:g}s: {problem}",
+                hint="is `aegis relay serve` running with this --data-dir? Its output says why not",
+            )
+        time.sleep(0.2)
+
+
 def register(tree: CommandTree) -> None:
     p = tree.command("relay serve", cmd_serve, help="run the reference relay (TLS by default)")
     p.add_argument("--data-dir", required=True, help="state directory (keys, CA, store)")
@@ -149,6 +215,20 @@ def register(tree: CommandTree) -> None:
             metavar="N/PERIOD",
             help=f"rate limit on {what}, e.g. 30/1m, or off (default {default})",
         )
+
+    p = tree.command(
+        "relay wait",
+        cmd_wait,
+        help="wait until the relay of --data-dir serves (for `aegis relay serve ... &`)",
+    )
+    p.add_argument("--data-dir", required=True, help="the --data-dir the relay was started with")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="give up after this long (default 30s)",
+    )
 
     p = tree.command(
         "relay operator-token",
