@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,3 +118,76 @@ def test_by_hand_block_runs_verbatim_in_a_fresh_shell(tmp_path: Path) -> None:
     assert run_id, out
     assert "uname -a" not in err
     assert re.search(r"Linux", out), out  # the host's `uname -a` came back in the table
+
+
+def _pids_mentioning(text: str) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_sigterm_to_a_kept_running_demo_leaves_no_process_behind() -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "aegis_edge_cli", "relay", "demo", "--keep-running"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("export AEGIS_RELAY="):
+                break
+        else:
+            raise AssertionError(
+                "the demo ended before it printed the export line:\n" + "".join(lines)
+            )
+        root = re.search(r"demo in (\S+) ", lines[0]).group(1)  # type: ignore[union-attr]
+        export = lines[-1].strip()
+
+        # The line pastes into a shell as it is, and is all an operator command needs.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
+        ls = subprocess.run(
+            ["bash", "-c", f"{export}\n{shlex.quote(sys.executable)} -m aegis_edge_cli edge ls"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert ls.returncode == 0, ls.stderr
+        for name in ("web-1", "web-2", "web-3", "web-4", "db-1"):
+            assert name in ls.stdout  # the HOSTNAME column tells the demo's hosts apart
+
+        children = _pids_mentioning(root) - {demo.pid}
+        assert len(children) >= 5, children  # the relay and the daemons still running
+        demo.send_signal(signal.SIGTERM)
+        rest, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 143, "".join(lines) + rest
+    assert "SIGTERM: stopping the daemons and the relay." in rest
+    left = [pid for pid in children if _alive(pid)]
+    assert not left, f"processes left behind: {left}"
+    shutil.rmtree(root, ignore_errors=True)  # --keep-running keeps the directory
