@@ -8,13 +8,13 @@ import contextlib
 import datetime
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
 from aegis_edge_core import hoststate as hs
+from aegis_edge_core.identity.errors import default_hint
 
 __all__ = ["register"]
 
@@ -56,6 +56,16 @@ def register(tree: CommandTree) -> None:
     p = tree.command("edge daemon", _daemon, help="run the edge daemon in the foreground")
     _state_flag(p)
 
+    p = tree.command(
+        "edge wait",
+        _wait,
+        help="wait until this host's daemon is connected to the relay (for `daemon &`)",
+    )
+    _state_flag(p)
+    p.add_argument(
+        "--timeout", default="30s", metavar="DURATION", help="give up after this long (30s)"
+    )
+
     p = tree.command("edge status", _status, help="local view of this host's enrollment")
     _state_flag(p)
     add_output_flag(p)
@@ -80,6 +90,17 @@ def register(tree: CommandTree) -> None:
         )
         _state_flag(p)
         p.set_defaults(service_action=action)
+    for action, help_ in (
+        ("status", "is the daemon's service running? (systemctl --user status, launchctl, nssm)"),
+        ("restart", "restart the daemon's service (after an update or a config change)"),
+        ("logs", "the daemon's service logs (journalctl --user, or the log files)"),
+    ):
+        p = tree.command(f"edge service {action}", _service_control, help=help_)
+        _state_flag(p)
+        p.set_defaults(service_action=action)
+        if action == "logs":
+            p.add_argument("--lines", "-n", type=int, metavar="N", help="only the last N lines")
+            p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
 
 
 def _state(args: argparse.Namespace) -> Any:
@@ -175,8 +196,52 @@ def _status(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         rows = [(k, "" if v is None else v) for k, v in info.items()]
-        print_table(["field", "value"], rows, title="aegis edge status")
+        print_table(["field", "value"], rows)
     return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from aegis_edge_agent.daemon import pid_alive
+    from aegis_edge_core.fleet.errors import FleetSpecError
+    from aegis_edge_core.fleet.spec import parse_duration
+
+    try:
+        timeout = parse_duration(args.timeout, field="timeout")
+    except FleetSpecError as err:
+        raise CliError(f"--timeout: {err}") from None
+    state = _state(args)
+    if not state.node_json_path.exists():
+        raise CliError(
+            f"this host is not enrolled (no {hs.NODE_JSON} in {state.path})",
+            hint="run: aegis edge enroll <token>",
+        )
+    deadline = time.monotonic() + timeout
+    # A daemon started just before us may not have written status.json yet: that is only
+    # a failure once the timeout has passed.
+    problem = "no daemon has recorded its state yet (is `aegis edge daemon` running?)"
+    while time.monotonic() < deadline:
+        try:
+            status = state.load_status()
+        except hs.HostStateError:
+            status = None
+        if status is not None and pid_alive(status.pid):
+            if status.state is hs.ConnectionState.CONNECTED:
+                node = state.load_node()
+                print(f"connected to {node.relay} as {node.node_id}")
+                return 0
+            problem = f"the daemon is {status.state.value}" + (
+                f" ({status.last_error})" if status.last_error else ""
+            )
+        elif status is not None and status.updated_at > 0:
+            last = f"; last error: {status.last_error}" if status.last_error else ""
+            if status.state is hs.ConnectionState.REVOKED:
+                raise CliError("the relay revoked this node", hint=default_hint("revoked"))
+            problem = f"the daemon (pid {status.pid}) is not running{last}"
+        time.sleep(0.1)
+    raise CliError(
+        f"not connected after {timeout:g}s: {problem}",
+        hint="`aegis edge status` shows the daemon's last error",
+    )
 
 
 def _is_daemon_process(pid: int) -> bool:
@@ -241,12 +306,40 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_control(args: argparse.Namespace) -> int:
+    """Run the service manager's command for the action, or print it if it is not here."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from aegis_edge_agent import service
+
+    try:
+        cmd = service.control_command(
+            platform=service.host_platform(),
+            action=args.service_action,
+            state_dir=_state(args).path,
+            uid=os.getuid() if hasattr(os, "getuid") else 0,
+            lines=getattr(args, "lines", None),
+            follow=getattr(args, "follow", False),
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if shutil.which(cmd[0]) is None:
+        raise CliError(
+            f"{cmd[0]} is not on PATH, so `service {args.service_action}` cannot run it here",
+            hint=f"the command is: {shlex.join(cmd)}",
+        )
+    # The manager's own output and exit status are the answer (status exits 3 when stopped).
+    return subprocess.call(list(cmd))
+
+
 def _service(args: argparse.Namespace) -> int:
     from aegis_edge_agent import service
 
     state = _state(args)
     plan = service.plan_install(
-        platform=sys.platform,
+        platform=service.host_platform(),
         python=service.current_python(),
         state_dir=state.path,
         home=Path.home(),
@@ -279,7 +372,20 @@ def _service(args: argparse.Namespace) -> int:
     elif plan.platform == "darwin" and plan.path.exists():
         service.run_commands(plan.uninstall_commands)
     elif plan.platform == "windows":
-        print("remove the service with: nssm stop aegis-edge; nssm remove aegis-edge confirm")
+        import shlex
+        import shutil
+
+        if shutil.which("nssm") is None:
+            print("nssm is not on PATH; remove the service with:")
+            for cmd in plan.uninstall_commands:
+                print("  " + shlex.join(cmd))
+        else:
+            stop, remove = plan.uninstall_commands
+            service.run_commands([stop])  # fails harmlessly when it is already stopped
+            errors = service.run_commands([remove])
+            if errors:
+                raise CliError("; ".join(errors))
+            print(f"removed the NSSM service {service.SERVICE_NAME}")
     if plan.path.exists():
         plan.path.unlink()
         print(f"removed {plan.path}")

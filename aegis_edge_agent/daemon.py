@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,13 +33,21 @@ from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.otel import Telemetry
 from aegis_edge_agent.settings import AgentSettings, load_settings
 from aegis_edge_agent.statedir import StateDir
-from aegis_edge_agent.tools import BUILTIN, Tool, ToolContext, kill_process_group, load_plugins
+from aegis_edge_agent.tools import (
+    BUILTIN,
+    Tool,
+    ToolContext,
+    kill_process_group,
+    load_plugins,
+    reported_hostname,
+)
 from aegis_edge_core import PROTOCOL_VERSION, __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
 from aegis_edge_core.errors import AegisError, ConfigError, ProtocolError
 from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
+from aegis_edge_core.identity.errors import default_hint
 from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh, sign_rotation
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
 
@@ -273,7 +280,7 @@ class Daemon:
             arch=platform.machine(),
             tools=tools,
             labels=self.settings.labels,
-            hostname=socket.gethostname(),
+            hostname=reported_hostname(),
             agent_version=__version__,
         )
 
@@ -340,9 +347,10 @@ class Daemon:
                 except Revoked as err:
                     self.log.error("revoked", reason=str(err))
                     self.set_status(state=hs.ConnectionState.REVOKED, last_error=f"revoked: {err}")
+                    self._record_revocation(str(err))
+                    # The advice once, here; the relay's sentence stays in the log line.
                     self._print_plain(
-                        f"aegis: this node was revoked ({err}); re-enroll with a fresh "
-                        "enrollment token (aegis edge enroll <token> --force)"
+                        f"aegis: the relay revoked node {node.node_id}; {default_hint('revoked')}"
                     )
                     exit_code = EXIT_REVOKED
                     break
@@ -376,6 +384,17 @@ class Daemon:
         )
         self.log.info("daemon_stopped", exit_code=exit_code, reason=self._exit_reason or None)
         return exit_code
+
+    def _record_revocation(self, message: str) -> None:
+        # So that `aegis edge enroll <new-token>` knows there is nothing left to protect.
+        node_id = self.node.node_id if self.node is not None else ""
+        try:
+            self.state.write(
+                hs.REVOKED_JSON,
+                hs.encode_revoked(node_id=node_id, revoked_at=time.time(), message=message),
+            )
+        except OSError as err:
+            self.log.warning("revocation_not_recorded", error=str(err))
 
     def _print_plain(self, line: str) -> None:
         import sys
@@ -1014,7 +1033,9 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
                         commit_rotation(state, new_key, event.node_token)
                         return new_key.thumbprint
                     elif isinstance(event, s.Revoked):
-                        raise AegisError("this node was revoked; re-enroll")
+                        raise AegisError(
+                            "the relay revoked this node", hint=default_hint("revoked")
+                        )
                 await flush()
 
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,13 +13,14 @@ import grpc
 from aegis_edge_agent.settings import render_settings
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.tls import fetch_pinned_ca, verify_pin
-from aegis_edge_agent.tools import BUILTIN
+from aegis_edge_agent.tools import BUILTIN, reported_hostname
 from aegis_edge_core import __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core.config import parse_config, parse_label
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.identity import NodeKey, peek_enrollment_token
 from aegis_edge_core.identity.enrollment import sign_enrollment
+from aegis_edge_core.identity.errors import enrollment_refusal
 from aegis_edge_core.policy import DEFAULT_ALLOWED_TOOLS, ToolPolicy
 from aegis_edge_core.wire import enrollment_pb2, enrollment_pb2_grpc
 
@@ -55,7 +55,8 @@ def enroll(
     if existing and not force:
         raise EnrollError(
             f"{state.path} already holds an enrollment ({', '.join(existing)})",
-            hint="pass --force to replace it (the old node stays on the relay until revoked)",
+            hint="pass --force to replace it (the old node stays on the relay until revoked: "
+            "aegis edge keys revoke-remote <node-id>)",
         )
     allow = list(dict.fromkeys([*DEFAULT_ALLOWED_TOOLS, *allow_tools]))
     labels = dict(labels or {})
@@ -80,7 +81,7 @@ def enroll(
         arch=platform.machine(),
         tools=[t for t in BUILTIN if policy.allows_tool(t)],
         labels=labels,
-        hostname=socket.gethostname(),
+        hostname=reported_hostname(),
         agent_version=__version__,
     )
     request = enrollment_pb2.EnrollRequest(
@@ -104,7 +105,13 @@ def enroll(
                     f"cannot reach the relay at {claims.relay_endpoint}: {details}",
                     hint="check the network path to the relay and retry",
                 ) from None
-            raise EnrollError(f"enrollment refused: {details} ({name})") from None
+            reason = ""
+            if isinstance(err, grpc.Call):
+                for key, value in err.trailing_metadata() or ():
+                    if key == "aegis-refusal-reason":
+                        reason = value if isinstance(value, str) else value.decode()
+            message, hint = enrollment_refusal(reason, details or "")
+            raise EnrollError(message, hint=hint) from None
 
     node = hs.NodeInfo(
         node_id=response.node_id,
@@ -115,7 +122,7 @@ def enroll(
         ca_sha256=claims.ca_pin,
     )
     state.ensure()
-    for stale in (hs.RESULT_SPOOL, hs.NODE_KEY_NEXT, hs.STATUS_JSON):
+    for stale in (hs.RESULT_SPOOL, hs.NODE_KEY_NEXT, hs.STATUS_JSON, hs.REVOKED_JSON):
         state.file(stale).unlink(missing_ok=True)
     state.write(hs.CA_PEM, ca_pem)
     state.write(hs.NODE_KEY, key.to_pem())

@@ -1,10 +1,15 @@
-"""``aegis edge service install|uninstall``: run the daemon under the OS service manager.
+"""``aegis edge service install|uninstall|status|restart|logs``: the daemon under the OS
+service manager.
 
 Linux: a systemd *user* unit (logs in the journal: ``journalctl --user -u aegis-edge``).
 macOS: a launchd agent ``io.aegis.edge`` (logs in ``~/.aegis/edge/logs``).
 Windows: an NSSM service ``aegis-edge`` (logs in ``%USERPROFILE%\\.aegis\\edge\\logs``).
 
-The unit contents are pure functions of their inputs, so they are tested on every OS.
+The unit contents and the service manager's command for each action are pure functions of
+their inputs, so they are tested on every OS. ``status``, ``restart`` and ``logs`` run that
+command when its program is on PATH and otherwise print it, so a host owner on a machine
+where the CLI cannot drive the manager (no user systemd in a container, say) still learns
+what to type.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from xml.sax.saxutils import escape
 import attrs
 
 __all__ = [
+    "CONTROL_ACTIONS",
     "LAUNCHD_LABEL",
     "SERVICE_NAME",
     "InstallPlan",
+    "control_command",
+    "host_platform",
     "launchd_plist",
     "nssm_script",
     "plan_install",
@@ -199,6 +207,66 @@ def plan_install(*, platform: str, python: str, state_dir: Path, home: Path) -> 
             log_hint=f"{log_dir}\\aegis-edge.{{out,err}}.log",
         )
     raise ValueError(f"no service manager support for platform {platform!r}")
+
+
+CONTROL_ACTIONS = ("status", "restart", "logs")
+
+
+def control_command(
+    *,
+    platform: str,
+    action: str,
+    state_dir: Path,
+    uid: int,
+    lines: int | None = None,
+    follow: bool = False,
+) -> tuple[str, ...]:
+    """The service manager's command for ``status``, ``restart`` or ``logs``.
+
+    ``lines`` and ``follow`` shape ``logs`` (the last N lines; keep following); without
+    them it is the platform's plain command (``journalctl --user -u aegis-edge.service``).
+    """
+    if action not in CONTROL_ACTIONS:
+        raise ValueError(f"unknown service action {action!r}; one of {', '.join(CONTROL_ACTIONS)}")
+    if platform.startswith("linux"):
+        unit = f"{SERVICE_NAME}.service"
+        if action != "logs":
+            return ("systemctl", "--user", action, unit)
+        extra = (*(("-n", str(lines)) if lines else ()), *(("-f",) if follow else ()))
+        return ("journalctl", "--user", "-u", unit, *extra)
+    if platform == "darwin":
+        target = f"gui/{uid}/{LAUNCHD_LABEL}"
+        if action == "status":
+            return ("launchctl", "print", target)
+        if action == "restart":
+            return ("launchctl", "kickstart", "-k", target)
+        logs = state_dir / "logs"
+        return (
+            "tail",
+            "-n",
+            str(lines or 100),
+            *(("-F",) if follow else ()),
+            str(logs / "aegis-edge.out.log"),
+            str(logs / "aegis-edge.err.log"),
+        )
+    if platform in ("win32", "cygwin", "windows"):
+        if action != "logs":
+            return ("nssm", action, SERVICE_NAME)
+        win_logs = PureWindowsPath(str(state_dir)) / "logs"
+        files = ",".join(_ps_quote(str(win_logs / f"aegis-edge.{k}.log")) for k in ("out", "err"))
+        wait = " -Wait" if follow else ""
+        return (
+            "powershell",
+            "-NoProfile",
+            "-Command",
+            f"Get-Content -Tail {lines or 100}{wait} {files}",
+        )
+    raise ValueError(f"no service manager support for platform {platform!r}")
+
+
+def host_platform() -> str:
+    """``sys.platform``, behind a function the tests can replace."""
+    return sys.platform
 
 
 def systemctl_user_works() -> bool:

@@ -114,11 +114,9 @@ class StateDir:
         atomic_write(self.file(name), data, mode=hs.REQUIRED_MODES.get(name, hs.SECRET_MODE))
 
     def existing_enrollment(self) -> list[str]:
-        """The credential files of a live enrollment. After `aegis edge logout` deleted
-        node.key and node.token there is no identity left to protect, so none count."""
-        if not (self.key_path.exists() or self.token_path.exists()):
-            return []
-        return [n for n in hs.ENROLLMENT_FILES if self.file(n).exists()]
+        """The credential files of a live enrollment (see hoststate.enrollment_to_protect)."""
+        names = (*hs.ENROLLMENT_FILES, hs.REVOKED_JSON)
+        return hs.enrollment_to_protect(n for n in names if self.file(n).exists())
 
     def is_enrolled(self) -> bool:
         return self.key_path.exists() and self.node_json_path.exists()

@@ -203,6 +203,15 @@ def _load() -> list[float] | None:
         return None
 
 
+ENV_HOSTNAME = "AEGIS_HOSTNAME"
+
+
+def reported_hostname() -> str:
+    """The host name this daemon reports: the machine's, unless ``AEGIS_HOSTNAME`` names
+    another -- for several daemons on one machine (containers, ``aegis relay demo``)."""
+    return os.environ.get(ENV_HOSTNAME, "").strip() or socket.gethostname()
+
+
 class SysInfo:
     name = tools_spec.SYS_INFO
 
@@ -210,7 +219,7 @@ class SysInfo:
         body = tools_spec.sys_info_json(
             os=platform.system(),
             arch=platform.machine(),
-            hostname=socket.gethostname(),
+            hostname=reported_hostname(),
             python=platform.python_version(),
             uptime_secs=_uptime(),
             load=_load(),

@@ -7,13 +7,19 @@ agent contributes the host-side commands, the relay the ``relay`` and operator-s
 
 Every command answers with exit code 0 on success; on failure it raises :class:`CliError`
 (or any :class:`aegis_edge_core.errors.AegisError`) and the root prints one clear line on
-stderr and exits non-zero. Tracebacks are for bugs only.
+stderr and exits non-zero. That line is rendered here and nowhere else
+(:func:`render_error`): the sentence says what failed, the hint what to do, and a layer
+that only passes an error on adds neither a prefix nor a second hint. Tracebacks are for
+bugs only; a reader that closes the pipe early (``aegis edge show ... | head``) is not one.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
@@ -29,23 +35,74 @@ __all__ = [
     "main",
     "print_json",
     "print_table",
+    "render_error",
+    "suggest",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 class CliError(Exception):
-    """A failure to report as one line on stderr; ``exit_code`` is the process status."""
+    """A failure to report as one line on stderr; ``exit_code`` is the process status.
 
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+    ``message`` says what failed; ``hint``, if any, what to do about it.
+    """
+
+    def __init__(self, message: str, *, hint: str = "", exit_code: int = 1) -> None:
         super().__init__(message)
+        self.message = message
+        self.hint = hint
         self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+def render_error(err: BaseException) -> str:
+    """The one line ``aegis`` prints for a failed command (without the newline)."""
+    if isinstance(err, CliError | AegisError):
+        message, hint = err.message, err.hint
+    else:
+        message, hint = str(err), ""
+    return f"aegis: {message}; {hint}" if hint else f"aegis: {message}"
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+# What each group of commands is for, in `aegis edge --help`. The groups are made by
+# whichever entry point adds a command under them first, so their help lives here.
+GROUP_HELP: dict[tuple[str, ...], str] = {
+    ("edge", "keys"): "rotate this host's key; revoke a daemon's key from the relay",
+    ("edge", "tag"): "add or remove the operator tags fleet selectors match (tags=...)",
+    ("edge", "tokens"): "issue single-use enrollment tokens for a tenant",
+    ("edge", "tenants"): "delete a tenant, revoking every daemon bound to it",
+    ("edge", "fleet"): "preview, run, follow, list and cancel tool runs across the fleet",
+    ("edge", "fleet", "keys"): "rotate daemon keys across the fleet",
+    ("edge", "service"): "install, inspect, restart or remove the daemon's OS service",
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block; one line that names the command is clearer.
+        match = _INVALID_CHOICE.search(message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            message += suggest(match.group(1), choices)
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def unrecognized(self, extras: Sequence[str]) -> NoReturn:
+        """Refuse ``extras`` this command does not take, suggesting the flag meant."""
+        options = [opt for action in self._actions for opt in action.option_strings]
+        flag = next((e.split("=", 1)[0] for e in extras if e.startswith("--")), "")
+        hint = suggest(flag, options) if flag else ""
+        self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 class CommandTree:
@@ -80,13 +137,14 @@ class CommandTree:
         for depth in range(1, len(words) - 1):
             key = tuple(words[: depth + 1])
             if key not in self._nested:
-                group = parent.add_parser(words[depth], help=f"{words[depth]} commands")
+                help_ = GROUP_HELP.get(key, f"{words[depth]} commands")
+                group = parent.add_parser(words[depth], help=help_, description=help_)
                 sub = group.add_subparsers(dest="_".join(key), metavar="COMMAND")
                 sub.required = True
                 self._nested[key] = sub
             parent = self._nested[key]
         parser = parent.add_parser(words[-1], help=help, description=help)
-        parser.set_defaults(_handler=handler)
+        parser.set_defaults(_handler=handler, _parser=parser)
         self._commands.add(tuple(words))
         return parser
 
@@ -152,16 +210,31 @@ def build(argv: Sequence[str] | None = None) -> CommandTree:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`| head`): what we had to say is unwanted, not an error.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     tree = build(sys.argv[1:] if argv is None else argv)
-    args = tree.parser.parse_args(argv)
+    args, extras = tree.parser.parse_known_args(argv)
+    if extras:
+        parser: _Parser = getattr(args, "_parser", tree.parser)
+        parser.unrecognized(extras)
     handler: Handler = args._handler
     try:
         return handler(args)
     except CliError as err:
-        print(f"aegis: {err}", file=sys.stderr)
+        print(render_error(err), file=sys.stderr)
         return err.exit_code
     except AegisError as err:
-        print(f"aegis: {err}", file=sys.stderr)
+        print(render_error(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aegis: interrupted", file=sys.stderr)

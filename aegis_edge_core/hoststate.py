@@ -12,6 +12,12 @@ about its enrollment::
     status.json         what the running daemon last recorded (see DaemonStatus)
     results.spool       results finished but not yet acknowledged by the relay
     children.pids       process groups of running tool calls, for orphan clean-up
+    revoked.json        written when the relay told the daemon this node is revoked
+
+A revoked node's key and token are worth nothing any more, so ``aegis edge enroll`` replaces
+an enrollment that ``revoked.json`` marks without asking for ``--force``
+(:func:`enrollment_to_protect`): the seed's tenant migration is "revoke, issue a token in the
+new tenant, ``aegis edge enroll <new-token>``", typed as written.
 
 A key rotation cannot swap two files in one step, so it stages the new key as
 ``node.key.next`` *before* asking the relay, then writes the new ``node.token`` and finally
@@ -54,6 +60,7 @@ __all__ = [
     "PUBLIC_MODE",
     "REQUIRED_MODES",
     "RESULT_SPOOL",
+    "REVOKED_JSON",
     "SECRET_MODE",
     "STATUS_JSON",
     "ChildProcess",
@@ -65,6 +72,8 @@ __all__ = [
     "decode_result_spool",
     "encode_child_pids",
     "encode_result_spool",
+    "encode_revoked",
+    "enrollment_to_protect",
     "mode_problem",
     "parse_node_json",
     "parse_status_json",
@@ -83,6 +92,7 @@ STATUS_JSON: Final = "status.json"
 RESULT_SPOOL: Final = "results.spool"
 CHILD_PIDS: Final = "children.pids"
 LOGS_DIR: Final = "logs"
+REVOKED_JSON: Final = "revoked.json"
 
 DIR_MODE: Final = 0o700
 SECRET_MODE: Final = 0o600
@@ -101,8 +111,28 @@ REQUIRED_MODES: Final[Mapping[str, int]] = {
     STATUS_JSON: PUBLIC_MODE,
     RESULT_SPOOL: SECRET_MODE,
     CHILD_PIDS: SECRET_MODE,
+    REVOKED_JSON: PUBLIC_MODE,
 }
 """The mode each file is written with. Secrets (and files that may hold them) are 0600."""
+
+
+def enrollment_to_protect(present: Iterable[str]) -> list[str]:
+    """Which of the ``present`` state-dir files make an enrollment worth refusing to replace.
+
+    None after ``aegis edge logout`` (no key, no token: nothing left to protect), and none
+    once the relay has told this host it is revoked (:data:`REVOKED_JSON`).
+    """
+    names = set(present)
+    if REVOKED_JSON in names or not names & {NODE_KEY, NODE_TOKEN}:
+        return []
+    return [n for n in ENROLLMENT_FILES if n in names]
+
+
+def encode_revoked(*, node_id: str, revoked_at: float, message: str) -> str:
+    """The contents of :data:`REVOKED_JSON`: which node, when the relay said so, and how."""
+    return json.dumps(
+        {"node_id": node_id, "revoked_at": revoked_at, "message": message}, sort_keys=True
+    )
 
 
 class HostStateError(AegisError):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import time
 from pathlib import Path
 
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
-from aegis_edge_core.errors import ConfigError
+from aegis_edge_core.errors import AegisError, ConfigError
+from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.ratelimit import (
     DEFAULT_ATTEST_PER_NODE,
     DEFAULT_ATTEST_PER_SOURCE,
@@ -90,6 +93,11 @@ def cmd_operator_token(args: argparse.Namespace) -> int:
     except AuthzError as err:
         raise CliError(str(err)) from None
     tenants = None if args.tenant == ["*"] else args.tenant
+    for tenant in tenants or ():
+        try:
+            check_tenant_id(tenant)
+        except AegisError as err:
+            raise CliError(f"--tenant: {err.message}", hint=err.hint) from None
     token, _expires = issue_operator_token(
         data_dir,
         subject=args.subject or f"operator:{','.join(args.tenant)}",
@@ -99,6 +107,70 @@ def cmd_operator_token(args: argparse.Namespace) -> int:
     )
     print(token)
     return 0
+
+
+def _ready_problem(data_dir: Path) -> tuple[str | None, str]:
+    """``(None, address)`` once the relay of ``data_dir`` answers health checks; else
+    ``(what is missing, address or "")``."""
+    import json
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        info = json.loads((data_dir / "relay.json").read_text())
+    except FileNotFoundError:
+        return f"{data_dir / 'relay.json'} is not written yet", ""
+    except (OSError, ValueError) as err:
+        return f"{data_dir / 'relay.json'} is unreadable ({err})", ""
+    pid = info.get("pid")
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"relay.json names pid {pid}, which is not running (a stale file)", ""
+        except PermissionError:
+            pass
+    host, port = str(info.get("host", "")), info.get("port")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 -- a bind-all address, not a bind
+        host = "127.0.0.1"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if info.get("tls") is False:
+        channel = grpc.insecure_channel(address)
+    else:
+        try:
+            ca = Path(info["ca_cert"]).read_bytes()
+        except (KeyError, OSError) as err:
+            return f"the relay's CA certificate is unreadable ({err})", address
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2.0
+            )
+        except grpc.RpcError as err:
+            return f"{address} does not answer health checks yet ({err.code().name})", address
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"{address} is not serving yet", address
+    return None, address
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Return once ``aegis relay serve --data-dir D`` (started in the background) serves."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    data_dir = Path(args.data_dir).expanduser()
+    deadline = time.monotonic() + args.timeout
+    while True:
+        problem, address = _ready_problem(data_dir)
+        if problem is None:
+            print(f"relay ready at {address}")
+            return 0
+        if time.monotonic() >= deadline:
+            raise CliError(
+                f"the relay in {data_dir} is not ready after {args.timeout:g}s: {problem}",
+                hint="is `aegis relay serve` running with this --data-dir? Its output says why not",
+            )
+        time.sleep(0.2)
 
 
 def register(tree: CommandTree) -> None:
@@ -143,6 +215,20 @@ def register(tree: CommandTree) -> None:
             metavar="N/PERIOD",
             help=f"rate limit on {what}, e.g. 30/1m, or off (default {default})",
         )
+
+    p = tree.command(
+        "relay wait",
+        cmd_wait,
+        help="wait until the relay of --data-dir serves (for `aegis relay serve ... &`)",
+    )
+    p.add_argument("--data-dir", required=True, help="the --data-dir the relay was started with")
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="give up after this long (default 30s)",
+    )
 
     p = tree.command(
         "relay operator-token",

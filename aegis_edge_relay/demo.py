@@ -11,8 +11,8 @@ process, printed before it runs so it can be replayed by hand:
 5. a key revoked (``aegis edge keys revoke-remote``), the stream cut, the host Revoked;
 6. where ``/metrics`` is, and what it says now.
 
-Ctrl-C at any point stops the daemons and the relay (SIGTERM, then SIGKILL) and removes
-the temporary directory, unless ``--keep`` asked to keep it.
+Ctrl-C, SIGTERM or SIGHUP at any point stops the daemons and the relay (SIGTERM, then
+SIGKILL) and removes the temporary directory, unless ``--keep`` asked to keep it.
 """
 
 from __future__ import annotations
@@ -134,6 +134,15 @@ class _Demo:
         print("export AEGIS_RELAY AEGIS_CA_CERT AEGIS_OPERATOR_TOKEN  # set for the steps below")
         return info
 
+    def export_line(self, info: dict[str, Any]) -> str:
+        """The operator's environment as one shell line (this prints the admin token)."""
+        values = {
+            "AEGIS_RELAY": str(info["listen"]),
+            "AEGIS_CA_CERT": str(Path(info["ca_cert"]).resolve()),
+            "AEGIS_OPERATOR_TOKEN": self.env["AEGIS_OPERATOR_TOKEN"],
+        }
+        return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items())
+
     def enroll_hosts(self) -> dict[str, str]:
         self.say(f"2. Five hosts enroll in tenant {_TENANT!r} and start their daemons")
         node_ids: dict[str, str] = {}
@@ -145,9 +154,11 @@ class _Demo:
                 f"$ aegis edge enroll <token> --state-dir {state} --allow-tool cmd.run "
                 f"--label role={role}"
             )
+            # Five "hosts" share this machine: each reports its own name (HOSTNAME column).
+            host_env = dict(self.env, AEGIS_HOSTNAME=host)
             self.aegis(
                 "edge", "enroll", token.stdout.strip(), "--state-dir", str(state),
-                "--allow-tool", "cmd.run", "--label", f"role={role}", show=False,
+                "--allow-tool", "cmd.run", "--label", f"role={role}", show=False, env=host_env,
             )  # fmt: skip
             node_ids[host] = json.loads(
                 self.aegis(
@@ -156,7 +167,7 @@ class _Demo:
             )["node_id"]
             # The failing host is told so through its environment, as a broken upgrade
             # script would find out about its host.
-            env = dict(self.env, AEGIS_DEMO_HOST=host)
+            env = dict(host_env, AEGIS_DEMO_HOST=host)
             self.spawn(
                 ["edge", "daemon", "--state-dir", str(state)], self.root / f"{host}.log", env
             )
@@ -227,10 +238,21 @@ class _Demo:
                 print("  " + line)
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so the relay and daemons stop too."""
+
+
+def _on_terminate(signum: int, _frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
 def _run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="aegis-demo-"))
     demo = _Demo(root, quiet=False)
     print(f"aegis-edge demo in {root} (Ctrl-C stops everything)")
+    # The relay and daemons run in sessions of their own (a Ctrl-C reaches only us, and we
+    # stop them in order), so a SIGTERM to the demo must be turned into that same stop.
+    previous = {sig: signal.signal(sig, _on_terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         info = demo.start_relay()
         node_ids = demo.enroll_hosts()
@@ -239,10 +261,9 @@ def _run(args: argparse.Namespace) -> int:
         demo.revoke(node_ids["db-1"], "db-1")
         demo.metrics(info)
         if args.keep_running:
-            print(
-                f"\nEverything keeps running; AEGIS_RELAY={info['listen']} "
-                f"AEGIS_CA_CERT={info['ca_cert']}. Ctrl-C to stop."
-            )
+            print("\nEverything keeps running. In another shell, paste:\n")
+            print(demo.export_line(info))
+            print("\nthen try `aegis edge ls` or `aegis edge fleet run ...`. Ctrl-C stops it all.")
             while all(p.poll() is None for p in demo.procs[:1]):
                 time.sleep(0.5)
         print("\nDemo done: stopping the daemons and the relay.")
@@ -250,8 +271,16 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the daemons and the relay.", file=sys.stderr)
         return 130
+    except _Terminated as err:
+        print(f"\n{err}: stopping the daemons and the relay.", file=sys.stderr)
+        return 143
     finally:
+        # No second signal may cut the clean-up short.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         demo.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if args.keep or args.keep_running:
             print(f"kept {root}")
         else:

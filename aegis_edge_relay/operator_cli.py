@@ -30,10 +30,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, print_table
+from aegis_edge_core.errors import AegisError
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
 from aegis_edge_core.fleet.groups import GroupError, check_group_name, check_group_selector
 from aegis_edge_core.fleet.selector import parse_selector
 from aegis_edge_core.fleet.spec import parse_duration, parse_mode, parse_on_error
+from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.wire import admin_pb2, common_pb2
 
 if TYPE_CHECKING:
@@ -83,7 +85,15 @@ UNARY_TIMEOUT_SECS: Final = 30.0
 DEFAULT_HISTORY: Final = 20
 """How many recent tool calls ``edge show`` asks for."""
 
-HOST_COLUMNS: Final = ("NODE", "TENANT", "STATUS", "LAST HEARTBEAT", "OS/ARCH", "TAGS")
+HOST_COLUMNS: Final = (
+    "NODE",
+    "HOSTNAME",
+    "TENANT",
+    "STATUS",
+    "LAST HEARTBEAT",
+    "OS/ARCH",
+    "TAGS",
+)
 
 # --------------------------------------------------------------------------------------------
 # Enum names: the seed's strings for the wire's enums
@@ -252,15 +262,25 @@ def host_to_dict(host: admin_pb2.Host, *, with_history: bool = False) -> dict[st
     return out
 
 
+def last_heard(host: admin_pb2.Host, now: float) -> str:
+    """LAST HEARTBEAT: when the host last heartbeat, or, for a stream that has attested
+    but not heartbeat yet, when it attested -- not ``never`` for a host that is there."""
+    live = host.status in (common_pb2.DAEMON_STATUS_CONNECTED, common_pb2.DAEMON_STATUS_UNHEALTHY)
+    if not host.last_heartbeat_at and live and host.connected_since:
+        return f"attested {relative_time(host.connected_since, now)}"
+    return relative_time(host.last_heartbeat_at, now)
+
+
 def host_row(host: admin_pb2.Host, now: float) -> list[str]:
     """A row under :data:`HOST_COLUMNS`."""
     caps = host.capabilities
     os_arch = "/".join(part for part in (caps.os, caps.arch) if part) or "-"
     return [
         host.node_id,
+        caps.hostname or "-",
         host.tenant_id,
         status_name(host.status),
-        relative_time(host.last_heartbeat_at, now),
+        last_heard(host, now),
         os_arch,
         ",".join(sorted(caps.tags)) or "-",
     ]
@@ -628,24 +648,29 @@ def resolve_connection(
 
 
 def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
-    """One line for a failed call: the status code's name and the relay's details."""
+    """One line for a failed call, for people: the relay's sentence, no status-code name.
+
+    The relay's details already say what to do where it knows (a refused token says how
+    to get a good one), so nothing is added to them except where the relay could not
+    answer at all.
+    """
     import grpc
 
     code = err.code() if isinstance(err, grpc.Call) else None
-    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err) or "no details"
+    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err) or ""
     details = " ".join(details.split())
-    name = code.name if code is not None else "UNKNOWN"
     if code is grpc.StatusCode.UNAVAILABLE:
         hint = "is `aegis relay serve` running?"
         lowered = details.lower()
         if any(word in lowered for word in ("ssl", "tls", "handshake", "certificate")):
             hint = f"check --ca-cert / {ENV_CA_CERT} and that it is the relay's CA"
-        return f"cannot reach the relay at {relay}: {details}; {hint}"
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        return f"UNAUTHENTICATED: {details} (check --token / {ENV_TOKEN})"
+        return f"cannot reach the relay at {relay}: {details or 'no answer'}; {hint}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"DEADLINE_EXCEEDED: the relay at {relay} did not answer in time ({details})"
-    return f"{name}: {details}"
+        return f"the relay at {relay} did not answer in time" + (f" ({details})" if details else "")
+    if details:
+        return details
+    what = code.name.lower().replace("_", " ") if code is not None else "an unknown error"
+    return f"the relay answered {what} without details"
 
 
 class AdminClient:
@@ -904,6 +929,10 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
     tenant: str = args.tenant
     if not tenant.strip():
         raise CliError("--tenant: the tenant id is empty")
+    try:
+        check_tenant_id(tenant)
+    except AegisError as err:
+        raise CliError(f"--tenant: {err.message}", hint=err.hint) from None
     ttl = parse_duration_secs(args.ttl, flag="--ttl") if args.ttl else 0.0
     with _client(args) as client:
         resp: admin_pb2.IssueEnrollmentTokenResponse = client.unary(

@@ -127,7 +127,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             context.set_trailing_metadata((("aegis-refusal-reason", err.reason),))
             await context.abort(
                 _ENROLL_CODES.get(err.reason, grpc.StatusCode.PERMISSION_DENIED),
-                f"enrollment refused ({err.reason}): {err}",
+                str(err),  # the reason travels in the trailing metadata above
             )
             raise  # unreachable: abort raises
 
@@ -167,7 +167,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await _abort(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"operator token refused ({err.reason}): {err}",
+                f"operator token refused: {err.message}; {err.hint}",
             )
         principal = Principal(
             subject=claims.subject,
@@ -316,7 +316,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         try:
             token, expires = self.relay.issue_enrollment_token(tenant, ttl)
-        except ValueError as err:
+        except (ValueError, AegisError) as err:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return admin_pb2.IssueEnrollmentTokenResponse(token=token, expires_at=expires)
 

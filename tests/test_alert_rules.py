@@ -1,4 +1,5 @@
-"""The shipped Prometheus rules: the seed's four alerts, valid, and unit-tested with promtool."""
+"""The shipped Prometheus rules: the seed's four alerts and the relay-outage alert, valid,
+and unit-tested with promtool."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ SEED_CONDITIONS = {
     "AegisEdgeHeartbeatStarvation": "rate(aegis_edge_heartbeats_total[5m])",
     "AegisEdgeFleetRunsHalting": 'rate(aegis_edge_fleet_runs_total{outcome="halted"}[1h]) > 0',
 }
+# The case none of those can see: the relay itself down (no scrape, no series).
+RELAY_OUTAGE = {
+    "AegisEdgeRelayDown": 'up{job="aegis-relay"} == 0 or absent(up{job="aegis-relay"})',
+}
+ALL_CONDITIONS = {**SEED_CONDITIONS, **RELAY_OUTAGE}
 
 
 def _promtool() -> str:
@@ -38,10 +44,10 @@ def _rules() -> dict[str, dict[str, object]]:
     return {rule["alert"]: rule for group in doc["groups"] for rule in group["rules"]}
 
 
-def test_the_four_seed_alerts_are_there_with_their_conditions() -> None:
+def test_the_seed_alerts_and_the_relay_outage_are_there_with_their_conditions() -> None:
     rules = _rules()
-    assert set(rules) == set(SEED_CONDITIONS)
-    for name, condition in SEED_CONDITIONS.items():
+    assert set(rules) == set(ALL_CONDITIONS)
+    for name, condition in ALL_CONDITIONS.items():
         assert condition in " ".join(str(rules[name]["expr"]).split()), name
     assert rules["AegisEdgeDaemonUnhealthy"]["for"] == "5m"
 
@@ -64,8 +70,8 @@ def test_every_alert_has_promtool_tests_firing_and_quiet() -> None:
     for case in doc["tests"]:
         for check in case.get("alert_rule_test", []):
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
-    assert firing == set(SEED_CONDITIONS)
-    assert quiet == set(SEED_CONDITIONS)
+    assert firing == set(ALL_CONDITIONS)
+    assert quiet == set(ALL_CONDITIONS)
 
 
 def test_promtool_check_rules() -> None:
@@ -78,7 +84,7 @@ def test_promtool_check_rules() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 rules found" in proc.stdout + proc.stderr
+    assert f"{len(ALL_CONDITIONS)} rules found" in proc.stdout + proc.stderr
 
 
 def test_promtool_test_rules() -> None:

@@ -24,6 +24,7 @@ the core.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 from aegis_edge_core.errors import AegisError
@@ -95,6 +96,19 @@ class NoTargets(FleetSpecError):
                 f"selector {selector!r} matched no daemon ({resolution.considered} considered)"
             )
             hint = "check the tags and labels with 'aegis edge ls', or target 'all'"
+        elif resolution.tool not in resolution.offered_tools and all(
+            skip.reason.value == "tool_unavailable" for skip in resolution.skipped
+        ):
+            # Nobody has it: most likely a typo, and the fix is the name, not the hosts.
+            message = (
+                f"no daemon that selector {selector!r} matches offers a tool named "
+                f"{resolution.tool!r}"
+            )
+            offered = sorted(resolution.offered_tools)
+            close = difflib.get_close_matches(resolution.tool, offered, n=1)
+            hint = f"they offer {', '.join(offered) or 'no tools'}" + (
+                f"; did you mean {close[0]}?" if close else ""
+            )
         else:
             by_reason = ", ".join(
                 f"{count} {reason}" for reason, count in resolution.skipped_by_reason().items()

@@ -78,6 +78,12 @@ class Skipped:
         return {"node_id": self.node_id, "reason": self.reason.value}
 
 
+def _tool_set(tools: Iterable[str]) -> frozenset[str]:
+    if isinstance(tools, str):
+        raise TypeError(f"expected a collection of tool names, got the string {tools!r}")
+    return frozenset(tools)
+
+
 def _sorted_ids(node_ids: Iterable[str]) -> tuple[str, ...]:
     if isinstance(node_ids, str):
         raise TypeError(f"expected a collection of node ids, got the string {node_ids!r}")
@@ -119,6 +125,9 @@ class Resolution:
         default=attrs.Factory(_default_considered, takes_self=True),
         validator=attrs.validators.instance_of(int),
     )
+    offered_tools: frozenset[str] = attrs.field(converter=_tool_set, factory=frozenset)
+    """Every tool some matched daemon offers, whatever its status: what to suggest when
+    ``tool`` is none of them (a typo such as ``cmd.rnu``)."""
 
     def __attrs_post_init__(self) -> None:
         ids = set(self.targets)
@@ -193,6 +202,7 @@ def resolve_targets(
     targets: list[str] = []
     skipped: list[Skipped] = []
     seen: set[str] = set()
+    offered: set[str] = set()
     considered = 0
     if pinned:
         # Which pinned nodes are absent needs a second look at the snapshots; only a
@@ -210,6 +220,7 @@ def resolve_targets(
                 hint="pass each daemon once; the store returned a duplicate",
             )
         seen.add(node_id)
+        offered.update(snapshot.tools)
         reason = status_skips[snapshot.status]
         if reason is None and tool not in snapshot.tools:
             reason = SkipReason.TOOL_UNAVAILABLE
@@ -219,5 +230,10 @@ def resolve_targets(
             skipped.append(Skipped(node_id=node_id, reason=reason))
     skipped.extend(Skipped(node_id=node_id, reason=SkipReason.NOT_FOUND) for node_id in pinned)
     return Resolution(
-        selector=selector, tool=tool, targets=targets, skipped=skipped, considered=considered
+        selector=selector,
+        tool=tool,
+        targets=targets,
+        skipped=skipped,
+        considered=considered,
+        offered_tools=offered,
     )

@@ -23,6 +23,8 @@ __all__ = [
     "RefusalReason",
     "RotationError",
     "TokenError",
+    "default_hint",
+    "enrollment_refusal",
 ]
 
 RefusalReason = Literal[
@@ -70,7 +72,7 @@ _DEFAULT_HINTS: Final[dict[str, str]] = {
     "not_yet_valid": "check the host clock (NTP)",
     "bad_signature": "the token was not signed by this relay; re-enroll with a fresh token",
     "wrong_audience": "this kind of token cannot be used here; use the token meant for it",
-    "revoked": "this node was revoked; re-enroll with a fresh enrollment token",
+    "revoked": "re-enroll with a fresh enrollment token (aegis edge enroll <token>)",
     "unknown_node": "the relay does not know this node; re-enroll with a fresh token",
     "key_mismatch": "node.key does not match the token; re-enroll with a fresh token",
     "replayed": "enrollment tokens are single use; issue a fresh one (aegis edge tokens issue)",
@@ -83,6 +85,33 @@ _DEFAULT_HINTS: Final[dict[str, str]] = {
     "wrong_key_type": "the file is not an Ed25519 PKCS#8 key; re-enroll or restore it",
     "corrupt": "the file is not an Ed25519 PKCS#8 key; re-enroll or restore it",
 }
+
+
+def default_hint(reason: str) -> str:
+    """The hint a refusal for ``reason`` carries when its raiser says nothing more specific."""
+    return _DEFAULT_HINTS.get(reason, "")
+
+
+# What a host owner reads when the relay refused `aegis edge enroll`, by the refusal reason
+# the relay sent (trailing metadata ``aegis-refusal-reason``). The relay's own sentence is
+# used for every other reason; it already carries its hint.
+_ENROLLMENT_REFUSALS: Final[dict[str, tuple[str, str]]] = {
+    "replayed": (
+        "this enrollment token was already used",
+        "issue a fresh one with `aegis edge tokens issue`",
+    ),
+}
+
+
+def enrollment_refusal(reason: str, detail: str) -> tuple[str, str]:
+    """The sentence and hint for an enrollment the relay refused with ``reason``.
+
+    ``detail`` is the relay's own description, used when the reason has no wording here.
+    """
+    known = _ENROLLMENT_REFUSALS.get(reason)
+    if known is not None:
+        return known
+    return (detail or f"the relay refused the enrollment ({reason or 'no reason given'})", "")
 
 
 class IdentityError(AegisError):

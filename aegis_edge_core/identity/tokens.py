@@ -57,7 +57,7 @@ from typing import Any, Final, Generic, Literal, NoReturn, TypeVar
 import attrs
 
 from aegis_edge_core.identity._codec import b64url_decode, b64url_encode
-from aegis_edge_core.identity.errors import Reason, TokenError
+from aegis_edge_core.identity.errors import IdentityError, Reason, TokenError, default_hint
 from aegis_edge_core.identity.keys import PublicKey, RelaySigningKey
 from aegis_edge_core.identity.revocation import Revocations
 
@@ -71,6 +71,8 @@ __all__ = [
     "OPERATOR_AUDIENCE",
     "OPERATOR_TOKEN_TTL",
     "ROLES",
+    "TENANT_ID_PATTERN",
+    "TENANT_ID_RULE",
     "EnrollmentClaims",
     "IssuedToken",
     "NodeClaims",
@@ -79,9 +81,11 @@ __all__ = [
     "TokenIssuer",
     "TokenVerifier",
     "ca_pin",
+    "check_tenant_id",
     "new_jti",
     "peek_enrollment_token",
     "peek_node_token",
+    "token_hint",
 ]
 
 ENROLLMENT_AUDIENCE: Final = "aegis-edge-enroll"
@@ -114,6 +118,58 @@ _EXPIRED_HINT: Final[Mapping[str, str]] = {
     "check the host clock (NTP)",
     OPERATOR_AUDIENCE: "ask for a fresh operator token (aegis relay operator-token)",
 }
+
+_ASK_OPERATOR: Final = (
+    "use the admin token the relay wrote to <data-dir>/operator.token, or ask an admin for "
+    "one (aegis relay operator-token --data-dir D --tenant T)"
+)
+_ASK_ENROLL: Final = "issue a fresh one with `aegis edge tokens issue --tenant T`"
+# What to do about a refusal depends on which token was refused: an operator whose token is
+# damaged needs another operator token, not the host owner's "re-enroll". Reasons not listed
+# keep the family's default hint (identity.errors).
+_HINTS_BY_AUDIENCE: Final[Mapping[str, Mapping[str, str]]] = {
+    ENROLLMENT_AUDIENCE: {
+        "empty": "pass the token `aegis edge tokens issue --tenant T` printed (was it empty?)",
+        "malformed": f"the enrollment token is damaged; {_ASK_ENROLL}",
+        "bad_signature": f"the token was not issued by this relay; {_ASK_ENROLL}",
+        "revoked": _ASK_ENROLL,
+        "replayed": _ASK_ENROLL,
+    },
+    OPERATOR_AUDIENCE: {
+        "empty": f"pass --token TOKEN or set AEGIS_OPERATOR_TOKEN; {_ASK_OPERATOR}",
+        "malformed": f"that is not an operator token; {_ASK_OPERATOR}",
+        "bad_signature": f"the token was not issued by this relay; {_ASK_OPERATOR}",
+        "revoked": _ASK_OPERATOR,
+    },
+    NODE_AUDIENCE: {
+        "empty": "node.token is empty; re-enroll with a fresh enrollment token",
+    },
+}
+
+
+TENANT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_ID_RULE: Final = (
+    "a tenant id is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+"""What a tenant id may be. Tenant ids appear in metric labels, log fields, shell commands
+and the OTLP header template, where spaces, quotes and ``*`` (all tenants) would bite."""
+
+
+def check_tenant_id(tenant_id: str) -> None:
+    """Raise ``IdentityError(reason="malformed")`` naming :data:`TENANT_ID_RULE` if
+    ``tenant_id`` breaks it."""
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise IdentityError(
+            f"tenant id {tenant_id!r} is not allowed", reason="malformed", hint=TENANT_ID_RULE
+        )
+
+
+def token_hint(reason: str, audience: str) -> str | None:
+    """What to do about a refused token of ``audience`` for ``reason`` (``"empty"`` too).
+
+    None when there is nothing more specific than the reason's default hint.
+    """
+    return _HINTS_BY_AUDIENCE.get(audience, {}).get(reason)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,6 +430,7 @@ class TokenIssuer:
         jti: str,
         ttl: float = ENROLLMENT_TOKEN_TTL,
     ) -> IssuedToken[EnrollmentClaims]:
+        check_tenant_id(tenant_id)  # tenants come into being here: the rule holds from birth
         start, end = _window(now, ttl)
         claims = EnrollmentClaims(
             jti=jti,
@@ -472,7 +529,7 @@ class _Parsed:
     payload: dict[str, Any]
 
 
-def _parse(token: object) -> _Parsed:
+def _parse(token: object, audience: str) -> _Parsed:
     """Step 1 (shape and header); the payload is parsed but *not* yet trusted."""
     if not isinstance(token, str):
         _refuse("token is not text", "malformed")
@@ -480,7 +537,8 @@ def _parse(token: object) -> _Parsed:
         _refuse(f"token is longer than {MAX_TOKEN_LENGTH} characters", "malformed")
     # No stripping: a token has one spelling; callers strip what they read from files.
     if not token:
-        _refuse("token is empty", "malformed")
+        kind = _KIND_BY_AUDIENCE[audience]
+        _refuse(f"the {kind} is empty", "malformed", token_hint("empty", audience))
     segments = token.split(".")
     if len(segments) != 3:
         _refuse("token is not a JWT (expected three dot-separated parts)", "malformed")
@@ -666,7 +724,20 @@ class TokenVerifier:
     ) -> _Claims:
         if not math.isfinite(now):
             raise ValueError("now must be a finite Unix time")
-        parsed = _parse(token)
+        try:
+            return self._verify_checked(token, audience, now, revocations, allow_expired)
+        except TokenError as err:
+            raise _for_audience(err, audience) from None
+
+    def _verify_checked(
+        self,
+        token: str,
+        audience: str,
+        now: float,
+        revocations: Revocations | None,
+        allow_expired: bool,
+    ) -> _Claims:
+        parsed = _parse(token, audience)
         key = self._key_for(parsed.kid)
         # Our own check above is the real one; PyJWT repeats it with the algorithm pinned,
         # so a change in either cannot open the door alone.
@@ -706,10 +777,21 @@ class TokenVerifier:
 # Reading without verifying, for the host side.
 
 
+def _for_audience(err: TokenError, audience: str) -> TokenError:
+    """``err`` with the hint for this kind of token, if it still has its reason's default."""
+    hint = token_hint(err.reason, audience)
+    if hint is None or err.hint != default_hint(err.reason):
+        return err
+    return TokenError(err.message, reason=err.reason, hint=hint, clock_offset=err.clock_offset)
+
+
 def _peek(token: str, audience: str) -> _Claims:
-    parsed = _parse(token)
-    _check_audience(audience, parsed.payload)
-    return _build_claims(audience, parsed.payload)
+    try:
+        parsed = _parse(token, audience)
+        _check_audience(audience, parsed.payload)
+        return _build_claims(audience, parsed.payload)
+    except TokenError as err:
+        raise _for_audience(err, audience) from None
 
 
 def peek_enrollment_token(token: str) -> EnrollmentClaims:

@@ -103,3 +103,154 @@ def test_install_uninstall_cli(tmp_path, monkeypatch, capsys):
     args.service_action = "uninstall"
     assert cli._service(args) == 0
     assert not unit.exists()
+
+
+# --- status | restart | logs, and NSSM uninstall, against fake service managers -------------
+#
+# Each fake is a real executable on PATH that records its argv and exits as a manager would;
+# the CLI runs it as a subprocess, so what is asserted is the command line that ran.
+
+
+def _fake_tools(tmp_path: Path, *names: str, exit_code: int = 0) -> tuple[Path, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "argv.log"
+    for name in names:
+        tool = bin_dir / name
+        tool.write_text(
+            "#!/bin/sh\n"
+            f'printf "%s" "${{0##*/}}" >> "{record}"\n'
+            f'for a in "$@"; do printf " %s" "$a" >> "{record}"; done\n'
+            f'echo >> "{record}"\n'
+            f"exit {exit_code}\n"
+        )
+        tool.chmod(0o755)
+    return bin_dir, record
+
+
+def _control(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    platform: str,
+    action: str,
+    path: str,
+    **extra: object,
+) -> int:
+    import argparse
+
+    from aegis_edge_agent import cli
+
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setattr(service, "host_platform", lambda: platform)
+    args = argparse.Namespace(
+        state_dir=str(tmp_path / "edge"), service_action=action, lines=None, follow=False
+    )
+    vars(args).update(extra)
+    return cli._service_control(args)
+
+
+@pytest.mark.parametrize(
+    ("platform", "action", "extra", "expected"),
+    [
+        ("linux", "status", {}, "systemctl --user status aegis-edge.service"),
+        ("linux", "restart", {}, "systemctl --user restart aegis-edge.service"),
+        ("linux", "logs", {}, "journalctl --user -u aegis-edge.service"),
+        (
+            "linux",
+            "logs",
+            {"lines": 50, "follow": True},
+            "journalctl --user -u aegis-edge.service -n 50 -f",
+        ),
+        ("darwin", "status", {}, "launchctl print gui/{uid}/io.aegis.edge"),
+        ("darwin", "restart", {}, "launchctl kickstart -k gui/{uid}/io.aegis.edge"),
+        (
+            "darwin",
+            "logs",
+            {},
+            "tail -n 100 {state}/logs/aegis-edge.out.log {state}/logs/aegis-edge.err.log",
+        ),
+        ("win32", "status", {}, "nssm status aegis-edge"),
+        ("win32", "restart", {}, "nssm restart aegis-edge"),
+    ],
+)
+def test_service_control_runs_the_managers_command(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    platform: str,
+    action: str,
+    extra: dict[str, object],
+    expected: str,
+) -> None:
+    import os
+
+    bin_dir, record = _fake_tools(tmp_path, "systemctl", "journalctl", "launchctl", "tail", "nssm")
+    code = _control(monkeypatch, tmp_path, platform, action, str(bin_dir), **extra)
+    assert code == 0
+    want = expected.format(uid=os.getuid(), state=tmp_path / "edge")
+    assert record.read_text().splitlines() == [want]
+
+
+def test_service_status_passes_the_managers_exit_code_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `systemctl status` exits 3 for a stopped unit; scripts may rely on it.
+    bin_dir, record = _fake_tools(tmp_path, "systemctl", exit_code=3)
+    assert _control(monkeypatch, tmp_path, "linux", "status", str(bin_dir)) == 3
+    assert record.read_text() == "systemctl --user status aegis-edge.service\n"
+
+
+def test_service_control_without_the_manager_prints_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aegis_edge_cli import CliError, render_error
+
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    with pytest.raises(CliError) as info:
+        _control(monkeypatch, tmp_path, "linux", "restart", str(empty))
+    assert render_error(info.value) == (
+        "aegis: systemctl is not on PATH, so `service restart` cannot run it here; "
+        "the command is: systemctl --user restart aegis-edge.service"
+    )
+
+
+def test_nssm_uninstall_removes_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from aegis_edge_agent import cli
+
+    bin_dir, record = _fake_tools(tmp_path, "nssm")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(service, "host_platform", lambda: "win32")
+    state = tmp_path / "edge"
+    state.mkdir()
+    (state / "install-service.ps1").write_text("# written by install\r\n")
+    args = argparse.Namespace(state_dir=str(state), service_action="uninstall")
+    assert cli._service(args) == 0
+    assert record.read_text().splitlines() == [
+        "nssm stop aegis-edge",
+        "nssm remove aegis-edge confirm",
+    ]
+    assert not (state / "install-service.ps1").exists()
+    assert "removed the NSSM service aegis-edge" in capsys.readouterr().out
+
+
+def test_nssm_uninstall_without_nssm_says_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from aegis_edge_agent import cli
+
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(service, "host_platform", lambda: "win32")
+    args = argparse.Namespace(state_dir=str(tmp_path / "edge"), service_action="uninstall")
+    assert cli._service(args) == 0
+    out = capsys.readouterr().out
+    assert "nssm stop aegis-edge\n" in out and "nssm remove aegis-edge confirm\n" in out

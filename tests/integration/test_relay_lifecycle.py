@@ -83,7 +83,9 @@ def test_enroll_attest_health_cycle(relay: RelayProcess) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await again.enroll(token)
             assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            assert "replayed" in (err.value.details() or "")
+            # The reason travels as metadata for programs; the details are for people.
+            assert ("aegis-refusal-reason", "replayed") in tuple(err.value.trailing_metadata())
+            assert "already been used" in (err.value.details() or "")
 
             assert (
                 await _status(relay, admin, daemon.node_id) == common_pb2.DAEMON_STATUS_DISCONNECTED

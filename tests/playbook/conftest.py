@@ -1,4 +1,4 @@
-"""The operator playbook (../shared/seed/edge-operational-patterns.txt), section by section.
+"""The operator playbook (docs/operator-guide.md), section by section.
 
 Each test module is named after a section of the seed and runs that section's commands,
 as written there, against a real relay process and real daemon processes on loopback.

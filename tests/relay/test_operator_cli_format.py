@@ -224,10 +224,27 @@ def test_host_history_in_show_json() -> None:
 
 def test_host_row() -> None:
     row = oc.host_row(_host(), NOW)
-    assert row == ["node-a", "acme", "Connected", "12s ago", "linux/x86_64", "managed-fleet,prod"]
+    assert row == [
+        "node-a",
+        "web-1",
+        "acme",
+        "Connected",
+        "12s ago",
+        "linux/x86_64",
+        "managed-fleet,prod",
+    ]
     assert len(row) == len(oc.HOST_COLUMNS)
     bare = admin_pb2.Host(node_id="n", tenant_id="t")
-    assert oc.host_row(bare, NOW) == ["n", "t", "Unknown", "never", "-", "-"]
+    assert oc.host_row(bare, NOW) == ["n", "-", "t", "Unknown", "never", "-", "-"]
+
+
+def test_host_row_says_when_a_connected_host_attested_before_its_first_heartbeat() -> None:
+    fresh = _host(last_heartbeat_at=0.0, connected_since=NOW - 3)
+    assert oc.host_row(fresh, NOW)[4] == "attested 3s ago"
+    gone = _host(
+        last_heartbeat_at=0.0, connected_since=NOW - 3, status=common_pb2.DAEMON_STATUS_DISCONNECTED
+    )
+    assert oc.host_row(gone, NOW)[4] == "never"
 
 
 # --- fleet runs -------------------------------------------------------------------------------

@@ -491,7 +491,7 @@ def test_show_unknown_node_is_one_line_not_found(
     code, out, err = run(capsys, "edge", "show", "ghost")
     assert code == 1
     assert out == ""
-    assert err == "aegis: NOT_FOUND: no daemon 'ghost'\n"
+    assert err == "aegis: no daemon 'ghost'\n"
 
 
 def test_tag_add_and_rm(
@@ -532,7 +532,7 @@ def test_permission_denied_is_one_line(
 ) -> None:
     code, _, err = run(capsys, "edge", "keys", "revoke-remote", "viewer-denied")
     assert code == 1
-    assert err == "aegis: PERMISSION_DENIED: role viewer may not revoke\n"
+    assert err == "aegis: role viewer may not revoke\n"
 
 
 # --- tenants and tokens -----------------------------------------------------------------------
@@ -687,7 +687,7 @@ def test_fleet_run_invalid_argument_from_the_relay(
 ) -> None:
     code, _, err = run(capsys, "edge", "fleet", "run", "--target", "all", "--tool", "bad.selector")
     assert code == 1
-    assert err == "aegis: INVALID_ARGUMENT: selector column 1: unknown key 'x'\n"
+    assert err == "aegis: selector column 1: unknown key 'x'\n"
 
 
 def test_fleet_run_with_live_progress_on_a_terminal(
@@ -755,7 +755,7 @@ def test_fleet_runs_show_cancel(
     assert "completed_with_errors: 1 ok, 1 timeout; 1 skipped" in out
 
     code, _, err = run(capsys, "edge", "fleet", "show", "nope")
-    assert (code, err) == (1, "aegis: NOT_FOUND: no fleet run 'nope'\n")
+    assert (code, err) == (1, "aegis: no fleet run 'nope'\n")
 
     code, out, _ = run(capsys, "edge", "fleet", "cancel", "fleet-42")
     assert code == 0
@@ -775,10 +775,7 @@ def test_wrong_token_is_unauthenticated(
     code, out, err = run(capsys, "edge", "ls")
     assert code == 1
     assert out == ""
-    assert err == (
-        "aegis: UNAUTHENTICATED: operator token refused: bad "
-        "(check --token / AEGIS_OPERATOR_TOKEN)\n"
-    )
+    assert err == ("aegis: operator token refused: bad\n")
 
 
 def test_missing_settings_name_flag_and_env(

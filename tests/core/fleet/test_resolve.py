@@ -96,6 +96,30 @@ def test_everything_skipped_names_the_reasons() -> None:
     )
 
 
+def test_a_tool_no_matched_daemon_offers_is_named_with_what_they_offer() -> None:
+    resolution = resolve_targets(FLEET, "node=n1,n6", "cmd.rnu")
+    assert resolution.offered_tools == {"cmd.run", "edge.ping", "keys.rotate", "sys.info"}
+    with pytest.raises(NoTargets) as caught:
+        resolution.require_targets()
+    assert caught.value.message == (
+        "no daemon that selector 'node=n1,n6' matches offers a tool named 'cmd.rnu'"
+    )
+    assert caught.value.hint == (
+        "they offer cmd.run, edge.ping, keys.rotate, sys.info; did you mean cmd.run?"
+    )
+
+
+def test_a_tool_only_offline_daemons_offer_keeps_the_skip_reasons() -> None:
+    # n2 offers cmd.run but is Disconnected: the tool exists, the host is the problem.
+    resolution = resolve_targets(FLEET, "node=n2,n6", "cmd.run")
+    with pytest.raises(NoTargets) as caught:
+        resolution.require_targets()
+    assert caught.value.message == (
+        "selector 'node=n2,n6' matched 2 daemons but every one was skipped "
+        "(1 disconnected, 1 tool_unavailable)"
+    )
+
+
 def test_selector_errors_come_through() -> None:
     with pytest.raises(SelectorError):
         resolve_targets(FLEET, "tagz=prod", "cmd.run")
