@@ -25,7 +25,7 @@ import json
 from typing import Final
 
 import attrs
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -247,7 +247,9 @@ def _load_ed25519(pem: bytes, *, source: str) -> ed25519.Ed25519PrivateKey:
             reason="wrong_key_type",
             source=source,
         ) from None
-    except ValueError:
+    except (ValueError, InternalError):
+        # Some damaged DER makes OpenSSL fail inside the parser (InternalError) instead of
+        # reporting a ValueError; to the host owner both are a corrupt file.
         # `from None`: the parser's message may quote bytes of the key.
         raise KeyFileError(
             "the PEM data is corrupt or not a private key", reason="corrupt", source=source
