@@ -58,6 +58,11 @@ class AdminStub:
     ListFleetRuns: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListFleetRunsRequest, _admin_pb2.ListFleetRunsResponse]
     GetFleetRun: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]
     CancelFleetRun: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]
+    RerunFleetRun: _grpc.UnaryStreamMultiCallable[_admin_pb2.RerunFleetRunRequest, _admin_pb2.FleetRunEvent]
+    """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+    on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+    old one. Its secret arguments must be given again. Streams like StartFleetRun.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -81,6 +86,11 @@ class AdminAsyncStub(AdminStub):
     ListFleetRuns: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListFleetRunsRequest, _admin_pb2.ListFleetRunsResponse]  # type: ignore[assignment]
     GetFleetRun: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]  # type: ignore[assignment]
     CancelFleetRun: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFleetRunRequest, _admin_pb2.FleetRun]  # type: ignore[assignment]
+    RerunFleetRun: _aio.UnaryStreamMultiCallable[_admin_pb2.RerunFleetRunRequest, _admin_pb2.FleetRunEvent]  # type: ignore[assignment]
+    """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+    on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+    old one. Its secret arguments must be given again. Streams like StartFleetRun.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -179,5 +189,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetFleetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.FleetRun, _abc.Awaitable[_admin_pb2.FleetRun]]: ...
+
+    @_abc_1.abstractmethod
+    def RerunFleetRun(
+        self,
+        request: _admin_pb2.RerunFleetRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.FleetRunEvent], _abc.AsyncIterator[_admin_pb2.FleetRunEvent]]:
+        """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+        on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+        old one. Its secret arguments must be given again. Streams like StartFleetRun.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
