@@ -1068,6 +1068,7 @@ class _LiveOutput:
         host = out.host or out.node_id
         self.hosts[out.node_id] = host
         if out.dropped_bytes:
+            self.target_done(out.node_id)  # a partial line ends where the gap begins
             self._print(host, "stdout", dropped_marker(out.dropped_bytes))
         for stream, data in (("stdout", out.stdout), ("stderr", out.stderr)):
             if data:
