@@ -82,7 +82,11 @@ GROUP_HELP: dict[tuple[str, ...], str] = {
     ("edge", "tag"): "add or remove the operator tags fleet selectors match (tags=...)",
     ("edge", "tokens"): "issue single-use enrollment tokens for a tenant",
     ("edge", "tenants"): "delete a tenant, revoking every daemon bound to it",
-    ("edge", "fleet"): "preview, run, follow, list and cancel tool runs across the fleet",
+    (
+        "edge",
+        "fleet",
+    ): "preview, run, follow, watch, rerun, list and cancel tool runs across the fleet",
+    ("edge", "groups"): "save named target selectors with pinned hosts (group=NAME)",
     ("edge", "fleet", "keys"): "rotate daemon keys across the fleet",
     ("edge", "service"): "install, inspect, restart or remove the daemon's OS service",
 }

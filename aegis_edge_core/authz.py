@@ -74,6 +74,7 @@ REQUIRED_ROLES: Final[Mapping[str, Role]] = {
     "RemoveTags": Role.OPERATOR,
     "StartFleetRun": Role.OPERATOR,
     "CancelFleetRun": Role.OPERATOR,
+    "RerunFleetRun": Role.OPERATOR,
     "RevokeNode": Role.OPERATOR,
     "IssueEnrollmentToken": Role.OPERATOR,
     "CreateGroup": Role.OPERATOR,

@@ -34,6 +34,7 @@ from aegis_edge_core.fleet import (
     RunRecord,
     TargetOutcome,
 )
+from aegis_edge_core.fleet.output import Delivery, OutputGate, WatcherBuffer, host_label
 from aegis_edge_core.fleet.recovery import StoredCommand, recover_run
 from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
@@ -43,7 +44,7 @@ from aegis_edge_relay.store import CommandRow, FleetRunRow
 if TYPE_CHECKING:
     from aegis_edge_relay.relay import Relay
 
-__all__ = ["ActiveRun", "CommandEnd", "Dispatcher", "NotConnected", "run_to_proto"]
+__all__ = ["ActiveRun", "CommandEnd", "Dispatcher", "NotConnected", "Watcher", "run_to_proto"]
 
 _TAIL: Final = 64 * 1024
 
@@ -133,6 +134,37 @@ class PendingCommand:
     stderr: bytearray = attrs.field(factory=bytearray)
 
 
+Event = admin_pb2.FleetRunEvent
+
+
+@attrs.define(kw_only=True, eq=False)
+class Watcher:
+    """One open event stream of a run: the core's bounded buffer plus a wake-up.
+
+    Control events always arrive; live output (only if ``output``) is dropped for this
+    watcher alone once it falls :data:`~aegis_edge_core.fleet.output.DEFAULT_WATCHER_BYTES`
+    behind, and the drop is reported in the next output event of that target.
+    """
+
+    run: ActiveRun
+    output: bool = False
+    buffer: WatcherBuffer[Event | None] = attrs.field(factory=WatcherBuffer)
+    wake: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    async def next(self) -> Event | None:
+        """The next event; ``None`` once the run's last event was taken."""
+        while True:
+            delivery = self.buffer.pop()
+            if delivery is not None:
+                return self.run.event_of(delivery)
+            self.wake.clear()
+            await self.wake.wait()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.run.watchers.remove(self)
+
+
 @attrs.define(kw_only=True, eq=False)
 class ActiveRun:
     """A fleet run in progress: the planner plus what the relay needs around it."""
@@ -140,13 +172,20 @@ class ActiveRun:
     run: FleetRun
     spec: admin_pb2.FleetRunSpec
     args_json: str
+    """What the daemons get: plain and secret arguments. Memory only, never stored."""
     created_by: str
     created_at: float
     scope: tuple[str, ...] | None
     tenants: dict[str, str]
+    stored_args_json: str = "{}"
+    """The plain arguments: stored, shown, reused by a rerun."""
+    secret_keys: tuple[str, ...] = ()
+    rerun_of: str = ""
     command_ids: dict[str, str] = attrs.field(factory=dict)
     ends: dict[str, CommandEnd] = attrs.field(factory=dict)
-    subscribers: list[asyncio.Queue[admin_pb2.FleetRunEvent | None]] = attrs.field(factory=list)
+    watchers: list[Watcher] = attrs.field(factory=list)
+    gate: OutputGate | None = None
+    hosts: dict[str, str] = attrs.field(factory=dict)
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
     span: Any = None
     trace_id: str = ""
@@ -159,17 +198,86 @@ class ActiveRun:
     def fleet_command_id(self) -> str:
         return self.run.fleet_command_id
 
-    def publish(self, event: admin_pb2.FleetRunEvent | None) -> None:
-        for queue in self.subscribers:
-            queue.put_nowait(event)
+    def publish(self, event: Event | None, node_id: str | None = None) -> None:
+        """Queue a control event (``None`` ends the stream) for every watcher; ``node_id``
+        when it ends that target's output."""
+        for watcher in self.watchers:
+            watcher.buffer.push_control(event, node_id=node_id)
+            watcher.wake.set()
 
-    def subscribe(self) -> asyncio.Queue[admin_pb2.FleetRunEvent | None]:
-        queue: asyncio.Queue[admin_pb2.FleetRunEvent | None] = asyncio.Queue()
-        self.subscribers.append(queue)
-        return queue
+    def subscribe(self, *, output: bool = False) -> Watcher:
+        watcher = Watcher(run=self, output=output)
+        self.watchers.append(watcher)
+        return watcher
+
+    def publish_output(
+        self,
+        node_id: str,
+        *,
+        command_id: str,
+        host: str,
+        stdout: bytes,
+        stderr: bytes,
+        now: float,
+    ) -> None:
+        """A chunk of live output: through the run's gate, then to each output watcher."""
+        watchers = [w for w in self.watchers if w.output]
+        if not watchers:
+            return  # nobody follows: nothing is kept, nothing is counted
+        if self.gate is None:
+            self.gate = OutputGate(now=now)
+        admitted = self.gate.admit(node_id, now, stdout=stdout, stderr=stderr)
+        if admitted is None:
+            return
+        self.hosts[node_id] = host
+        event = Event(
+            output=admin_pb2.TargetOutput(
+                node_id=node_id,
+                command_id=command_id,
+                host=host,
+                stdout=admitted.stdout,
+                stderr=admitted.stderr,
+            )
+        )
+        size = len(admitted.stdout) + len(admitted.stderr)
+        for watcher in watchers:
+            watcher.buffer.push_output(
+                node_id, event, size=size, dropped_before=admitted.dropped_before
+            )
+            watcher.wake.set()
+
+    def end_output(self, node_id: str) -> None:
+        """The target ended: drops the gate has not reported yet go to the watchers, who
+        show them as a marker before the target's ``target_finished``."""
+        if self.gate is None:
+            return
+        dropped = self.gate.finish(node_id)
+        for watcher in self.watchers:
+            if watcher.output:
+                watcher.buffer.note_dropped(node_id, dropped)
+
+    def event_of(self, delivery: Delivery[Event | None]) -> Event | None:
+        if not delivery.output:
+            return delivery.item
+        node_id = delivery.node_id or ""
+        if delivery.item is None:  # a marker: only the count of what was lost
+            return Event(
+                output=admin_pb2.TargetOutput(
+                    node_id=node_id,
+                    command_id=self.command_ids.get(node_id, ""),
+                    host=self.hosts.get(node_id, node_id),
+                    dropped_bytes=delivery.dropped_before,
+                )
+            )
+        if not delivery.dropped_before:
+            return delivery.item
+        event = Event()
+        event.CopyFrom(delivery.item)  # shared by every watcher; the count is this one's
+        event.output.dropped_bytes = delivery.dropped_before
+        return event
 
     def to_proto(self) -> admin_pb2.FleetRun:
-        return run_to_proto(
+        out = run_to_proto(
             self.run.record(),
             spec=self.spec,
             created_by=self.created_by,
@@ -179,6 +287,10 @@ class ActiveRun:
             tenants=self.tenants,
             ends=self.ends,
         )
+        out.spec.args_json = self.stored_args_json
+        out.spec.secret_keys[:] = sorted(self.secret_keys)
+        out.rerun_of = self.rerun_of
+        return out
 
     def to_row(self) -> FleetRunRow:
         record = self.run.record()
@@ -199,11 +311,14 @@ class ActiveRun:
             created_by=self.created_by,
             record=data,
             trace_id=self.trace_id,
+            args_json=self.stored_args_json,
+            secret_keys=self.secret_keys,
+            rerun_of=self.rerun_of,
         )
 
 
 def _spec_dict(spec: admin_pb2.FleetRunSpec) -> dict[str, Any]:
-    # Tool arguments stay out of stored records: they may hold secrets.
+    # Arguments are a column of their own (plain ones only); secret values are never stored.
     return {
         "selector": spec.selector,
         "tool": spec.tool,
@@ -520,6 +635,21 @@ class Dispatcher:
         if event.stderr:
             pending.stderr += event.stderr
             del pending.stderr[:-_TAIL]
+        active = self.runs.get(pending.fleet_command_id) if pending.fleet_command_id else None
+        if active is not None and active.watchers:
+            host = active.hosts.get(node_id)
+            if host is None:
+                node = self.relay.nodes.get(node_id)
+                labels = dict(node.capabilities.get("labels", {})) if node is not None else {}
+                host = host_label(node_id, {str(k): str(v) for k, v in labels.items()})
+            active.publish_output(
+                node_id,
+                command_id=pending.command_id,
+                host=host,
+                stdout=event.stdout,
+                stderr=event.stderr,
+                now=self.relay.now(),
+            )
 
     async def on_result(
         self, node_id: str, result: stream_pb2.CommandResult, *, known: bool
@@ -668,11 +798,17 @@ class Dispatcher:
         created_by: str,
         scope: tuple[str, ...] | None,
         tenants: dict[str, str],
-    ) -> tuple[ActiveRun, asyncio.Queue[admin_pb2.FleetRunEvent | None]]:
+        stored_args: dict[str, Any] | None = None,
+        secret_keys: tuple[str, ...] = (),
+        rerun_of: str = "",
+        follow_output: bool = False,
+    ) -> tuple[ActiveRun, Watcher]:
         """Start a run (the resolution must have targets; the planner checks).
 
-        Returns the run and a queue subscribed before the first dispatch, so the caller
-        sees every event; ``None`` on the queue ends it.
+        ``spec.args`` go to the daemons; ``stored_args`` (the plain ones, default all of
+        them) are what is kept and shown, and ``secret_keys`` name the rest. Returns the
+        run and a watcher subscribed before the first dispatch, so the caller sees every
+        event; ``None`` from it ends the stream.
         """
         fleet_command_id = "f-" + os.urandom(10).hex()
         run = FleetRun(spec, resolution, fleet_command_id=fleet_command_id)
@@ -682,6 +818,11 @@ class Dispatcher:
             run=run,
             spec=spec_proto,
             args_json=json.dumps(dict(spec.args)),
+            stored_args_json=json.dumps(
+                dict(spec.args) if stored_args is None else stored_args, sort_keys=True
+            ),
+            secret_keys=tuple(sorted(secret_keys)),
+            rerun_of=rerun_of,
             created_by=created_by,
             created_at=now,
             scope=scope,
@@ -690,7 +831,7 @@ class Dispatcher:
             trace_id=trace_id,
             large=len(resolution.targets) > DETAIL_LIMIT,
         )
-        queue = active.subscribe()
+        queue = active.subscribe(output=follow_output)
         active.started_at = now
         # Stored first: a run the store refused (disk full) must not linger in memory.
         try:
@@ -710,6 +851,7 @@ class Dispatcher:
             targets=len(resolution.targets),
             skipped=len(resolution.skipped),
             created_by=created_by,
+            rerun_of=rerun_of or None,
         )
         await self._apply(active, run.start(now))
         return active, queue
@@ -767,7 +909,10 @@ class Dispatcher:
                 exit_code=end.exit_code,
                 error_message=end.error_message or None,
             )
-            active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
+            active.end_output(node_id)
+            active.publish(
+                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+            )
             await self._apply(active, actions)
 
         try:
@@ -803,7 +948,9 @@ class Dispatcher:
                 dispatched_at=now,
                 finished_at=now,
             )
-            active.publish(admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)))
+            active.publish(
+                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+            )
             return list(actions)
         active.command_ids[node_id] = pending.command_id
         if not active.large:

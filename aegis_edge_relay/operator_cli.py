@@ -2,8 +2,8 @@
 
 ``register(tree)`` adds ``ls``, ``show``, ``tag add|rm``, ``keys revoke-remote``,
 ``tenants delete``, ``tokens issue``, the ``fleet`` group (``preview``, ``run``,
-``runs``, ``show``, ``cancel``, ``keys rotate``) and the ``groups`` group (``create``,
-``ls``, ``show``, ``rm``) to the ``aegis`` command tree.
+``runs``, ``show``, ``watch``, ``rerun``, ``cancel``, ``keys rotate``) and the ``groups``
+group (``create``, ``ls``, ``show``, ``rm``) to the ``aegis`` command tree.
 
 Every command finds the relay through ``--relay HOST:PORT``, ``--ca-cert PATH`` and
 ``--token TOKEN|@FILE`` or the environment (``AEGIS_RELAY``, ``AEGIS_CA_CERT``,
@@ -33,6 +33,8 @@ from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json, p
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
 from aegis_edge_core.fleet.groups import GroupError, check_group_name, check_group_selector
+from aegis_edge_core.fleet.output import LineAssembler, dropped_marker
+from aegis_edge_core.fleet.rerun import parse_rerun_scope, redact_args
 from aegis_edge_core.fleet.selector import parse_selector
 from aegis_edge_core.fleet.spec import parse_duration, parse_mode, parse_on_error
 from aegis_edge_core.identity.tokens import check_tenant_id
@@ -62,6 +64,7 @@ __all__ = [
     "iso_time",
     "parse_arg_pairs",
     "parse_duration_secs",
+    "parse_secret_args",
     "register",
     "relative_time",
     "resolve_connection",
@@ -320,10 +323,13 @@ def _spec_to_dict(spec: admin_pb2.FleetRunSpec) -> dict[str, Any]:
         args: Any = json.loads(spec.args_json) if spec.args_json else {}
     except ValueError:
         args = spec.args_json
+    if isinstance(args, dict):
+        args = redact_args(args, spec.secret_keys)
     return {
         "selector": spec.selector,
         "tool": spec.tool,
         "args": args,
+        "secret_args": sorted(spec.secret_keys),
         "mode": spec.mode or "all",
         "on_error": spec.on_error or "continue",
         "deadline_secs": spec.deadline_secs or None,
@@ -346,6 +352,7 @@ def fleet_run_to_dict(run: admin_pb2.FleetRun) -> dict[str, Any]:
         "created_by": run.created_by or None,
         "trace_id": run.trace_id or None,
         "halt_reason": run.halt_reason or None,
+        "rerun_of": run.rerun_of or None,
         "targets": [target_result_to_dict(t) for t in run.targets],
         "skipped": [skipped_to_dict(s) for s in run.skipped],
         "counts": _outcome_counts(run),
@@ -501,6 +508,12 @@ def build_fleet_spec(
         if key in tool_args:
             raise CliError(f"--arg {key}=...: argument {key!r} is also in --args-json")
     tool_args.update(extra)
+    secrets = parse_secret_args(getattr(args, "secret_arg", None) or ())
+    for key in secrets:
+        if key in tool_args:
+            raise CliError(
+                f"--secret-arg {key}=...: argument {key!r} is also given as a plain argument"
+            )
     canary: int = getattr(args, "canary", None) or 0
     if canary < 0:
         raise CliError("--canary: must be zero or more")
@@ -513,7 +526,22 @@ def build_fleet_spec(
         deadline_secs=deadline_secs,
         canary=canary,
         tenant_id=getattr(args, "tenant", None) or "",
+        secret_args_json=json.dumps(secrets, sort_keys=True) if secrets else "",
     )
+
+
+def parse_secret_args(pairs: Sequence[str]) -> dict[str, str]:
+    """``--secret-arg k=v``: like ``--arg``, but the error never echoes the value."""
+    out: dict[str, str] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CliError("--secret-arg: expected KEY=VALUE (the value is not shown here)")
+        if key in out:
+            raise CliError(f"--secret-arg {key}=...: argument {key!r} given twice")
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1043,6 +1071,50 @@ class _Progress:
         self._refresh()
 
 
+FOLLOW_AUTO_LIMIT: Final = 20
+"""On a terminal, ``fleet run|watch|rerun`` print live output by default for runs of at most
+this many targets; ``--follow`` forces it for any size, ``--no-follow`` turns it off."""
+
+
+class _LiveOutput:
+    """Prints each target's output lines as they arrive, prefixed by host (pssh -P style).
+
+    Output of the command's stdout goes to our stdout, its stderr to our stderr; with
+    ``--output json`` every line goes to stderr, so stdout stays one JSON document.
+    """
+
+    def __init__(self, *, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        self.enabled = False
+        self.hosts: dict[str, str] = {}
+        self._lines = LineAssembler()
+
+    def _print(self, host: str, stream: str, line: str) -> None:
+        out = sys.stderr if self.json_mode or stream == "stderr" else sys.stdout
+        print(f"{host}: {line}", file=out, flush=True)
+
+    def output(self, out: admin_pb2.TargetOutput) -> None:
+        if not self.enabled:
+            return
+        host = out.host or out.node_id
+        self.hosts[out.node_id] = host
+        if out.dropped_bytes:
+            self.target_done(out.node_id)  # a partial line ends where the gap begins
+            self._print(host, "stdout", dropped_marker(out.dropped_bytes))
+        for stream, data in (("stdout", out.stdout), ("stderr", out.stderr)):
+            if data:
+                for line in self._lines.feed(out.node_id, stream, data):
+                    self._print(host, stream, line)
+
+    def target_done(self, node_id: str) -> None:
+        for stream, line in self._lines.flush(node_id):
+            self._print(self.hosts.get(node_id, node_id), stream, line)
+
+    def close(self) -> None:
+        for node_id in list(self.hosts):
+            self.target_done(node_id)
+
+
 def _print_run_tables(run: admin_pb2.FleetRun) -> None:
     if run.targets:
         print_table(TARGET_COLUMNS, (target_row(t) for t in run.targets))
@@ -1054,6 +1126,9 @@ def _run_and_report(args: argparse.Namespace, method: str, request: Any) -> int:
     """Follow a run's event stream (``StartFleetRun`` or ``WatchFleetRun``) to its end."""
     as_json = args.output == "json"
     live = not as_json and sys.stdout.isatty()
+    follow: bool | None = getattr(args, "follow", None)
+    request.follow_output = live if follow is None else follow
+    printer = _LiveOutput(json_mode=as_json)
     final: admin_pb2.FleetRun | None = None
     started: admin_pb2.FleetRun | None = None
     with _client(args) as client:
@@ -1064,13 +1139,20 @@ def _run_and_report(args: argparse.Namespace, method: str, request: Any) -> int:
                     if kind == "started":
                         started = event.started
                         progress.started(event.started)
+                        printer.enabled = bool(follow) or (
+                            request.follow_output and len(started.targets) <= FOLLOW_AUTO_LIMIT
+                        )
+                    elif kind == "output":
+                        printer.output(event.output)
                     elif kind == "dispatched":
                         progress.dispatched(event.dispatched)
                     elif kind == "target_finished":
+                        printer.target_done(event.target_finished.node_id)
                         progress.finished(event.target_finished)
                     elif kind == "finished":
                         final = event.finished
                         break
+                printer.close()
         except KeyboardInterrupt:
             run_id = started.fleet_command_id if started is not None else ""
             if run_id:
@@ -1104,6 +1186,20 @@ def cmd_fleet_run(args: argparse.Namespace) -> int:
 
 def cmd_fleet_keys_rotate(args: argparse.Namespace) -> int:
     return _run_and_report(args, "StartFleetRun", build_fleet_spec(args, tool="keys.rotate"))
+
+
+def cmd_fleet_rerun(args: argparse.Namespace) -> int:
+    try:
+        only = parse_rerun_scope(args.only)
+    except FleetSpecError as err:
+        raise CliError(f"--only: {err}") from None
+    secrets = parse_secret_args(args.secret_arg or ())
+    request = admin_pb2.RerunFleetRunRequest(
+        fleet_command_id=args.fleet_command_id,
+        only=only.value,
+        secret_args_json=json.dumps(secrets, sort_keys=True) if secrets else "",
+    )
+    return _run_and_report(args, "RerunFleetRun", request)
 
 
 def cmd_fleet_watch(args: argparse.Namespace) -> int:
@@ -1147,7 +1243,7 @@ def _print_run_detail(run: admin_pb2.FleetRun) -> None:
         ("Outcome", run_outcome_name(run.outcome)),
         ("Tool", spec.tool),
         ("Target", spec.selector),
-        ("Arguments", spec.args_json or "{}"),
+        ("Arguments", _shown_args(spec)),
         ("Mode", spec.mode or "all"),
         ("On error", spec.on_error or "continue"),
         ("Deadline", format_duration(spec.deadline_secs) if spec.deadline_secs else "none"),
@@ -1156,6 +1252,8 @@ def _print_run_detail(run: admin_pb2.FleetRun) -> None:
         ("Created by", run.created_by or "-"),
         ("Trace id", run.trace_id or "-"),
     ]
+    if run.rerun_of:
+        fields.append(("Rerun of", run.rerun_of))
     if spec.canary:
         fields.append(("Canary", str(spec.canary)))
     if run.halt_reason:
@@ -1166,6 +1264,13 @@ def _print_run_detail(run: admin_pb2.FleetRun) -> None:
     print()
     _print_run_tables(run)
     print(fleet_run_summary(run))
+
+
+def _shown_args(spec: admin_pb2.FleetRunSpec) -> str:
+    if not spec.args_json and not spec.secret_keys:
+        return "{} (not stored)" if spec.tool else "{}"
+    shown = _spec_to_dict(spec)["args"]
+    return json.dumps(shown, sort_keys=True) if isinstance(shown, dict) else str(shown)
 
 
 def cmd_fleet_show(args: argparse.Namespace) -> int:
@@ -1373,6 +1478,33 @@ def _add_tool_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--args-json", metavar="JSON", help="every tool argument as one JSON object"
     )
+    _add_secret_arg_flag(parser)
+
+
+def _add_secret_arg_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a string tool argument that is sent to the daemons but never stored, logged "
+        "or shown (<secret>); a rerun asks for it again (repeatable)",
+    )
+
+
+def _add_follow_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--follow",
+        dest="follow",
+        action="store_true",
+        default=None,
+        help="print each target's output lines as they arrive, prefixed by host "
+        f"(default on a terminal for runs of up to {FOLLOW_AUTO_LIMIT} targets)",
+    )
+    group.add_argument(
+        "--no-follow", dest="follow", action="store_false", help="do not print live output"
+    )
 
 
 def register(tree: CommandTree) -> None:
@@ -1458,6 +1590,7 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--tool", required=True, help="tool name, e.g. cmd.run, sys.info, edge.ping")
     _add_tool_args(p)
     _add_fleet_policy_flags(p)
+    _add_follow_flags(p)
     add_output_flag(p)
     _add_connection_flags(p)
 
@@ -1480,9 +1613,29 @@ def register(tree: CommandTree) -> None:
     p = tree.command(
         "edge fleet watch",
         cmd_fleet_watch,
-        help="follow a fleet run to its end; exits like `fleet run`",
+        help="follow a fleet run to its end (a finished one: its summary); exits like `fleet run`",
     )
     p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
+    _add_follow_flags(p)
+    add_output_flag(p)
+    _add_connection_flags(p)
+
+    p = tree.command(
+        "edge fleet rerun",
+        cmd_fleet_rerun,
+        help="run a finished fleet run again (same tool, arguments, mode, on-error, deadline) "
+        "on all, the failed or the not-started targets; exits like `fleet run`",
+    )
+    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
+    p.add_argument(
+        "--only",
+        choices=("all", "failed", "not_started"),
+        default="all",
+        help="which targets of the old run: all (default), failed (any outcome but ok) "
+        "or not_started",
+    )
+    _add_secret_arg_flag(p)
+    _add_follow_flags(p)
     add_output_flag(p)
     _add_connection_flags(p)
 

@@ -46,6 +46,16 @@ from aegis_edge_core.fleet import (
 )
 from aegis_edge_core.fleet.errors import FleetSpecError, SelectorError
 from aegis_edge_core.fleet.groups import check_group_name
+from aegis_edge_core.fleet.rerun import (
+    RerunRefused,
+    check_rerun_secrets,
+    merge_secret_args,
+    parse_rerun_scope,
+    rerun_selector,
+    rerun_targets,
+)
+from aegis_edge_core.fleet.resolve import Resolution
+from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.health import DaemonStatus
 from aegis_edge_core.identity import EnrollmentError, TokenError
 from aegis_edge_core.wire import (
@@ -59,7 +69,7 @@ from aegis_edge_core.wire import (
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.dispatcher import (
     PROTO_OUTCOME,
-    ActiveRun,
+    Watcher,
     run_to_proto,
     spec_from_dict,
 )
@@ -332,33 +342,35 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     # ------------------------------------------------------------------ fleet runs
 
-    async def _spec(self, context: Context, request: admin_pb2.FleetRunSpec) -> FleetSpec:
-        def parse() -> FleetSpec:
-            try:
-                args = json.loads(request.args_json) if request.args_json else {}
-            except ValueError as err:
-                raise FleetSpecError(f"args_json is not JSON: {err}", field="args") from None
-            if not isinstance(args, dict):
-                raise FleetSpecError("args_json must be a JSON object", field="args")
-            return FleetSpec(
+    async def _spec(
+        self, context: Context, request: admin_pb2.FleetRunSpec
+    ) -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
+        """The parsed spec (its ``args`` include the secret ones), the plain arguments to
+        store and the secret arguments' names."""
+
+        def parse() -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
+            plain = _json_object(request.args_json, "args_json", "args")
+            secrets = _json_object(request.secret_args_json, "secret_args_json", "secret_args")
+            spec = FleetSpec(
                 selector=request.selector or "all",
                 tool=request.tool,
-                args=args,
+                args=merge_secret_args(plain, secrets),
                 mode=request.mode or "all",
                 on_error=request.on_error or "continue",
                 deadline_secs=request.deadline_secs or None,
                 canary=request.canary,
             )
+            return spec, plain, tuple(sorted(secrets))
 
-        spec: FleetSpec = await _guard(context, parse)
-        return spec
+        parsed: tuple[FleetSpec, dict[str, Any], tuple[str, ...]] = await _guard(context, parse)
+        return parsed
 
     async def PreviewFleetRun(
         self, request: admin_pb2.FleetRunSpec, context: Context
     ) -> admin_pb2.FleetPreview:
         principal = await self._auth(context, "PreviewFleetRun")
         tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
-        spec = await self._spec(context, request)
+        spec, _, _ = await self._spec(context, request)
         groups = await self._group_index(context, request.selector, spec.selector, tenants)
         res = resolve_targets(self._snapshots(tenants), spec.selector, spec.tool, groups=groups)
         out = admin_pb2.FleetPreview(
@@ -373,10 +385,103 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
         principal = await self._auth(context, "StartFleetRun")
         tenants = await _guard(context, lambda: scope_tenants(principal, request.tenant_id))
-        spec = await self._spec(context, request)
+        spec, plain, secret_keys = await self._spec(context, request)
         groups = await self._group_index(context, request.selector, spec.selector, tenants)
         snapshots = self._snapshots(tenants)
         res = resolve_targets(snapshots, spec.selector, spec.tool, groups=groups)
+        async for event in self._launch(
+            context,
+            principal,
+            spec=spec,
+            request=request,
+            res=res,
+            snapshots=snapshots,
+            stored_args=plain,
+            secret_keys=secret_keys,
+            rerun_of="",
+            follow_output=request.follow_output,
+            groups=groups,
+        ):
+            yield event
+
+    async def RerunFleetRun(
+        self, request: admin_pb2.RerunFleetRunRequest, context: Context
+    ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+        principal = await self._auth(context, "RerunFleetRun")
+        old_id = request.fleet_command_id
+        active = self.relay.dispatcher.runs.get(old_id)
+        if active is not None and _visible(principal, active.scope):
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fleet run {old_id} is still running; its outcomes are not final (wait for "
+                f"it with `aegis edge fleet watch {old_id}` or cancel it, then rerun)",
+            )
+        row = await self._stored_row(context, principal, old_id)
+        old_spec = spec_from_dict(dict(row.spec))
+        if row.args_json is None:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fleet run {old_id} was stored without its arguments (by an older relay); "
+                "start a new run with `aegis edge fleet run` instead",
+            )
+        stored_args_json: str = row.args_json
+        tenants = await _guard(context, lambda: scope_tenants(principal, old_spec.tenant_id))
+
+        def plan() -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
+            data = dict(row.record)
+            data.pop("relay", None)
+            scope = parse_rerun_scope(request.only)
+            node_ids = rerun_targets(RunRecord.from_dict(data), scope)
+            secrets = _json_object(request.secret_args_json, "secret_args_json", "secret_args")
+            check_rerun_secrets(old_id, row.secret_keys, secrets)
+            plain = _json_object(stored_args_json, "args_json", "args")
+            spec = FleetSpec(
+                selector=rerun_selector(node_ids),
+                tool=old_spec.tool,
+                args=merge_secret_args(plain, secrets),
+                mode=old_spec.mode or "all",
+                on_error=old_spec.on_error or "continue",
+                deadline_secs=old_spec.deadline_secs or None,
+                canary=old_spec.canary,
+            )
+            return spec, plain, tuple(sorted(secrets))
+
+        spec, plain, secret_keys = await _guard(context, plan)
+        snapshots = self._snapshots(tenants)
+        res = resolve_targets(snapshots, spec.selector, spec.tool)
+        async for event in self._launch(
+            context,
+            principal,
+            spec=spec,
+            request=old_spec,
+            res=res,
+            snapshots=snapshots,
+            stored_args=plain,
+            secret_keys=secret_keys,
+            rerun_of=old_id,
+            follow_output=request.follow_output,
+            groups=None,
+        ):
+            yield event
+
+    async def _launch(
+        self,
+        context: Context,
+        principal: Principal,
+        *,
+        spec: FleetSpec,
+        request: admin_pb2.FleetRunSpec,
+        res: Resolution,
+        snapshots: list[DaemonSnapshot],
+        stored_args: dict[str, Any],
+        secret_keys: tuple[str, ...],
+        rerun_of: str,
+        follow_output: bool,
+        groups: GroupIndex | None,
+    ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+        """Start a resolved run and stream its events (``StartFleetRun``, ``RerunFleetRun``)."""
         if not res.targets:
             try:
                 res.require_targets()
@@ -389,19 +494,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         involved = set(node_tenants.values()) | ({request.tenant_id} - {""})
         if groups is not None:
             involved |= {groups[name].tenant_id for name in spec.selector.group_names}
-        proto_spec = admin_pb2.FleetRunSpec()
-        proto_spec.CopyFrom(request)
-        proto_spec.args_json = ""  # never stored or echoed: may hold secrets
-        proto_spec.selector = str(spec.selector)
-        active, queue = await self.relay.dispatcher.start_run(
+        proto_spec = admin_pb2.FleetRunSpec(
+            selector=str(spec.selector),
+            tool=spec.tool,
+            mode=request.mode,
+            on_error=request.on_error,
+            deadline_secs=request.deadline_secs,
+            canary=request.canary,
+            tenant_id=request.tenant_id,
+        )
+        active, watcher = await self.relay.dispatcher.start_run(
             spec,
             proto_spec,
             res,
             created_by=principal.subject,
             scope=tuple(sorted(involved)),
             tenants=node_tenants,
+            stored_args=stored_args,
+            secret_keys=secret_keys,
+            rerun_of=rerun_of,
+            follow_output=follow_output,
         )
-        async for event in _drain(active, queue):
+        yield admin_pb2.FleetRunEvent(started=active.to_proto())
+        async for event in _drain(watcher):
             yield event
 
     async def WatchFleetRun(
@@ -410,9 +525,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         principal = await self._auth(context, "WatchFleetRun")
         active = self.relay.dispatcher.runs.get(request.fleet_command_id)
         if active is not None and _visible(principal, active.scope):
-            queue = active.subscribe()
+            watcher = active.subscribe(output=request.follow_output)
             yield admin_pb2.FleetRunEvent(started=active.to_proto())
-            async for event in _drain(active, queue, started=False):
+            async for event in _drain(watcher):
                 yield event
             return
         run = await self._stored_run(context, principal, request.fleet_command_id)
@@ -636,15 +751,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         return self._group_proto(row, group)
 
-    async def _stored_run(
+    async def _stored_row(
         self, context: Context, principal: Principal, fleet_command_id: str
-    ) -> admin_pb2.FleetRun:
+    ) -> FleetRunRow:
         row = await self.relay.db.call(self.relay.store.get_fleet_run, fleet_command_id)
         if row is None or not _visible(principal, row.scope):
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"fleet run {fleet_command_id!r} not found"
             )
-        run = _row_to_proto(row)
+        return row
+
+    async def _stored_run(
+        self, context: Context, principal: Principal, fleet_command_id: str
+    ) -> admin_pb2.FleetRun:
+        run = _row_to_proto(await self._stored_row(context, principal, fleet_command_id))
         for target in run.targets:
             if target.command_id:
                 cmd = await self.relay.db.call(self.relay.store.get_command, target.command_id)
@@ -654,19 +774,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return run
 
 
-async def _drain(
-    active: ActiveRun,
-    queue: Any,
-    *,
-    started: bool = True,
-) -> AsyncIterator[admin_pb2.FleetRunEvent]:
-    if started:
-        yield admin_pb2.FleetRunEvent(started=active.to_proto())
-    while True:
-        event = await queue.get()
-        if event is None:
-            return
-        yield event
+async def _drain(watcher: Watcher) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+    try:
+        while True:
+            event = await watcher.next()
+            if event is None:
+                return
+            yield event
+    finally:
+        watcher.close()  # a watcher that went away holds nothing
+
+
+def _json_object(text: str, name: str, field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as err:
+        raise FleetSpecError(f"{name} is not JSON: {err}", field=field) from None
+    if not isinstance(value, dict):
+        raise FleetSpecError(f"{name} must be a JSON object", field=field)
+    return value
 
 
 def _visible(principal: Principal, scope: tuple[str, ...] | None) -> bool:
@@ -681,7 +807,7 @@ def _row_to_proto(row: FleetRunRow) -> admin_pb2.FleetRun:
     data = dict(row.record)
     extra = dict(data.pop("relay", {}) or {})
     record = RunRecord.from_dict(data)
-    return run_to_proto(
+    out = run_to_proto(
         record,
         spec=spec_from_dict(dict(row.spec)),
         created_by=row.created_by,
@@ -690,6 +816,10 @@ def _row_to_proto(row: FleetRunRow) -> admin_pb2.FleetRun:
         command_ids=dict(extra.get("command_ids", {})),
         tenants=dict(extra.get("tenants", {})),
     )
+    out.spec.args_json = row.args_json or ""
+    out.spec.secret_keys[:] = sorted(row.secret_keys)
+    out.rerun_of = row.rerun_of
+    return out
 
 
 def _group_of(row: GroupRow) -> Group:
@@ -734,6 +864,8 @@ async def _guard(context: Context, fn: Any) -> Any:
         return fn()
     except AuthzError as err:
         await _abort(context, _code(err.grpc_status), str(err))
+    except RerunRefused as err:
+        await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
     except SelectorError as err:
         await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.render())
     except AegisError as err:

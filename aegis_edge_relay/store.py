@@ -113,6 +113,11 @@ class FleetRunRow:
     created_by: str
     record: Mapping[str, Any]
     trace_id: str = ""
+    args_json: str | None = None
+    """The tool's plain arguments (JSON object); ``None`` for a run stored before they were
+    kept. Secret arguments are never here: only their names, in ``secret_keys``."""
+    secret_keys: tuple[str, ...] = ()
+    rerun_of: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -188,7 +193,7 @@ class Store(Protocol):
     def delete_group(self, tenant_id: str, name: str) -> bool: ...
 
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -266,6 +271,13 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         PRIMARY KEY (tenant_id, name)
     );
     """,
+    # Stored arguments (NULL: a run from before they were kept), the names of its secret
+    # arguments (never their values) and the run it reran.
+    3: """
+    ALTER TABLE fleet_runs ADD COLUMN args_json TEXT;
+    ALTER TABLE fleet_runs ADD COLUMN secret_keys TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE fleet_runs ADD COLUMN rerun_of TEXT NOT NULL DEFAULT ''
+    """,
 }
 
 _TAIL_CAP: Final = 64 * 1024
@@ -330,6 +342,9 @@ def _run(row: sqlite3.Row) -> FleetRunRow:
         created_by=row["created_by"],
         record=json.loads(row["record"]),
         trace_id=row["trace_id"],
+        args_json=row["args_json"],
+        secret_keys=tuple(json.loads(row["secret_keys"])),
+        rerun_of=row["rerun_of"],
     )
 
 
@@ -692,8 +707,8 @@ class SQLiteStore:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO fleet_runs (fleet_command_id, tenant_id, scope, spec,"
-                " outcome, created_at, finished_at, created_by, record, trace_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " outcome, created_at, finished_at, created_by, record, trace_id, args_json,"
+                " secret_keys, rerun_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.fleet_command_id,
                     row.tenant_id,
@@ -705,6 +720,9 @@ class SQLiteStore:
                     row.created_by,
                     json.dumps(dict(row.record), sort_keys=True),
                     row.trace_id,
+                    row.args_json,
+                    json.dumps(sorted(row.secret_keys)),
+                    row.rerun_of,
                 ),
             )
 

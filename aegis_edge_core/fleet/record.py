@@ -23,7 +23,8 @@ Shape and invariants
 * ``to_dict()`` is the CLI contract's JSON (``fleet_command_id``, ``outcome``, ``targets``
   [{``node_id``, ``outcome``, ``exit_code``, ...}], ``skipped`` [{``node_id``,
   ``reason``}]) plus the spec summary, timings and counts; ``from_dict(to_dict(r)) == r``.
-  Tool arguments are not part of the record: they may hold secrets.
+  Tool arguments are not part of the record: a store keeps the plain ones beside it and
+  secret ones nowhere (:mod:`aegis_edge_core.fleet.rerun`).
 """
 
 from __future__ import annotations

@@ -293,7 +293,8 @@ class FleetSpec:
     String arguments are parsed on construction, so ``FleetSpec(selector="tags=prod",
     tool="cmd.run", mode="rolling=5", on_error="stop-after=1", deadline_secs="120s")`` is
     the CLI's whole job. ``args`` are the tool's JSON arguments; the planner never reads
-    them, and they are deliberately left out of run records (they may hold secrets).
+    them, and they are left out of run records (the relay stores the plain ones beside the
+    record and secret ones nowhere: :mod:`aegis_edge_core.fleet.rerun`).
     """
 
     selector: Selector = attrs.field(converter=_selector)

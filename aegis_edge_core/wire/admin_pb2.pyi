@@ -333,6 +333,9 @@ class FleetRunSpec(_message.Message):
     DEADLINE_SECS_FIELD_NUMBER: _builtins.int
     CANARY_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    SECRET_ARGS_JSON_FIELD_NUMBER: _builtins.int
+    SECRET_KEYS_FIELD_NUMBER: _builtins.int
+    FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
     selector: _builtins.str
     """"all", "tags=AnyOf(a,b)", ..."""
     tool: _builtins.str
@@ -347,6 +350,16 @@ class FleetRunSpec(_message.Message):
     canary: _builtins.int
     tenant_id: _builtins.str
     """empty: every tenant the token may touch"""
+    secret_args_json: _builtins.str
+    """Secret tool arguments (a JSON object): sent to the daemons with the command, never
+    stored, logged or echoed. Requests only; answers leave it empty and list the names.
+    """
+    follow_output: _builtins.bool
+    """StartFleetRun: also stream `output` events (live output, bounded by the relay)."""
+    @_builtins.property
+    def secret_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """answers: names of the run's secret arguments"""
+
     def __init__(
         self,
         *,
@@ -358,10 +371,13 @@ class FleetRunSpec(_message.Message):
         deadline_secs: _builtins.float = ...,
         canary: _builtins.int = ...,
         tenant_id: _builtins.str = ...,
+        secret_args_json: _builtins.str = ...,
+        secret_keys: _abc.Iterable[_builtins.str] | None = ...,
+        follow_output: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "canary", b"canary", "deadline_secs", b"deadline_secs", "mode", b"mode", "on_error", b"on_error", "selector", b"selector", "tenant_id", b"tenant_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "canary", b"canary", "deadline_secs", b"deadline_secs", "follow_output", b"follow_output", "mode", b"mode", "on_error", b"on_error", "secret_args_json", b"secret_args_json", "secret_keys", b"secret_keys", "selector", b"selector", "tenant_id", b"tenant_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -489,6 +505,7 @@ class FleetRun(_message.Message):
     SKIPPED_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     HALT_REASON_FIELD_NUMBER: _builtins.int
+    RERUN_OF_FIELD_NUMBER: _builtins.int
     fleet_command_id: _builtins.str
     outcome: _common_pb2.RunOutcome.ValueType
     created_at: _builtins.float
@@ -496,6 +513,8 @@ class FleetRun(_message.Message):
     created_by: _builtins.str
     trace_id: _builtins.str
     halt_reason: _builtins.str
+    rerun_of: _builtins.str
+    """the fleet_command_id this run reran; empty for a new run"""
     @_builtins.property
     def spec(self) -> Global___FleetRunSpec: ...
     @_builtins.property
@@ -515,10 +534,11 @@ class FleetRun(_message.Message):
         skipped: _abc.Iterable[Global___SkippedTarget] | None = ...,
         trace_id: _builtins.str = ...,
         halt_reason: _builtins.str = ...,
+        rerun_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "halt_reason", b"halt_reason", "outcome", b"outcome", "skipped", b"skipped", "spec", b"spec", "targets", b"targets", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "halt_reason", b"halt_reason", "outcome", b"outcome", "rerun_of", b"rerun_of", "skipped", b"skipped", "spec", b"spec", "targets", b"targets", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,6 +552,7 @@ class FleetRunEvent(_message.Message):
     DISPATCHED_FIELD_NUMBER: _builtins.int
     TARGET_FINISHED_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___FleetRun: ...
     @_builtins.property
@@ -540,6 +561,10 @@ class FleetRunEvent(_message.Message):
     def target_finished(self) -> Global___TargetResult: ...
     @_builtins.property
     def finished(self) -> Global___FleetRun: ...
+    @_builtins.property
+    def output(self) -> Global___TargetOutput:
+        """only when the request asked for follow_output"""
+
     def __init__(
         self,
         *,
@@ -547,16 +572,60 @@ class FleetRunEvent(_message.Message):
         dispatched: Global___TargetResult | None = ...,
         target_finished: Global___TargetResult | None = ...,
         finished: Global___FleetRun | None = ...,
+        output: Global___TargetOutput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "dispatched", "target_finished", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "dispatched", "target_finished", "finished", "output"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___FleetRunEvent: _TypeAlias = FleetRunEvent  # noqa: Y015
+
+@_typing.final
+class TargetOutput(_message.Message):
+    """A piece of one target's live output. The relay bounds output per target and per run,
+    and per watcher; whatever it drops is counted: `dropped_bytes` is how much of this
+    target's output was lost just before this piece (print "[N bytes of output dropped]").
+    A piece with no bytes and dropped_bytes > 0 is only that marker; one comes before a
+    target's `target_finished` if drops are still unreported. For each target, bytes
+    received plus bytes reported dropped are the bytes its daemon streamed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    STDOUT_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    command_id: _builtins.str
+    host: _builtins.str
+    """the prefix to print: the daemon's `hostname` label, else node_id"""
+    stdout: _builtins.bytes
+    stderr: _builtins.bytes
+    dropped_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        command_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        stdout: _builtins.bytes = ...,
+        stderr: _builtins.bytes = ...,
+        dropped_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dropped_bytes", b"dropped_bytes", "host", b"host", "node_id", b"node_id", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetOutput: _TypeAlias = TargetOutput  # noqa: Y015
 
 @_typing.final
 class ListFleetRunsRequest(_message.Message):
@@ -607,19 +676,53 @@ class GetFleetRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FLEET_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
     fleet_command_id: _builtins.str
+    follow_output: _builtins.bool
+    """WatchFleetRun: also stream `output` events"""
     def __init__(
         self,
         *,
         fleet_command_id: _builtins.str = ...,
+        follow_output: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_command_id", b"fleet_command_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFleetRunRequest: _TypeAlias = GetFleetRunRequest  # noqa: Y015
+
+@_typing.final
+class RerunFleetRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLEET_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    ONLY_FIELD_NUMBER: _builtins.int
+    SECRET_ARGS_JSON_FIELD_NUMBER: _builtins.int
+    FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
+    fleet_command_id: _builtins.str
+    only: _builtins.str
+    """"all" (default), "failed" (any outcome but ok), "not_started" """
+    secret_args_json: _builtins.str
+    """the old run's secret arguments, every one, again"""
+    follow_output: _builtins.bool
+    def __init__(
+        self,
+        *,
+        fleet_command_id: _builtins.str = ...,
+        only: _builtins.str = ...,
+        secret_args_json: _builtins.str = ...,
+        follow_output: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output", "only", b"only", "secret_args_json", b"secret_args_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunFleetRunRequest: _TypeAlias = RerunFleetRunRequest  # noqa: Y015
 
 @_typing.final
 class Group(_message.Message):

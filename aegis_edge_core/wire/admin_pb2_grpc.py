@@ -120,6 +120,11 @@ class AdminStub:
                 request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
                 response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
                 _registered_method=True)
+        self.RerunFleetRun = channel.unary_stream(
+                '/aegis.edge.v1.Admin/RerunFleetRun',
+                request_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.RerunFleetRunRequest.SerializeToString,
+                response_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRunEvent.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -235,6 +240,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunFleetRun(self, request, context):
+        """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+        on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+        old one. Its secret arguments must be given again. Streams like StartFleetRun.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +336,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteGroup,
                     request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.FromString,
                     response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.Group.SerializeToString,
+            ),
+            'RerunFleetRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.RerunFleetRun,
+                    request_deserializer=aegis_dot_edge_dot_v1_dot_admin__pb2.RerunFleetRunRequest.FromString,
+                    response_serializer=aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRunEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -783,6 +802,33 @@ class Admin:
             '/aegis.edge.v1.Admin/DeleteGroup',
             aegis_dot_edge_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
             aegis_dot_edge_dot_v1_dot_admin__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunFleetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aegis.edge.v1.Admin/RerunFleetRun',
+            aegis_dot_edge_dot_v1_dot_admin__pb2.RerunFleetRunRequest.SerializeToString,
+            aegis_dot_edge_dot_v1_dot_admin__pb2.FleetRunEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class AdminStub:
     GetGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]
     """answers the group as it was"""
+    RerunFleetRun: _grpc.UnaryStreamMultiCallable[_admin_pb2.RerunFleetRunRequest, _admin_pb2.FleetRunEvent]
+    """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+    on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+    old one. Its secret arguments must be given again. Streams like StartFleetRun.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -97,6 +102,11 @@ class AdminAsyncStub(AdminStub):
     GetGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]  # type: ignore[assignment]
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.Group]  # type: ignore[assignment]
     """answers the group as it was"""
+    RerunFleetRun: _aio.UnaryStreamMultiCallable[_admin_pb2.RerunFleetRunRequest, _admin_pb2.FleetRunEvent]  # type: ignore[assignment]
+    """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+    on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+    old one. Its secret arguments must be given again. Streams like StartFleetRun.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -227,5 +237,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Group, _abc.Awaitable[_admin_pb2.Group]]:
         """answers the group as it was"""
+
+    @_abc_1.abstractmethod
+    def RerunFleetRun(
+        self,
+        request: _admin_pb2.RerunFleetRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.FleetRunEvent], _abc.AsyncIterator[_admin_pb2.FleetRunEvent]]:
+        """Starts a new run with a finished run's spec (tool, arguments, mode, on-error, deadline)
+        on all, the failed or the not-started targets of it; the new run's `rerun_of` names the
+        old one. Its secret arguments must be given again. Streams like StartFleetRun.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -278,13 +278,16 @@ class DaemonProcess:
     output: _Lines
 
     @classmethod
-    def start(cls, state_dir: Path, *, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        cls, state_dir: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> DaemonProcess:
         proc = subprocess.Popen(
             [*CLI, "edge", "daemon", "--state-dir", str(state_dir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         return cls(state_dir=state_dir, proc=proc, output=_Lines(proc.stderr))
 

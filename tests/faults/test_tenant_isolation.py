@@ -243,6 +243,26 @@ async def _cancel(w: World) -> list[tuple[str, bool]]:
     ]
 
 
+@case("RerunFleetRun")
+async def _rerun(w: World) -> list[tuple[str, bool]]:
+    before = len(w.b.commands)
+    out = [
+        (
+            f"rerun {run} --only {only}",
+            await refused(
+                w.admin.RerunFleetRun(
+                    admin_pb2.RerunFleetRunRequest(fleet_command_id=run, only=only),
+                    metadata=w.attacker,
+                )
+            ),
+        )
+        for run in (w.b_done_run, w.b_live_run)
+        for only in ("all", "failed")
+    ]
+    out.append(("B's daemon got no rerun command", len(w.b.commands) == before))
+    return out
+
+
 @case("ListFleetRuns")
 async def _list_runs(w: World) -> list[tuple[str, bool]]:
     runs = await w.admin.ListFleetRuns(admin_pb2.ListFleetRunsRequest(), metadata=w.attacker)

@@ -148,7 +148,8 @@ async def _scenario(relay: RelayProcess, other_token: str) -> str:
             metadata=relay.auth(),
         )
         assert got.outcome == common_pb2.RUN_OUTCOME_HALTED
-        assert got.spec.args_json == ""  # arguments are never stored or echoed
+        # plain arguments are stored and echoed (secret ones never: see test_fleet_live.py)
+        assert json.loads(got.spec.args_json) == {"cmd": "true"} and not got.spec.secret_keys
         host = await admin.GetHost(
             admin_pb2.GetHostRequest(node_id=failing.node_id), metadata=relay.auth()
         )

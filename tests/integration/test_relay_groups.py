@@ -113,7 +113,7 @@ async def _scenario(relay: RelayProcess) -> None:
         assert b_web.node_id not in created["members"]  # B's tags=web daemon: never A's member
 
         err = await a_op.fails("edge", "groups", "create", "web", "--target", "all")
-        assert "ALREADY_EXISTS" in err and "already exists in tenant 'grp-a'" in err
+        assert not err.startswith("aegis: ALREADY_EXISTS") and "already exists in tenant 'grp-a'" in err
         err = await a_op.fails("edge", "groups", "create", "Web", "--target", "all")
         assert "lower case" in err
         err = await a_op.fails("edge", "groups", "create", "nested", "--target", "group=web")
@@ -129,9 +129,9 @@ async def _scenario(relay: RelayProcess) -> None:
         err = await a_op.fails(
             "edge", "groups", "create", "pin-b", "--target", "all", "--pin", b_web.node_id
         )
-        assert f"NOT_FOUND: pinned daemon '{b_web.node_id}' not found in tenant 'grp-a'" in err
+        assert f"aegis: pinned daemon '{b_web.node_id}' not found in tenant 'grp-a'" in err
         err = await a_viewer.fails("edge", "groups", "create", "v", "--target", "all")
-        assert "PERMISSION_DENIED" in err and "operator role" in err
+        assert "PERMISSION_DENIED" not in err and "operator role" in err
         # B has a web group of its own.
         await b_op.ok("edge", "groups", "create", "web", "--target", "all")
 
@@ -192,7 +192,7 @@ async def _scenario(relay: RelayProcess) -> None:
 
         # --- rm: a viewer cannot; B's rm leaves A's web alone
         err = await a_viewer.fails("edge", "groups", "rm", "web")
-        assert "PERMISSION_DENIED" in err
+        assert "PERMISSION_DENIED" not in err and "operator role" in err
         assert [g["name"] for g in await a_viewer.json("edge", "groups", "ls")] == ["web"]
         assert "removed group web from tenant grp-b" in await b_op.ok("edge", "groups", "rm", "web")
         assert [g["tenant_id"] for g in await root.json("edge", "groups", "ls")] == [A]
@@ -203,7 +203,7 @@ async def _scenario(relay: RelayProcess) -> None:
         assert only_a["targets"] == preview["targets"]
         await a_op.ok("edge", "groups", "rm", "web")
         err = await a_viewer.fails("edge", "groups", "show", "web")
-        assert "NOT_FOUND: group 'web' not found" in err
+        assert "aegis: group 'web' not found" in err
         assert await a_viewer.json("edge", "groups", "ls") == []
         err = await a_op.fails(
             "edge", "fleet", "run", "--target", "group=web", "--tool", "edge.ping"

@@ -255,12 +255,56 @@ def test_groups_survive_reopening_and_migrate_an_old_store(tmp_path: Path) -> No
     # the test holds whatever number the migration ends up with.)
     (version,) = [v for v, sql in _MIGRATIONS.items() if "CREATE TABLE groups" in sql]
     old = tmp_path / "old.db"
-    SQLiteStore(old).close()
     db = sqlite3.connect(old)
-    db.execute("DROP TABLE groups")
-    db.execute("DELETE FROM schema_version WHERE version = ?", (version,))
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for earlier in range(1, version):
+        db.executescript(_MIGRATIONS[earlier])
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (earlier,))
     db.commit()
     db.close()
     upgraded = SQLiteStore(old)
     assert upgraded.schema_version() == SCHEMA_VERSION
     assert upgraded.list_groups(None) == []
+
+
+def test_fleet_runs_keep_plain_args_secret_names_and_rerun_of(store: SQLiteStore) -> None:
+    store.save_fleet_run(
+        FleetRunRow(
+            fleet_command_id="f9",
+            tenant_id="",
+            scope=None,
+            spec={"tool": "cmd.run"},
+            outcome="completed",
+            created_at=1.0,
+            finished_at=2.0,
+            created_by="admin",
+            record={},
+            args_json='{"cwd": "/srv"}',
+            secret_keys=("token", "cmd"),
+            rerun_of="f8",
+        )
+    )
+    got = store.get_fleet_run("f9")
+    assert got is not None and got.args_json == '{"cwd": "/srv"}'
+    assert got.secret_keys == ("cmd", "token") and got.rerun_of == "f8"
+
+
+def test_a_v1_store_migrates_keeping_old_runs_marked_as_without_arguments(tmp_path: Path) -> None:
+    from aegis_edge_relay.store import _MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(_MIGRATIONS[1])
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    db.execute(
+        "INSERT INTO fleet_runs (fleet_command_id, spec, outcome, created_at, created_by,"
+        " record) VALUES ('old', '{}', 'completed', 1.0, 'admin', '{}')"
+    )
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION >= 2
+    got = store.get_fleet_run("old")
+    assert got is not None
+    assert (got.args_json, got.secret_keys, got.rerun_of) == (None, (), "")
