@@ -801,6 +801,7 @@ class Relay:
         node.token_expires_at = issued.claims.expires_at
         if old_jti:
             self.revocations.revoke_token(old_jti, prune_after=max(old_exp, now) + 3600)
+        self.revocations.revoke_key(verified.old_key_thumbprint)
         handle.session.key_rotated(
             issued.token, issued.claims.expires_at, verified.new_key_thumbprint
         )

@@ -485,7 +485,10 @@ class SQLiteStore:
         now: float,
     ) -> NodeRecord:
         """Swap the node's key if it is still ``old_thumbprint`` (compare and swap), record
-        the new token and revoke the old token, in one transaction."""
+        the new token and revoke the old token and the old key, in one transaction.
+
+        The rotated-out key goes on the key list for good: a key its owner stopped using
+        may be lying in a backup, and must neither enroll as a new node nor attest."""
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
             if row is None:
@@ -502,6 +505,11 @@ class SQLiteStore:
                     " VALUES ('token', ?, ?, ?)",
                     (row["token_jti"], old_jti_prune_after, now),
                 )
+            db.execute(
+                "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+                " VALUES ('key', ?, NULL, ?)",
+                (old_thumbprint, now),
+            )
             db.execute(
                 "UPDATE nodes SET public_key = ?, key_thumbprint = ?, token_jti = ?,"
                 " token_expires_at = ? WHERE node_id = ?",

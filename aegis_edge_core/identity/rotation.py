@@ -14,9 +14,12 @@ public key and two signatures, by the old key and by the new key, over
   replayed later to roll a node back to a key it abandoned.
 
 On success the relay stores the new key, issues a node token bound to it and revokes
-the old token (``RevocationList.revoke_token``); the old token's ``cnf`` no longer
-matches the stored key anyway, so it would fail attestation with ``key_mismatch``. The
-daemon swaps its ``node.key`` atomically only once the relay has confirmed.
+both the old token (``RevocationList.revoke_token``) and the old key
+(``RevocationList.revoke_key``, in the same store transaction). The old key is retired for
+good: a copy left in a backup must not enroll again as a new node (enrollment refuses a
+revoked key) nor attest with the old token (``revoked``, before the ``cnf`` check would
+say ``key_mismatch``). The daemon swaps its ``node.key`` atomically only once the relay
+has confirmed.
 
 Token refresh is simpler: :func:`needs_refresh` tells either side when a node token is
 close enough to expiry to ask for (or push) a fresh one over the stream.
