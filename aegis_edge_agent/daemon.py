@@ -311,6 +311,8 @@ class Daemon:
         node = self.node
         self.log.bind(node_id=node.node_id, tenant_id=node.tenant_id)
         self._status.update(relay=node.relay, node_id=node.node_id, tenant_id=node.tenant_id)
+        for name, old in self.state.tighten_modes():
+            self.log.warning("file_mode_tightened", file=name, old_mode=f"{old:04o}")
         self._acquire_lock()
         self._kill_orphans()
         self._recover_rotation()

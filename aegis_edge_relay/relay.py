@@ -147,6 +147,8 @@ class Relay:
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.metrics = RelayMetrics()
         self.store = SQLiteStore(config.data_dir / STORE_FILE)
+        for path, old in self.store.tightened:
+            jsonlog.log("warning", "file.mode_tightened", path=path, old_mode=f"{old:04o}")
         self.db = StoreWorker(self.store)
         self.health = HealthTracker(
             stale_threshold_secs=config.stale_threshold,

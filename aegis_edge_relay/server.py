@@ -234,7 +234,9 @@ async def serve(opts: ServeOptions) -> int:
     """Run the relay until SIGTERM/SIGINT; returns the exit code."""
     jsonlog.configure(level=opts.log_level)
     data_dir = opts.data_dir
-    ensure_private_dir(data_dir)
+    loose = ensure_private_dir(data_dir)
+    if loose is not None:
+        jsonlog.log("warning", "file.mode_tightened", path=str(data_dir), old_mode=f"{loose:04o}")
     host, _port = parse_hostport(opts.listen)
     soft, _hard = raise_nofile_limit()
     tls: TlsMaterial | None = None

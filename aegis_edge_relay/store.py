@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any, Final, ParamSpec, Protocol, TypeVar
 import attrs
 
 from aegis_edge_core.errors import AegisError
+from aegis_edge_relay.files import tighten_mode
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -292,6 +294,8 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        self.tightened = _private_files(self.path)
+        """``(path, old mode)`` of each store file found looser than 0600 and tightened."""
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -681,6 +685,28 @@ class SQLiteStore:
             "SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT ?", (limit,)
         )
         return [_run(r) for r in rows]
+
+
+_SIDECARS: Final = ("", "-wal", "-shm", "-journal")
+
+
+def _private_files(path: str) -> list[tuple[str, int]]:
+    """Make the database file and its sidecars owner-only before SQLite opens them.
+
+    The file holds every node's key thumbprint, token ids and command output tails. SQLite
+    creates ``-wal``/``-shm`` with the database file's own mode, so creating the main file
+    0600 first (instead of letting ``connect`` create it 0644 under the usual umask) keeps
+    every sibling private; files an older version left looser are tightened."""
+    if path == ":memory:" or path.startswith("file:"):
+        return []
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    changed = []
+    for suffix in _SIDECARS:
+        old = tighten_mode(Path(path + suffix), 0o600)
+        if old is not None:
+            changed.append((path + suffix, old))
+    return changed
 
 
 class _Transaction:

@@ -130,3 +130,75 @@ def test_keys_rotate_tool_retires_the_old_key(
         assert relay.run(h.node_id, "edge.ping").targets[0].outcome == OK
     finally:
         d.stop()
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_relay_store_files_are_private(tmp_path: Path, tally: Tally) -> None:
+    data = tmp_path / "relay"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)  # whatever the umask: a loose directory the relay must tighten
+    r = RelayProcess.start(data)
+    try:
+        h = enroll_host(r, tmp_path / "h", tenant="modes")  # a real write: WAL in use
+        assert r.host(h.node_id).node_id == h.node_id
+        assert _mode(data) == 0o700
+        for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+            assert (data / name).exists(), name
+            assert _mode(data / name) == 0o600, (name, oct(_mode(data / name)))
+        assert any('"file.mode_tightened"' in line and str(data) in line for line in r.output.lines)
+    finally:
+        r.stop()
+
+    # a store an older relay left world-readable is tightened at start, and says so
+    for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+        if (data / name).exists():
+            os.chmod(data / name, 0o644)
+    r = RelayProcess.start(data)
+    try:
+        tally.refused(_mode(data / "relay.db") == 0o600, "relay.db left 0644 at start")
+        for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+            if (data / name).exists():
+                assert _mode(data / name) == 0o600, name
+        tightened = [
+            line
+            for line in r.output.lines
+            if '"file.mode_tightened"' in line and "relay.db" in line and '"0644"' in line
+        ]
+        assert tightened, "\n".join(r.output.lines[-20:])
+    finally:
+        r.stop()
+
+
+def test_host_state_files_are_private(relay: RelayProcess, tmp_path: Path, tally: Tally) -> None:
+    h = enroll_host(relay, tmp_path / "h", tenant="modes")
+    sd = h.state_dir
+    assert _mode(sd) == 0o700
+    assert _mode(sd / "node.json") == 0o600
+    d = DaemonProcess.start(sd)
+    try:
+        d.wait_event("connected")
+        wait_until((sd / "status.json").exists, what="status.json")
+        assert _mode(sd / "status.json") == 0o600
+    finally:
+        d.stop()
+    assert _mode(sd / "status.json") == 0o600  # rewritten at stop, still private
+
+    # state an older version wrote 0644 is tightened when the daemon starts, and logged
+    os.chmod(sd / "node.json", 0o644)
+    os.chmod(sd / "status.json", 0o644)
+    os.chmod(sd, 0o755)
+    d = DaemonProcess.start(sd)
+    try:
+        d.wait_event("connected")
+        tightened = {e["file"]: e["old_mode"] for e in d.events("file_mode_tightened")}
+        assert tightened.get("node.json") == "0644" and tightened.get(".") == "0755", tightened
+        tally.refused(_mode(sd / "node.json") == 0o600, "node.json left 0644 by the daemon")
+        assert _mode(sd / "status.json") == 0o600 and _mode(sd) == 0o700
+    finally:
+        d.stop()
