@@ -39,7 +39,8 @@ from aegis_edge_core import PROTOCOL_VERSION, __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
-from aegis_edge_core.errors import AegisError, ConfigError, ProtocolError
+from aegis_edge_core.capability_limits import CapabilityError, check_capabilities
+from aegis_edge_core.errors import AegisError, ConfigError, LocalProtocolError, ProtocolError
 from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
 from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh, sign_rotation
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
@@ -321,6 +322,11 @@ class Daemon:
             lambda ep, err: self.log.warning("plugin_skipped", plugin=ep, error=err)
         ).items():
             self.tools[name] = tool
+        try:
+            check_capabilities(self._capabilities())
+        except CapabilityError as err:
+            # The relay would close every stream that carries it: say so once, here.
+            raise Fatal(f"this host's capability snapshot is too large to send: {err}") from None
         self.telemetry = Telemetry(
             self.settings.otlp, log=self.log, node_id=node.node_id, tenant_id=node.tenant_id
         )
@@ -629,8 +635,13 @@ class Daemon:
             caps = self._capabilities()
             if caps != conn.capabilities:
                 conn.capabilities = caps
-                session.capabilities(caps)
-                self.log.info("capabilities_changed", tools=list(caps.tools))
+                try:
+                    session.capabilities(caps)
+                except LocalProtocolError as err:
+                    # keep the relay's copy as it was rather than lose the stream over it
+                    self.log.error("capabilities_not_sent", error=str(err))
+                else:
+                    self.log.info("capabilities_changed", tools=list(caps.tools))
             conn.kick()
 
     def _maybe_refresh(self, conn: _Connection, now: float) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Final
 import attrs
 import grpc
 
+from aegis_edge_core.capability_limits import CapabilityError, check_capabilities
 from aegis_edge_core.errors import RemoteProtocolError
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_core.identity import (
@@ -394,6 +395,15 @@ class Relay:
     async def enroll(self, req: enrollment_pb2.EnrollRequest) -> enrollment_pb2.EnrollResponse:
         """Redeem an enrollment token; raises ``EnrollmentError`` or ``StoreError``."""
         now = self.now()
+        try:
+            # Before the token: a refused snapshot must not cost the host its token.
+            check_capabilities(req.capabilities)
+        except CapabilityError as err:
+            raise EnrollmentError(
+                f"capability snapshot refused: {err.message}",
+                reason="malformed",
+                hint=err.hint or "enroll with fewer or shorter labels",
+            ) from None
         grant: EnrollmentGrant = redeem_enrollment(
             token=req.enrollment_token,
             public_key=req.public_key,

@@ -14,10 +14,12 @@ not only the refusal's wording.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,21 @@ from typing import Any
 import grpc
 import pytest
 
+from aegis_edge_core.errors import LocalProtocolError
 from aegis_edge_core.identity import NodeKey, load_node_key, peek_enrollment_token
 from aegis_edge_core.identity.enrollment import sign_enrollment
-from aegis_edge_core.wire import common_pb2, enrollment_pb2, enrollment_pb2_grpc
+from aegis_edge_core.session import SessionAccepted
+from aegis_edge_core.wire import (
+    common_pb2,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+)
 from tests.agent.harness import DaemonProcess, RelayProcess, cli, enroll_host, wait_until
 from tests.faults.conftest import Tally
+from tests.faults.helpers import metric_sum
+from tests.relay.daemon_driver import DaemonDriver
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -202,3 +214,142 @@ def test_host_state_files_are_private(relay: RelayProcess, tmp_path: Path, tally
         assert _mode(sd / "status.json") == 0o600 and _mode(sd) == 0o700
     finally:
         d.stop()
+
+
+# --------------------------------------------------------------------------- capabilities
+
+TWO_MB = 2 * 1024 * 1024
+
+
+def _aio_channel(relay: RelayProcess) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=relay.ca_pem)
+    return grpc.aio.secure_channel(relay.endpoint, creds)
+
+
+def _metric(relay: RelayProcess, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(relay.info["metrics"], timeout=5) as resp:
+        return metric_sum(resp.read().decode(), name, **labels)
+
+
+def test_oversize_capabilities_refused_at_enrollment(
+    relay: RelayProcess, tmp_path: Path, tally: Tally
+) -> None:
+    tenant = "caps-enroll"
+    key = NodeKey.from_seed(os.urandom(32))
+    creds = grpc.ssl_channel_credentials(root_certificates=relay.ca_pem)
+    cases = {
+        "2 MB label value": common_pb2.Capabilities(os="linux", labels={"big": "x" * TWO_MB}),
+        "2 MB of labels": common_pb2.Capabilities(
+            os="linux", labels={f"k{i}": "v" * 200 for i in range(TWO_MB // 200)}
+        ),
+        "300 tools": common_pb2.Capabilities(os="linux", tools=[f"t{i}" for i in range(300)]),
+        "2 MB hostname": common_pb2.Capabilities(os="linux", hostname="h" * TWO_MB),
+    }
+    expected = {
+        "2 MB label value": ("capabilities.labels.big", "256"),
+        "2 MB of labels": ("capabilities.labels", "128"),
+        "300 tools": ("capabilities.tools", "256"),
+        "2 MB hostname": ("capabilities.hostname", "256"),
+    }
+    for label, caps in cases.items():
+        token = relay.enrollment_token(tenant)
+        jti = peek_enrollment_token(token).jti
+        request = enrollment_pb2.EnrollRequest(
+            enrollment_token=token,
+            public_key=key.public_key.raw,
+            proof=sign_enrollment(key, token_jti=jti),
+            capabilities=caps,
+            host_time=time.time(),
+        )
+        with grpc.secure_channel(relay.endpoint, creds) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Enroll(request, timeout=20)
+            code, details = err.value.code(), err.value.details() or ""  # type: ignore[attr-defined]
+            tally.refused(code == grpc.StatusCode.INVALID_ARGUMENT, f"enrolled with {label}")
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (label, code, details)
+            field, limit = expected[label]
+            assert field in details and f"limit is {limit}" in details, (label, details)
+            # nothing stored, and the token was not spent: the same request with a sane
+            # snapshot redeems it
+            assert not _db_rows(relay, "SELECT 1 FROM nodes WHERE tenant_id = ?", tenant)
+            assert not _db_rows(relay, "SELECT 1 FROM enrollment_tokens WHERE jti = ?", jti)
+    request.capabilities.CopyFrom(common_pb2.Capabilities(os="linux", labels={"site": "lab"}))
+    with grpc.secure_channel(relay.endpoint, creds) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+        resp = stub.Enroll(request, timeout=20)
+    assert resp.node_id
+    rows = _db_rows(relay, "SELECT capabilities FROM nodes WHERE tenant_id = ?", tenant)
+    assert len(rows) == 1 and len(rows[0][0]) < 1024
+
+
+def test_enroll_label_too_long_refused_on_the_host(
+    relay: RelayProcess, tmp_path: Path, tally: Tally
+) -> None:
+    tenant = "caps-cli"
+    token = relay.enrollment_token(tenant)
+    state = tmp_path / "h"
+    proc = cli("edge", "enroll", token, "--state-dir", str(state), "--label",
+               "site=" + "x" * 300, check=False)  # fmt: skip
+    tally.refused(proc.returncode != 0, "enroll --label with a 300-char value")
+    assert proc.returncode != 0
+    err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err_lines) == 1, proc.stderr
+    assert "labels.site" in err_lines[0] and "256" in err_lines[0], err_lines
+    assert not (state / "node.json").exists() and not (state / "node.key").exists()
+    # the token never left the host: the relay holds no node and no redemption for it
+    assert not _db_rows(relay, "SELECT 1 FROM nodes WHERE tenant_id = ?", tenant)
+    jti = peek_enrollment_token(token).jti
+    assert not _db_rows(relay, "SELECT 1 FROM enrollment_tokens WHERE jti = ?", jti)
+
+
+def test_oversize_capabilities_on_the_stream_close_it(relay: RelayProcess, tally: Tally) -> None:
+    async def scenario() -> None:
+        async with _aio_channel(relay) as channel:
+            daemon = DaemonDriver(channel, labels={"site": "lab"})
+            await daemon.enroll(relay.enrollment_token("caps-stream"))
+            row = "SELECT capabilities FROM nodes WHERE node_id = ?"
+            stored = _db_rows(relay, row, daemon.node_id)
+            assert isinstance(await daemon.connect(), SessionAccepted)
+            before = _metric(relay, "aegis_edge_stream_protocol_errors_total", reason="oversized")
+
+            # a CapabilityUpdate of 2 MB, written past the daemon session's own check
+            big = stream_pb2.DaemonMessage()
+            big.capabilities.capabilities.os = "linux"
+            big.capabilities.capabilities.labels["site"] = "x" * TWO_MB
+            await daemon._call.write(big)
+            await asyncio.wait_for(daemon.stream_done.wait(), 10)
+            tally.refused(
+                daemon.closed_status == grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "2 MB CapabilityUpdate on the stream",
+            )
+            assert daemon.closed_status == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "capabilities.labels.site" in daemon.closed_details
+            assert _db_rows(relay, row, daemon.node_id) == stored
+            after = _metric(relay, "aegis_edge_stream_protocol_errors_total", reason="oversized")
+            assert after == before + 1
+
+            # a hello carrying one is refused before attestation; the row stays as it was
+            daemon.capabilities.labels["site"] = "x" * TWO_MB
+            with pytest.raises(LocalProtocolError):
+                await daemon.connect()  # the core's daemon session refuses to send it
+            await daemon.close()
+            hello = stream_pb2.DaemonMessage()
+            hello.hello.protocol_version = 1
+            hello.hello.node_id = daemon.node_id
+            hello.hello.node_token = daemon.token
+            hello.hello.capabilities.tools.extend(f"t{i}" for i in range(100_000))
+            call = stream_pb2_grpc.EdgeStreamStub(channel).Connect()
+            await call.write(hello)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            tally.refused(
+                err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, "hello with 100k tools"
+            )
+            assert "capabilities.tools" in (err.value.details() or "")
+            assert _db_rows(relay, row, daemon.node_id) == stored
+            host = relay.host(daemon.node_id)
+            assert dict(host.capabilities.labels) == {"site": "lab"}
+
+    asyncio.run(scenario())
