@@ -503,6 +503,7 @@ class Daemon:
         self.conn = conn
         if accepted.node_token:
             self._store_token(accepted.node_token)
+            self._ack_token(conn, accepted.node_token)
         token_exp = accepted.token_expires_at or self._token_expiry()
         self.set_status(
             state=hs.ConnectionState.CONNECTED,
@@ -583,6 +584,7 @@ class Daemon:
                 self.set_status()
         elif isinstance(event, s.TokenRefreshed):
             self._store_token(event.node_token)
+            self._ack_token(conn, event.node_token)
             conn.refresh_requested = False
             self.set_status(token_expires_at=event.expires_at)
             self.log.info("token_refreshed", expires_at=event.expires_at)
@@ -607,6 +609,15 @@ class Daemon:
 
     def _store_token(self, token: str) -> None:
         self.state.write(hs.NODE_TOKEN, token + "\n")
+
+    def _ack_token(self, conn: _Connection, token: str) -> None:
+        """Tell the relay the token is on disk (a heartbeat naming its jti), so it can
+        revoke the one it replaces. Only after ``_store_token`` returned: fsynced."""
+        try:
+            jti = peek_node_token(token).jti
+        except AegisError:
+            return  # not a token we can read; the relay will not revoke on our behalf
+        conn.session.heartbeat(time.time(), inflight=len(self.running), token_jti=jti)
 
     async def _heartbeats(self, conn: _Connection) -> None:
         accepted = conn.accepted

@@ -155,6 +155,8 @@ class HeartbeatReceived(Event):
     seq: int
     host_time: float
     inflight: int
+    token_jti: str = ""
+    """Set when the daemon acknowledges having stored the node token with this ``jti``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -479,7 +481,11 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             ack.heartbeat_ack.seq = hb.seq
             ack.heartbeat_ack.relay_time = now
             self._outbox.append(ack)
-            return [HeartbeatReceived(seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight)]
+            return [
+                HeartbeatReceived(
+                    seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight, token_jti=hb.token_jti
+                )
+            ]
         if kind == "capabilities":
             self._check_capabilities(msg.capabilities.capabilities)
             return [CapabilitiesChanged(capabilities=msg.capabilities.capabilities)]
@@ -873,13 +879,17 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         msg.attestation.signature = signature
         self._emit("attest", msg)
 
-    def heartbeat(self, now: float, *, inflight: int = 0) -> int:
+    def heartbeat(self, now: float, *, inflight: int = 0, token_jti: str = "") -> int:
+        """Send a heartbeat. Pass ``token_jti`` once, right after durably storing a token
+        from ``TokenRefreshed``/``SessionAccepted``: the relay then revokes the tokens it
+        issued before that one."""
         msg = stream_pb2.DaemonMessage()
         self._emit("heartbeat", msg)
         self._heartbeat_seq += 1
         msg.heartbeat.seq = self._heartbeat_seq
         msg.heartbeat.host_time = now
         msg.heartbeat.inflight = inflight
+        msg.heartbeat.token_jti = token_jti
         return self._heartbeat_seq
 
     @property

@@ -28,9 +28,20 @@ import grpc
 import pytest
 
 from aegis_edge_core.errors import LocalProtocolError
-from aegis_edge_core.identity import NodeKey, load_node_key, peek_enrollment_token
+from aegis_edge_core.identity import (
+    NodeKey,
+    load_node_key,
+    peek_enrollment_token,
+    peek_node_token,
+)
 from aegis_edge_core.identity.enrollment import sign_enrollment
-from aegis_edge_core.session import SessionAccepted
+from aegis_edge_core.session import (
+    Event,
+    HeartbeatAcked,
+    Refused,
+    SessionAccepted,
+    TokenRefreshed,
+)
 from aegis_edge_core.wire import (
     common_pb2,
     enrollment_pb2,
@@ -42,6 +53,7 @@ from tests.agent.harness import DaemonProcess, RelayProcess, cli, enroll_host, w
 from tests.faults.conftest import Tally
 from tests.faults.helpers import metric_sum
 from tests.relay.daemon_driver import DaemonDriver
+from tests.relay.daemon_driver import wait_until as wait_until_async
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -351,5 +363,115 @@ def test_oversize_capabilities_on_the_stream_close_it(relay: RelayProcess, tally
             assert _db_rows(relay, row, daemon.node_id) == stored
             host = relay.host(daemon.node_id)
             assert dict(host.capabilities.labels) == {"site": "lab"}
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- token refresh
+
+
+async def _probe(channel: grpc.aio.Channel, daemon: DaemonDriver, token: str) -> Event:
+    """Attest as ``daemon`` with ``token`` on a control session (leaves its stream alone)."""
+    probe = DaemonDriver(channel, key=daemon.key)
+    probe.node_id, probe.token, probe.ack_tokens = daemon.node_id, token, False
+    try:
+        return await probe.connect(control=True)
+    finally:
+        await probe.close()
+
+
+async def _processed(daemon: DaemonDriver) -> None:
+    """Everything sent before now has been handled by the relay (it answers in order)."""
+    acks = len(daemon.saw(HeartbeatAcked))
+    await daemon.heartbeat()
+    await wait_until_async(lambda: len(daemon.saw(HeartbeatAcked)) > acks, what="heartbeat ack")
+
+
+def _revoked_tokens(relay: RelayProcess) -> dict[str, float]:
+    rows = _db_rows(relay, "SELECT id, prune_after FROM revocations WHERE kind = 'token'")
+    return {jti: prune for jti, prune in rows}
+
+
+def test_refreshed_token_revokes_the_old_one_once_acked(relay: RelayProcess, tally: Tally) -> None:
+    async def scenario() -> None:
+        async with _aio_channel(relay) as channel:
+            daemon = DaemonDriver(channel)
+            await daemon.enroll(relay.enrollment_token("refresh-ack"))
+            first = daemon.token
+            first_claims = peek_node_token(first)
+            assert isinstance(await daemon.connect(), SessionAccepted)
+
+            # sent but not acknowledged (a daemon too old to ack, or one that crashed
+            # before its write landed): the old token must keep working
+            daemon.ack_tokens = False
+            await daemon.request_token_refresh()
+            await wait_until_async(lambda: daemon.token != first, what="fresh token")
+            second = daemon.token
+            await _processed(daemon)
+            assert first_claims.jti not in _revoked_tokens(relay)
+            assert isinstance(await _probe(channel, daemon, first), SessionAccepted)
+
+            # the ack: a heartbeat naming the stored token's jti
+            assert daemon.session is not None
+            daemon.session.heartbeat(time.time(), token_jti=peek_node_token(second).jti)
+            await daemon._flush()
+            await _processed(daemon)
+            revoked = _revoked_tokens(relay)
+            assert revoked.get(first_claims.jti) == pytest.approx(first_claims.expires_at)
+            refused = await _probe(channel, daemon, first)
+            tally.refused(isinstance(refused, Refused), "superseded token attested after ack")
+            assert isinstance(refused, Refused) and refused.reason == "revoked", refused
+            assert isinstance(await _probe(channel, daemon, second), SessionAccepted)
+
+            # the driver acks by itself from here on, as the agent does
+            daemon.ack_tokens = True
+            await daemon.request_token_refresh()
+            await wait_until_async(lambda: daemon.token != second, what="third token")
+            await _processed(daemon)
+            assert peek_node_token(second).jti in _revoked_tokens(relay)
+            assert peek_node_token(daemon.token).jti not in _revoked_tokens(relay)
+            assert not daemon.stream_done.is_set()
+            await daemon.close()
+
+    asyncio.run(scenario())
+
+
+def test_refresh_requests_in_a_tight_loop_are_limited(relay: RelayProcess, tally: Tally) -> None:
+    async def scenario() -> None:
+        async with _aio_channel(relay) as channel:
+            daemon = DaemonDriver(channel)
+            await daemon.enroll(relay.enrollment_token("refresh-loop"))
+            enrolled_jti = peek_node_token(daemon.token).jti
+            assert isinstance(await daemon.connect(), SessionAccepted)
+            name = "aegis_edge_token_refreshes_total"
+            issued0 = _metric(relay, name, result="issued")
+            limited0 = _metric(relay, name, result="rate_limited")
+            for _ in range(50):
+                await daemon.request_token_refresh()
+            await _processed(daemon)
+
+            tokens = [e.node_token for e in daemon.saw(TokenRefreshed)]  # type: ignore[attr-defined]
+            # the default limit is 6 an hour per node (a 7th could refill if the test ran
+            # ten minutes; it never should)
+            tally.refused(len(tokens) <= 7, "unbounded token refreshes")
+            assert 6 <= len(tokens) <= 7, len(tokens)
+            issued = _metric(relay, name, result="issued") - issued0
+            limited = _metric(relay, name, result="rate_limited") - limited0
+            assert issued == len(tokens) and issued + limited == 50
+            # the stream stays up, and each token it was handed but replaced is revoked
+            assert not daemon.stream_done.is_set()
+            revoked = _revoked_tokens(relay)
+            jtis = [peek_node_token(t).jti for t in tokens]
+            assert enrolled_jti in revoked and all(j in revoked for j in jtis[:-1])
+            assert jtis[-1] not in revoked
+            row = _db_rows(relay, "SELECT token_jti FROM nodes WHERE node_id = ?", daemon.node_id)
+            assert row == [(jtis[-1],)]
+            lines = [
+                line
+                for line in relay.output.lines
+                if '"token.refresh_limited"' in line and daemon.node_id in line
+            ]
+            assert len(lines) == 1, lines  # one line per stream, not one per request
+            await daemon.close()
 
     asyncio.run(scenario())
