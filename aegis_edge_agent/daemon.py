@@ -45,7 +45,8 @@ from aegis_edge_core import PROTOCOL_VERSION, __version__, tools_spec
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
-from aegis_edge_core.errors import AegisError, ConfigError, ProtocolError
+from aegis_edge_core.capability_limits import CapabilityError, check_capabilities
+from aegis_edge_core.errors import AegisError, ConfigError, LocalProtocolError, ProtocolError
 from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
 from aegis_edge_core.identity.errors import default_hint
 from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh, sign_rotation
@@ -318,6 +319,8 @@ class Daemon:
         node = self.node
         self.log.bind(node_id=node.node_id, tenant_id=node.tenant_id)
         self._status.update(relay=node.relay, node_id=node.node_id, tenant_id=node.tenant_id)
+        for name, old in self.state.tighten_modes():
+            self.log.warning("file_mode_tightened", file=name, old_mode=f"{old:04o}")
         self._acquire_lock()
         self._kill_orphans()
         self._recover_rotation()
@@ -326,6 +329,11 @@ class Daemon:
             lambda ep, err: self.log.warning("plugin_skipped", plugin=ep, error=err)
         ).items():
             self.tools[name] = tool
+        try:
+            check_capabilities(self._capabilities())
+        except CapabilityError as err:
+            # The relay would close every stream that carries it: say so once, here.
+            raise Fatal(f"this host's capability snapshot is too large to send: {err}") from None
         self.telemetry = Telemetry(
             self.settings.otlp, log=self.log, node_id=node.node_id, tenant_id=node.tenant_id
         )
@@ -514,6 +522,7 @@ class Daemon:
         self.conn = conn
         if accepted.node_token:
             self._store_token(accepted.node_token)
+            self._ack_token(conn, accepted.node_token)
         token_exp = accepted.token_expires_at or self._token_expiry()
         self.set_status(
             state=hs.ConnectionState.CONNECTED,
@@ -594,6 +603,7 @@ class Daemon:
                 self.set_status()
         elif isinstance(event, s.TokenRefreshed):
             self._store_token(event.node_token)
+            self._ack_token(conn, event.node_token)
             conn.refresh_requested = False
             self.set_status(token_expires_at=event.expires_at)
             self.log.info("token_refreshed", expires_at=event.expires_at)
@@ -618,6 +628,15 @@ class Daemon:
 
     def _store_token(self, token: str) -> None:
         self.state.write(hs.NODE_TOKEN, token + "\n")
+
+    def _ack_token(self, conn: _Connection, token: str) -> None:
+        """Tell the relay the token is on disk (a heartbeat naming its jti), so it can
+        revoke the one it replaces. Only after ``_store_token`` returned: fsynced."""
+        try:
+            jti = peek_node_token(token).jti
+        except AegisError:
+            return  # not a token we can read; the relay will not revoke on our behalf
+        conn.session.heartbeat(time.time(), inflight=len(self.running), token_jti=jti)
 
     async def _heartbeats(self, conn: _Connection) -> None:
         accepted = conn.accepted
@@ -646,8 +665,13 @@ class Daemon:
             caps = self._capabilities()
             if caps != conn.capabilities:
                 conn.capabilities = caps
-                session.capabilities(caps)
-                self.log.info("capabilities_changed", tools=list(caps.tools))
+                try:
+                    session.capabilities(caps)
+                except LocalProtocolError as err:
+                    # keep the relay's copy as it was rather than lose the stream over it
+                    self.log.error("capabilities_not_sent", error=str(err))
+                else:
+                    self.log.info("capabilities_changed", tools=list(caps.tools))
             conn.kick()
 
     def _maybe_refresh(self, conn: _Connection, now: float) -> None:

@@ -110,6 +110,31 @@ class StateDir:
         if st.st_mode & 0o077:
             os.chmod(self.path, hs.DIR_MODE)
 
+    def tighten_modes(self) -> list[tuple[str, int]]:
+        """Make the directory 0700 and every private file that exists 0600, where looser
+        (state written by an older version, or by hand); returns ``(name, old mode)`` for
+        each change so the caller can say so."""
+        changed: list[tuple[str, int]] = []
+        try:
+            perm = stat.S_IMODE(self.path.stat().st_mode)
+        except FileNotFoundError:
+            return changed
+        if perm & 0o077:
+            os.chmod(self.path, hs.DIR_MODE)
+            changed.append((".", perm))
+        for name, mode in hs.REQUIRED_MODES.items():
+            if mode != hs.SECRET_MODE:
+                continue
+            path = self.file(name)
+            try:
+                perm = stat.S_IMODE(path.lstat().st_mode)
+            except FileNotFoundError:
+                continue
+            if perm & 0o077 and not stat.S_ISLNK(path.lstat().st_mode):
+                os.chmod(path, hs.SECRET_MODE)
+                changed.append((name, perm))
+        return changed
+
     def write(self, name: str, data: bytes | str) -> None:
         atomic_write(self.file(name), data, mode=hs.REQUIRED_MODES.get(name, hs.SECRET_MODE))
 

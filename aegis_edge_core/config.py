@@ -58,6 +58,7 @@ from typing import Any, Final
 import attrs
 import yaml
 
+from aegis_edge_core.capability_limits import CapabilityError, check_labels
 from aegis_edge_core.errors import ConfigError
 from aegis_edge_core.policy import DEFAULT_ALLOWED_TOOLS, ToolPolicy, ToolRestriction
 
@@ -225,7 +226,20 @@ def _str_map(key_re: re.Pattern[str], key_kind: str) -> Callable[[object, str], 
     return check
 
 
-_labels = _str_map(_LABEL_KEY, "label name (letters, digits, '_', '.', '/', '-')")
+_label_map = _str_map(_LABEL_KEY, "label name (letters, digits, '_', '.', '/', '-')")
+
+
+def _labels(value: object, path: str) -> Mapping[str, str]:
+    """Label names and values, within the bounds a capability snapshot may carry (the
+    relay refuses a larger one, so the host owner hears about it here, by key)."""
+    labels = _label_map(value, path)
+    try:
+        check_labels(labels, field=path)
+    except CapabilityError as err:
+        raise ConfigError(err.detail, path=err.field, hint=err.hint) from None
+    return labels
+
+
 _headers = _str_map(_HEADER_NAME, "header name")
 
 _VAR = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")

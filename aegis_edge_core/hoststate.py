@@ -107,8 +107,10 @@ REQUIRED_MODES: Final[Mapping[str, int]] = {
     NODE_TOKEN: SECRET_MODE,
     CA_PEM: PUBLIC_MODE,
     CONFIG_FILE: SECRET_MODE,
-    NODE_JSON: PUBLIC_MODE,
-    STATUS_JSON: PUBLIC_MODE,
+    # Not secrets, but they name the relay, tenant and node and say what the daemon is
+    # doing: nobody but the owner needs them, so they are private like the keys.
+    NODE_JSON: SECRET_MODE,
+    STATUS_JSON: SECRET_MODE,
     RESULT_SPOOL: SECRET_MODE,
     CHILD_PIDS: SECRET_MODE,
     REVOKED_JSON: PUBLIC_MODE,

@@ -1,9 +1,11 @@
-"""Rate limits for enrollment and attestation attempts: token buckets with an injected clock.
+"""Rate limits for enrollment, attestation and token refresh: token buckets, injected clock.
 
 A leaked enrollment token or a daemon stuck in a reconnect loop must not be able to keep
 the relay busy verifying signatures. The relay therefore asks a :class:`KeyedLimiter`
 before it does any expensive work for an attempt, once per key that applies -- the
-attempt's source (peer address) and, for attestation, the node id the hello names:
+attempt's source (peer address) and, for attestation, the node id the hello names
+(an attested node's token refresh requests are limited by node id alone, with one
+:class:`KeyedLimiter`):
 
     limits = AttemptLimits(
         per_source=KeyedLimiter(Limit.parse("20000/10s")),
@@ -48,7 +50,9 @@ __all__ = [
     "DEFAULT_ATTEST_PER_NODE",
     "DEFAULT_ATTEST_PER_SOURCE",
     "DEFAULT_ENROLL_PER_SOURCE",
+    "DEFAULT_REFRESH_PER_NODE",
     "ENROLL_PER_SOURCE",
+    "REFRESH_PER_NODE",
     "AttemptLimits",
     "Decision",
     "KeyedLimiter",
@@ -207,6 +211,11 @@ DEFAULT_ATTEST_PER_SOURCE: Final = "50000/10s"
 tests): a reconnect storm of 10k daemons behind one address is never refused."""
 DEFAULT_ENROLL_PER_SOURCE: Final = "20000/1m"
 """Per peer address, for ``Enroll``: bounds how fast one source can try tokens."""
+DEFAULT_REFRESH_PER_NODE: Final = "6/1h"
+"""Per attested node, for token refreshes the daemon asks for: an honest daemon asks once
+as its token nears expiry (the relay also pushes one unasked, which is not counted), so
+six an hour leaves room for reconnects while a daemon asking in a loop costs the relay at
+most six signatures and store writes an hour."""
 
 
 def _default(text: str) -> Limit:
@@ -218,6 +227,7 @@ def _default(text: str) -> Limit:
 ATTEST_PER_NODE: Final = _default(DEFAULT_ATTEST_PER_NODE)
 ATTEST_PER_SOURCE: Final = _default(DEFAULT_ATTEST_PER_SOURCE)
 ENROLL_PER_SOURCE: Final = _default(DEFAULT_ENROLL_PER_SOURCE)
+REFRESH_PER_NODE: Final = _default(DEFAULT_REFRESH_PER_NODE)
 """The defaults above as :class:`Limit` values."""
 
 

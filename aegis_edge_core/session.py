@@ -39,6 +39,11 @@ the protocol, not a decision), while results are acknowledged by the shell with
 :meth:`RelaySession.ack_result` only after it has stored them: the daemon forgets a result
 only once it is acked, so a result is never lost to a stream that drops in between.
 
+A capability snapshot (in the hello or a CapabilityUpdate) over the bounds of
+:mod:`aegis_edge_core.capability_limits` is a protocol error too (``RESOURCE_EXHAUSTED``,
+the error naming the field and the limit): the relay session raises before the shell
+sees an event, so nothing of it is stored, and the daemon session refuses to send one.
+
 Both sides track the commands dispatched on this stream. A result or output for a command
 that was not dispatched on this stream is legal -- it finished while the daemon was
 disconnected and is delivered late -- and is reported with ``known=False``. A second result
@@ -55,6 +60,12 @@ import attrs
 from google.protobuf.message import DecodeError
 
 from aegis_edge_core import PROTOCOL_VERSION
+from aegis_edge_core.capability_limits import (
+    DEFAULT_CAPABILITY_LIMITS,
+    CapabilityError,
+    CapabilityLimits,
+    check_capabilities,
+)
 from aegis_edge_core.errors import LocalProtocolError, RemoteProtocolError
 from aegis_edge_core.identity.attestation import VerifiedAttestation
 from aegis_edge_core.wire import common_pb2, stream_pb2
@@ -144,6 +155,8 @@ class HeartbeatReceived(Event):
     seq: int
     host_time: float
     inflight: int
+    token_jti: str = ""
+    """Set when the daemon acknowledges having stored the node token with this ``jti``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -407,14 +420,30 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
     _newer_peer_hint = "the daemon may be newer than this relay; upgrade the relay"
     _order_hint = "the daemon broke the handshake order; it should reconnect"
 
-    def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        capability_limits: CapabilityLimits = DEFAULT_CAPABILITY_LIMITS,
+    ) -> None:
         super().__init__(RelayState.AWAITING_HELLO, max_message_bytes)
+        self._capability_limits = capability_limits
         self.node_id: str | None = None
         self.tenant_id: str | None = None
         self.control = False
         self.nonce: bytes | None = None
         self._in_flight: set[str] = set()
         self._answered: set[str] = set()
+
+    def _check_capabilities(self, caps: common_pb2.Capabilities) -> None:
+        try:
+            check_capabilities(caps, self._capability_limits)
+        except CapabilityError as err:
+            raise self._violation(
+                f"capability snapshot refused: {err}",
+                hint="the daemon must send a smaller description of the host",
+                status="RESOURCE_EXHAUSTED",
+            ) from None
 
     def _handle(self, kind: str, msg: stream_pb2.DaemonMessage, now: float) -> list[Event]:
         if kind == "hello":
@@ -429,6 +458,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
                 raise self._violation(
                     "hello without node id or token", hint="the daemon must enroll first"
                 )
+            self._check_capabilities(hello.capabilities)
             self.node_id = hello.node_id
             self.control = hello.kind == stream_pb2.SESSION_KIND_CONTROL
             return [
@@ -451,8 +481,13 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             ack.heartbeat_ack.seq = hb.seq
             ack.heartbeat_ack.relay_time = now
             self._outbox.append(ack)
-            return [HeartbeatReceived(seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight)]
+            return [
+                HeartbeatReceived(
+                    seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight, token_jti=hb.token_jti
+                )
+            ]
         if kind == "capabilities":
+            self._check_capabilities(msg.capabilities.capabilities)
             return [CapabilitiesChanged(capabilities=msg.capabilities.capabilities)]
         if kind == "output":
             out = msg.output
@@ -686,6 +721,16 @@ _DAEMON_SEND: Final[Mapping[str, tuple[frozenset[DaemonState], DaemonState | Non
 }
 
 
+def _local_capabilities_check(caps: common_pb2.Capabilities) -> None:
+    try:
+        check_capabilities(caps)
+    except CapabilityError as err:
+        raise LocalProtocolError(
+            f"refusing to send this capability snapshot: {err}",
+            hint="check it with aegis_edge_core.capability_limits before sending",
+        ) from None
+
+
 class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.DaemonMessage]):
     """The daemon's end of its stream to the relay."""
 
@@ -815,6 +860,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
     ) -> None:
         if not node_id or not node_token:
             raise LocalProtocolError("hello needs the node id and token from enrollment")
+        _local_capabilities_check(capabilities)
         msg = stream_pb2.DaemonMessage()
         h = msg.hello
         h.protocol_version = PROTOCOL_VERSION
@@ -833,13 +879,17 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         msg.attestation.signature = signature
         self._emit("attest", msg)
 
-    def heartbeat(self, now: float, *, inflight: int = 0) -> int:
+    def heartbeat(self, now: float, *, inflight: int = 0, token_jti: str = "") -> int:
+        """Send a heartbeat. Pass ``token_jti`` once, right after durably storing a token
+        from ``TokenRefreshed``/``SessionAccepted``: the relay then revokes the tokens it
+        issued before that one."""
         msg = stream_pb2.DaemonMessage()
         self._emit("heartbeat", msg)
         self._heartbeat_seq += 1
         msg.heartbeat.seq = self._heartbeat_seq
         msg.heartbeat.host_time = now
         msg.heartbeat.inflight = inflight
+        msg.heartbeat.token_jti = token_jti
         return self._heartbeat_seq
 
     @property
@@ -848,6 +898,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         return self._heartbeat_seq - self._last_acked_seq
 
     def capabilities(self, capabilities: common_pb2.Capabilities) -> None:
+        _local_capabilities_check(capabilities)
         msg = stream_pb2.DaemonMessage()
         msg.capabilities.capabilities.CopyFrom(capabilities)
         self._emit("capabilities", msg)

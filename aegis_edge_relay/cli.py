@@ -17,6 +17,7 @@ from aegis_edge_core.ratelimit import (
     DEFAULT_ATTEST_PER_NODE,
     DEFAULT_ATTEST_PER_SOURCE,
     DEFAULT_ENROLL_PER_SOURCE,
+    DEFAULT_REFRESH_PER_NODE,
     Limit,
 )
 from aegis_edge_relay.durations import parse_duration, parse_hostport
@@ -73,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attest_limit_per_node=args.attest_limit_per_node,
         attest_limit_per_source=args.attest_limit_per_source,
         enroll_limit_per_source=args.enroll_limit_per_source,
+        refresh_limit_per_node=args.refresh_limit_per_node,
     )
     try:
         return asyncio.run(serve(opts))
@@ -207,6 +209,11 @@ def register(tree: CommandTree) -> None:
             "connection attempts per peer address (many daemons may share one)",
         ),
         ("--enroll-limit-per-source", DEFAULT_ENROLL_PER_SOURCE, "enrollments per peer address"),
+        (
+            "--refresh-limit-per-node",
+            DEFAULT_REFRESH_PER_NODE,
+            "token refreshes a daemon asks for, per node",
+        ),
     ):
         p.add_argument(
             flag,

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["atomic_write", "ensure_private_dir"]
+__all__ = ["atomic_write", "ensure_private_dir", "tighten_mode"]
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (mode 0700) if it does not exist."""
+def tighten_mode(path: Path, mode: int) -> int | None:
+    """Clear the permission bits of ``path`` that ``mode`` does not grant (never widens);
+    returns the old bits if they changed, None if they were tight or the file is absent."""
+    try:
+        old = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return None
+    if old & ~mode:
+        os.chmod(path, old & mode)
+        return old
+    return None
+
+
+def ensure_private_dir(path: Path) -> int | None:
+    """Create ``path`` (mode 0700) if it does not exist; tighten it to 0700 if it does.
+
+    Returns the old mode when an existing directory was tightened (the caller logs it)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return tighten_mode(path, 0o700)
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:

@@ -63,6 +63,12 @@ class RelayMetrics:
             ("reason",),
             registry=r,
         )
+        self.token_refreshes = Counter(
+            "aegis_edge_token_refreshes",
+            "Node token refreshes daemons asked for, by result (issued, rate_limited).",
+            ("result",),
+            registry=r,
+        )
         self.enrollment_refusals = Counter(
             "aegis_edge_enrollment_refusals",
             "Enrollment attempts refused, by reason.",

@@ -23,6 +23,7 @@ from typing import Any, Final
 import attrs
 import grpc
 
+from aegis_edge_core.capability_limits import CapabilityError, check_capabilities
 from aegis_edge_core.errors import RemoteProtocolError
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_core.identity import (
@@ -42,11 +43,17 @@ from aegis_edge_core.identity import (
     verify_attestation,
 )
 from aegis_edge_core.identity.enrollment import EnrollmentGrant, redeem_enrollment
-from aegis_edge_core.identity.rotation import RotationProof, needs_refresh, verify_rotation
+from aegis_edge_core.identity.rotation import (
+    RotationProof,
+    TokenSuccession,
+    needs_refresh,
+    verify_rotation,
+)
 from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
     ATTEST_PER_SOURCE,
     ENROLL_PER_SOURCE,
+    REFRESH_PER_NODE,
     AttemptLimits,
     Decision,
     KeyedLimiter,
@@ -119,6 +126,7 @@ class RelayConfig:
     attest_limit_per_node: Limit | None = ATTEST_PER_NODE
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
+    refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
     """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
 
 
@@ -147,6 +155,8 @@ class Relay:
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.metrics = RelayMetrics()
         self.store = SQLiteStore(config.data_dir / STORE_FILE)
+        for path, old in self.store.tightened:
+            jsonlog.log("warning", "file.mode_tightened", path=path, old_mode=f"{old:04o}")
         self.db = StoreWorker(self.store)
         self.health = HealthTracker(
             stale_threshold_secs=config.stale_threshold,
@@ -172,6 +182,7 @@ class Relay:
             per_node=_limiter(config.attest_limit_per_node),
         )
         self.enroll_limits = AttemptLimits(per_source=_limiter(config.enroll_limit_per_source))
+        self.refresh_limit = _limiter(config.refresh_limit_per_node)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -373,7 +384,29 @@ class Relay:
         )
         node.token_jti = issued.claims.jti
         node.token_expires_at = issued.claims.expires_at
+        node.tokens.issued(issued.claims.jti, expires_at=issued.claims.expires_at)
         return issued
+
+    async def _token_confirmed(self, node: NodeState, jti: str, now: float) -> None:
+        """The daemon holds the token ``jti``: revoke the ones issued to it before.
+
+        Only now, not when the new token was sent: a daemon that crashed before storing it
+        would otherwise be left holding nothing the relay honours. Each entry lives on the
+        list until the token's own expiry; past it, attestation with the old token still
+        needs the node key's signature, which is the identity."""
+        superseded = node.tokens.confirmed(jti)
+        if not superseded:
+            return
+        for old_jti, expires_at in superseded:
+            await self.db.call(self.store.revoke_token, old_jti, prune_after=expires_at, now=now)
+            self.revocations.revoke_token(old_jti, prune_after=expires_at)
+        jsonlog.log(
+            "info",
+            "token.superseded",
+            node_id=node.node_id,
+            tenant_id=node.tenant_id,
+            revoked=len(superseded),
+        )
 
     def issue_enrollment_token(self, tenant_id: str, ttl: float) -> tuple[str, float]:
         issued = self.issuer.issue_enrollment_token(
@@ -392,6 +425,15 @@ class Relay:
     async def enroll(self, req: enrollment_pb2.EnrollRequest) -> enrollment_pb2.EnrollResponse:
         """Redeem an enrollment token; raises ``EnrollmentError`` or ``StoreError``."""
         now = self.now()
+        try:
+            # Before the token: a refused snapshot must not cost the host its token.
+            check_capabilities(req.capabilities)
+        except CapabilityError as err:
+            raise EnrollmentError(
+                f"capability snapshot refused: {err.message}",
+                reason="malformed",
+                hint=err.hint or "enroll with fewer or shorter labels",
+            ) from None
         grant: EnrollmentGrant = redeem_enrollment(
             token=req.enrollment_token,
             public_key=req.public_key,
@@ -602,6 +644,10 @@ class Relay:
             self.apply_transitions(self.health.heartbeat(node_id, now))
             self._pending_heartbeats[node_id] = now
             self.metrics.heartbeats.labels(tenant=handle.tenant_id or "").inc()
+            if event.token_jti:
+                node = self.nodes.get(node_id)
+                if node is not None:
+                    await self._token_confirmed(node, event.token_jti, now)
         elif isinstance(event, HelloReceived):
             # The per-node bucket is keyed on (node id, source): a node id is an unverified
             # claim here, and a stranger flooding hellos that name it must not lock the
@@ -632,7 +678,13 @@ class Relay:
             await self._set_capabilities(handle, event.capabilities)
         elif isinstance(event, TokenRefreshRequested):
             node = self.nodes[handle.node_id or ""]
+            if self.refresh_limit is not None:
+                decision = self.refresh_limit.take(node.node_id, now)
+                if not decision.allowed:
+                    self._refresh_limited(handle, node, decision)
+                    return
             issued = await self.issue_node_token(node)
+            self.metrics.token_refreshes.labels(result="issued").inc()
             handle.session.refresh_token(issued.token, issued.claims.expires_at)
         elif isinstance(event, RotateKeyRequested):
             await self._rotate(handle, event, now)
@@ -657,6 +709,25 @@ class Relay:
             retry_after_secs=retry,
         )
         handle.close()
+
+    def _refresh_limited(self, handle: StreamHandle, node: NodeState, decision: Decision) -> None:
+        """Over the per-node refresh limit: issue nothing and keep the stream.
+
+        The request goes unanswered: the relay still pushes a refresh by itself before the
+        token expires (that push is not limited), so an honest daemon loses nothing, and a
+        looping one costs a counter increment per request. One log line per stream."""
+        self.metrics.token_refreshes.labels(result="rate_limited").inc()
+        if handle.refresh_limit_logged:
+            return
+        handle.refresh_limit_logged = True
+        jsonlog.log(
+            "warning",
+            "token.refresh_limited",
+            node_id=node.node_id,
+            tenant_id=node.tenant_id,
+            retry_after_secs=round(decision.retry_after, 3),
+            peer=handle.peer,
+        )
 
     def check_enroll_rate(self, peer: str) -> Decision:
         """May this peer try to enroll now? (Counts the attempt when it may.)"""
@@ -695,6 +766,8 @@ class Relay:
             return
         assert node is not None
         handle.hello_token = ""
+        # Attesting with a token proves the daemon stored it: that confirms it too.
+        await self._token_confirmed(node, verified.token_jti, now)
         token, expires = "", verified.token_expires_at
         if verified.token_expired or needs_refresh(
             verified.token_expires_at, now, self._refresh_margin()
@@ -799,8 +872,13 @@ class Relay:
         node.key_thumbprint = verified.new_key_thumbprint
         node.token_jti = issued.claims.jti
         node.token_expires_at = issued.claims.expires_at
+        # every earlier token is bound to the old key, now on the revocation list
+        node.tokens = TokenSuccession.starting_with(
+            issued.claims.jti, expires_at=issued.claims.expires_at
+        )
         if old_jti:
             self.revocations.revoke_token(old_jti, prune_after=max(old_exp, now) + 3600)
+        self.revocations.revoke_key(verified.old_key_thumbprint)
         handle.session.key_rotated(
             issued.token, issued.claims.expires_at, verified.new_key_thumbprint
         )

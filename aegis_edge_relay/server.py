@@ -34,6 +34,7 @@ from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
     ATTEST_PER_SOURCE,
     ENROLL_PER_SOURCE,
+    REFRESH_PER_NODE,
     Limit,
 )
 from aegis_edge_core.session import MAX_MESSAGE_BYTES
@@ -77,6 +78,7 @@ class ServeOptions:
     attest_limit_per_node: Limit | None = ATTEST_PER_NODE
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
+    refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
 
 
 GC_THRESHOLDS: tuple[int, int, int] = (50_000, 20, 10)
@@ -234,7 +236,9 @@ async def serve(opts: ServeOptions) -> int:
     """Run the relay until SIGTERM/SIGINT; returns the exit code."""
     jsonlog.configure(level=opts.log_level)
     data_dir = opts.data_dir
-    ensure_private_dir(data_dir)
+    loose = ensure_private_dir(data_dir)
+    if loose is not None:
+        jsonlog.log("warning", "file.mode_tightened", path=str(data_dir), old_mode=f"{loose:04o}")
     host, _port = parse_hostport(opts.listen)
     soft, _hard = raise_nofile_limit()
     tls: TlsMaterial | None = None
@@ -262,6 +266,7 @@ async def serve(opts: ServeOptions) -> int:
         attest_limit_per_node=opts.attest_limit_per_node,
         attest_limit_per_source=opts.attest_limit_per_source,
         enroll_limit_per_source=opts.enroll_limit_per_source,
+        refresh_limit_per_node=opts.refresh_limit_per_node,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = _ensure_admin_token(relay, data_dir)

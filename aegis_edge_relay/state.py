@@ -19,6 +19,7 @@ import grpc
 
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.identity.attestation import NodeRecord as CoreNodeRecord
+from aegis_edge_core.identity.rotation import TokenSuccession
 from aegis_edge_core.session import RelaySession
 from aegis_edge_core.wire import common_pb2, stream_pb2
 from aegis_edge_relay.store import NodeRecord
@@ -75,6 +76,8 @@ class NodeState:
     tags: set[str] = attrs.field(factory=set)
     token_jti: str = ""
     token_expires_at: float = 0.0
+    tokens: TokenSuccession = attrs.field(factory=TokenSuccession)
+    """Tokens issued to this node since the one it last confirmed holding."""
 
     @classmethod
     def from_record(cls, rec: NodeRecord) -> NodeState:
@@ -90,6 +93,7 @@ class NodeState:
             tags=set(rec.tags),
             token_jti=rec.token_jti,
             token_expires_at=rec.token_expires_at,
+            tokens=TokenSuccession.starting_with(rec.token_jti, expires_at=rec.token_expires_at),
         )
 
     def core_record(self) -> CoreNodeRecord:
@@ -143,6 +147,7 @@ class StreamHandle:
         self.host_time: float | None = None
         self.hello_token = ""
         self.hello_capabilities: common_pb2.Capabilities | None = None
+        self.refresh_limit_logged = False
 
     def flush(self) -> None:
         """Move what the session wants to say onto the outbox, in order."""

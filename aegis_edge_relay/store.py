@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any, Final, ParamSpec, Protocol, TypeVar
 import attrs
 
 from aegis_edge_core.errors import AegisError
+from aegis_edge_relay.files import tighten_mode
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -353,6 +355,8 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        self.tightened = _private_files(self.path)
+        """``(path, old mode)`` of each store file found looser than 0600 and tightened."""
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -546,7 +550,10 @@ class SQLiteStore:
         now: float,
     ) -> NodeRecord:
         """Swap the node's key if it is still ``old_thumbprint`` (compare and swap), record
-        the new token and revoke the old token, in one transaction."""
+        the new token and revoke the old token and the old key, in one transaction.
+
+        The rotated-out key goes on the key list for good: a key its owner stopped using
+        may be lying in a backup, and must neither enroll as a new node nor attest."""
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
             if row is None:
@@ -563,6 +570,11 @@ class SQLiteStore:
                     " VALUES ('token', ?, ?, ?)",
                     (row["token_jti"], old_jti_prune_after, now),
                 )
+            db.execute(
+                "INSERT OR REPLACE INTO revocations (kind, id, prune_after, revoked_at)"
+                " VALUES ('key', ?, NULL, ?)",
+                (old_thumbprint, now),
+            )
             db.execute(
                 "UPDATE nodes SET public_key = ?, key_thumbprint = ?, token_jti = ?,"
                 " token_expires_at = ? WHERE node_id = ?",
@@ -790,6 +802,28 @@ class SQLiteStore:
                 "DELETE FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
             )
             return cur.rowcount > 0
+
+
+_SIDECARS: Final = ("", "-wal", "-shm", "-journal")
+
+
+def _private_files(path: str) -> list[tuple[str, int]]:
+    """Make the database file and its sidecars owner-only before SQLite opens them.
+
+    The file holds every node's key thumbprint, token ids and command output tails. SQLite
+    creates ``-wal``/``-shm`` with the database file's own mode, so creating the main file
+    0600 first (instead of letting ``connect`` create it 0644 under the usual umask) keeps
+    every sibling private; files an older version left looser are tightened."""
+    if path == ":memory:" or path.startswith("file:"):
+        return []
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    changed = []
+    for suffix in _SIDECARS:
+        old = tighten_mode(Path(path + suffix), 0o600)
+        if old is not None:
+            changed.append((path + suffix, old))
+    return changed
 
 
 class _Transaction:

@@ -14,12 +14,26 @@ public key and two signatures, by the old key and by the new key, over
   replayed later to roll a node back to a key it abandoned.
 
 On success the relay stores the new key, issues a node token bound to it and revokes
-the old token (``RevocationList.revoke_token``); the old token's ``cnf`` no longer
-matches the stored key anyway, so it would fail attestation with ``key_mismatch``. The
-daemon swaps its ``node.key`` atomically only once the relay has confirmed.
+both the old token (``RevocationList.revoke_token``) and the old key
+(``RevocationList.revoke_key``, in the same store transaction). The old key is retired for
+good: a copy left in a backup must not enroll again as a new node (enrollment refuses a
+revoked key) nor attest with the old token (``revoked``, before the ``cnf`` check would
+say ``key_mismatch``). The daemon swaps its ``node.key`` atomically only once the relay
+has confirmed.
 
 Token refresh is simpler: :func:`needs_refresh` tells either side when a node token is
-close enough to expiry to ask for (or push) a fresh one over the stream.
+close enough to expiry to ask for (or push) a fresh one over the stream. A refreshed
+token replaces the previous one only once the daemon has *stored* it: revoking the old
+token as soon as the new one is sent would lock out a daemon that crashes before its
+write lands. :class:`TokenSuccession` keeps, per node, the tokens handed out since the
+last one the daemon confirmed (a heartbeat naming the new token's ``jti``, or an
+attestation with it), and answers which earlier ones to revoke at each confirmation::
+
+    chain = TokenSuccession.starting_with("A", expires_at=a_exp)
+    chain.issued("B", expires_at=b_exp)      # TokenRefresh B sent
+    chain.issued("C", expires_at=c_exp)      # and C (the daemon asked twice)
+    chain.confirmed("C")                     # -> [("A", a_exp), ("B", b_exp)]: revoke
+    chain.confirmed("C")                     # -> []: idempotent
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ from aegis_edge_core.identity.revocation import Revocations
 
 __all__ = [
     "DEFAULT_REFRESH_MARGIN",
+    "MAX_UNCONFIRMED_TOKENS",
     "RotationProof",
+    "TokenSuccession",
     "VerifiedRotation",
     "needs_refresh",
     "rotation_transcript",
@@ -155,3 +171,53 @@ def needs_refresh(expires_at: float, now: float, margin: float = DEFAULT_REFRESH
     if margin < 0:
         raise ValueError("margin must not be negative")
     return now >= expires_at - margin
+
+
+MAX_UNCONFIRMED_TOKENS: Final = 16
+"""How many tokens a :class:`TokenSuccession` remembers; past it the oldest is forgotten
+(not revoked: the daemon may still hold it). Refreshes are rate-limited, so a daemon only
+gets here by never confirming for weeks -- an old daemon that does not send the ack."""
+
+
+@attrs.define
+class TokenSuccession:
+    """The node tokens handed to one node, oldest first, since the one it last confirmed.
+
+    The first entry is the token the daemon is known to hold (or was enrolled with); later
+    ones were sent (refresh, or a fresh token in ``Accepted``) and not yet confirmed.
+    """
+
+    _chain: list[tuple[str, float]] = attrs.field(factory=list)
+
+    @classmethod
+    def starting_with(cls, jti: str, *, expires_at: float) -> TokenSuccession:
+        chain = cls()
+        if jti:
+            chain.issued(jti, expires_at=expires_at)
+        return chain
+
+    def issued(self, jti: str, *, expires_at: float) -> None:
+        """A new token for this node was handed out (and is now the relay's current one)."""
+        if not isinstance(jti, str) or not jti:
+            raise ValueError("jti must be a non-empty string")
+        if not math.isfinite(expires_at):
+            raise ValueError("expires_at must be a finite time")
+        self._chain.append((jti, expires_at))
+        if len(self._chain) > MAX_UNCONFIRMED_TOKENS:
+            del self._chain[0]
+
+    def confirmed(self, jti: str) -> list[tuple[str, float]]:
+        """The daemon holds ``jti``: return ``(jti, expires_at)`` of every token issued
+        before it, to revoke, and forget them. A ``jti`` this succession never issued (a
+        token from before a relay restart, a forged claim) confirms nothing."""
+        for index, (known, _exp) in enumerate(self._chain):
+            if known == jti:
+                superseded = self._chain[:index]
+                del self._chain[:index]
+                return superseded
+        return []
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The ``jti`` values remembered, oldest first."""
+        return tuple(jti for jti, _ in self._chain)

@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as aegis_dot_edge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x65gis/edge/v1/stream.proto\x12\raegis.edge.v1\x1a\x1a\x61\x65gis/edge/v1/common.proto\"\xae\x03\n\rDaemonMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.aegis.edge.v1.HelloH\x00\x12\x39\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".aegis.edge.v1.AttestationResponseH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.aegis.edge.v1.HeartbeatH\x00\x12\x37\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.aegis.edge.v1.CapabilityUpdateH\x00\x12.\n\x06output\x18\x05 \x01(\x0b\x32\x1c.aegis.edge.v1.CommandOutputH\x00\x12.\n\x06result\x18\x06 \x01(\x0b\x32\x1c.aegis.edge.v1.CommandResultH\x00\x12.\n\nrotate_key\x18\x07 \x01(\x0b\x32\x18.aegis.edge.v1.RotateKeyH\x00\x12;\n\rtoken_refresh\x18\x08 \x01(\x0b\x32\".aegis.edge.v1.TokenRefreshRequestH\x00\x42\x06\n\x04\x62ody\"\xa2\x04\n\x0cRelayMessage\x12-\n\tchallenge\x18\x01 \x01(\x0b\x32\x18.aegis.edge.v1.ChallengeH\x00\x12+\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x17.aegis.edge.v1.AcceptedH\x00\x12)\n\x07refused\x18\x03 \x01(\x0b\x32\x16.aegis.edge.v1.RefusedH\x00\x12\x34\n\rheartbeat_ack\x18\x04 \x01(\x0b\x32\x1b.aegis.edge.v1.HeartbeatAckH\x00\x12\x33\n\x07\x63ommand\x18\x05 \x01(\x0b\x32 .aegis.edge.v1.CommandInvocationH\x00\x12.\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x1c.aegis.edge.v1.CancelCommandH\x00\x12.\n\nresult_ack\x18\x07 \x01(\x0b\x32\x18.aegis.edge.v1.ResultAckH\x00\x12\x34\n\rtoken_refresh\x18\x08 \x01(\x0b\x32\x1b.aegis.edge.v1.TokenRefreshH\x00\x12\x30\n\x0bkey_rotated\x18\t \x01(\x0b\x32\x19.aegis.edge.v1.KeyRotatedH\x00\x12%\n\x05\x64rain\x18\n \x01(\x0b\x32\x14.aegis.edge.v1.DrainH\x00\x12)\n\x07revoked\x18\x0b \x01(\x0b\x32\x16.aegis.edge.v1.RevokedH\x00\x42\x06\n\x04\x62ody\"\xb6\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nnode_token\x18\x03 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\x12\x11\n\thost_time\x18\x05 \x01(\x01\x12(\n\x04kind\x18\x06 \x01(\x0e\x32\x1a.aegis.edge.v1.SessionKind\"(\n\x13\x41ttestationResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"=\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\thost_time\x18\x02 \x01(\x01\x12\x10\n\x08inflight\x18\x03 \x01(\r\"E\n\x10\x43\x61pabilityUpdate\x12\x31\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\"P\n\rCommandOutput\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\"\xdb\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12,\n\nerror_kind\x18\x03 \x01(\x0e\x32\x18.aegis.edge.v1.ErrorKind\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x13\n\x0bstdout_tail\x18\x07 \x01(\x0c\x12\x13\n\x0bstderr_tail\x18\x08 \x01(\x0c\x12\x18\n\x10output_truncated\x18\t \x01(\x08\x12\x13\n\x0bresult_json\x18\n \x01(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65livered_late\x18\r \x01(\x08\"Y\n\tRotateKey\x12\x16\n\x0enew_public_key\x18\x01 \x01(\x0c\x12\x19\n\x11old_key_signature\x18\x02 \x01(\x0c\x12\x19\n\x11new_key_signature\x18\x03 \x01(\x0c\"\x15\n\x13TokenRefreshRequest\"H\n\tChallenge\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nrelay_time\x18\x03 \x01(\x01\"\xd0\x01\n\x08\x41\x63\x63\x65pted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1f\n\x17heartbeat_interval_secs\x18\x03 \x01(\x01\x12\x1c\n\x14stale_threshold_secs\x18\x04 \x01(\x01\x12\x12\n\nnode_token\x18\x05 \x01(\t\x12\x18\n\x10token_expires_at\x18\x06 \x01(\x01\x12\x1f\n\x17max_concurrent_commands\x18\x07 \x01(\r\x12\x12\n\nrelay_time\x18\x08 \x01(\x01\"v\n\x07Refused\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.aegis.edge.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrelay_time\x18\x03 \x01(\x01\x12\x18\n\x10retry_after_secs\x18\x04 \x01(\x01\"/\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nrelay_time\x18\x02 \x01(\x01\"\xb6\x01\n\x11\x43ommandInvocation\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x18\n\x10\x66leet_command_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x11\n\targs_json\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\x12\x14\n\x0ctimeout_secs\x18\x06 \x01(\x01\x12*\n\x05trace\x18\x07 \x01(\x0b\x32\x1b.aegis.edge.v1.TraceContext\"3\n\rCancelCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\tResultAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"6\n\x0cTokenRefresh\x12\x12\n\nnode_token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"L\n\nKeyRotated\x12\x12\n\nnode_token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x16\n\x0ekey_thumbprint\x18\x03 \x01(\t\"5\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1c\n\x14reconnect_after_secs\x18\x02 \x01(\x01\"\x19\n\x07Revoked\x12\x0e\n\x06reason\x18\x01 \x01(\t*^\n\x0bSessionKind\x12\x1c\n\x18SESSION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_KIND_DAEMON\x10\x01\x12\x18\n\x14SESSION_KIND_CONTROL\x10\x02*\x89\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rERROR_KIND_OK\x10\x01\x12\x1b\n\x17\x45RROR_KIND_EXIT_NONZERO\x10\x02\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x03\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x04\x12\x15\n\x11\x45RROR_KIND_DENIED\x10\x05\x12\x1b\n\x17\x45RROR_KIND_UNKNOWN_TOOL\x10\x06\x12\x1c\n\x18\x45RROR_KIND_BAD_ARGUMENTS\x10\x07\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x08\x12\x13\n\x0f\x45RROR_KIND_BUSY\x10\t2V\n\nEdgeStream\x12H\n\x07\x43onnect\x12\x1c.aegis.edge.v1.DaemonMessage\x1a\x1b.aegis.edge.v1.RelayMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x65gis/edge/v1/stream.proto\x12\raegis.edge.v1\x1a\x1a\x61\x65gis/edge/v1/common.proto\"\xae\x03\n\rDaemonMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.aegis.edge.v1.HelloH\x00\x12\x39\n\x0b\x61ttestation\x18\x02 \x01(\x0b\x32\".aegis.edge.v1.AttestationResponseH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.aegis.edge.v1.HeartbeatH\x00\x12\x37\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.aegis.edge.v1.CapabilityUpdateH\x00\x12.\n\x06output\x18\x05 \x01(\x0b\x32\x1c.aegis.edge.v1.CommandOutputH\x00\x12.\n\x06result\x18\x06 \x01(\x0b\x32\x1c.aegis.edge.v1.CommandResultH\x00\x12.\n\nrotate_key\x18\x07 \x01(\x0b\x32\x18.aegis.edge.v1.RotateKeyH\x00\x12;\n\rtoken_refresh\x18\x08 \x01(\x0b\x32\".aegis.edge.v1.TokenRefreshRequestH\x00\x42\x06\n\x04\x62ody\"\xa2\x04\n\x0cRelayMessage\x12-\n\tchallenge\x18\x01 \x01(\x0b\x32\x18.aegis.edge.v1.ChallengeH\x00\x12+\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x17.aegis.edge.v1.AcceptedH\x00\x12)\n\x07refused\x18\x03 \x01(\x0b\x32\x16.aegis.edge.v1.RefusedH\x00\x12\x34\n\rheartbeat_ack\x18\x04 \x01(\x0b\x32\x1b.aegis.edge.v1.HeartbeatAckH\x00\x12\x33\n\x07\x63ommand\x18\x05 \x01(\x0b\x32 .aegis.edge.v1.CommandInvocationH\x00\x12.\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x1c.aegis.edge.v1.CancelCommandH\x00\x12.\n\nresult_ack\x18\x07 \x01(\x0b\x32\x18.aegis.edge.v1.ResultAckH\x00\x12\x34\n\rtoken_refresh\x18\x08 \x01(\x0b\x32\x1b.aegis.edge.v1.TokenRefreshH\x00\x12\x30\n\x0bkey_rotated\x18\t \x01(\x0b\x32\x19.aegis.edge.v1.KeyRotatedH\x00\x12%\n\x05\x64rain\x18\n \x01(\x0b\x32\x14.aegis.edge.v1.DrainH\x00\x12)\n\x07revoked\x18\x0b \x01(\x0b\x32\x16.aegis.edge.v1.RevokedH\x00\x42\x06\n\x04\x62ody\"\xb6\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nnode_token\x18\x03 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\x12\x11\n\thost_time\x18\x05 \x01(\x01\x12(\n\x04kind\x18\x06 \x01(\x0e\x32\x1a.aegis.edge.v1.SessionKind\"(\n\x13\x41ttestationResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"P\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\thost_time\x18\x02 \x01(\x01\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12\x11\n\ttoken_jti\x18\x04 \x01(\t\"E\n\x10\x43\x61pabilityUpdate\x12\x31\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\"P\n\rCommandOutput\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06stdout\x18\x03 \x01(\x0c\x12\x0e\n\x06stderr\x18\x04 \x01(\x0c\"\xdb\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12,\n\nerror_kind\x18\x03 \x01(\x0e\x32\x18.aegis.edge.v1.ErrorKind\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x13\n\x0bstdout_tail\x18\x07 \x01(\x0c\x12\x13\n\x0bstderr_tail\x18\x08 \x01(\x0c\x12\x18\n\x10output_truncated\x18\t \x01(\x08\x12\x13\n\x0bresult_json\x18\n \x01(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65livered_late\x18\r \x01(\x08\"Y\n\tRotateKey\x12\x16\n\x0enew_public_key\x18\x01 \x01(\x0c\x12\x19\n\x11old_key_signature\x18\x02 \x01(\x0c\x12\x19\n\x11new_key_signature\x18\x03 \x01(\x0c\"\x15\n\x13TokenRefreshRequest\"H\n\tChallenge\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nrelay_time\x18\x03 \x01(\x01\"\xd0\x01\n\x08\x41\x63\x63\x65pted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1f\n\x17heartbeat_interval_secs\x18\x03 \x01(\x01\x12\x1c\n\x14stale_threshold_secs\x18\x04 \x01(\x01\x12\x12\n\nnode_token\x18\x05 \x01(\t\x12\x18\n\x10token_expires_at\x18\x06 \x01(\x01\x12\x1f\n\x17max_concurrent_commands\x18\x07 \x01(\r\x12\x12\n\nrelay_time\x18\x08 \x01(\x01\"v\n\x07Refused\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.aegis.edge.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrelay_time\x18\x03 \x01(\x01\x12\x18\n\x10retry_after_secs\x18\x04 \x01(\x01\"/\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nrelay_time\x18\x02 \x01(\x01\"\xb6\x01\n\x11\x43ommandInvocation\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x18\n\x10\x66leet_command_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x11\n\targs_json\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\x12\x14\n\x0ctimeout_secs\x18\x06 \x01(\x01\x12*\n\x05trace\x18\x07 \x01(\x0b\x32\x1b.aegis.edge.v1.TraceContext\"3\n\rCancelCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\tResultAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"6\n\x0cTokenRefresh\x12\x12\n\nnode_token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"L\n\nKeyRotated\x12\x12\n\nnode_token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x16\n\x0ekey_thumbprint\x18\x03 \x01(\t\"5\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1c\n\x14reconnect_after_secs\x18\x02 \x01(\x01\"\x19\n\x07Revoked\x12\x0e\n\x06reason\x18\x01 \x01(\t*^\n\x0bSessionKind\x12\x1c\n\x18SESSION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_KIND_DAEMON\x10\x01\x12\x18\n\x14SESSION_KIND_CONTROL\x10\x02*\x89\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rERROR_KIND_OK\x10\x01\x12\x1b\n\x17\x45RROR_KIND_EXIT_NONZERO\x10\x02\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x03\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x04\x12\x15\n\x11\x45RROR_KIND_DENIED\x10\x05\x12\x1b\n\x17\x45RROR_KIND_UNKNOWN_TOOL\x10\x06\x12\x1c\n\x18\x45RROR_KIND_BAD_ARGUMENTS\x10\x07\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\x08\x12\x13\n\x0f\x45RROR_KIND_BUSY\x10\t2V\n\nEdgeStream\x12H\n\x07\x43onnect\x12\x1c.aegis.edge.v1.DaemonMessage\x1a\x1b.aegis.edge.v1.RelayMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.edge.v1.stream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONKIND']._serialized_start=2903
-  _globals['_SESSIONKIND']._serialized_end=2997
-  _globals['_ERRORKIND']._serialized_start=3000
-  _globals['_ERRORKIND']._serialized_end=3265
+  _globals['_SESSIONKIND']._serialized_start=2922
+  _globals['_SESSIONKIND']._serialized_end=3016
+  _globals['_ERRORKIND']._serialized_start=3019
+  _globals['_ERRORKIND']._serialized_end=3284
   _globals['_DAEMONMESSAGE']._serialized_start=74
   _globals['_DAEMONMESSAGE']._serialized_end=504
   _globals['_RELAYMESSAGE']._serialized_start=507
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTESTATIONRESPONSE']._serialized_start=1240
   _globals['_ATTESTATIONRESPONSE']._serialized_end=1280
   _globals['_HEARTBEAT']._serialized_start=1282
-  _globals['_HEARTBEAT']._serialized_end=1343
-  _globals['_CAPABILITYUPDATE']._serialized_start=1345
-  _globals['_CAPABILITYUPDATE']._serialized_end=1414
-  _globals['_COMMANDOUTPUT']._serialized_start=1416
-  _globals['_COMMANDOUTPUT']._serialized_end=1496
-  _globals['_COMMANDRESULT']._serialized_start=1499
-  _globals['_COMMANDRESULT']._serialized_end=1846
-  _globals['_ROTATEKEY']._serialized_start=1848
-  _globals['_ROTATEKEY']._serialized_end=1937
-  _globals['_TOKENREFRESHREQUEST']._serialized_start=1939
-  _globals['_TOKENREFRESHREQUEST']._serialized_end=1960
-  _globals['_CHALLENGE']._serialized_start=1962
-  _globals['_CHALLENGE']._serialized_end=2034
-  _globals['_ACCEPTED']._serialized_start=2037
-  _globals['_ACCEPTED']._serialized_end=2245
-  _globals['_REFUSED']._serialized_start=2247
-  _globals['_REFUSED']._serialized_end=2365
-  _globals['_HEARTBEATACK']._serialized_start=2367
-  _globals['_HEARTBEATACK']._serialized_end=2414
-  _globals['_COMMANDINVOCATION']._serialized_start=2417
-  _globals['_COMMANDINVOCATION']._serialized_end=2599
-  _globals['_CANCELCOMMAND']._serialized_start=2601
-  _globals['_CANCELCOMMAND']._serialized_end=2652
-  _globals['_RESULTACK']._serialized_start=2654
-  _globals['_RESULTACK']._serialized_end=2685
-  _globals['_TOKENREFRESH']._serialized_start=2687
-  _globals['_TOKENREFRESH']._serialized_end=2741
-  _globals['_KEYROTATED']._serialized_start=2743
-  _globals['_KEYROTATED']._serialized_end=2819
-  _globals['_DRAIN']._serialized_start=2821
-  _globals['_DRAIN']._serialized_end=2874
-  _globals['_REVOKED']._serialized_start=2876
-  _globals['_REVOKED']._serialized_end=2901
-  _globals['_EDGESTREAM']._serialized_start=3267
-  _globals['_EDGESTREAM']._serialized_end=3353
+  _globals['_HEARTBEAT']._serialized_end=1362
+  _globals['_CAPABILITYUPDATE']._serialized_start=1364
+  _globals['_CAPABILITYUPDATE']._serialized_end=1433
+  _globals['_COMMANDOUTPUT']._serialized_start=1435
+  _globals['_COMMANDOUTPUT']._serialized_end=1515
+  _globals['_COMMANDRESULT']._serialized_start=1518
+  _globals['_COMMANDRESULT']._serialized_end=1865
+  _globals['_ROTATEKEY']._serialized_start=1867
+  _globals['_ROTATEKEY']._serialized_end=1956
+  _globals['_TOKENREFRESHREQUEST']._serialized_start=1958
+  _globals['_TOKENREFRESHREQUEST']._serialized_end=1979
+  _globals['_CHALLENGE']._serialized_start=1981
+  _globals['_CHALLENGE']._serialized_end=2053
+  _globals['_ACCEPTED']._serialized_start=2056
+  _globals['_ACCEPTED']._serialized_end=2264
+  _globals['_REFUSED']._serialized_start=2266
+  _globals['_REFUSED']._serialized_end=2384
+  _globals['_HEARTBEATACK']._serialized_start=2386
+  _globals['_HEARTBEATACK']._serialized_end=2433
+  _globals['_COMMANDINVOCATION']._serialized_start=2436
+  _globals['_COMMANDINVOCATION']._serialized_end=2618
+  _globals['_CANCELCOMMAND']._serialized_start=2620
+  _globals['_CANCELCOMMAND']._serialized_end=2671
+  _globals['_RESULTACK']._serialized_start=2673
+  _globals['_RESULTACK']._serialized_end=2704
+  _globals['_TOKENREFRESH']._serialized_start=2706
+  _globals['_TOKENREFRESH']._serialized_end=2760
+  _globals['_KEYROTATED']._serialized_start=2762
+  _globals['_KEYROTATED']._serialized_end=2838
+  _globals['_DRAIN']._serialized_start=2840
+  _globals['_DRAIN']._serialized_end=2893
+  _globals['_REVOKED']._serialized_start=2895
+  _globals['_REVOKED']._serialized_end=2920
+  _globals['_EDGESTREAM']._serialized_start=3286
+  _globals['_EDGESTREAM']._serialized_end=3372
 # @@protoc_insertion_point(module_scope)

@@ -284,19 +284,29 @@ class Heartbeat(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     HOST_TIME_FIELD_NUMBER: _builtins.int
     INFLIGHT_FIELD_NUMBER: _builtins.int
+    TOKEN_JTI_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     host_time: _builtins.float
     inflight: _builtins.int
+    token_jti: _builtins.str
+    """Added in v1 (compatible both ways): the jti of the node token this daemon has just
+    stored durably, set on the one heartbeat it sends right after storing a token from
+    TokenRefresh or Accepted; empty otherwise. It is the acknowledgement the relay waits
+    for before it revokes the tokens it issued this node earlier (an attestation with the
+    new token counts as one too). A relay too old to know the field ignores it; a daemon
+    too old to send it keeps its earlier tokens valid until it reconnects.
+    """
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         host_time: _builtins.float = ...,
         inflight: _builtins.int = ...,
+        token_jti: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_time", b"host_time", "inflight", b"inflight", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_time", b"host_time", "inflight", b"inflight", "seq", b"seq", "token_jti", b"token_jti"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,6 +73,8 @@ class FakeRelay(stream_pb2_grpc.EdgeStreamServicer):
         self.key = key
         self.accepted = 0
         self.refreshes = 0
+        self.acked: list[str] = []
+        """jti values the daemon acknowledged (a heartbeat naming a token it stored)."""
 
     async def Connect(self, request_iterator, context):  # type: ignore[override]
         sess = s.RelaySession()
@@ -97,6 +99,8 @@ class FakeRelay(stream_pb2_grpc.EdgeStreamServicer):
                         stale_threshold_secs=0.6,
                         now=now,
                     )
+                elif isinstance(ev, s.HeartbeatReceived) and ev.token_jti:
+                    self.acked.append(ev.token_jti)
                 elif isinstance(ev, s.TokenRefreshRequested):
                     self.refreshes += 1
                     sess.refresh_token(_token(self.key, 3600), now + 3600)
@@ -171,6 +175,9 @@ def test_token_is_refreshed_before_expiry(tmp_path):
             relay.refreshes >= 1
             and claims is not None
             and (claims.expires_at - claims.issued_at > 1000)
+            # acknowledged, naming the token that is on disk: the relay may now revoke
+            # the one it replaced
+            and claims.jti in relay.acked
         )
 
     log = asyncio.run(_with_relay(tmp_path, ack=True, ttl=3, until=refreshed))

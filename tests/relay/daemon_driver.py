@@ -43,7 +43,7 @@ from aegis_edge_core import PROTOCOL_VERSION
 from aegis_edge_core.identity import NodeKey, sign_attestation
 from aegis_edge_core.identity.enrollment import sign_enrollment
 from aegis_edge_core.identity.rotation import sign_rotation
-from aegis_edge_core.identity.tokens import peek_enrollment_token
+from aegis_edge_core.identity.tokens import peek_enrollment_token, peek_node_token
 from aegis_edge_core.session import (
     CancelRequested,
     ChallengeReceived,
@@ -269,6 +269,10 @@ class DaemonDriver:
         self.closed_status: grpc.StatusCode | None = None
         self.closed_details = ""
         self.stream_done = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self.ack_tokens = True
+        """Acknowledge a new token (a heartbeat naming its jti) as the agent does; False
+        plays a daemon too old to send the ack."""
 
     # -- enrollment
 
@@ -326,8 +330,10 @@ class DaemonDriver:
 
     async def _flush(self) -> None:
         assert self.session is not None
-        for msg in self.session.messages_to_send():
-            await self._call.write(msg)
+        # one write at a time: the reader flushes acks while a test sends its own messages
+        async with self._write_lock:
+            for msg in self.session.messages_to_send():
+                await self._call.write(msg)
 
     async def _read_loop(self) -> None:
         try:
@@ -362,9 +368,12 @@ class DaemonDriver:
         elif isinstance(event, SessionAccepted):
             if event.node_token:
                 self.token = event.node_token
+                self._ack_token()
             self.tenant_id = event.tenant_id
         elif isinstance(event, TokenRefreshed | KeyRotated):
             self.token = event.node_token
+            if isinstance(event, TokenRefreshed):
+                self._ack_token()
         elif isinstance(event, CommandReceived):
             self.commands.append(event.command)
             task = asyncio.get_running_loop().create_task(self._run_command(event.command))
@@ -378,6 +387,10 @@ class DaemonDriver:
                 await self._send_result(event.command_id, "cancelled", None)
         elif isinstance(event, Revoked | Refused):
             pass
+
+    def _ack_token(self) -> None:
+        if self.ack_tokens and self.session is not None:
+            self.session.heartbeat(time.time(), token_jti=peek_node_token(self.token).jti)
 
     async def default_handler(self, cmd: stream_pb2.CommandInvocation) -> CommandReply:
         """``ok``/0 for every tool; ``keys.rotate`` really rotates over the stream."""

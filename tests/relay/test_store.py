@@ -139,8 +139,9 @@ def test_rotate_key_compare_and_swap(store: SQLiteStore) -> None:
         now=10.0,
     )
     assert rec.key_thumbprint == "new" and rec.token_jti == "j2"
-    tokens, _ = store.load_revocations()
+    tokens, keys = store.load_revocations()
     assert tokens == {"j-n1": 3000.0}
+    assert keys == {"k-n1"}  # the rotated-out key, in the same transaction
     with pytest.raises(StoreError, match="changed"):
         store.rotate_key(
             "n1",
