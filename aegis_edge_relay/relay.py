@@ -391,15 +391,16 @@ class Relay:
         """The daemon holds the token ``jti``: revoke the ones issued to it before.
 
         Only now, not when the new token was sent: a daemon that crashed before storing it
-        would otherwise be left holding nothing the relay honours. Each entry lives on the
-        list until the token's own expiry; past it, attestation with the old token still
-        needs the node key's signature, which is the identity."""
+        would otherwise be left holding nothing the relay honours. Each entry outlives the
+        token's expiry by an hour, as every other revocation does, so the verifier's clock
+        leeway never reopens a window for it."""
         superseded = node.tokens.confirmed(jti)
         if not superseded:
             return
         for old_jti, expires_at in superseded:
-            await self.db.call(self.store.revoke_token, old_jti, prune_after=expires_at, now=now)
-            self.revocations.revoke_token(old_jti, prune_after=expires_at)
+            prune_after = max(expires_at, now) + 3600
+            await self.db.call(self.store.revoke_token, old_jti, prune_after=prune_after, now=now)
+            self.revocations.revoke_token(old_jti, prune_after=prune_after)
         jsonlog.log(
             "info",
             "token.superseded",
