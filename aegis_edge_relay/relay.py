@@ -24,6 +24,13 @@ import attrs
 import grpc
 
 from aegis_edge_core.errors import RemoteProtocolError
+from aegis_edge_core.handshake import (
+    DEFAULT_HANDSHAKE_DEADLINE,
+    DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    HandshakeGuard,
+    HandshakeLimits,
+    HandshakeRefusal,
+)
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_core.identity import (
     NODE_TOKEN_TTL,
@@ -120,6 +127,9 @@ class RelayConfig:
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
     """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
+    handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
+    max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
+    """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
 
 
 def _limiter(limit: Limit | None) -> KeyedLimiter | None:
@@ -172,6 +182,15 @@ class Relay:
             per_node=_limiter(config.attest_limit_per_node),
         )
         self.enroll_limits = AttemptLimits(per_source=_limiter(config.enroll_limit_per_source))
+        self.handshakes = HandshakeGuard(
+            HandshakeLimits(
+                deadline_secs=config.handshake_timeout,
+                max_unattested_per_source=config.max_unattested_per_source,
+            )
+        )
+        self._unattested: dict[int, StreamHandle] = {}
+        """The streams the guard holds a deadline for, by stream id."""
+        self._handshake_wake = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,7 +213,12 @@ class Relay:
         self._reset_daemon_gauge()
         await self.dispatcher.start()
         loop = asyncio.get_running_loop()
-        for coro in (self._sweep_loop(), self._flush_loop(), self._maintenance_loop()):
+        for coro in (
+            self._sweep_loop(),
+            self._flush_loop(),
+            self._maintenance_loop(),
+            self._handshake_loop(),
+        ):
             self._tasks.append(loop.create_task(coro))
         jsonlog.log("info", "relay.started", daemons=len(self.nodes))
 
@@ -261,6 +285,38 @@ class Relay:
             deadline = self.health.next_deadline()
             wait = step if deadline is None else min(step, max(0.01, deadline - now + 0.001))
             await asyncio.sleep(wait)
+
+    async def _handshake_loop(self) -> None:
+        """Close the streams that did not attest in time, at the guard's next deadline
+        (one timer for all of them; idle while no stream is mid-handshake)."""
+        while True:
+            deadline = self.handshakes.next_deadline()
+            if deadline is None:
+                self._handshake_wake.clear()
+                await self._handshake_wake.wait()
+                continue
+            delay = deadline - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for refusal in self.handshakes.expire(self.now()):
+                handle = self._unattested.pop(refusal.stream_id, None)
+                if handle is None or handle.closing:
+                    continue
+                self._count_handshake_refusal(refusal, handle.peer, handle.node_id)
+                handle.close(_status_code(refusal.grpc_status), refusal.message)
+
+    def _count_handshake_refusal(
+        self, refusal: HandshakeRefusal, peer: str, node_id: str | None
+    ) -> None:
+        self.metrics.refusals.labels(reason=refusal.reason).inc()
+        jsonlog.log(
+            "warning",
+            "stream.refused",
+            node_id=node_id,
+            reason=refusal.reason,
+            error=refusal.message,
+            peer=peer,
+        )
 
     async def _flush_loop(self) -> None:
         while True:
@@ -508,6 +564,12 @@ class Relay:
         handle = StreamHandle(peer=context.peer(), max_message_bytes=self.config.max_message_bytes)
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "relay is shutting down")
+        refusal = self.handshakes.admit(handle.id, source=source_of(handle.peer), now=self.now())
+        if refusal is not None:
+            self._count_handshake_refusal(refusal, handle.peer, None)
+            await context.abort(_status_code(refusal.grpc_status), refusal.message)
+        self._unattested[handle.id] = handle
+        self._handshake_wake.set()
         self._all_streams.add(handle)
         reader = asyncio.get_running_loop().create_task(self._read_loop(handle, context))
         close: CloseStream | None = None
@@ -570,6 +632,8 @@ class Relay:
 
     def _stream_gone(self, handle: StreamHandle) -> None:
         self._all_streams.discard(handle)
+        self.handshakes.settle(handle.id)
+        self._unattested.pop(handle.id, None)
         now = self.now()
         if handle.attested and handle.accounted_at:
             self._account_stream_seconds(now)
@@ -711,6 +775,8 @@ class Relay:
             max_concurrent_commands=self.config.max_concurrent_commands,
         )
         handle.attested = True
+        self.handshakes.settle(handle.id)
+        self._unattested.pop(handle.id, None)
         handle.tenant_id = node.tenant_id
         handle.connected_since = now
         self._account_stream_seconds(now)
