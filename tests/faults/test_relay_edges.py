@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_edge_relay.server import StartupError, _is_loopback, load_metrics_token
 from tests.agent.harness import CLI, RelayProcess, enroll_host
+from tests.faults.conftest import Tally
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOKEN = "9f2c1e7b4d3a8e6f0b5c2d1a7e4f3b6c"
 
@@ -31,8 +32,9 @@ def serve_expecting_failure(data_dir: Path, *args: str) -> subprocess.CompletedP
     )
 
 
-def test_busy_listen_port_is_one_line(tmp_path: Path) -> None:
+def test_busy_listen_port_is_one_line(tmp_path: Path, tally: Tally) -> None:
     first = RelayProcess.start(tmp_path / "first")
+    tally.fault()
     try:
         taken = first.endpoint
         proc = serve_expecting_failure(
@@ -50,8 +52,9 @@ def test_busy_listen_port_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "second" / "relay.json").exists()
 
 
-def test_busy_metrics_port_is_one_line(tmp_path: Path) -> None:
+def test_busy_metrics_port_is_one_line(tmp_path: Path, tally: Tally) -> None:
     first = RelayProcess.start(tmp_path / "first")
+    tally.fault()
     try:
         taken = f"127.0.0.1:{first.info['metrics_port']}"
         proc = serve_expecting_failure(
@@ -82,7 +85,7 @@ def _get(url: str, token: str | None) -> tuple[int, dict[str, str], str]:
         return err.code, dict(err.headers), err.read().decode()
 
 
-def test_metrics_bearer_token(tmp_path: Path) -> None:
+def test_metrics_bearer_token(tmp_path: Path, tally: Tally) -> None:
     token_file = tmp_path / "metrics.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
@@ -106,9 +109,10 @@ def test_metrics_bearer_token(tmp_path: Path) -> None:
     finally:
         relay.stop()
     for code, hdrs, text in refused:
-        assert code == 401
+        leaked = "aegis_edge_" in text or "tenant-nobody-may-see" in text
+        tally.refused(code == 401 and not leaked, f"/metrics request answered {code}")
+        assert code == 401 and not leaked, (code, text[:200])
         assert hdrs["WWW-Authenticate"] == 'Bearer realm="aegis-relay-metrics"'
-        assert "aegis_edge_" not in text and "tenant-nobody-may-see" not in text
     assert status == 200
     # prometheus_client's own output, text format 0.0.4 unless the scraper asks otherwise
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -151,7 +155,7 @@ def test_loopback_and_token_file_rules(tmp_path: Path) -> None:
         load_metrics_token(tmp_path / "missing")
 
 
-def test_bad_token_file_is_one_line(tmp_path: Path) -> None:
+def test_bad_token_file_is_one_line(tmp_path: Path, tally: Tally) -> None:
     empty = tmp_path / "empty.token"
     empty.write_text("")
     proc = serve_expecting_failure(
@@ -163,6 +167,7 @@ def test_bad_token_file_is_one_line(tmp_path: Path) -> None:
         "--metrics-token-file",
         str(empty),
     )
+    tally.refused(proc.returncode != 0, "an empty --metrics-token-file")
     assert proc.returncode != 0
     assert proc.stderr.splitlines() == [
         f"aegis: --metrics-token-file {empty}: the file is empty; put one token on one line "
