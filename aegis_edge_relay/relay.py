@@ -758,6 +758,10 @@ class Relay:
             handle.close()
             return
         assert node is not None
+        # The daemon has done its part: what follows (a token written to the store) is the
+        # relay's own latency, and a slow disk must not make it cut an honest daemon.
+        self.handshakes.settle(handle.id)
+        self._unattested.pop(handle.id, None)
         handle.hello_token = ""
         token, expires = "", verified.token_expires_at
         if verified.token_expired or needs_refresh(
@@ -775,8 +779,6 @@ class Relay:
             max_concurrent_commands=self.config.max_concurrent_commands,
         )
         handle.attested = True
-        self.handshakes.settle(handle.id)
-        self._unattested.pop(handle.id, None)
         handle.tenant_id = node.tenant_id
         handle.connected_since = now
         self._account_stream_seconds(now)
