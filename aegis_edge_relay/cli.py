@@ -12,6 +12,7 @@ from pathlib import Path
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
 from aegis_edge_core.errors import AegisError, ConfigError
+from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE, DEFAULT_MAX_UNATTESTED_PER_SOURCE
 from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.ratelimit import (
     DEFAULT_ATTEST_PER_NODE,
@@ -39,6 +40,25 @@ def _limit(text: str) -> Limit | None:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _cap(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1, or off")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = _duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be longer than 0s, e.g. 10s")
+    return value
+
+
 def _hostport(text: str) -> str:
     try:
         parse_hostport(text)
@@ -48,7 +68,7 @@ def _hostport(text: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aegis_edge_relay.server import ServeOptions, serve
+    from aegis_edge_relay.server import ServeOptions, StartupError, serve
 
     if args.stale_threshold <= args.heartbeat_interval:
         raise CliError(
@@ -75,9 +95,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attest_limit_per_source=args.attest_limit_per_source,
         enroll_limit_per_source=args.enroll_limit_per_source,
         refresh_limit_per_node=args.refresh_limit_per_node,
+        handshake_timeout=args.handshake_timeout,
+        max_unattested_per_source=args.max_unattested_per_source,
+        metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None,
     )
     try:
         return asyncio.run(serve(opts))
+    except StartupError as err:
+        raise CliError(str(err)) from None
     except OSError as err:
         raise CliError(f"relay could not start: {err}") from None
 
@@ -186,6 +211,11 @@ def register(tree: CommandTree) -> None:
         default="127.0.0.1:9464",
         help="HOST:PORT of the Prometheus /metrics endpoint ('off' to disable)",
     )
+    p.add_argument(
+        "--metrics-token-file",
+        metavar="PATH",
+        help="require 'Authorization: Bearer <token>' on /metrics, the token read from PATH",
+    )
     p.add_argument("--heartbeat-interval", type=_duration, default=30.0, metavar="DURATION")
     p.add_argument("--stale-threshold", type=_duration, default=90.0, metavar="DURATION")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC: local experiments only")
@@ -198,6 +228,22 @@ def register(tree: CommandTree) -> None:
         default=5.0,
         metavar="DURATION",
         help="how long shutdown waits for drained daemons to leave",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=_positive_duration,
+        default=DEFAULT_HANDSHAKE_DEADLINE,
+        metavar="DURATION",
+        help="close daemon streams not attested, and connections without TLS, after this "
+        f"(default {DEFAULT_HANDSHAKE_DEADLINE:g}s)",
+    )
+    p.add_argument(
+        "--max-unattested-per-source",
+        type=_cap,
+        default=DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+        metavar="N",
+        help="streams one address may have mid-handshake at once, or off "
+        f"(default {DEFAULT_MAX_UNATTESTED_PER_SOURCE})",
     )
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to this endpoint")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")

@@ -25,6 +25,13 @@ import grpc
 
 from aegis_edge_core.capability_limits import CapabilityError, check_capabilities
 from aegis_edge_core.errors import RemoteProtocolError
+from aegis_edge_core.handshake import (
+    DEFAULT_HANDSHAKE_DEADLINE,
+    DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    HandshakeGuard,
+    HandshakeLimits,
+    HandshakeRefusal,
+)
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_core.identity import (
     NODE_TOKEN_TTL,
@@ -128,6 +135,9 @@ class RelayConfig:
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
     refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
     """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
+    handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
+    max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
+    """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
 
 
 def _limiter(limit: Limit | None) -> KeyedLimiter | None:
@@ -183,6 +193,15 @@ class Relay:
         )
         self.enroll_limits = AttemptLimits(per_source=_limiter(config.enroll_limit_per_source))
         self.refresh_limit = _limiter(config.refresh_limit_per_node)
+        self.handshakes = HandshakeGuard(
+            HandshakeLimits(
+                deadline_secs=config.handshake_timeout,
+                max_unattested_per_source=config.max_unattested_per_source,
+            )
+        )
+        self._unattested: dict[int, StreamHandle] = {}
+        """The streams the guard holds a deadline for, by stream id."""
+        self._handshake_wake = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,7 +224,12 @@ class Relay:
         self._reset_daemon_gauge()
         await self.dispatcher.start()
         loop = asyncio.get_running_loop()
-        for coro in (self._sweep_loop(), self._flush_loop(), self._maintenance_loop()):
+        for coro in (
+            self._sweep_loop(),
+            self._flush_loop(),
+            self._maintenance_loop(),
+            self._handshake_loop(),
+        ):
             self._tasks.append(loop.create_task(coro))
         jsonlog.log("info", "relay.started", daemons=len(self.nodes))
 
@@ -272,6 +296,38 @@ class Relay:
             deadline = self.health.next_deadline()
             wait = step if deadline is None else min(step, max(0.01, deadline - now + 0.001))
             await asyncio.sleep(wait)
+
+    async def _handshake_loop(self) -> None:
+        """Close the streams that did not attest in time, at the guard's next deadline
+        (one timer for all of them; idle while no stream is mid-handshake)."""
+        while True:
+            deadline = self.handshakes.next_deadline()
+            if deadline is None:
+                self._handshake_wake.clear()
+                await self._handshake_wake.wait()
+                continue
+            delay = deadline - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for refusal in self.handshakes.expire(self.now()):
+                handle = self._unattested.pop(refusal.stream_id, None)
+                if handle is None or handle.closing:
+                    continue
+                self._count_handshake_refusal(refusal, handle.peer, handle.node_id)
+                handle.close(_status_code(refusal.grpc_status), refusal.message)
+
+    def _count_handshake_refusal(
+        self, refusal: HandshakeRefusal, peer: str, node_id: str | None
+    ) -> None:
+        self.metrics.refusals.labels(reason=refusal.reason).inc()
+        jsonlog.log(
+            "warning",
+            "stream.refused",
+            node_id=node_id,
+            reason=refusal.reason,
+            error=refusal.message,
+            peer=peer,
+        )
 
     async def _flush_loop(self) -> None:
         while True:
@@ -551,6 +607,12 @@ class Relay:
         handle = StreamHandle(peer=context.peer(), max_message_bytes=self.config.max_message_bytes)
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "relay is shutting down")
+        refusal = self.handshakes.admit(handle.id, source=source_of(handle.peer), now=self.now())
+        if refusal is not None:
+            self._count_handshake_refusal(refusal, handle.peer, None)
+            await context.abort(_status_code(refusal.grpc_status), refusal.message)
+        self._unattested[handle.id] = handle
+        self._handshake_wake.set()
         self._all_streams.add(handle)
         reader = asyncio.get_running_loop().create_task(self._read_loop(handle, context))
         close: CloseStream | None = None
@@ -613,6 +675,8 @@ class Relay:
 
     def _stream_gone(self, handle: StreamHandle) -> None:
         self._all_streams.discard(handle)
+        self.handshakes.settle(handle.id)
+        self._unattested.pop(handle.id, None)
         now = self.now()
         if handle.attested and handle.accounted_at:
             self._account_stream_seconds(now)
@@ -766,6 +830,10 @@ class Relay:
             handle.close()
             return
         assert node is not None
+        # The daemon has done its part: what follows (a token written to the store) is the
+        # relay's own latency, and a slow disk must not make it cut an honest daemon.
+        self.handshakes.settle(handle.id)
+        self._unattested.pop(handle.id, None)
         handle.hello_token = ""
         # Attesting with a token proves the daemon stored it: that confirms it too.
         await self._token_confirmed(node, verified.token_jti, now)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
+import ipaddress
 import json
 import os
 import resource
@@ -29,6 +31,7 @@ import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
+from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE, DEFAULT_MAX_UNATTESTED_PER_SOURCE
 from aegis_edge_core.identity import OPERATOR_TOKEN_TTL, TokenError, new_jti
 from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
@@ -47,7 +50,14 @@ from aegis_edge_relay.services import AdminService, EnrollmentService, stream_ha
 from aegis_edge_relay.store import StoreUnavailable
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
 
-__all__ = ["ServeOptions", "issue_operator_token", "raise_nofile_limit", "serve"]
+__all__ = [
+    "ServeOptions",
+    "StartupError",
+    "issue_operator_token",
+    "load_metrics_token",
+    "raise_nofile_limit",
+    "serve",
+]
 
 RELAY_JSON: Final = "relay.json"
 OPERATOR_TOKEN: Final = "operator.token"  # noqa: S105 - a file name
@@ -79,6 +89,85 @@ class ServeOptions:
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
     enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
     refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
+    handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
+    """Seconds a daemon stream may take to attest, and a TCP connection to finish TLS."""
+    max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
+    metrics_token_file: Path | None = None
+    """A file holding the bearer token ``/metrics`` requires (``None``: no auth)."""
+
+
+class StartupError(Exception):
+    """The relay cannot start; ``str()`` is one line for stderr naming what and the fix."""
+
+
+def load_metrics_token(path: Path) -> bytes:
+    """The bearer token in ``path`` (surrounding whitespace dropped)."""
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except OSError as err:
+        raise StartupError(
+            f"--metrics-token-file {path}: cannot read it ({err.strerror or err})"
+        ) from None
+    except UnicodeDecodeError:
+        raise StartupError(
+            f"--metrics-token-file {path}: the token must be printable ASCII "
+            f"(e.g. the output of 'openssl rand -hex 32')"
+        ) from None
+    if not text or any(not c.isprintable() or c.isspace() for c in text):
+        raise StartupError(
+            f"--metrics-token-file {path}: "
+            + ("the file is empty" if not text else "the token holds spaces or control characters")
+            + "; put one token on one line (e.g. the output of 'openssl rand -hex 32')"
+        )
+    return text.encode("ascii")
+
+
+_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "no such address on this host",
+}
+
+
+def _cannot_listen(shown: str, flag: str, err: OSError | None) -> StartupError:
+    if isinstance(err, socket.gaierror):
+        why = f"the host name does not resolve ({err.strerror})"
+    elif err is None:
+        why = "gRPC could not bind it"
+    else:
+        why = _BIND_ERRORS.get(err.errno or 0, err.strerror or str(err))
+    hint = f"another relay running? pick another {flag}"
+    if err is not None and err.errno != errno.EADDRINUSE:
+        hint = f"pick another {flag}"
+    return StartupError(f"cannot listen on {shown}: {why} ({hint})")
+
+
+def _probe_bind(host: str, port: int) -> OSError | None:
+    """Bind ``host:port`` the way gRPC will (SO_REUSEADDR), and let go: gRPC itself says
+    only "failed to bind", and logs a line of its own."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return err
+    for family, kind, proto, _name, addr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(addr)
+        except OSError as err:
+            return err
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 GC_THRESHOLDS: tuple[int, int, int] = (50_000, 20, 10)
@@ -202,10 +291,13 @@ async def _store_abort(context: Any, err: StoreUnavailable) -> None:
     await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
 
-def _grpc_options() -> list[tuple[str, Any]]:
+def _grpc_options(handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE) -> list[tuple[str, Any]]:
     # Tuned for many long-lived streams and reconnect storms: no cap on concurrent
     # streams or pending requests that a few thousand reconnecting daemons would hit.
     return [
+        # A TCP connection that has not finished TLS and the HTTP/2 preface by then is
+        # closed by gRPC core (its default is 120 s: long enough to hold sockets open).
+        ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout * 1000))),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -239,7 +331,12 @@ async def serve(opts: ServeOptions) -> int:
     loose = ensure_private_dir(data_dir)
     if loose is not None:
         jsonlog.log("warning", "file.mode_tightened", path=str(data_dir), old_mode=f"{loose:04o}")
-    host, _port = parse_hostport(opts.listen)
+    host, port = parse_hostport(opts.listen)
+    listen_shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    busy = _probe_bind(host, port)
+    if busy is not None:
+        raise _cannot_listen(listen_shown, "--listen", busy)
+    metrics_token = load_metrics_token(opts.metrics_token_file) if opts.metrics_token_file else None
     soft, _hard = raise_nofile_limit()
     tls: TlsMaterial | None = None
     if not opts.insecure:
@@ -267,12 +364,14 @@ async def serve(opts: ServeOptions) -> int:
         attest_limit_per_source=opts.attest_limit_per_source,
         enroll_limit_per_source=opts.enroll_limit_per_source,
         refresh_limit_per_node=opts.refresh_limit_per_node,
+        handshake_timeout=opts.handshake_timeout,
+        max_unattested_per_source=opts.max_unattested_per_source,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = _ensure_admin_token(relay, data_dir)
 
     server = grpc.aio.server(
-        options=_grpc_options(),
+        options=_grpc_options(opts.handshake_timeout),
         maximum_concurrent_rpcs=None,
         interceptors=[StoreErrorInterceptor()],
     )
@@ -281,13 +380,28 @@ async def serve(opts: ServeOptions) -> int:
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(relay), server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is not None:
-        creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
-        bound = server.add_secure_port(opts.listen, creds)
-    else:
-        bound = server.add_insecure_port(opts.listen)
-    if not bound:
-        raise OSError(f"could not listen on {opts.listen}")
+    metrics_listener = None
+    try:
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+                bound = server.add_secure_port(opts.listen, creds)
+            else:
+                bound = server.add_insecure_port(opts.listen)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise _cannot_listen(listen_shown, "--listen", _probe_bind(host, port))
+        if opts.metrics_listen:
+            m_host, m_port = parse_hostport(opts.metrics_listen)
+            m_shown = f"[{m_host}]:{m_port}" if ":" in m_host else f"{m_host}:{m_port}"
+            try:
+                metrics_listener = relay.metrics.bind(m_host, m_port, token=metrics_token)
+            except OSError as err:
+                raise _cannot_listen(m_shown, "--metrics-listen", err) from None
+    except StartupError:
+        relay.db.close()
+        raise
     config.relay_endpoint = _advertised(host, bound, opts.advertise)
 
     await relay.start()
@@ -305,11 +419,20 @@ async def serve(opts: ServeOptions) -> int:
 
     metrics_url = ""
     metrics_port = 0
-    if opts.metrics_listen:
-        m_host, m_port = parse_hostport(opts.metrics_listen)
-        metrics_port = relay.metrics.serve(m_host, m_port)
+    if metrics_listener is not None and opts.metrics_listen:
+        m_host, _ = parse_hostport(opts.metrics_listen)
+        metrics_listener.start()
+        metrics_port = metrics_listener.port
         shown = f"[{m_host}]" if ":" in m_host else m_host
         metrics_url = f"http://{shown}:{metrics_port}/metrics"
+        if metrics_token is None and not _is_loopback(m_host):
+            jsonlog.log(
+                "warning",
+                "metrics.unauthenticated",
+                listen=f"{shown}:{metrics_port}",
+                detail="/metrics names every tenant and is served without auth beyond "
+                "loopback; pass --metrics-token-file (see docs/operator-guide.md)",
+            )
 
     listen_shown = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
     info = {
@@ -328,7 +451,8 @@ async def serve(opts: ServeOptions) -> int:
     }
     atomic_write(data_dir / RELAY_JSON, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
     print(f"aegis relay listening on {listen_shown} ({'TLS' if tls else 'PLAINTEXT'})")
-    print(f"  metrics:        {metrics_url or 'off'}")
+    auth = " (bearer token)" if metrics_url and metrics_token else ""
+    print(f"  metrics:        {metrics_url or 'off'}{auth}")
     print(f"  CA certificate: {info['ca_cert'] or '-'}")
     print(f"  admin token:    {token_path}")
     print(f"  relay.json:     {data_dir / RELAY_JSON}", flush=True)
