@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from aegis_edge_core.policy import (
     is_risky_env,
     split_shell,
 )
-from tests.core.fake_paths import PATHS, fake_paths
+from tests.core.fake_paths import PATHS, PROGRAMS, fake_paths
 
 UPGRADE = "/opt/aegis/upgrade.sh && systemctl --user restart aegis-edge.service"
 
@@ -525,3 +526,33 @@ def test_narrowing_never_widens(
         assert narrowed == alone
     # Deterministic.
     assert local.narrow(restriction).evaluate(tool, args, paths=PATHS) == narrowed
+
+
+GUIDE_PATHS = fake_paths(
+    [*PROGRAMS, "cat"],
+    extra={"/opt/tools/backup.sh": "/opt/tools/backup.sh"},
+    directories={"/opt/tools": "/opt/tools"},
+)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "allows", "refuses"),
+    [  # the table in docs/operator-guide.md, "Matching rules for cmd.run"
+        ("uptime", ["uptime", "/usr/bin/uptime"], ["uptime -p"]),
+        ("uptime *", ["uptime", "uptime -p"], []),
+        ("ls *", ["ls", "ls -la /tmp"], ["ls; rm -rf /", "ls $(id)"]),
+        ("cat /var/log/*", ["cat /var/log/syslog"],
+         ["cat /var/log/../../etc/shadow", "cat /var/log/a b"]),
+        ("/opt/tools/* *", ["/opt/tools/backup.sh --full"], ["/opt/tools/../../bin/sh -c x"]),
+        ("systemctl --user restart *", ["systemctl --user restart aegis-edge.service"],
+         ["systemctl restart x"]),
+    ],
+)  # fmt: skip
+def test_operator_guide_examples(pattern: str, allows: list[str], refuses: list[str]) -> None:
+    traversal = {"/opt/tools/../../bin/sh": "/usr/bin/sh"}
+    paths = attrs.evolve(GUIDE_PATHS, programs={**GUIDE_PATHS.programs, **traversal})
+    policy = ToolPolicy(allow=["cmd.run"], cmd_run_allow=[pattern])
+    for cmd in allows:
+        assert policy.evaluate("cmd.run", {"cmd": cmd}, paths=paths).allowed, cmd
+    for cmd in refuses:
+        assert not policy.evaluate("cmd.run", {"cmd": cmd}, paths=paths).allowed, cmd
