@@ -420,3 +420,38 @@ configs = st.builds(
 @given(cfg=configs, include_defaults=st.booleans())
 def test_render_parse_round_trip(cfg: DaemonConfig, include_defaults: bool) -> None:
     assert parse_config(render_config(cfg, include_defaults=include_defaults)) == cfg
+
+
+def test_allow_env_and_allow_cwd() -> None:
+    cfg = parse(
+        """
+        tools:
+          allow: [cmd.run]
+          cmd_run:
+            allow_env: [APP_MODE, "LC_*"]
+            allow_cwd: [/srv/app, "/srv/jobs/*"]
+        """
+    )
+    assert cfg.tools.cmd_run.allow_env == ("APP_MODE", "LC_*")
+    assert cfg.tools.cmd_run.allow_cwd == ("/srv/app", "/srv/jobs/*")
+    assert DEFAULT_CONFIG.tools.cmd_run.allow_env == DEFAULT_CONFIG.tools.cmd_run.allow_cwd == ()
+    assert parse_config(render_config(cfg)) == cfg
+    policy = cfg.policy()
+    assert policy.evaluate("cmd.run", {"cmd": "ls", "env": {"LC_ALL": "C"}}, paths=PATHS).allowed
+    d = policy.evaluate("cmd.run", {"cmd": "ls", "env": {"TOKEN": "x"}}, paths=PATHS)
+    assert (d.allowed, d.rule) == (False, "tools.cmd_run.allow_env")
+    # A relay's lists narrow them, and are refused when malformed like the local ones.
+    pushed = parse_relay_settings({"tools": {"cmd_run": {"allow_env": ["APP_MODE"]}}})
+    d = (
+        merge_config(cfg, pushed)
+        .policy()
+        .evaluate("cmd.run", {"cmd": "ls", "env": {"LC_ALL": "C"}}, paths=PATHS)
+    )
+    assert (d.allowed, d.rule) == (False, "relay.tools.cmd_run.allow_env")
+    assert error("tools: {cmd_run: {allow_env: [BAD-NAME]}}").path == "tools.cmd_run.allow_env[0]"
+    err = error("tools: {cmd_run: {allow_cwd: [srv/app]}}")
+    assert err.path == "tools.cmd_run.allow_cwd[0]" and "absolute" in str(err)
+    err = error("tools: {cmd_run: {allow: ['up*']}}")
+    assert err.path == "tools.cmd_run.allow[0]" and "bare name with a wildcard" in str(err)
+    with pytest.raises(ConfigFileError):
+        parse_relay_settings({"tools": {"cmd_run": {"allow_cwd": ["../x"]}}})
