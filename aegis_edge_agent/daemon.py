@@ -35,6 +35,7 @@ from aegis_edge_agent.settings import AgentSettings, load_settings
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.tools import (
     BUILTIN,
+    DaemonPaths,
     Tool,
     ToolContext,
     kill_process_group,
@@ -50,6 +51,7 @@ from aegis_edge_core.errors import AegisError, ConfigError, LocalProtocolError, 
 from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
 from aegis_edge_core.identity.errors import default_hint
 from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh, sign_rotation
+from aegis_edge_core.policy import child_environment
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
 
 __all__ = ["EXIT_REVOKED", "Daemon", "run_daemon"]
@@ -160,6 +162,8 @@ class Daemon:
         self.children: dict[int, hs.ChildProcess] = {}
         self.tools: dict[str, Tool] = dict(BUILTIN)
         self.settings = AgentSettings()
+        # Programs a policy names are looked up on the PATH the daemon started with.
+        self.host_paths = DaemonPaths()
         self.node: hs.NodeInfo | None = None
         self.telemetry: Telemetry | None = None
         self.stall_heartbeats = stall_heartbeats
@@ -811,7 +815,7 @@ class Daemon:
         except tools_spec.ToolArgumentError as err:
             self._finish_now(inv, stream_pb2.ERROR_KIND_BAD_ARGUMENTS, str(err))
             return
-        decision = self.settings.policy.evaluate(inv.tool, args)
+        decision = self.settings.policy.evaluate(inv.tool, args, paths=self.host_paths)
         if not decision.allowed:
             self.log.warning(
                 "command_denied",
@@ -856,10 +860,11 @@ class Daemon:
         if timeout is None and inv.tool == tools_spec.CMD_RUN:
             timeout = self.settings.default_timeout_secs
         run_args: dict[str, Any] = dict(args)
-        if isinstance(spec, tools_spec.CmdRunArgs):
-            env = dict(spec.env)
-            env[CHILD_MARKER_ENV] = cid
-            run_args["_spec"] = attrs.evolve(spec, env=env)
+        if decision.plan is not None:
+            run_args["_plan"] = decision.plan
+            run_args["_env"] = child_environment(
+                os.environ, decision.plan.env, extra={CHILD_MARKER_ENV: cid}
+            )
         running = _Running(invocation=inv)
         self.running[cid] = running
         running.task = asyncio.create_task(self._run_tool(tool, run_args, inv, running))

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,11 +26,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from aegis_edge_core import __version__, tools_spec
+from aegis_edge_core import __version__, policy, tools_spec
 from aegis_edge_core.wire import stream_pb2
 
 __all__ = [
     "BUILTIN",
+    "DaemonPaths",
     "ProcessRegistry",
     "Tool",
     "ToolContext",
@@ -118,33 +121,83 @@ async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
         await asyncio.wait_for(proc.wait(), timeout=grace)
 
 
+def _daemon_path() -> str:
+    return os.environ.get("PATH", os.defpath)
+
+
+def _absolute_entries(search_path: str) -> str:
+    return os.pathsep.join(d for d in search_path.split(os.pathsep) if os.path.isabs(d))
+
+
+@attrs.frozen
+class DaemonPaths:
+    """The policy's :class:`~aegis_edge_core.policy.HostPaths`, answered from this host's disk.
+
+    Bare names are looked up on the daemon's own ``PATH`` (``search_path``; relative entries
+    are skipped, so the daemon's working directory never decides), never on a caller's.
+    """
+
+    search_path: str = attrs.field(factory=_daemon_path, converter=_absolute_entries)
+
+    def program(self, word: str) -> str | None:
+        if "/" in word:
+            if not os.path.isabs(word):
+                return None
+            found: str | None = word
+        else:
+            found = shutil.which(word, path=self.search_path)
+        if found is None:
+            return None
+        real = os.path.realpath(found)
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            return None
+        return real if stat.S_ISREG(mode) and os.access(real, os.X_OK) else None
+
+    def directory(self, path: str) -> str | None:
+        if not os.path.isabs(path):
+            return None
+        real = os.path.realpath(path)
+        return real if os.path.isdir(real) else None
+
+
 class CmdRun:
+    """Runs the :class:`~aegis_edge_core.policy.ExecPlan` the host policy answered with.
+
+    The daemon passes it as ``args["_plan"]`` and the child's whole environment as
+    ``args["_env"]``; nothing is looked up again here, so what runs is what the policy matched.
+    """
+
     name = tools_spec.CMD_RUN
 
     async def run(self, args: Mapping[str, Any], context: ToolContext) -> ToolResult:
-        spec = args.get("_spec")
-        if not isinstance(spec, tools_spec.CmdRunArgs):
-            spec = tools_spec.validate_args(self.name, args)
-            assert isinstance(spec, tools_spec.CmdRunArgs)
-        env = None
-        if spec.env:
-            env = dict(os.environ)
-            env.update(spec.env)
+        plan = args.get("_plan")
+        if not isinstance(plan, policy.ExecPlan):
+            return ToolResult(
+                kind=stream_pb2.ERROR_KIND_INTERNAL,
+                message="cmd.run runs only what the host policy decided (no plan was given)",
+            )
+        env = args.get("_env")
+        if not isinstance(env, Mapping):
+            env = policy.child_environment(os.environ, plan.env)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *spec.command_line,
+                *plan.argv,
+                executable=plan.executable,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                cwd=spec.cwd,
-                env=env,
+                cwd=plan.cwd,
+                env=dict(env),
                 start_new_session=True,
             )
-        except FileNotFoundError as err:
-            missing = spec.cwd if spec.cwd and not os.path.isdir(spec.cwd) else err.filename
+        except FileNotFoundError:
+            # The plan's program and cwd existed when the policy looked; name neither here
+            # (the text of a call stays out of results), only what happened.
             return ToolResult(
                 kind=stream_pb2.ERROR_KIND_INTERNAL,
-                message=f"cannot start the command: {missing}: no such file or directory",
+                message="cannot start the command: the program or cwd no longer exists",
             )
         except OSError as err:
             return ToolResult(

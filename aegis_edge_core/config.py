@@ -6,7 +6,8 @@ A daemon's effective configuration is three layers, later ones winning key by ke
 
     defaults  <  the local aegis-config.yaml  <  settings the relay pushes
 
-with one exception, **tool permissions** (``tools.allow``, ``tools.cmd_run.allow``): the host
+with one exception, **tool permissions** (``tools.allow``, ``tools.cmd_run.allow``,
+``tools.cmd_run.allow_env``, ``tools.cmd_run.allow_cwd``): the host
 owner's local policy always wins. What the relay sends for those keys becomes a
 :class:`~aegis_edge_core.policy.ToolRestriction` layered on top of the local policy, so it can
 only narrow what the owner allowed, never widen it. Two more keys belong to the host alone and a
@@ -26,6 +27,8 @@ Keys (dotted paths; every other key is refused with the nearest valid key sugges
     tools.allow                        tool names or globs; default sys.info, edge.ping, keys.rotate
     tools.max_concurrent               positive int, default 4
     tools.cmd_run.allow                command patterns; unset = any command once cmd.run is allowed
+    tools.cmd_run.allow_env            env variable names or globs a call may set; default none
+    tools.cmd_run.allow_cwd            absolute path patterns a call's cwd may be; default none
     tools.cmd_run.output_cap_bytes     positive int, default 1 MiB
     tools.cmd_run.default_timeout      seconds (number, or "30s", "5m", "1h", "500ms"), default 300
     heartbeat.interval                 seconds; relay-pushed only, default 30
@@ -293,6 +296,18 @@ def _pattern_list(value: object, path: str) -> tuple[str, ...]:
     return patterns
 
 
+def _env_list(value: object, path: str) -> tuple[str, ...]:
+    names = _str_list(value, path)
+    ToolRestriction(source="tools", cmd_run_allow_env=names)
+    return names
+
+
+def _cwd_list(value: object, path: str) -> tuple[str, ...]:
+    patterns = _str_list(value, path)
+    ToolRestriction(source="tools", cmd_run_allow_cwd=patterns)
+    return patterns
+
+
 def _validator(
     check: Callable[[object, str], object], path: str, *, nullable: bool = False
 ) -> Callable[[Any, Any, Any], None]:
@@ -324,6 +339,14 @@ def _conv_cmd_run_allow(value: Iterable[str] | None) -> tuple[str, ...] | None:
     return None if value is None else _as_tuple(value, "tools.cmd_run.allow")
 
 
+def _conv_allow_env(value: Iterable[str]) -> tuple[str, ...]:
+    return _as_tuple(value, "tools.cmd_run.allow_env")
+
+
+def _conv_allow_cwd(value: Iterable[str]) -> tuple[str, ...]:
+    return _as_tuple(value, "tools.cmd_run.allow_cwd")
+
+
 def _conv_default_timeout(value: float | str) -> float:
     return parse_duration(value, "tools.cmd_run.default_timeout")
 
@@ -343,6 +366,16 @@ class CmdRunConfig:
         default=None,
         converter=_conv_cmd_run_allow,
         validator=_validator(_pattern_list, "tools.cmd_run.allow", nullable=True),
+    )
+    allow_env: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_conv_allow_env,
+        validator=_validator(_env_list, "tools.cmd_run.allow_env"),
+    )
+    allow_cwd: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_conv_allow_cwd,
+        validator=_validator(_cwd_list, "tools.cmd_run.allow_cwd"),
     )
     output_cap_bytes: int = attrs.field(
         default=1024 * 1024,
@@ -441,7 +474,13 @@ class DaemonConfig:
 
     def policy(self) -> ToolPolicy:
         """The effective tool policy: the host owner's, narrowed by the relay's restriction."""
-        local = ToolPolicy(allow=self.tools.allow, cmd_run_allow=self.tools.cmd_run.allow)
+        cmd_run = self.tools.cmd_run
+        local = ToolPolicy(
+            allow=self.tools.allow,
+            cmd_run_allow=cmd_run.allow,
+            cmd_run_allow_env=cmd_run.allow_env,
+            cmd_run_allow_cwd=cmd_run.allow_cwd,
+        )
         return local.narrow(self.restriction)
 
     def expand(self, *, tenant_id: str, node_id: str) -> DaemonConfig:
@@ -500,6 +539,8 @@ _SCHEMA: _Schema = {
         "max_concurrent": _Leaf(_positive_int),
         "cmd_run": {
             "allow": _Leaf(_pattern_list, nullable=True),
+            "allow_env": _Leaf(_env_list),
+            "allow_cwd": _Leaf(_cwd_list),
             "output_cap_bytes": _Leaf(_positive_int),
             "default_timeout": _Leaf(parse_duration),
         },
@@ -515,7 +556,9 @@ _SCHEMA: _Schema = {
     },
 }
 
-_PERMISSION_KEYS = frozenset({"tools.allow", "tools.cmd_run.allow"})
+_PERMISSION_KEYS = frozenset(
+    {"tools.allow", "tools.cmd_run.allow", "tools.cmd_run.allow_env", "tools.cmd_run.allow_cwd"}
+)
 
 
 def _all_paths(schema: _Schema, prefix: str = "") -> list[str]:
@@ -708,6 +751,8 @@ def _to_tree(cfg: DaemonConfig) -> dict[str, object]:
         "tools.allow": cfg.tools.allow,
         "tools.max_concurrent": cfg.tools.max_concurrent,
         "tools.cmd_run.allow": cfg.tools.cmd_run.allow,
+        "tools.cmd_run.allow_env": cfg.tools.cmd_run.allow_env,
+        "tools.cmd_run.allow_cwd": cfg.tools.cmd_run.allow_cwd,
         "tools.cmd_run.output_cap_bytes": cfg.tools.cmd_run.output_cap_bytes,
         "tools.cmd_run.default_timeout": cfg.tools.cmd_run.default_timeout,
         "heartbeat.interval": cfg.heartbeat.interval,
@@ -728,6 +773,8 @@ def _build(flat: Mapping[str, Any], restriction: ToolRestriction | None) -> Daem
             max_concurrent=flat["tools.max_concurrent"],
             cmd_run=CmdRunConfig(
                 allow=flat["tools.cmd_run.allow"],
+                allow_env=flat["tools.cmd_run.allow_env"],
+                allow_cwd=flat["tools.cmd_run.allow_cwd"],
                 output_cap_bytes=flat["tools.cmd_run.output_cap_bytes"],
                 default_timeout=flat["tools.cmd_run.default_timeout"],
             ),
@@ -780,7 +827,8 @@ def parse_relay_settings(
 ) -> RelaySettings:
     """Validate what a relay pushed: a nested mapping in the file's shape, or YAML/JSON text.
 
-    ``tools.allow`` and ``tools.cmd_run.allow`` become a restriction; ``relay`` and ``labels``
+    The permission keys (``tools.allow``, ``tools.cmd_run.allow``, ``allow_env``,
+    ``allow_cwd``) become a restriction; ``relay`` and ``labels``
     are refused (host-owned). Raises :class:`ConfigFileError` naming ``source``.
     """
     values: Mapping[str, yaml.Mark] = {}
@@ -795,12 +843,16 @@ def parse_relay_settings(
         raise _locate(exc, source, values, keys) from None
     allow = flat.pop("tools.allow", None)
     cmd_run_allow = flat.pop("tools.cmd_run.allow", None)
+    allow_env = flat.pop("tools.cmd_run.allow_env", None)
+    allow_cwd = flat.pop("tools.cmd_run.allow_cwd", None)
     restriction = None
-    if allow is not None or cmd_run_allow is not None:
+    if any(v is not None for v in (allow, cmd_run_allow, allow_env, allow_cwd)):
         restriction = ToolRestriction(
             source="relay.tools",
             allow=allow,  # type: ignore[arg-type]
             cmd_run_allow=cmd_run_allow,  # type: ignore[arg-type]
+            cmd_run_allow_env=allow_env,  # type: ignore[arg-type]
+            cmd_run_allow_cwd=allow_cwd,  # type: ignore[arg-type]
         )
     return RelaySettings(overrides=flat, restriction=restriction)
 

@@ -135,7 +135,8 @@ class CmdRunArgs:
 
     @property
     def command_line(self) -> tuple[str, ...]:
-        """The argv to exec: ``/bin/sh -c <cmd>`` or ``argv`` itself."""
+        """The call as written: ``/bin/sh -c <cmd>`` or ``argv`` itself. The daemon does not
+        exec this but the host policy's :class:`~aegis_edge_core.policy.ExecPlan`."""
         if self.argv is not None:
             return self.argv
         assert self.cmd is not None
@@ -143,7 +144,8 @@ class CmdRunArgs:
 
     @property
     def display(self) -> str:
-        """What policy rules and logs match against: the shell string or argv joined."""
+        """The shell string or argv joined, for a person reading the call. The host policy
+        matches resolved programs instead, and its denials never repeat this text."""
         if self.cmd is not None:
             return self.cmd
         assert self.argv is not None

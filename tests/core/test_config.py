@@ -26,6 +26,7 @@ from aegis_edge_core.config import (
     render_config,
 )
 from aegis_edge_core.errors import ConfigError
+from tests.core.fake_paths import PATHS
 
 SEED_EXAMPLE = """\
 relay: relay.example.com:443
@@ -74,7 +75,7 @@ def test_empty_file_is_the_defaults() -> None:
     assert d.heartbeat.interval == 30.0
     assert (d.logging.level, d.logging.format) == ("info", "json")
     assert d.observability.otlp == OtlpConfig(endpoint=None, insecure=False, headers={})
-    assert not d.policy().evaluate("cmd.run", {"cmd": "ls"}).allowed
+    assert not d.policy().evaluate("cmd.run", {"cmd": "ls"}, paths=PATHS).allowed
 
 
 def test_parses_every_key() -> None:
@@ -88,7 +89,7 @@ def test_parses_every_key() -> None:
     )
     assert cfg.logging == LoggingConfig(level="debug", format="json")
     assert cfg.observability.otlp.headers["x-tenant-id"] == "${tenant_id}"
-    assert cfg.policy().evaluate("cmd.run", {"cmd": "uptime"}).allowed
+    assert cfg.policy().evaluate("cmd.run", {"cmd": "uptime"}, paths=PATHS).allowed
 
 
 def test_tenant_and_node_expansion() -> None:
@@ -261,27 +262,27 @@ def test_relay_can_narrow_but_never_widen_tool_permissions() -> None:
     )
     widen = parse_relay_settings(
         "tools:\n  allow: [sys.info, edge.ping, keys.rotate, cmd.run, acme.*]\n"
-        "  cmd_run: {allow: ['*', 'rm *']}\n"
+        "  cmd_run: {allow: ['/usr/bin/* *', 'rm *'], allow_env: ['*'], allow_cwd: ['/']}\n"
     )
     merged = merge_config(local, widen)
     assert merged.tools.allow == local.tools.allow  # local lists are kept as written
     policy = merged.policy()
     assert not policy.evaluate("keys.rotate").allowed
     assert not policy.evaluate("acme.deploy").allowed
-    assert not policy.evaluate("cmd.run", {"cmd": "rm -rf /"}).allowed
-    assert policy.evaluate("cmd.run", {"cmd": "ls -l"}).allowed
+    assert not policy.evaluate("cmd.run", {"cmd": "rm -rf /"}, paths=PATHS).allowed
+    assert policy.evaluate("cmd.run", {"cmd": "ls -l"}, paths=PATHS).allowed
     narrow = parse_relay_settings(
         {"tools": {"allow": ["sys.info", "cmd.run"], "cmd_run": {"allow": ["uptime"]}}}
     )
     policy = merge_config(local, narrow).policy()
     d = policy.evaluate("edge.ping")
     assert (d.allowed, d.rule) == (False, "relay.tools.allow")
-    d = policy.evaluate("cmd.run", {"cmd": "ls -l"})
+    d = policy.evaluate("cmd.run", {"cmd": "ls -l"}, paths=PATHS)
     assert (d.allowed, d.rule) == (False, "relay.tools.cmd_run.allow")
-    assert policy.evaluate("cmd.run", {"cmd": "uptime"}).allowed
+    assert policy.evaluate("cmd.run", {"cmd": "uptime"}, paths=PATHS).allowed
     # A relay enabling cmd.run on a host that never allowed it changes nothing.
     policy = merge_config(DEFAULT_CONFIG, widen).policy()
-    assert not policy.evaluate("cmd.run", {"cmd": "ls"}).allowed
+    assert not policy.evaluate("cmd.run", {"cmd": "ls"}, paths=PATHS).allowed
 
 
 @pytest.mark.parametrize("key", ["relay", "labels"])
@@ -316,7 +317,7 @@ def test_render_for_enrollment_round_trips() -> None:
     assert parse_config(text) == cfg
     assert parse_config(render_config(cfg, include_defaults=True)) == cfg
     assert parse_config(render_config(parse(SEED_EXAMPLE))) == parse(SEED_EXAMPLE)
-    assert cfg.policy().evaluate("cmd.run", {"cmd": "anything"}).allowed
+    assert cfg.policy().evaluate("cmd.run", {"cmd": "anything"}, paths=PATHS).allowed
 
 
 def test_parse_label_and_duration() -> None:
@@ -388,7 +389,10 @@ configs = st.builds(
         max_concurrent=st.integers(1, 64),
         cmd_run=st.builds(
             CmdRunConfig,
-            allow=st.none() | st.lists(st.sampled_from(["ls *", "uptime", "a && b", "[ab]?"])),
+            allow=st.none()
+            | st.lists(st.sampled_from(["ls *", "uptime", "a && b", "/usr/bin/[ab]?"])),
+            allow_env=st.lists(st.sampled_from(["APP_MODE", "APP_*", "PATH", "LC_?"])),
+            allow_cwd=st.lists(st.sampled_from(["/srv/app", "/srv/*", "/"])),
             output_cap_bytes=st.integers(1, 2**40),
             default_timeout=st.floats(min_value=0.001, max_value=1e6),
         ),
@@ -416,3 +420,38 @@ configs = st.builds(
 @given(cfg=configs, include_defaults=st.booleans())
 def test_render_parse_round_trip(cfg: DaemonConfig, include_defaults: bool) -> None:
     assert parse_config(render_config(cfg, include_defaults=include_defaults)) == cfg
+
+
+def test_allow_env_and_allow_cwd() -> None:
+    cfg = parse(
+        """
+        tools:
+          allow: [cmd.run]
+          cmd_run:
+            allow_env: [APP_MODE, "LC_*"]
+            allow_cwd: [/srv/app, "/srv/jobs/*"]
+        """
+    )
+    assert cfg.tools.cmd_run.allow_env == ("APP_MODE", "LC_*")
+    assert cfg.tools.cmd_run.allow_cwd == ("/srv/app", "/srv/jobs/*")
+    assert DEFAULT_CONFIG.tools.cmd_run.allow_env == DEFAULT_CONFIG.tools.cmd_run.allow_cwd == ()
+    assert parse_config(render_config(cfg)) == cfg
+    policy = cfg.policy()
+    assert policy.evaluate("cmd.run", {"cmd": "ls", "env": {"LC_ALL": "C"}}, paths=PATHS).allowed
+    d = policy.evaluate("cmd.run", {"cmd": "ls", "env": {"TOKEN": "x"}}, paths=PATHS)
+    assert (d.allowed, d.rule) == (False, "tools.cmd_run.allow_env")
+    # A relay's lists narrow them, and are refused when malformed like the local ones.
+    pushed = parse_relay_settings({"tools": {"cmd_run": {"allow_env": ["APP_MODE"]}}})
+    d = (
+        merge_config(cfg, pushed)
+        .policy()
+        .evaluate("cmd.run", {"cmd": "ls", "env": {"LC_ALL": "C"}}, paths=PATHS)
+    )
+    assert (d.allowed, d.rule) == (False, "relay.tools.cmd_run.allow_env")
+    assert error("tools: {cmd_run: {allow_env: [BAD-NAME]}}").path == "tools.cmd_run.allow_env[0]"
+    err = error("tools: {cmd_run: {allow_cwd: [srv/app]}}")
+    assert err.path == "tools.cmd_run.allow_cwd[0]" and "absolute" in str(err)
+    err = error("tools: {cmd_run: {allow: ['up*']}}")
+    assert err.path == "tools.cmd_run.allow[0]" and "bare name with a wildcard" in str(err)
+    with pytest.raises(ConfigFileError):
+        parse_relay_settings({"tools": {"cmd_run": {"allow_cwd": ["../x"]}}})
