@@ -165,9 +165,12 @@ class _Demo:
                     "edge", "status", "--state-dir", str(state), "--output", "json", show=False
                 ).stdout
             )["node_id"]
-            # The failing host is told so through its environment, as a broken upgrade
-            # script would find out about its host.
-            env = dict(host_env, AEGIS_DEMO_HOST=host)
+            # Each host gets a HOME of its own, named after it: a command's environment is
+            # the daemon's minimal base (PATH, HOME, LANG), so that is how the upgrade script
+            # finds out which host it runs on.
+            home = self.root / "homes" / host
+            home.mkdir(parents=True, exist_ok=True)
+            env = dict(host_env, HOME=str(home))
             self.spawn(
                 ["edge", "daemon", "--state-dir", str(state)], self.root / f"{host}.log", env
             )
@@ -202,9 +205,9 @@ class _Demo:
         failing = min((h for h in node_ids if h.startswith("web")), key=node_ids.__getitem__)
         print(f"(the upgrade script is broken on {failing})")
         script = (
-            'if [ "$AEGIS_DEMO_HOST" = "' + failing + '" ]; then '
-            'echo "upgrade failed on $AEGIS_DEMO_HOST" >&2; exit 3; fi; '
-            'sleep 1; echo "upgraded $AEGIS_DEMO_HOST"'
+            'if [ "${HOME##*/}" = "' + failing + '" ]; then '
+            'echo "upgrade failed on ${HOME##*/}" >&2; exit 3; fi; '
+            'sleep 1; echo "upgraded ${HOME##*/}"'
         )
         done = self.aegis(
             "edge", "fleet", "run", "--target", "tags=managed-fleet", "--tool", "cmd.run",
