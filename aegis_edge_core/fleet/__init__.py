@@ -30,11 +30,13 @@ from __future__ import annotations
 from aegis_edge_core.fleet.errors import FleetRecordError, FleetSpecError, NoTargets, SelectorError
 from aegis_edge_core.fleet.outcomes import (
     DaemonStatus,
+    EndedBy,
     RunOutcome,
     RunPhase,
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
 )
 from aegis_edge_core.fleet.planner import (
     DEFAULT_CANCEL_GRACE_SECS,
@@ -64,6 +66,7 @@ __all__ = [
     "DaemonSnapshot",
     "DaemonStatus",
     "Dispatch",
+    "EndedBy",
     "ErrorPolicy",
     "Finish",
     "FleetRecordError",
@@ -83,6 +86,7 @@ __all__ = [
     "TargetOutcome",
     "TargetRecord",
     "TargetState",
+    "TimeoutBound",
     "parse_duration",
     "parse_mode",
     "parse_on_error",
