@@ -92,6 +92,8 @@ class CommandRow:
     error: str = ""
     stdout_tail: bytes = b""
     stderr_tail: bytes = b""
+    result_json: str = ""
+    """The tool's structured result as JSON (``sys.info``'s); empty when none."""
 
 
 @attrs.frozen(kw_only=True)
@@ -164,7 +166,7 @@ class Store(Protocol):
     def unfinished_fleet_runs(self) -> list[FleetRunRow]: ...
 
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -231,6 +233,10 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     );
     CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
     """,
+    # Issue 14: the tool's structured result, for fleet show and edge show --history.
+    2: """
+    ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,
 }
 
 _TAIL_CAP: Final = 64 * 1024
@@ -268,6 +274,7 @@ def _command(row: sqlite3.Row) -> CommandRow:
         error=row["error"],
         stdout_tail=bytes(row["stdout_tail"]),
         stderr_tail=bytes(row["stderr_tail"]),
+        result_json=row["result_json"],
     )
 
 
@@ -592,7 +599,7 @@ class SQLiteStore:
             return False
         db.execute(
             "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
-            " stdout_tail = ?, stderr_tail = ? WHERE command_id = ?",
+            " stdout_tail = ?, stderr_tail = ?, result_json = ? WHERE command_id = ?",
             (
                 row.finished_at,
                 row.outcome,
@@ -600,6 +607,7 @@ class SQLiteStore:
                 row.error,
                 row.stdout_tail[-_TAIL_CAP:],
                 row.stderr_tail[-_TAIL_CAP:],
+                row.result_json,
                 row.command_id,
             ),
         )

@@ -27,7 +27,13 @@ answers are values and lists of actions. Each module's docstring states its exac
 
 from __future__ import annotations
 
-from aegis_edge_core.fleet.errors import FleetRecordError, FleetSpecError, NoTargets, SelectorError
+from aegis_edge_core.fleet.errors import (
+    FleetRecordError,
+    FleetSpecError,
+    NoTargets,
+    RunFinished,
+    SelectorError,
+)
 from aegis_edge_core.fleet.outcomes import (
     DaemonStatus,
     EndedBy,
@@ -76,6 +82,7 @@ __all__ = [
     "NoTargets",
     "Resolution",
     "RolloutMode",
+    "RunFinished",
     "RunOutcome",
     "RunPhase",
     "RunRecord",

@@ -152,6 +152,7 @@ from typing import Final, TypeAlias
 import attrs
 
 from aegis_edge_core.errors import LocalProtocolError
+from aegis_edge_core.fleet.errors import RunFinished
 from aegis_edge_core.fleet.outcomes import (
     EndedBy,
     RunOutcome,
@@ -536,6 +537,15 @@ class FleetRun:
         self._advance(now, actions)
         return actions
 
+    def check_cancellable(self) -> None:
+        """Raise :class:`~aegis_edge_core.fleet.errors.RunFinished` once the run is over.
+
+        :meth:`cancel` itself is a no-op then (a cancel racing the finish is harmless); an
+        operator asking to cancel a finished run is told so instead.
+        """
+        if self._outcome is not None:
+            raise RunFinished(self.fleet_command_id, self._outcome.value)
+
     def cancel(self, now: float, *, message: str | None = None) -> list[Action]:
         """An operator cancels the run: stop with cause ``cancelled``.
 
@@ -590,6 +600,17 @@ class FleetRun:
     def in_flight(self) -> tuple[str, ...]:
         """Node ids dispatched and not yet done (including cancelling), in dispatch order."""
         return tuple(self._in_flight)
+
+    def target(self, node_id: str) -> TargetRecord:
+        """One target's :class:`TargetRecord` now, in O(1) (progress events of big runs).
+
+        Raises :class:`~aegis_edge_core.errors.LocalProtocolError` for a node that is not
+        a target of this run.
+        """
+        target = self._by_id.get(node_id)
+        if target is None:
+            raise LocalProtocolError(f"node {node_id!r} is not a target of this run")
+        return target.record()
 
     @property
     def failures(self) -> int:

@@ -39,7 +39,7 @@ from typing import Final, TypeVar
 
 import attrs
 
-from aegis_edge_core.fleet.errors import FleetRecordError
+from aegis_edge_core.fleet.errors import FleetRecordError, RunFinished
 from aegis_edge_core.fleet.outcomes import (
     RESOLUTION_SKIP_REASONS,
     RUN_SKIP_REASONS,
@@ -206,6 +206,14 @@ class RunRecord:
     def __attrs_post_init__(self) -> None:
         if (self.phase is RunPhase.FINISHED) != (self.outcome is not None):
             raise ValueError("a run has an outcome exactly when its phase is finished")
+
+    def check_cancellable(self) -> None:
+        """Raise :class:`~aegis_edge_core.fleet.errors.RunFinished` if the run is over.
+
+        A cancel of a finished run must not read as if it had stopped something.
+        """
+        if self.outcome is not None:
+            raise RunFinished(self.fleet_command_id, self.outcome.value)
 
     @property
     def matched(self) -> int:

@@ -26,53 +26,57 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as aegis_dot_edge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x65gis/edge/v1/admin.proto\x12\raegis.edge.v1\x1a\x1a\x61\x65gis/edge/v1/common.proto\"\xb2\x02\n\x04Host\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.aegis.edge.v1.DaemonStatus\x12\x19\n\x11last_heartbeat_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nrolled_at\x18\x05 \x01(\x01\x12\x17\n\x0f\x63onnected_since\x18\x06 \x01(\x01\x12\x31\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\x12\x16\n\x0ekey_thumbprint\x18\x08 \x01(\t\x12-\n\x07history\x18\t \x03(\x0b\x32\x1c.aegis.edge.v1.CommandRecord\x12\x16\n\x0erevoked_reason\x18\n \x01(\t\"\xe7\x01\n\rCommandRecord\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x18\n\x10\x66leet_command_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x15\n\rdispatched_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x15\n\rerror_message\x18\t \x01(\t\"O\n\x10ListHostsRequest\x12\x16\n\x0e\x63onnected_only\x18\x01 \x01(\x08\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\"7\n\x11ListHostsResponse\x12\"\n\x05hosts\x18\x01 \x03(\x0b\x32\x13.aegis.edge.v1.Host\"8\n\x0eGetHostRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\",\n\x0bTagsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\"4\n\x11RevokeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x1bIssueEnrollmentTokenRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08ttl_secs\x18\x02 \x01(\x01\"A\n\x1cIssueEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"/\n\x14\x44\x65leteTenantResponse\x12\x17\n\x0frevoked_daemons\x18\x01 \x01(\r\"\x9b\x01\n\x0c\x46leetRunSpec\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x10\n\x08on_error\x18\x05 \x01(\t\x12\x15\n\rdeadline_secs\x18\x06 \x01(\x01\x12\x0e\n\x06\x63\x61nary\x18\x07 \x01(\r\x12\x11\n\ttenant_id\x18\x08 \x01(\t\"0\n\rSkippedTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa1\x02\n\x0cTargetResult\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12-\n\x07outcome\x18\x03 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x05 \x01(\x08\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x15\n\rdispatched_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x13\n\x0bstdout_tail\x18\t \x01(\x0c\x12\x13\n\x0bstderr_tail\x18\n \x01(\x0c\x12\x13\n\x0bskip_reason\x18\x0b \x01(\t\x12\x11\n\ttenant_id\x18\x0c \x01(\t\"q\n\x0c\x46leetPreview\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12-\n\x07skipped\x18\x02 \x03(\x0b\x32\x1c.aegis.edge.v1.SkippedTarget\x12\x0f\n\x07matched\x18\x03 \x01(\r\x12\x10\n\x08selector\x18\x04 \x01(\t\"\xbc\x02\n\x08\x46leetRun\x12\x18\n\x10\x66leet_command_id\x18\x01 \x01(\t\x12)\n\x04spec\x18\x02 \x01(\x0b\x32\x1b.aegis.edge.v1.FleetRunSpec\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.aegis.edge.v1.RunOutcome\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12,\n\x07targets\x18\x07 \x03(\x0b\x32\x1b.aegis.edge.v1.TargetResult\x12-\n\x07skipped\x18\x08 \x03(\x0b\x32\x1c.aegis.edge.v1.SkippedTarget\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x13\n\x0bhalt_reason\x18\n \x01(\t\"\xdb\x01\n\rFleetRunEvent\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.aegis.edge.v1.FleetRunH\x00\x12\x31\n\ndispatched\x18\x02 \x01(\x0b\x32\x1b.aegis.edge.v1.TargetResultH\x00\x12\x36\n\x0ftarget_finished\x18\x03 \x01(\x0b\x32\x1b.aegis.edge.v1.TargetResultH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.aegis.edge.v1.FleetRunH\x00\x42\x06\n\x04\x62ody\"8\n\x14ListFleetRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x11\n\ttenant_id\x18\x02 \x01(\t\">\n\x15ListFleetRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.aegis.edge.v1.FleetRun\".\n\x12GetFleetRunRequest\x12\x18\n\x10\x66leet_command_id\x18\x01 \x01(\t2\x84\x08\n\x05\x41\x64min\x12N\n\tListHosts\x12\x1f.aegis.edge.v1.ListHostsRequest\x1a .aegis.edge.v1.ListHostsResponse\x12=\n\x07GetHost\x12\x1d.aegis.edge.v1.GetHostRequest\x1a\x13.aegis.edge.v1.Host\x12:\n\x07\x41\x64\x64Tags\x12\x1a.aegis.edge.v1.TagsRequest\x1a\x13.aegis.edge.v1.Host\x12=\n\nRemoveTags\x12\x1a.aegis.edge.v1.TagsRequest\x1a\x13.aegis.edge.v1.Host\x12\x43\n\nRevokeNode\x12 .aegis.edge.v1.RevokeNodeRequest\x1a\x13.aegis.edge.v1.Host\x12o\n\x14IssueEnrollmentToken\x12*.aegis.edge.v1.IssueEnrollmentTokenRequest\x1a+.aegis.edge.v1.IssueEnrollmentTokenResponse\x12W\n\x0c\x44\x65leteTenant\x12\".aegis.edge.v1.DeleteTenantRequest\x1a#.aegis.edge.v1.DeleteTenantResponse\x12K\n\x0fPreviewFleetRun\x12\x1b.aegis.edge.v1.FleetRunSpec\x1a\x1b.aegis.edge.v1.FleetPreview\x12L\n\rStartFleetRun\x12\x1b.aegis.edge.v1.FleetRunSpec\x1a\x1c.aegis.edge.v1.FleetRunEvent0\x01\x12R\n\rWatchFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x1c.aegis.edge.v1.FleetRunEvent0\x01\x12Z\n\rListFleetRuns\x12#.aegis.edge.v1.ListFleetRunsRequest\x1a$.aegis.edge.v1.ListFleetRunsResponse\x12I\n\x0bGetFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x17.aegis.edge.v1.FleetRun\x12L\n\x0e\x43\x61ncelFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x17.aegis.edge.v1.FleetRunb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x65gis/edge/v1/admin.proto\x12\raegis.edge.v1\x1a\x1a\x61\x65gis/edge/v1/common.proto\"\xb2\x02\n\x04Host\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.aegis.edge.v1.DaemonStatus\x12\x19\n\x11last_heartbeat_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x65nrolled_at\x18\x05 \x01(\x01\x12\x17\n\x0f\x63onnected_since\x18\x06 \x01(\x01\x12\x31\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32\x1b.aegis.edge.v1.Capabilities\x12\x16\n\x0ekey_thumbprint\x18\x08 \x01(\t\x12-\n\x07history\x18\t \x03(\x0b\x32\x1c.aegis.edge.v1.CommandRecord\x12\x16\n\x0erevoked_reason\x18\n \x01(\t\"\xfc\x01\n\rCommandRecord\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x18\n\x10\x66leet_command_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x15\n\rdispatched_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x15\n\rerror_message\x18\t \x01(\t\x12\x13\n\x0bresult_json\x18\n \x01(\t\"O\n\x10ListHostsRequest\x12\x16\n\x0e\x63onnected_only\x18\x01 \x01(\x08\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x10\n\x08selector\x18\x03 \x01(\t\"7\n\x11ListHostsResponse\x12\"\n\x05hosts\x18\x01 \x03(\x0b\x32\x13.aegis.edge.v1.Host\"8\n\x0eGetHostRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\",\n\x0bTagsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\"4\n\x11RevokeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x1bIssueEnrollmentTokenRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08ttl_secs\x18\x02 \x01(\x01\"A\n\x1cIssueEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"/\n\x14\x44\x65leteTenantResponse\x12\x17\n\x0frevoked_daemons\x18\x01 \x01(\r\"\x9b\x01\n\x0c\x46leetRunSpec\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x10\n\x08on_error\x18\x05 \x01(\t\x12\x15\n\rdeadline_secs\x18\x06 \x01(\x01\x12\x0e\n\x06\x63\x61nary\x18\x07 \x01(\r\x12\x11\n\ttenant_id\x18\x08 \x01(\t\"0\n\rSkippedTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc8\x02\n\x0cTargetResult\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12-\n\x07outcome\x18\x03 \x01(\x0e\x32\x1c.aegis.edge.v1.TargetOutcome\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x05 \x01(\x08\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x15\n\rdispatched_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x13\n\x0bstdout_tail\x18\t \x01(\x0c\x12\x13\n\x0bstderr_tail\x18\n \x01(\x0c\x12\x13\n\x0bskip_reason\x18\x0b \x01(\t\x12\x11\n\ttenant_id\x18\x0c \x01(\t\x12\x13\n\x0bresult_json\x18\r \x01(\t\x12\x10\n\x08\x65nded_by\x18\x0e \x01(\t\"q\n\x0c\x46leetPreview\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12-\n\x07skipped\x18\x02 \x03(\x0b\x32\x1c.aegis.edge.v1.SkippedTarget\x12\x0f\n\x07matched\x18\x03 \x01(\r\x12\x10\n\x08selector\x18\x04 \x01(\t\"\xb9\x03\n\x08\x46leetRun\x12\x18\n\x10\x66leet_command_id\x18\x01 \x01(\t\x12)\n\x04spec\x18\x02 \x01(\x0b\x32\x1b.aegis.edge.v1.FleetRunSpec\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.aegis.edge.v1.RunOutcome\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12,\n\x07targets\x18\x07 \x03(\x0b\x32\x1b.aegis.edge.v1.TargetResult\x12-\n\x07skipped\x18\x08 \x03(\x0b\x32\x1c.aegis.edge.v1.SkippedTarget\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x13\n\x0bhalt_reason\x18\n \x01(\t\x12\x33\n\x06\x63ounts\x18\x0b \x03(\x0b\x32#.aegis.edge.v1.FleetRun.CountsEntry\x12\x17\n\x0ftargets_omitted\x18\x0c \x01(\x08\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xdb\x01\n\rFleetRunEvent\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.aegis.edge.v1.FleetRunH\x00\x12\x31\n\ndispatched\x18\x02 \x01(\x0b\x32\x1b.aegis.edge.v1.TargetResultH\x00\x12\x36\n\x0ftarget_finished\x18\x03 \x01(\x0b\x32\x1b.aegis.edge.v1.TargetResultH\x00\x12+\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x17.aegis.edge.v1.FleetRunH\x00\x42\x06\n\x04\x62ody\"8\n\x14ListFleetRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x11\n\ttenant_id\x18\x02 \x01(\t\">\n\x15ListFleetRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.aegis.edge.v1.FleetRun\".\n\x12GetFleetRunRequest\x12\x18\n\x10\x66leet_command_id\x18\x01 \x01(\t2\x84\x08\n\x05\x41\x64min\x12N\n\tListHosts\x12\x1f.aegis.edge.v1.ListHostsRequest\x1a .aegis.edge.v1.ListHostsResponse\x12=\n\x07GetHost\x12\x1d.aegis.edge.v1.GetHostRequest\x1a\x13.aegis.edge.v1.Host\x12:\n\x07\x41\x64\x64Tags\x12\x1a.aegis.edge.v1.TagsRequest\x1a\x13.aegis.edge.v1.Host\x12=\n\nRemoveTags\x12\x1a.aegis.edge.v1.TagsRequest\x1a\x13.aegis.edge.v1.Host\x12\x43\n\nRevokeNode\x12 .aegis.edge.v1.RevokeNodeRequest\x1a\x13.aegis.edge.v1.Host\x12o\n\x14IssueEnrollmentToken\x12*.aegis.edge.v1.IssueEnrollmentTokenRequest\x1a+.aegis.edge.v1.IssueEnrollmentTokenResponse\x12W\n\x0c\x44\x65leteTenant\x12\".aegis.edge.v1.DeleteTenantRequest\x1a#.aegis.edge.v1.DeleteTenantResponse\x12K\n\x0fPreviewFleetRun\x12\x1b.aegis.edge.v1.FleetRunSpec\x1a\x1b.aegis.edge.v1.FleetPreview\x12L\n\rStartFleetRun\x12\x1b.aegis.edge.v1.FleetRunSpec\x1a\x1c.aegis.edge.v1.FleetRunEvent0\x01\x12R\n\rWatchFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x1c.aegis.edge.v1.FleetRunEvent0\x01\x12Z\n\rListFleetRuns\x12#.aegis.edge.v1.ListFleetRunsRequest\x1a$.aegis.edge.v1.ListFleetRunsResponse\x12I\n\x0bGetFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x17.aegis.edge.v1.FleetRun\x12L\n\x0e\x43\x61ncelFleetRun\x12!.aegis.edge.v1.GetFleetRunRequest\x1a\x17.aegis.edge.v1.FleetRunb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aegis.edge.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FLEETRUN_COUNTSENTRY']._loaded_options = None
+  _globals['_FLEETRUN_COUNTSENTRY']._serialized_options = b'8\001'
   _globals['_HOST']._serialized_start=73
   _globals['_HOST']._serialized_end=379
   _globals['_COMMANDRECORD']._serialized_start=382
-  _globals['_COMMANDRECORD']._serialized_end=613
-  _globals['_LISTHOSTSREQUEST']._serialized_start=615
-  _globals['_LISTHOSTSREQUEST']._serialized_end=694
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=696
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=751
-  _globals['_GETHOSTREQUEST']._serialized_start=753
-  _globals['_GETHOSTREQUEST']._serialized_end=809
-  _globals['_TAGSREQUEST']._serialized_start=811
-  _globals['_TAGSREQUEST']._serialized_end=855
-  _globals['_REVOKENODEREQUEST']._serialized_start=857
-  _globals['_REVOKENODEREQUEST']._serialized_end=909
-  _globals['_ISSUEENROLLMENTTOKENREQUEST']._serialized_start=911
-  _globals['_ISSUEENROLLMENTTOKENREQUEST']._serialized_end=977
-  _globals['_ISSUEENROLLMENTTOKENRESPONSE']._serialized_start=979
-  _globals['_ISSUEENROLLMENTTOKENRESPONSE']._serialized_end=1044
-  _globals['_DELETETENANTREQUEST']._serialized_start=1046
-  _globals['_DELETETENANTREQUEST']._serialized_end=1086
-  _globals['_DELETETENANTRESPONSE']._serialized_start=1088
-  _globals['_DELETETENANTRESPONSE']._serialized_end=1135
-  _globals['_FLEETRUNSPEC']._serialized_start=1138
-  _globals['_FLEETRUNSPEC']._serialized_end=1293
-  _globals['_SKIPPEDTARGET']._serialized_start=1295
-  _globals['_SKIPPEDTARGET']._serialized_end=1343
-  _globals['_TARGETRESULT']._serialized_start=1346
-  _globals['_TARGETRESULT']._serialized_end=1635
-  _globals['_FLEETPREVIEW']._serialized_start=1637
-  _globals['_FLEETPREVIEW']._serialized_end=1750
-  _globals['_FLEETRUN']._serialized_start=1753
-  _globals['_FLEETRUN']._serialized_end=2069
-  _globals['_FLEETRUNEVENT']._serialized_start=2072
-  _globals['_FLEETRUNEVENT']._serialized_end=2291
-  _globals['_LISTFLEETRUNSREQUEST']._serialized_start=2293
-  _globals['_LISTFLEETRUNSREQUEST']._serialized_end=2349
-  _globals['_LISTFLEETRUNSRESPONSE']._serialized_start=2351
-  _globals['_LISTFLEETRUNSRESPONSE']._serialized_end=2413
-  _globals['_GETFLEETRUNREQUEST']._serialized_start=2415
-  _globals['_GETFLEETRUNREQUEST']._serialized_end=2461
-  _globals['_ADMIN']._serialized_start=2464
-  _globals['_ADMIN']._serialized_end=3492
+  _globals['_COMMANDRECORD']._serialized_end=634
+  _globals['_LISTHOSTSREQUEST']._serialized_start=636
+  _globals['_LISTHOSTSREQUEST']._serialized_end=715
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=717
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=772
+  _globals['_GETHOSTREQUEST']._serialized_start=774
+  _globals['_GETHOSTREQUEST']._serialized_end=830
+  _globals['_TAGSREQUEST']._serialized_start=832
+  _globals['_TAGSREQUEST']._serialized_end=876
+  _globals['_REVOKENODEREQUEST']._serialized_start=878
+  _globals['_REVOKENODEREQUEST']._serialized_end=930
+  _globals['_ISSUEENROLLMENTTOKENREQUEST']._serialized_start=932
+  _globals['_ISSUEENROLLMENTTOKENREQUEST']._serialized_end=998
+  _globals['_ISSUEENROLLMENTTOKENRESPONSE']._serialized_start=1000
+  _globals['_ISSUEENROLLMENTTOKENRESPONSE']._serialized_end=1065
+  _globals['_DELETETENANTREQUEST']._serialized_start=1067
+  _globals['_DELETETENANTREQUEST']._serialized_end=1107
+  _globals['_DELETETENANTRESPONSE']._serialized_start=1109
+  _globals['_DELETETENANTRESPONSE']._serialized_end=1156
+  _globals['_FLEETRUNSPEC']._serialized_start=1159
+  _globals['_FLEETRUNSPEC']._serialized_end=1314
+  _globals['_SKIPPEDTARGET']._serialized_start=1316
+  _globals['_SKIPPEDTARGET']._serialized_end=1364
+  _globals['_TARGETRESULT']._serialized_start=1367
+  _globals['_TARGETRESULT']._serialized_end=1695
+  _globals['_FLEETPREVIEW']._serialized_start=1697
+  _globals['_FLEETPREVIEW']._serialized_end=1810
+  _globals['_FLEETRUN']._serialized_start=1813
+  _globals['_FLEETRUN']._serialized_end=2254
+  _globals['_FLEETRUN_COUNTSENTRY']._serialized_start=2209
+  _globals['_FLEETRUN_COUNTSENTRY']._serialized_end=2254
+  _globals['_FLEETRUNEVENT']._serialized_start=2257
+  _globals['_FLEETRUNEVENT']._serialized_end=2476
+  _globals['_LISTFLEETRUNSREQUEST']._serialized_start=2478
+  _globals['_LISTFLEETRUNSREQUEST']._serialized_end=2534
+  _globals['_LISTFLEETRUNSRESPONSE']._serialized_start=2536
+  _globals['_LISTFLEETRUNSRESPONSE']._serialized_end=2598
+  _globals['_GETFLEETRUNREQUEST']._serialized_start=2600
+  _globals['_GETFLEETRUNREQUEST']._serialized_end=2646
+  _globals['_ADMIN']._serialized_start=2649
+  _globals['_ADMIN']._serialized_end=3677
 # @@protoc_insertion_point(module_scope)
