@@ -20,6 +20,7 @@ from aegis_edge_core.fleet import (
     FleetRun,
     FleetSpec,
     NoTargets,
+    RunFinished,
     RunOutcome,
     RunPhase,
     RunRecord,
@@ -658,3 +659,17 @@ def test_the_daemons_kill_as_the_last_result_is_still_the_deadline() -> None:
     assert t.error_message == "ended by the run's deadline of 3s (deadline passed; killed)"
     assert run.record().halt_reason == "deadline of 3s reached"
     assert run.next_deadline() is None
+
+
+def test_a_finished_run_refuses_a_cancel_with_its_outcome() -> None:
+    run = plan(hosts(1))
+    run.start(0.0)
+    run.check_cancellable()  # running: fine
+    run.on_result("h00", "ok", 1.0)
+    with pytest.raises(RunFinished, match=r"^fleet run fc-1 already finished \(completed\)$"):
+        run.check_cancellable()
+    with pytest.raises(RunFinished) as info:
+        run.record().check_cancellable()
+    assert (info.value.grpc_status, info.value.outcome) == ("FAILED_PRECONDITION", "completed")
+    assert run.cancel(2.0) == []  # the planner's own cancel stays a harmless no-op
+    assert run.outcome is RunOutcome.COMPLETED
