@@ -140,7 +140,8 @@ class CommandRecord:
 
     ``fleet_command_id`` is set when the call is one target of a fleet run. ``exit_code`` is
     the process exit status for process-backed tools (``cmd.run``); ``error`` is a one-line
-    human reason for non-``ok`` outcomes.
+    human reason for non-``ok`` outcomes; ``result_json`` is the tool's structured result
+    (``sys.info``'s, a plugin's), a JSON document as the daemon reported it.
     """
 
     command_id: str = attrs.field(validator=_non_empty)
@@ -151,6 +152,7 @@ class CommandRecord:
     outcome: CommandOutcome | None = attrs.field(default=None, converter=_to_outcome)
     exit_code: int | None = attrs.field(default=None, validator=_exit_code)
     error: str | None = attrs.field(default=None)
+    result_json: str | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if (self.finished_at is None) != (self.outcome is None):
@@ -158,8 +160,14 @@ class CommandRecord:
                 "finished_at and outcome must be set together",
                 hint="a record without an outcome is still in flight",
             )
-        if self.outcome is None and (self.exit_code is not None or self.error is not None):
-            raise InvalidRecordError("exit_code and error need an outcome")
+        if self.outcome is None and (
+            self.exit_code is not None or self.error is not None or self.result_json is not None
+        ):
+            raise InvalidRecordError("exit_code, error and result_json need an outcome")
+        if self.result_json is not None and not isinstance(self.result_json, str):
+            raise InvalidRecordError(
+                f"result_json must be a string or None, got {type(self.result_json).__name__}"
+            )
         if self.finished_at is not None and self.finished_at < self.dispatched_at:
             raise InvalidRecordError(
                 f"finished_at ({self.finished_at}) is before dispatched_at ({self.dispatched_at})"
@@ -252,6 +260,7 @@ class CommandHistory:
         *,
         exit_code: int | None = None,
         error: str | None = None,
+        result_json: str | None = None,
     ) -> CommandRecord | None:
         """Record the result of ``command_id``; ``None`` if it is not (or no longer) held."""
         record = self._records.get(command_id)
@@ -264,6 +273,7 @@ class CommandHistory:
             outcome=outcome,
             exit_code=exit_code,
             error=error,
+            result_json=result_json or None,
         )
         self._records[command_id] = updated
         return updated

@@ -44,6 +44,7 @@ __all__ = [
     "normalize_arch",
     "normalize_os",
     "outcome_for",
+    "own_timeout",
     "parse_args_json",
     "sys_info_json",
     "validate_args",
@@ -215,6 +216,20 @@ def validate_args(tool: str, args: Mapping[str, Any]) -> object:
         _no_unknown(tool, args, ())
         return None
     return dict(args)
+
+
+def own_timeout(tool: str, args: Mapping[str, Any]) -> float | None:
+    """The tool's own ``timeout`` argument in seconds, as the daemon will apply it.
+
+    Only ``cmd.run`` takes one. A malformed value is ``None`` here: the daemon refuses
+    such a call with ``bad_arguments``, so no timeout of its own ever fires.
+    """
+    if tool != CMD_RUN:
+        return None
+    try:
+        return _parse_timeout(tool, args.get("timeout"))
+    except ToolArgumentError:
+        return None
 
 
 def effective_timeout(*bounds: float | None) -> float | None:

@@ -88,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         advertise=args.advertise,
         drain_grace=args.drain_grace,
+        fleet_tick_interval=args.fleet_tick_interval,
         otlp_endpoint=args.otlp_endpoint,
         log_level=args.log_level,
         fast_exit=True,
@@ -245,6 +246,8 @@ def register(tree: CommandTree) -> None:
         help="streams one address may have mid-handshake at once, or off "
         f"(default {DEFAULT_MAX_UNATTESTED_PER_SOURCE})",
     )
+    # For tests that must order a daemon's kill at the deadline before the relay's tick.
+    p.add_argument("--fleet-tick-interval", type=_duration, default=0.1, help=argparse.SUPPRESS)
     p.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to this endpoint")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     for flag, default, what in (

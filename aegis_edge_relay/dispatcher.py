@@ -48,6 +48,10 @@ __all__ = ["ActiveRun", "CommandEnd", "Dispatcher", "NotConnected", "Watcher", "
 
 _TAIL: Final = 64 * 1024
 
+RESULT_CAP: Final = 64 * 1024
+"""The largest tool result (``result_json``) kept in history and run records; a larger one
+is replaced by a note saying how large it was (a cut JSON document is no document)."""
+
 DETAIL_LIMIT: Final = 256
 """Runs with more targets than this are *large*: their admin event stream carries no
 per-target ``dispatched`` events (only ``started``, one ``target_finished`` per target and
@@ -88,6 +92,14 @@ PROTO_RUN_OUTCOME: Final = {
 }
 
 
+def capped_result(result_json: str) -> str:
+    """The tool's result as kept: as reported, or a note when over :data:`RESULT_CAP`."""
+    size = len(result_json.encode("utf-8", "replace"))
+    if size <= RESULT_CAP:
+        return result_json
+    return json.dumps({"result_too_large": {"bytes": size, "limit": RESULT_CAP}})
+
+
 def outcome_of(result: stream_pb2.CommandResult) -> TargetOutcome:
     """The target outcome a daemon's result stands for (its ``error_kind`` if unset)."""
     outcome = _OUTCOME_BY_PROTO.get(result.outcome)
@@ -114,6 +126,7 @@ class CommandEnd:
     finished_at: float
     stdout_tail: bytes = b""
     stderr_tail: bytes = b""
+    result_json: str = ""
 
 
 Listener = Callable[[CommandEnd], Awaitable[None]]
@@ -369,6 +382,10 @@ def run_to_proto(
     for target in record.targets:
         if target.skip_reason is not None:
             out.skipped.add(node_id=target.node_id, reason=target.skip_reason.value)
+    for outcome, count in record.counts().items():
+        if count:
+            out.counts[outcome.value] = count
+    out.targets_omitted = not with_targets
     if with_targets:
         for target in record.targets:
             tr = out.targets.add(
@@ -382,11 +399,13 @@ def run_to_proto(
                 finished_at=target.finished_at or 0.0,
                 skip_reason=target.skip_reason.value if target.skip_reason else "",
                 tenant_id=tenants.get(target.node_id, ""),
+                ended_by=target.ended_by.value if target.ended_by else "",
             )
             end = (ends or {}).get(target.node_id)
             if end is not None:
                 tr.stdout_tail = end.stdout_tail
                 tr.stderr_tail = end.stderr_tail
+                tr.result_json = end.result_json
     return out
 
 
@@ -549,11 +568,17 @@ class Dispatcher:
         *,
         fleet_command_id: str = "",
         deadline: float = 0.0,
+        timeout_secs: float | None = None,
         listener: Listener | None = None,
         parent_span: Any = None,
         log_level: str = "info",
     ) -> PendingCommand:
-        """Dispatch one command on the node's live stream; raises :class:`NotConnected`."""
+        """Dispatch one command on the node's live stream; raises :class:`NotConnected`.
+
+        ``timeout_secs`` is sent as the invocation's timeout when given (a fleet run sends
+        the planner's, so the planner knows the bound the daemon kills at); else it is
+        what is left until ``deadline``.
+        """
         relay = self.relay
         handle = relay.streams.get(node_id)
         if handle is None or handle.closing:
@@ -599,7 +624,11 @@ class Dispatcher:
             args_json=args_json or "{}",
             fleet_command_id=fleet_command_id,
             deadline=deadline,
-            timeout_secs=max(0.0, deadline - now) if deadline else 0.0,
+            timeout_secs=(
+                timeout_secs
+                if timeout_secs is not None
+                else (max(0.0, deadline - now) if deadline else 0.0)
+            ),
             traceparent=traceparent,
             tracestate=tracestate,
         )
@@ -683,6 +712,7 @@ class Dispatcher:
                     error=result.error_message,
                     stdout_tail=result.stdout_tail,
                     stderr_tail=result.stderr_tail,
+                    result_json=capped_result(result.result_json),
                 ),
             )
             jsonlog.log(
@@ -703,6 +733,7 @@ class Dispatcher:
             error_message=result.error_message,
             stdout=stdout[-_TAIL:],
             stderr=stderr[-_TAIL:],
+            result_json=capped_result(result.result_json),
         )
 
     def connection_lost(self, node_id: str, lost: Iterable[str]) -> None:
@@ -734,6 +765,7 @@ class Dispatcher:
         error_message: str,
         stdout: bytes,
         stderr: bytes,
+        result_json: str = "",
     ) -> None:
         if self.pending.pop(pending.command_id, None) is None:
             return  # already finished (e.g. lost, then the late result raced in)
@@ -750,6 +782,7 @@ class Dispatcher:
             finished_at=now,
             stdout_tail=stdout,
             stderr_tail=stderr,
+            result_json=result_json,
         )
         metrics = self.relay.metrics
         metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
@@ -771,6 +804,7 @@ class Dispatcher:
                 error=error_message,
                 stdout_tail=stdout,
                 stderr_tail=stderr,
+                result_json=result_json,
             )
         )
         jsonlog.log(
@@ -861,7 +895,7 @@ class Dispatcher:
 
     async def _tick_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(self.relay.config.fleet_tick_interval)
             now = self.relay.now()
             for active in list(self.runs.values()):
                 deadline = active.run.next_deadline()
@@ -877,11 +911,11 @@ class Dispatcher:
             if isinstance(queue[0], Dispatch):
                 # Consecutive dispatches go out together, so their history rows share one
                 # store transaction (mode all: 10k targets, one commit, not 10k).
-                batch: list[str] = []
+                batch: list[Dispatch] = []
                 while queue and isinstance(queue[0], Dispatch):
-                    batch.append(queue.popleft().node_id)
+                    batch.append(queue.popleft())
                 for more in await asyncio.gather(
-                    *(self._dispatch_target(active, node_id) for node_id in batch)
+                    *(self._dispatch_target(active, dispatch) for dispatch in batch)
                 ):
                     queue.extend(more)
                 continue
@@ -889,15 +923,22 @@ class Dispatcher:
             if isinstance(action, Cancel):
                 command_id = active.command_ids.get(action.node_id)
                 if command_id:
+                    jsonlog.log(
+                        "debug" if active.large else "info",
+                        "command.cancel_sent",
+                        node_id=action.node_id,
+                        tenant_id=active.tenants.get(action.node_id),
+                        command_id=command_id,
+                        fleet_command_id=active.fleet_command_id,
+                        reason=action.reason.value,
+                    )
                     self.cancel_command(command_id, action.reason.value)
             elif isinstance(action, Finish):
                 await self._finish_run(active)
 
-    async def _dispatch_target(self, active: ActiveRun, node_id: str) -> list[Any]:
+    async def _dispatch_target(self, active: ActiveRun, dispatch: Dispatch) -> list[Any]:
         run = active.run
-        deadline = 0.0
-        if run.spec.deadline_secs is not None:
-            deadline = active.started_at + run.spec.deadline_secs
+        node_id = dispatch.node_id
         active.dispatched_at[node_id] = self.relay.now()
 
         async def listener(end: CommandEnd) -> None:
@@ -921,7 +962,8 @@ class Dispatcher:
                 run.spec.tool,
                 active.args_json,
                 fleet_command_id=run.fleet_command_id,
-                deadline=deadline,
+                deadline=dispatch.deadline_at or 0.0,
+                timeout_secs=dispatch.timeout_secs,
                 listener=listener,
                 parent_span=active.span,
                 log_level="debug" if active.large else "info",
@@ -965,15 +1007,20 @@ class Dispatcher:
             tenant_id=active.tenants.get(node_id, ""),
             dispatched_at=active.dispatched_at.get(node_id, 0.0),
         )
+        # The planner's view, not the daemon's: the deadline rule may have renamed it.
+        target = active.run.target(node_id)
+        if target.outcome is not None:
+            out.outcome = PROTO_OUTCOME[target.outcome]
+            out.has_exit_code = target.exit_code is not None
+            out.exit_code = target.exit_code or 0
+            out.error_message = target.error_message or ""
+            out.finished_at = target.finished_at or 0.0
+            out.ended_by = target.ended_by.value if target.ended_by else ""
         end = active.ends.get(node_id)
         if end is not None:
-            out.outcome = PROTO_OUTCOME[end.outcome]
-            out.has_exit_code = end.exit_code is not None
-            out.exit_code = end.exit_code or 0
-            out.error_message = end.error_message
-            out.finished_at = end.finished_at
             out.stdout_tail = end.stdout_tail
             out.stderr_tail = end.stderr_tail
+            out.result_json = end.result_json
         return out
 
     async def _finish_run(self, active: ActiveRun) -> None:

@@ -234,6 +234,33 @@ def capabilities_to_dict(caps: common_pb2.Capabilities) -> dict[str, Any]:
     }
 
 
+def result_value(result_json: str) -> Any:
+    """A tool's ``result_json`` as a JSON value for ``--output json`` (``None`` when there
+    is none); a result that is not valid JSON is kept as its string."""
+    if not result_json:
+        return None
+    try:
+        return json.loads(result_json)
+    except ValueError:
+        return result_json
+
+
+def compact_result(result_json: str, width: int | None = None) -> str:
+    """A tool's result as one line of compact JSON, cut to ``width`` with an ellipsis."""
+    value = result_value(result_json)
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    text = " ".join(text.split()) if isinstance(value, str) else text
+    if width is not None and len(text) > width:
+        return text[: width - 1] + "…"
+    return text
+
+
+RESULT_WIDTH: Final = 40
+"""Characters of a tool's result shown in a table cell; JSON output has it whole."""
+
+
 def command_record_to_dict(rec: admin_pb2.CommandRecord) -> dict[str, Any]:
     return {
         "command_id": rec.command_id,
@@ -244,6 +271,7 @@ def command_record_to_dict(rec: admin_pb2.CommandRecord) -> dict[str, Any]:
         "dispatched_at": iso_time(rec.dispatched_at),
         "finished_at": iso_time(rec.finished_at),
         "error_message": rec.error_message or None,
+        "result": result_value(rec.result_json),
     }
 
 
@@ -302,6 +330,7 @@ def target_result_to_dict(res: admin_pb2.TargetResult) -> dict[str, Any]:
         "exit_code": res.exit_code if res.has_exit_code else None,
         "error_message": res.error_message or None,
         "skip_reason": res.skip_reason or None,
+        "ended_by": res.ended_by or None,
         "dispatched_at": iso_time(res.dispatched_at),
         "finished_at": iso_time(res.finished_at),
         "duration_secs": (
@@ -311,6 +340,7 @@ def target_result_to_dict(res: admin_pb2.TargetResult) -> dict[str, Any]:
         ),
         "stdout_tail": _tail(res.stdout_tail),
         "stderr_tail": _tail(res.stderr_tail),
+        "result": result_value(res.result_json),
     }
 
 
@@ -339,9 +369,14 @@ def _spec_to_dict(spec: admin_pb2.FleetRunSpec) -> dict[str, Any]:
 
 
 def fleet_run_to_dict(run: admin_pb2.FleetRun) -> dict[str, Any]:
-    """A run as ``fleet run|show --output json`` print it."""
+    """A run as ``fleet run|show|runs --output json`` print it.
+
+    ``fleet runs`` gets runs without per-target rows (``targets_omitted``): then the
+    ``targets`` key is left out, never printed as an empty list, and ``counts`` comes
+    from the relay.
+    """
     spec = _spec_to_dict(run.spec)
-    return {
+    out = {
         "fleet_command_id": run.fleet_command_id,
         "outcome": run_outcome_name(run.outcome),
         "tool": spec["tool"],
@@ -357,6 +392,9 @@ def fleet_run_to_dict(run: admin_pb2.FleetRun) -> dict[str, Any]:
         "skipped": [skipped_to_dict(s) for s in run.skipped],
         "counts": _outcome_counts(run),
     }
+    if run.targets_omitted:
+        del out["targets"]
+    return out
 
 
 def fleet_preview_to_dict(preview: admin_pb2.FleetPreview) -> dict[str, Any]:
@@ -369,6 +407,8 @@ def fleet_preview_to_dict(preview: admin_pb2.FleetPreview) -> dict[str, Any]:
 
 
 def _outcome_counts(run: admin_pb2.FleetRun) -> dict[str, int]:
+    if run.targets_omitted:
+        return dict(sorted(run.counts.items()))
     counts: dict[str, int] = {}
     for res in run.targets:
         name = target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0)
@@ -386,19 +426,23 @@ def fleet_run_summary(run: admin_pb2.FleetRun) -> str:
     return line
 
 
-def target_row(res: admin_pb2.TargetResult) -> list[str]:
+def target_row(res: admin_pb2.TargetResult, *, with_result: bool = False) -> list[str]:
+    """A row under :data:`TARGET_COLUMNS` (plus ``RESULT`` with ``with_result``)."""
     duration = ""
     if res.dispatched_at and res.finished_at:
         duration = format_duration(res.finished_at - res.dispatched_at)
     note = res.error_message or (f"skipped: {res.skip_reason}" if res.skip_reason else "")
-    return [
+    row = [
         res.node_id,
         target_outcome_name(res.outcome, dispatched=res.dispatched_at > 0),
         str(res.exit_code) if res.has_exit_code else "-",
         duration or "-",
         last_output_line(res),
-        note.splitlines()[0] if note else "",
     ]
+    if with_result:
+        row.append(compact_result(res.result_json, RESULT_WIDTH) or "-")
+    row.append(note.splitlines()[0] if note else "")
+    return row
 
 
 def last_output_line(res: admin_pb2.TargetResult, width: int = 60) -> str:
@@ -856,23 +900,26 @@ def _print_host_detail(host: admin_pb2.Host) -> None:
         print("Command history: none")
         return
     rows = []
+    with_result = any(rec.result_json for rec in host.history)
     for rec in host.history:
         duration = ""
         if rec.dispatched_at and rec.finished_at:
             duration = format_duration(rec.finished_at - rec.dispatched_at)
-        rows.append(
-            [
-                relative_time(rec.dispatched_at, now),
-                rec.tool,
-                target_outcome_name(rec.outcome, dispatched=rec.dispatched_at > 0),
-                str(rec.exit_code) if rec.has_exit_code else "-",
-                duration or "-",
-                rec.fleet_command_id or "-",
-                rec.command_id,
-            ]
-        )
+        row = [
+            relative_time(rec.dispatched_at, now),
+            rec.tool,
+            target_outcome_name(rec.outcome, dispatched=rec.dispatched_at > 0),
+            str(rec.exit_code) if rec.has_exit_code else "-",
+            duration or "-",
+            rec.fleet_command_id or "-",
+            rec.command_id,
+        ]
+        if with_result:
+            row.append(compact_result(rec.result_json, RESULT_WIDTH) or "-")
+        rows.append(row)
+    columns = ("DISPATCHED", "TOOL", "OUTCOME", "EXIT", "DURATION", "FLEET RUN", "COMMAND")
     print_table(
-        ("DISPATCHED", "TOOL", "OUTCOME", "EXIT", "DURATION", "FLEET RUN", "COMMAND"),
+        (*columns, "RESULT") if with_result else columns,
         rows,
         title=f"Command history (last {len(rows)})",
     )
@@ -1117,7 +1164,12 @@ class _LiveOutput:
 
 def _print_run_tables(run: admin_pb2.FleetRun) -> None:
     if run.targets:
-        print_table(TARGET_COLUMNS, (target_row(t) for t in run.targets))
+        # A RESULT column only when some tool returned one (sys.info does, cmd.run not).
+        if any(t.result_json for t in run.targets):
+            columns = (*TARGET_COLUMNS[:-1], "RESULT", TARGET_COLUMNS[-1])
+            print_table(columns, (target_row(t, with_result=True) for t in run.targets))
+        else:
+            print_table(TARGET_COLUMNS, (target_row(t) for t in run.targets))
     if run.skipped:
         print_table(("NODE", "SKIPPED BECAUSE"), ((s.node_id, s.reason) for s in run.skipped))
 
@@ -1263,6 +1315,11 @@ def _print_run_detail(run: admin_pb2.FleetRun) -> None:
         print(f"{key + ':':<{width + 1}} {value}")
     print()
     _print_run_tables(run)
+    results = [(t.node_id, compact_result(t.result_json)) for t in run.targets if t.result_json]
+    if results:
+        print("Results:")
+        for node_id, text in results:
+            print(f"  {node_id}: {text}")
     print(fleet_run_summary(run))
 
 

@@ -129,6 +129,9 @@ class RelayConfig:
     max_concurrent_commands: int = 16
     heartbeat_flush_interval: float = 2.0
     drain_grace: float = 5.0
+    fleet_tick_interval: float = 0.1
+    """How often fleet runs' deadlines and cancel graces are checked. Tests stretch it to
+    make a daemon's kill at the deadline land before the relay's own tick."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
     attest_limit_per_node: Limit | None = ATTEST_PER_NODE
     attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE

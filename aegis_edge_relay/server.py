@@ -81,6 +81,7 @@ class ServeOptions:
     tls_key: Path | None = None
     advertise: str | None = None
     drain_grace: float = 5.0
+    fleet_tick_interval: float = 0.1
     otlp_endpoint: str | None = None
     log_level: str = "info"
     fast_exit: bool = False
@@ -360,6 +361,7 @@ async def serve(opts: ServeOptions) -> int:
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
+        fleet_tick_interval=opts.fleet_tick_interval,
         attest_limit_per_node=opts.attest_limit_per_node,
         attest_limit_per_source=opts.attest_limit_per_source,
         enroll_limit_per_source=opts.enroll_limit_per_source,

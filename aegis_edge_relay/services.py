@@ -38,6 +38,7 @@ from aegis_edge_core.fleet import (
     Group,
     GroupIndex,
     NoTargets,
+    RunFinished,
     RunRecord,
     Selector,
     index_groups,
@@ -550,7 +551,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 continue
             active = self.relay.dispatcher.runs.get(row.fleet_command_id)
             run = active.to_proto() if active is not None else _row_to_proto(row)
+            # Per-target rows stay out of the list, for size; counts stay in, and
+            # targets_omitted says the empty list is not an empty run.
             del run.targets[:]
+            run.targets_omitted = True
             out.runs.append(run)
             if len(out.runs) >= limit:
                 break
@@ -571,9 +575,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         principal = await self._auth(context, "CancelFleetRun")
         active = self.relay.dispatcher.runs.get(request.fleet_command_id)
         if active is not None and _visible(principal, active.scope):
+            await _guard(context, active.run.check_cancellable)
             await self.relay.dispatcher.cancel_run(active, f"cancelled by {principal.subject}")
             return active.to_proto()
-        return await self._stored_run(context, principal, request.fleet_command_id)
+        run = await self._stored_run(context, principal, request.fleet_command_id)
+        row = await self.relay.db.call(self.relay.store.get_fleet_run, request.fleet_command_id)
+        if row is not None:
+            await _guard(context, _record_of(row).check_cancellable)
+        # Stored but unfinished and not ours to drive (a crashed relay's, before recovery):
+        # nothing here can stop it; say where it stands.
+        return run
 
     # ------------------------------------------------------------------ saved groups
 
@@ -771,6 +782,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 if cmd is not None:
                     target.stdout_tail = cmd.stdout_tail
                     target.stderr_tail = cmd.stderr_tail
+                    target.result_json = cmd.result_json
         return run
 
 
@@ -801,6 +813,12 @@ def _visible(principal: Principal, scope: tuple[str, ...] | None) -> bool:
     if scope is None:
         return False
     return set(scope) <= principal.tenants
+
+
+def _record_of(row: FleetRunRow) -> RunRecord:
+    data = dict(row.record)
+    data.pop("relay", None)
+    return RunRecord.from_dict(data)
 
 
 def _row_to_proto(row: FleetRunRow) -> admin_pb2.FleetRun:
@@ -845,6 +863,7 @@ def _command_record(row: CommandRow) -> admin_pb2.CommandRecord:
         dispatched_at=row.dispatched_at,
         finished_at=row.finished_at or 0.0,
         error_message=row.error,
+        result_json=row.result_json,
     )
 
 
@@ -866,6 +885,8 @@ async def _guard(context: Context, fn: Any) -> Any:
         await _abort(context, _code(err.grpc_status), str(err))
     except RerunRefused as err:
         await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
+    except RunFinished as err:
+        await _abort(context, _code(err.grpc_status), str(err))
     except SelectorError as err:
         await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.render())
     except AegisError as err:

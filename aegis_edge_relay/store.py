@@ -100,6 +100,8 @@ class CommandRow:
     error: str = ""
     stdout_tail: bytes = b""
     stderr_tail: bytes = b""
+    result_json: str = ""
+    """The tool's structured result as JSON (``sys.info``'s); empty when none."""
 
 
 @attrs.frozen(kw_only=True)
@@ -195,7 +197,7 @@ class Store(Protocol):
     def delete_group(self, tenant_id: str, name: str) -> bool: ...
 
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -280,6 +282,10 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     ALTER TABLE fleet_runs ADD COLUMN secret_keys TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE fleet_runs ADD COLUMN rerun_of TEXT NOT NULL DEFAULT ''
     """,
+    # Issue 14: the tool's structured result, for fleet show and edge show --history.
+    4: """
+    ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,
 }
 
 _TAIL_CAP: Final = 64 * 1024
@@ -317,6 +323,7 @@ def _command(row: sqlite3.Row) -> CommandRow:
         error=row["error"],
         stdout_tail=bytes(row["stdout_tail"]),
         stderr_tail=bytes(row["stderr_tail"]),
+        result_json=row["result_json"],
     )
 
 
@@ -665,7 +672,7 @@ class SQLiteStore:
             return False
         db.execute(
             "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
-            " stdout_tail = ?, stderr_tail = ? WHERE command_id = ?",
+            " stdout_tail = ?, stderr_tail = ?, result_json = ? WHERE command_id = ?",
             (
                 row.finished_at,
                 row.outcome,
@@ -673,6 +680,7 @@ class SQLiteStore:
                 row.error,
                 row.stdout_tail[-_TAIL_CAP:],
                 row.stderr_tail[-_TAIL_CAP:],
+                row.result_json,
                 row.command_id,
             ),
         )

@@ -28,15 +28,23 @@ answers are values and lists of actions. Each module's docstring states its exac
 
 from __future__ import annotations
 
-from aegis_edge_core.fleet.errors import FleetRecordError, FleetSpecError, NoTargets, SelectorError
+from aegis_edge_core.fleet.errors import (
+    FleetRecordError,
+    FleetSpecError,
+    NoTargets,
+    RunFinished,
+    SelectorError,
+)
 from aegis_edge_core.fleet.groups import Group, GroupError, GroupIndex, index_groups
 from aegis_edge_core.fleet.outcomes import (
     DaemonStatus,
+    EndedBy,
     RunOutcome,
     RunPhase,
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
 )
 from aegis_edge_core.fleet.planner import (
     DEFAULT_CANCEL_GRACE_SECS,
@@ -66,6 +74,7 @@ __all__ = [
     "DaemonSnapshot",
     "DaemonStatus",
     "Dispatch",
+    "EndedBy",
     "ErrorPolicy",
     "Finish",
     "FleetRecordError",
@@ -78,6 +87,7 @@ __all__ = [
     "NoTargets",
     "Resolution",
     "RolloutMode",
+    "RunFinished",
     "RunOutcome",
     "RunPhase",
     "RunRecord",
@@ -88,6 +98,7 @@ __all__ = [
     "TargetOutcome",
     "TargetRecord",
     "TargetState",
+    "TimeoutBound",
     "index_groups",
     "parse_duration",
     "parse_mode",

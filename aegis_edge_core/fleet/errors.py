@@ -32,7 +32,7 @@ from aegis_edge_core.errors import AegisError
 if TYPE_CHECKING:
     from aegis_edge_core.fleet.resolve import Resolution
 
-__all__ = ["FleetRecordError", "FleetSpecError", "NoTargets", "SelectorError"]
+__all__ = ["FleetRecordError", "FleetSpecError", "NoTargets", "RunFinished", "SelectorError"]
 
 
 class SelectorError(AegisError):
@@ -131,3 +131,18 @@ class FleetRecordError(AegisError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(f"run record {path}: {message}" if path else f"run record: {message}")
         self.path = path
+
+
+class RunFinished(AegisError):
+    """A cancel for a run that is already over: there is nothing left to stop.
+
+    Servers answer it with ``grpc_status`` (``FAILED_PRECONDITION``); the message names
+    the run and how it ended, e.g. ``fleet run f-1 already finished (completed)``.
+    """
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, fleet_command_id: str, outcome: str) -> None:
+        super().__init__(f"fleet run {fleet_command_id} already finished ({outcome})")
+        self.fleet_command_id = fleet_command_id
+        self.outcome = outcome

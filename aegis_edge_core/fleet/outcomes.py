@@ -17,11 +17,13 @@ __all__ = [
     "RESOLUTION_SKIP_REASONS",
     "RUN_SKIP_REASONS",
     "DaemonStatus",
+    "EndedBy",
     "RunOutcome",
     "RunPhase",
     "SkipReason",
     "TargetOutcome",
     "TargetState",
+    "TimeoutBound",
 ]
 
 
@@ -67,6 +69,31 @@ class TargetOutcome(enum.StrEnum):
     DENIED = "denied"
     EDGE_DISCONNECTED = "edge_disconnected"
     NOT_STARTED = "not_started"
+
+
+class EndedBy(enum.StrEnum):
+    """What ended a dispatched target, when the outcome alone does not say it.
+
+    ``deadline``: the run's deadline ended the command -- the daemon killed it at the
+    timeout the planner derived from the deadline, or the relay cancelled it when the
+    deadline passed, whichever came first. Such a target's outcome is always ``timeout``.
+    A command killed at its own, shorter ``timeout`` argument has outcome ``timeout`` and
+    no ``ended_by``.
+    """
+
+    DEADLINE = "deadline"
+
+
+class TimeoutBound(enum.StrEnum):
+    """Which bound a dispatched target's command is killed at: the tighter of the two.
+
+    ``deadline``: what is left of the run's deadline, sent as the invocation's timeout.
+    ``tool``: the tool's own ``timeout`` argument, shorter than what is left of the
+    deadline (or there is no deadline).
+    """
+
+    DEADLINE = "deadline"
+    TOOL = "tool"
 
 
 class RunOutcome(enum.StrEnum):

@@ -16,7 +16,8 @@ of input, each with the current time ``now`` in seconds:
 
 and every call answers with a list of actions to carry out, in order:
 
-* :class:`Dispatch` -- send the spec's tool call to that node;
+* :class:`Dispatch` -- send the spec's tool call to that node, with the invocation's
+  ``timeout_secs`` and absolute ``deadline_at`` (what is left of the run's deadline);
 * :class:`Cancel` -- ask that node to cancel its in-flight call (``reason`` is
   ``deadline`` or ``cancelled``);
 * :class:`Finish` -- the run is over with ``outcome``; emitted exactly once, always last.
@@ -77,6 +78,37 @@ The run moves through :data:`RUN_TRANSITIONS`::
   the stop cause's outcome if it was stopped, else ``completed`` if every target ended
   ``ok`` and ``completed_with_errors`` otherwise.
 
+The deadline rule
+~~~~~~~~~~~~~~~~~
+
+A run with a deadline ends the commands still running at it in one of two ways, and
+which comes first is a race the planner does not let show: the daemon kills the command
+at the invocation's timeout (each :class:`Dispatch` carries ``timeout_secs``, what is
+left of the deadline), or the caller's tick reaches the deadline first and the planner
+sends a :class:`Cancel` (reason ``deadline``). Each dispatched target remembers which
+bound its command is killed at (:class:`~aegis_edge_core.fleet.outcomes.TimeoutBound`):
+``deadline`` unless the tool's own ``timeout`` argument (``cmd.run``'s) is shorter than
+what is left of the deadline, then ``tool``. Then:
+
+* a ``timeout`` result for a target bounded by the ``deadline``, arriving no earlier than
+  ``deadline_tolerance_secs`` (default 1) before the deadline, *is* the deadline: it is
+  recorded as outcome ``timeout`` with ``ended_by`` ``deadline``, and the deadline fires
+  at once (``now`` may be a hair before ``deadline_at`` on the caller's clock): pending
+  targets end ``not_started`` (``deadline``), others in flight are cancelled, and the run
+  ends ``deadline_exceeded`` -- also when it was the last target. An earlier ``timeout``
+  is the tool's own doing (a plugin's) and is recorded as reported;
+* a target cancelled for the deadline that answers ``cancelled`` or ``timeout``, or does
+  not answer within the cancel grace, ends ``timeout`` with ``ended_by`` ``deadline``
+  (a ``timeout`` from a ``tool``-bounded target is its own and stays plain ``timeout``);
+* a ``timeout`` result for a ``tool``-bounded target is the command's own timeout: plain
+  ``timeout``, no ``ended_by``, and the deadline is not fired by it;
+* whatever else a cancelled target reports (``ok``, ``error``, ...) is recorded as
+  reported.
+
+So whichever of the daemon's kill, the tick and the cancel's answer comes first, a
+command the deadline ended reads ``timeout`` / ``ended_by: deadline`` and the run
+``deadline_exceeded`` (unless an earlier cause already named the outcome).
+
 Order within one call
 ~~~~~~~~~~~~~~~~~~~~~
 
@@ -85,9 +117,10 @@ Every call does, in this order: (1) apply its own input (record the result; for
 the cancel grace; (3) apply the error policy; (4) fill the window; (5) finish if nothing
 is left. Consequences worth knowing: a result carrying ``now`` past the deadline is
 recorded as reported, and if it was the last outstanding target the run *completes* (the
-deadline finds nothing left to stop); nothing is ever dispatched at or after the
-deadline; a failure that arrives after the deadline does not turn a
-``deadline_exceeded`` run into a ``halted`` one.
+deadline finds nothing left to stop) -- except a ``timeout`` that the deadline rule
+(below) attributes to the deadline, which fires the deadline in step (1); nothing is ever
+dispatched at or after the deadline; a failure that arrives after the deadline does not
+turn a ``deadline_exceeded`` run into a ``halted`` one.
 
 Time
 ~~~~
@@ -119,19 +152,24 @@ from typing import Final, TypeAlias
 import attrs
 
 from aegis_edge_core.errors import LocalProtocolError
+from aegis_edge_core.fleet.errors import RunFinished
 from aegis_edge_core.fleet.outcomes import (
+    EndedBy,
     RunOutcome,
     RunPhase,
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
 )
 from aegis_edge_core.fleet.record import RunRecord, TargetRecord
 from aegis_edge_core.fleet.resolve import Resolution
 from aegis_edge_core.fleet.spec import FleetSpec
+from aegis_edge_core.tools_spec import own_timeout
 
 __all__ = [
     "DEFAULT_CANCEL_GRACE_SECS",
+    "DEFAULT_DEADLINE_TOLERANCE_SECS",
     "RUN_TRANSITIONS",
     "STOP_RULES",
     "TARGET_TRANSITIONS",
@@ -148,15 +186,31 @@ __all__ = [
 DEFAULT_CANCEL_GRACE_SECS: Final = 10.0
 """How long a cancelled target may take to answer before the planner stops waiting."""
 
+DEFAULT_DEADLINE_TOLERANCE_SECS: Final = 1.0
+"""How long before the deadline, on the caller's clock, a ``timeout`` from a
+deadline-bounded target may arrive and still be the deadline's kill. The daemon times the
+invocation's timeout on its own clock, from when it received the call, so its kill lands
+at or after the deadline unless the clocks drift apart; a ``timeout`` much earlier is a
+tool's own (a plugin's), and must not stop the whole run."""
+
 
 # --- actions -------------------------------------------------------------------------------
 
 
 @attrs.frozen(kw_only=True)
 class Dispatch:
-    """Send the run's tool call to ``node_id``."""
+    """Send the run's tool call to ``node_id``.
+
+    With a run deadline, ``timeout_secs`` is what is left of it (send it as the
+    invocation's timeout, and ``deadline_at`` as its absolute deadline); ``bound`` says
+    which bound the daemon will kill the command at (see "The deadline rule"). Without a
+    deadline both times are ``None``.
+    """
 
     node_id: str
+    timeout_secs: float | None = None
+    deadline_at: float | None = None
+    bound: TimeoutBound | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -271,7 +325,10 @@ class _Target:
     """The planner's mutable view of one target; exported only as a TargetRecord."""
 
     __slots__ = (
+        "bound",
+        "cancel_cause",
         "dispatched_at",
+        "ended_by",
         "error_message",
         "exit_code",
         "finished_at",
@@ -279,6 +336,7 @@ class _Target:
         "outcome",
         "skip_reason",
         "state",
+        "timeout_secs",
     )
 
     def __init__(self, node_id: str) -> None:
@@ -290,6 +348,10 @@ class _Target:
         self.skip_reason: SkipReason | None = None
         self.dispatched_at: float | None = None
         self.finished_at: float | None = None
+        self.timeout_secs: float | None = None
+        self.bound: TimeoutBound | None = None
+        self.cancel_cause: SkipReason | None = None
+        self.ended_by: EndedBy | None = None
 
     def step(self, event: TargetEvent) -> None:
         new = TARGET_TRANSITIONS.get((self.state, event))
@@ -309,6 +371,9 @@ class _Target:
             skip_reason=self.skip_reason,
             dispatched_at=self.dispatched_at,
             finished_at=self.finished_at,
+            timeout_secs=self.timeout_secs,
+            timeout_bound=self.bound,
+            ended_by=self.ended_by,
         )
 
 
@@ -332,6 +397,7 @@ class FleetRun:
         *,
         fleet_command_id: str,
         cancel_grace_secs: float = DEFAULT_CANCEL_GRACE_SECS,
+        deadline_tolerance_secs: float = DEFAULT_DEADLINE_TOLERANCE_SECS,
     ) -> None:
         if resolution.tool != spec.tool or resolution.selector != spec.selector:
             raise LocalProtocolError(
@@ -340,17 +406,23 @@ class FleetRun:
             )
         if not math.isfinite(cancel_grace_secs) or cancel_grace_secs < 0:
             raise LocalProtocolError(f"cancel_grace_secs must be >= 0, got {cancel_grace_secs!r}")
+        if not math.isfinite(deadline_tolerance_secs) or deadline_tolerance_secs < 0:
+            raise LocalProtocolError(
+                f"deadline_tolerance_secs must be >= 0, got {deadline_tolerance_secs!r}"
+            )
         resolution.require_targets()
         self.spec: Final = spec
         self.resolution: Final = resolution
         self.fleet_command_id: Final = fleet_command_id
         self.cancel_grace_secs: Final = float(cancel_grace_secs)
+        self.deadline_tolerance_secs: Final = float(deadline_tolerance_secs)
 
         self._targets = [_Target(node_id) for node_id in resolution.targets]
         self._by_id = {target.node_id: target for target in self._targets}
         self._window = spec.mode.window(len(self._targets))
         self._canary = min(spec.canary, len(self._targets))
         self._stop_after = spec.on_error.stop_after
+        self._own_timeout = own_timeout(spec.tool, spec.args)
 
         self._phase = RunPhase.NEW
         self._cause: SkipReason | None = None
@@ -425,8 +497,30 @@ class FleetRun:
         if was_cancelling:
             self._cancelling -= 1
         del self._in_flight[node_id]
-        self._end(target, ended, now, exit_code=exit_code, error_message=error_message)
+        # The deadline rule (module docstring): the daemon's kill at the deadline-derived
+        # timeout and its answer to the deadline's cancel mean the same thing.
+        by_deadline = (
+            ended is TargetOutcome.TIMEOUT
+            and target.bound is TimeoutBound.DEADLINE
+            and self._deadline_at is not None
+            and now >= self._deadline_at - self.deadline_tolerance_secs
+        ) or (ended is TargetOutcome.CANCELLED and target.cancel_cause is SkipReason.DEADLINE)
         actions: list[Action] = []
+        if by_deadline:
+            target.ended_by = EndedBy.DEADLINE
+            self._end(
+                target,
+                TargetOutcome.TIMEOUT,
+                now,
+                exit_code=exit_code,
+                error_message=self._deadline_message(error_message),
+            )
+            if not self._deadline_fired:
+                # The daemon's kill at the deadline-derived timeout beat the tick: it is
+                # the deadline, wherever the caller's clock says it is.
+                self._fire_deadline(now, actions)
+        else:
+            self._end(target, ended, now, exit_code=exit_code, error_message=error_message)
         self._fire_timers(now, actions)
         self._apply_error_policy(now, target, actions)
         self._advance(now, actions)
@@ -442,6 +536,15 @@ class FleetRun:
         self._fire_timers(now, actions)
         self._advance(now, actions)
         return actions
+
+    def check_cancellable(self) -> None:
+        """Raise :class:`~aegis_edge_core.fleet.errors.RunFinished` once the run is over.
+
+        :meth:`cancel` itself is a no-op then (a cancel racing the finish is harmless); an
+        operator asking to cancel a finished run is told so instead.
+        """
+        if self._outcome is not None:
+            raise RunFinished(self.fleet_command_id, self._outcome.value)
 
     def cancel(self, now: float, *, message: str | None = None) -> list[Action]:
         """An operator cancels the run: stop with cause ``cancelled``.
@@ -497,6 +600,17 @@ class FleetRun:
     def in_flight(self) -> tuple[str, ...]:
         """Node ids dispatched and not yet done (including cancelling), in dispatch order."""
         return tuple(self._in_flight)
+
+    def target(self, node_id: str) -> TargetRecord:
+        """One target's :class:`TargetRecord` now, in O(1) (progress events of big runs).
+
+        Raises :class:`~aegis_edge_core.errors.LocalProtocolError` for a node that is not
+        a target of this run.
+        """
+        target = self._by_id.get(node_id)
+        if target is None:
+            raise LocalProtocolError(f"node {node_id!r} is not a target of this run")
+        return target.record()
 
     @property
     def failures(self) -> int:
@@ -563,14 +677,7 @@ class FleetRun:
         if self._done == len(self._targets):
             return  # nothing left to stop; the run finishes in _advance
         if self._deadline_at is not None and not self._deadline_fired and now >= self._deadline_at:
-            self._deadline_fired = True
-            assert self.spec.deadline_secs is not None
-            self._stop(
-                SkipReason.DEADLINE,
-                now,
-                f"deadline of {self.spec.deadline_secs:g}s reached",
-                actions,
-            )
+            self._fire_deadline(now, actions)
         if self._cancelling and self._grace_at is not None and now >= self._grace_at:
             for target in list(self._in_flight.values()):
                 if target.state is not TargetState.CANCELLING:
@@ -578,15 +685,36 @@ class FleetRun:
                 target.step(TargetEvent.GIVE_UP)
                 self._cancelling -= 1
                 del self._in_flight[target.node_id]
-                self._end(
-                    target,
-                    TargetOutcome.CANCELLED,
-                    now,
-                    error_message=(
-                        f"no answer within {self.cancel_grace_secs:g}s of the cancel; "
-                        "gave up waiting"
-                    ),
+                silence = (
+                    f"no answer within {self.cancel_grace_secs:g}s of the cancel; gave up waiting"
                 )
+                if target.cancel_cause is SkipReason.DEADLINE:
+                    target.ended_by = EndedBy.DEADLINE
+                    self._end(
+                        target,
+                        TargetOutcome.TIMEOUT,
+                        now,
+                        error_message=self._deadline_message(silence),
+                    )
+                else:
+                    self._end(target, TargetOutcome.CANCELLED, now, error_message=silence)
+
+    def _fire_deadline(self, now: float, actions: list[Action]) -> None:
+        self._deadline_fired = True
+        assert self.spec.deadline_secs is not None
+        self._stop(
+            SkipReason.DEADLINE,
+            now,
+            f"deadline of {self.spec.deadline_secs:g}s reached",
+            actions,
+        )
+
+    def _deadline_message(self, reported: str | None) -> str:
+        # One wording whichever way the deadline got there (kill, cancel, silence); the
+        # daemon's own words follow, for whoever digs.
+        assert self.spec.deadline_secs is not None
+        head = f"ended by the run's deadline of {self.spec.deadline_secs:g}s"
+        return f"{head} ({reported})" if reported else head
 
     def _apply_error_policy(self, now: float, target: _Target, actions: list[Action]) -> None:
         if self._phase not in (RunPhase.CANARY, RunPhase.RUNNING) or not self._failures:
@@ -622,6 +750,7 @@ class FleetRun:
         for target in self._in_flight.values():
             if target.state is TargetState.IN_FLIGHT:
                 target.step(TargetEvent.CANCEL)
+                target.cancel_cause = cause
                 self._cancelling += 1
                 actions.append(Cancel(node_id=target.node_id, reason=cause))
         if self._cancelling and self._grace_at is None:
@@ -635,13 +764,32 @@ class FleetRun:
             in_flight = self._in_flight
             targets = self._targets
             window = self._window
+            deadline_at = self._deadline_at
+            own = self._own_timeout
             while len(in_flight) < window and self._next < limit:
                 target = targets[self._next]
                 self._next += 1
                 target.step(TargetEvent.DISPATCH)
                 target.dispatched_at = now
+                if deadline_at is not None:
+                    # Nothing is dispatched at or after the deadline, so this is > 0.
+                    target.timeout_secs = deadline_at - now
+                    target.bound = (
+                        TimeoutBound.TOOL
+                        if own is not None and own < target.timeout_secs
+                        else TimeoutBound.DEADLINE
+                    )
+                elif own is not None:
+                    target.bound = TimeoutBound.TOOL
                 in_flight[target.node_id] = target
-                actions.append(Dispatch(node_id=target.node_id))
+                actions.append(
+                    Dispatch(
+                        node_id=target.node_id,
+                        timeout_secs=target.timeout_secs,
+                        deadline_at=deadline_at,
+                        bound=target.bound,
+                    )
+                )
         if self._done == len(self._targets) and self._phase is not RunPhase.FINISHED:
             self._run_step(RunEvent.DRAINED, "finish")
             self._finished_at = now

@@ -12,6 +12,11 @@ Shape and invariants
   ``not_started`` and a ``skip_reason`` (``halted``, ``deadline`` or ``cancelled``); only
   those have a ``skip_reason``. ``dispatched_at`` is set exactly for targets that were
   dispatched, ``finished_at`` exactly for ``done`` ones.
+* A dispatched target keeps the invocation's ``timeout_secs`` (what was left of the run's
+  deadline, ``None`` without one) and its ``timeout_bound`` (``deadline`` or ``tool``: the
+  bound its command is killed at). ``ended_by`` is ``deadline`` exactly for targets the
+  run's deadline ended, and those have outcome ``timeout`` (the planner's deadline rule).
+  Records written before these keys existed read them as ``None``.
 * ``skipped`` lists the daemons that matched but were skipped at resolution
   (``disconnected``, ``unhealthy``, ``revoked``, ``tool_unavailable``, and ``not_found``
   for a group's pinned node that is not in the fleet). So every matched
@@ -36,15 +41,17 @@ from typing import Final, TypeVar
 
 import attrs
 
-from aegis_edge_core.fleet.errors import FleetRecordError
+from aegis_edge_core.fleet.errors import FleetRecordError, RunFinished
 from aegis_edge_core.fleet.outcomes import (
     RESOLUTION_SKIP_REASONS,
     RUN_SKIP_REASONS,
+    EndedBy,
     RunOutcome,
     RunPhase,
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
 )
 from aegis_edge_core.fleet.resolve import Skipped
 
@@ -62,6 +69,8 @@ _TARGET_OUTCOMES: Final = {member.value: member for member in TargetOutcome}
 _RUN_OUTCOMES: Final = {member.value: member for member in RunOutcome}
 _SKIP_REASONS: Final = {member.value: member for member in SkipReason}
 _TARGET_STATES: Final = {member.value: member for member in TargetState}
+_TIMEOUT_BOUNDS: Final = {member.value: member for member in TimeoutBound}
+_ENDED_BY: Final = {member.value: member for member in EndedBy}
 
 
 def _member(table: Mapping[str, _E], kind: str, value: str) -> _E:
@@ -87,6 +96,14 @@ def _target_state(value: str) -> TargetState:
     return _member(_TARGET_STATES, "TargetState", value)
 
 
+def _timeout_bound(value: str | None) -> TimeoutBound | None:
+    return None if value is None else _member(_TIMEOUT_BOUNDS, "TimeoutBound", value)
+
+
+def _ended_by(value: str | None) -> EndedBy | None:
+    return None if value is None else _member(_ENDED_BY, "EndedBy", value)
+
+
 def _skips(values: Iterable[Skipped]) -> tuple[Skipped, ...]:
     return tuple(values)
 
@@ -107,6 +124,9 @@ class TargetRecord:
     skip_reason: SkipReason | None = attrs.field(default=None, converter=_skip_reason)
     dispatched_at: float | None = None
     finished_at: float | None = None
+    timeout_secs: float | None = None
+    timeout_bound: TimeoutBound | None = attrs.field(default=None, converter=_timeout_bound)
+    ended_by: EndedBy | None = attrs.field(default=None, converter=_ended_by)
 
     def __attrs_post_init__(self) -> None:
         done = self.state is TargetState.DONE
@@ -122,6 +142,10 @@ class TargetRecord:
         dispatched = self.state is not TargetState.PENDING and not not_started
         if dispatched != (self.dispatched_at is not None):
             raise ValueError(f"{self.node_id}: dispatched_at is set exactly when dispatched")
+        if not dispatched and (self.timeout_secs is not None or self.timeout_bound is not None):
+            raise ValueError(f"{self.node_id}: only a dispatched target has a timeout")
+        if self.ended_by is not None and self.outcome is not TargetOutcome.TIMEOUT:
+            raise ValueError(f"{self.node_id}: a target the deadline ended has outcome timeout")
 
     def to_dict(self) -> dict[str, object]:
         """This target as JSON-ready data; ``outcome`` is ``None`` until it is done."""
@@ -134,6 +158,9 @@ class TargetRecord:
             "skip_reason": None if self.skip_reason is None else self.skip_reason.value,
             "dispatched_at": self.dispatched_at,
             "finished_at": self.finished_at,
+            "timeout_secs": self.timeout_secs,
+            "timeout_bound": None if self.timeout_bound is None else self.timeout_bound.value,
+            "ended_by": None if self.ended_by is None else self.ended_by.value,
         }
 
 
@@ -181,6 +208,14 @@ class RunRecord:
     def __attrs_post_init__(self) -> None:
         if (self.phase is RunPhase.FINISHED) != (self.outcome is not None):
             raise ValueError("a run has an outcome exactly when its phase is finished")
+
+    def check_cancellable(self) -> None:
+        """Raise :class:`~aegis_edge_core.fleet.errors.RunFinished` if the run is over.
+
+        A cancel of a finished run must not read as if it had stopped something.
+        """
+        if self.outcome is not None:
+            raise RunFinished(self.fleet_command_id, self.outcome.value)
 
     @property
     def matched(self) -> int:
@@ -346,6 +381,9 @@ def _target(item: _Reader) -> TargetRecord:
             skip_reason=item.opt_enum("skip_reason", SkipReason),
             dispatched_at=item.opt_number("dispatched_at"),
             finished_at=item.opt_number("finished_at"),
+            timeout_secs=item.opt_number("timeout_secs"),
+            timeout_bound=item.opt_enum("timeout_bound", TimeoutBound),
+            ended_by=item.opt_enum("ended_by", EndedBy),
         )
     except ValueError as exc:
         raise FleetRecordError(str(exc), path=item.path) from exc

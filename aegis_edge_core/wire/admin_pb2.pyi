@@ -92,6 +92,7 @@ class CommandRecord(_message.Message):
     DISPATCHED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     fleet_command_id: _builtins.str
     tool: _builtins.str
@@ -102,6 +103,10 @@ class CommandRecord(_message.Message):
     dispatched_at: _builtins.float
     finished_at: _builtins.float
     error_message: _builtins.str
+    result_json: _builtins.str
+    """Added in v1 (issue 14): the tool's structured result (e.g. sys.info's), a JSON
+    document as the daemon reported it; empty when the tool returned none.
+    """
     def __init__(
         self,
         *,
@@ -114,10 +119,11 @@ class CommandRecord(_message.Message):
         dispatched_at: _builtins.float = ...,
         finished_at: _builtins.float = ...,
         error_message: _builtins.str = ...,
+        result_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "has_exit_code", b"has_exit_code", "outcome", b"outcome", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "has_exit_code", b"has_exit_code", "outcome", b"outcome", "result_json", b"result_json", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,6 +428,8 @@ class TargetResult(_message.Message):
     STDERR_TAIL_FIELD_NUMBER: _builtins.int
     SKIP_REASON_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    ENDED_BY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     command_id: _builtins.str
     outcome: _common_pb2.TargetOutcome.ValueType
@@ -436,6 +444,13 @@ class TargetResult(_message.Message):
     skip_reason: _builtins.str
     """for not_started: halted, deadline, cancelled"""
     tenant_id: _builtins.str
+    result_json: _builtins.str
+    """Added in v1 (issue 14). The tool's structured result as JSON; empty when none."""
+    ended_by: _builtins.str
+    """What ended the target when the outcome alone does not say: "deadline" -- the run's
+    deadline ended the command (outcome is then TIMEOUT), whether the daemon killed it at
+    the deadline-derived timeout or the relay cancelled it at the deadline. Empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -451,10 +466,12 @@ class TargetResult(_message.Message):
         stderr_tail: _builtins.bytes = ...,
         skip_reason: _builtins.str = ...,
         tenant_id: _builtins.str = ...,
+        result_json: _builtins.str = ...,
+        ended_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "has_exit_code", b"has_exit_code", "node_id", b"node_id", "outcome", b"outcome", "skip_reason", b"skip_reason", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "ended_by", b"ended_by", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "has_exit_code", b"has_exit_code", "node_id", b"node_id", "outcome", b"outcome", "result_json", b"result_json", "skip_reason", b"skip_reason", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +512,26 @@ Global___FleetPreview: _TypeAlias = FleetPreview  # noqa: Y015
 class FleetRun(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FLEET_COMMAND_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
@@ -506,6 +543,8 @@ class FleetRun(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     HALT_REASON_FIELD_NUMBER: _builtins.int
     RERUN_OF_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    TARGETS_OMITTED_FIELD_NUMBER: _builtins.int
     fleet_command_id: _builtins.str
     outcome: _common_pb2.RunOutcome.ValueType
     created_at: _builtins.float
@@ -515,12 +554,23 @@ class FleetRun(_message.Message):
     halt_reason: _builtins.str
     rerun_of: _builtins.str
     """the fleet_command_id this run reran; empty for a new run"""
+    targets_omitted: _builtins.bool
+    """True when `targets` was left out on purpose (ListFleetRuns, for size); false means
+    `targets` is complete. A reader never mistakes an omitted list for an empty run.
+    """
     @_builtins.property
     def spec(self) -> Global___FleetRunSpec: ...
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetResult]: ...
     @_builtins.property
     def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedTarget]: ...
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Added in v1 (issue 14). Targets per outcome name ("ok", "timeout", ...; outcomes
+        with none left out, targets not yet done not counted), always filled, so a list
+        without per-target rows still says how the run went.
+        """
+
     def __init__(
         self,
         *,
@@ -535,10 +585,12 @@ class FleetRun(_message.Message):
         trace_id: _builtins.str = ...,
         halt_reason: _builtins.str = ...,
         rerun_of: _builtins.str = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        targets_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "halt_reason", b"halt_reason", "outcome", b"outcome", "rerun_of", b"rerun_of", "skipped", b"skipped", "spec", b"spec", "targets", b"targets", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "created_at", b"created_at", "created_by", b"created_by", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "halt_reason", b"halt_reason", "outcome", b"outcome", "rerun_of", b"rerun_of", "skipped", b"skipped", "spec", b"spec", "targets", b"targets", "targets_omitted", b"targets_omitted", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,7 +708,7 @@ class ListFleetRunsResponse(_message.Message):
     RUNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetRun]:
-        """newest first, without per-target results"""
+        """newest first, without per-target results (targets_omitted)"""
 
     def __init__(
         self,

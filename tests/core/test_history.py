@@ -44,6 +44,16 @@ def test_dispatch_then_result() -> None:
     assert isinstance(info.value, LocalProtocolError)
 
 
+def test_a_tools_structured_result_is_kept() -> None:
+    h = CommandHistory()
+    h.dispatched("c1", "sys.info", 1.0)
+    done = h.finished("c1", 2.0, "ok", result_json='{"os": "linux"}')
+    assert done is not None and done.result_json == '{"os": "linux"}'
+    h.dispatched("c2", "cmd.run", 3.0)
+    plain = h.finished("c2", 4.0, "ok", result_json="")
+    assert plain is not None and plain.result_json is None  # none is None, not ""
+
+
 def test_bounded_oldest_evicted_and_order_kept_on_update() -> None:
     h = CommandHistory(limit=3)
     for i in range(5):
@@ -133,6 +143,15 @@ def test_clock_step_back_clamps_finished_at() -> None:
             "exit_code": True,
         },
         {"command_id": "a", "tool": "x", "dispatched_at": 0.0, "fleet_command_id": ""},
+        {"command_id": "a", "tool": "x", "dispatched_at": 0.0, "result_json": "{}"},
+        {
+            "command_id": "a",
+            "tool": "x",
+            "dispatched_at": 0.0,
+            "finished_at": 1.0,
+            "outcome": "ok",
+            "result_json": {"os": "linux"},
+        },
     ],
 )
 def test_records_validate(kwargs: dict[str, object]) -> None:

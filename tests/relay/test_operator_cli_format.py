@@ -325,6 +325,51 @@ def test_target_row() -> None:
     assert rows[2] == ["c", "not_started", "-", "-", "", "skipped: halted"]
 
 
+def test_results_in_json_and_tables() -> None:
+    info = {"os": "linux", "hostname": "web-1", "load": [0.5, 0.25], "agent_version": "1.0"}
+    res = admin_pb2.TargetResult(
+        node_id="a",
+        outcome=common_pb2.TARGET_OUTCOME_OK,
+        dispatched_at=NOW - 2,
+        finished_at=NOW - 1,
+        result_json=json.dumps(info, indent=2),
+    )
+    assert oc.target_result_to_dict(res)["result"] == info
+    assert oc.target_result_to_dict(admin_pb2.TargetResult(node_id="b"))["result"] is None
+    # Not JSON after all: kept as the string it is, never dropped.
+    assert oc.result_value("not json") == "not json"
+    compact = oc.compact_result(res.result_json)
+    assert compact == json.dumps(info, separators=(",", ":"))
+    cell = oc.compact_result(res.result_json, oc.RESULT_WIDTH)
+    assert len(cell) == oc.RESULT_WIDTH and cell.endswith("…") and compact.startswith(cell[:-1])
+    row = oc.target_row(res, with_result=True)
+    assert row[5] == cell and len(row) == len(oc.TARGET_COLUMNS) + 1
+    rec = admin_pb2.CommandRecord(command_id="c", tool="sys.info", result_json='{"a":1}')
+    assert oc.command_record_to_dict(rec)["result"] == {"a": 1}
+
+
+def test_deadline_ended_target_in_json() -> None:
+    res = admin_pb2.TargetResult(
+        node_id="a", outcome=common_pb2.TARGET_OUTCOME_TIMEOUT, ended_by="deadline"
+    )
+    assert oc.target_result_to_dict(res)["ended_by"] == "deadline"
+    assert oc.target_result_to_dict(admin_pb2.TargetResult(node_id="b"))["ended_by"] is None
+
+
+def test_a_listed_run_without_targets_omits_the_key_and_keeps_counts() -> None:
+    run = _run()
+    del run.targets[:]
+    run.targets_omitted = True
+    run.counts["ok"] = 1
+    run.counts["error"] = 2
+    d = oc.fleet_run_to_dict(run)
+    assert "targets" not in d
+    assert d["counts"] == {"error": 2, "ok": 1}
+    assert oc.fleet_run_summary(run).startswith("halted: 2 error, 1 ok")
+    # A full run's list is complete, even when empty.
+    assert oc.fleet_run_to_dict(admin_pb2.FleetRun())["targets"] == []
+
+
 def test_last_output_line_prefers_stdout_and_caps_width() -> None:
     res = admin_pb2.TargetResult(stdout_tail=b"one\ntwo\n\n", stderr_tail=b"warn\n")
     assert oc.last_output_line(res) == "two"

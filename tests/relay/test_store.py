@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import attrs
 import pytest
 
 from aegis_edge_relay.store import (
@@ -196,6 +197,36 @@ def test_command_history_and_late_results(store: SQLiteStore) -> None:
     assert not store.record_result(lost)  # but never the other way round
     (got,) = store.command_history("n1", 10)
     assert got.outcome == "ok" and got.exit_code == 0 and got.stdout_tail == b"done"
+
+
+def test_tool_results_are_kept_with_the_command(store: SQLiteStore) -> None:
+    store.record_dispatch(
+        CommandRow(command_id="c1", node_id="n1", tenant_id="t", tool="sys.info", dispatched_at=1)
+    )
+    (running,) = store.command_history("n1", 10)
+    assert running.result_json == ""
+    done = attrs.evolve(running, finished_at=2.0, outcome="ok", result_json='{"os":"linux"}')
+    assert store.record_result(done)
+    assert store.get_command("c1") == done
+
+
+def test_migration_2_adds_results_to_an_existing_store(tmp_path: Path) -> None:
+    # A store written by a relay at schema 1 (before tool results were kept).
+    path = tmp_path / "relay.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.executescript(_MIGRATIONS[1])
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    db.execute(
+        "INSERT INTO commands (command_id, node_id, tenant_id, tool, dispatched_at, outcome,"
+        " finished_at) VALUES ('old', 'n1', 't', 'cmd.run', 1.0, 'ok', 2.0)"
+    )
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION >= 2
+    old = store.get_command("old")
+    assert old is not None and old.outcome == "ok" and old.result_json == ""
 
 
 def test_fleet_runs_roundtrip(store: SQLiteStore) -> None:

@@ -7,22 +7,27 @@ import math
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aegis_edge_core.errors import LocalProtocolError
 from aegis_edge_core.fleet import (
     Cancel,
     DaemonSnapshot,
     Dispatch,
+    EndedBy,
     Finish,
     FleetRun,
     FleetSpec,
     NoTargets,
+    RunFinished,
     RunOutcome,
     RunPhase,
     RunRecord,
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
     resolve_targets,
 )
 from aegis_edge_core.fleet.planner import RUN_TRANSITIONS, STOP_RULES, TARGET_TRANSITIONS
@@ -85,7 +90,9 @@ def test_seed_fleet_update_halts_after_the_first_failure() -> None:
     assert run.next_deadline() == 1120.0
 
     # A success frees a slot; the next host goes out in the same call.
-    assert run.on_result("h00", "ok", 1010.0, exit_code=0) == [Dispatch(node_id="h05")]
+    assert run.on_result("h00", "ok", 1010.0, exit_code=0) == [
+        Dispatch(node_id="h05", timeout_secs=110.0, deadline_at=1120.0, bound=TimeoutBound.DEADLINE)
+    ]
     # h02's upgrade fails: nothing new is dispatched from here on.
     assert run.on_result("h02", "error", 1012.0, exit_code=1, error_message="exit 1") == []
     assert run.phase is RunPhase.DRAINING
@@ -126,7 +133,12 @@ def test_seed_fleet_update_halts_after_the_first_failure() -> None:
         "skip_reason": None,
         "dispatched_at": 1000.0,
         "finished_at": 1012.0,
+        "timeout_secs": 120.0,
+        "timeout_bound": "deadline",
+        "ended_by": None,
     }
+    # h04's timeout came long before the deadline: its own, not the deadline's.
+    assert data["targets"][4]["outcome"] == "timeout" and data["targets"][4]["ended_by"] is None
     assert data["targets"][11]["outcome"] == "not_started"
     assert data["targets"][11]["skip_reason"] == "halted"
     assert data["skipped"] == [
@@ -292,15 +304,23 @@ def test_deadline_skips_pending_cancels_in_flight_and_gives_up_after_grace() -> 
     ]
     assert outcomes(run)["h04"] == ("not_started", "deadline")
     assert run.next_deadline() == 170  # the cancel grace
-    # Whatever the daemons answer is recorded as answered.
+    # A command that finished before the cancel reached it is recorded as answered; one
+    # the cancel killed reads as the deadline ending it.
     assert run.on_result("h01", "cancelled", 161) == []
     assert run.on_result("h02", "ok", 162, exit_code=0) == []
     # h03 never answers: the grace runs out and the run still finishes.
     assert run.on_tick(170) == [Finish(outcome=RunOutcome.DEADLINE_EXCEEDED)]
     record = run.record()
+    h01 = next(t for t in record.targets if t.node_id == "h01")
+    assert (h01.outcome, h01.ended_by) == (TargetOutcome.TIMEOUT, EndedBy.DEADLINE)
     h03 = next(t for t in record.targets if t.node_id == "h03")
-    assert (h03.outcome, h03.finished_at) == (TargetOutcome.CANCELLED, 170)
+    assert (h03.outcome, h03.ended_by, h03.finished_at) == (
+        TargetOutcome.TIMEOUT,
+        EndedBy.DEADLINE,
+        170,
+    )
     assert h03.error_message is not None and "no answer within 10s" in h03.error_message
+    assert h03.error_message.startswith("ended by the run's deadline of 60s")
     assert record.halt_reason == "deadline of 60s reached"
     assert outcomes(run)["h02"] == ("ok", None)
     # A late answer after the planner gave up is ignored.
@@ -490,3 +510,166 @@ def test_tables_cover_every_state() -> None:
     assert {state for state, _ in TARGET_TRANSITIONS} == set(TargetState) - {TargetState.DONE}
     assert {phase for phase, _ in RUN_TRANSITIONS} == set(RunPhase) - {RunPhase.FINISHED}
     assert set(STOP_RULES) == {SkipReason.HALTED, SkipReason.DEADLINE, SkipReason.CANCELLED}
+
+
+# --- the deadline rule: every ordering of the daemon's kill, the tick and a cancel -------------
+
+_D = 10.0  # the deadline, from a start at 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    size=st.integers(1, 3),
+    pending=st.booleans(),
+    with_cancel=st.booleans(),
+    grace=st.sampled_from([0.0, 5.0]),
+)
+def test_the_deadline_ends_a_target_the_same_way_in_every_order(
+    data: st.DataObject, size: int, pending: bool, with_cancel: bool, grace: float
+) -> None:
+    """Whichever comes first around the deadline -- the daemon killing the command at the
+    deadline-derived timeout, the relay's tick at the deadline, an operator's cancel --
+    a command the deadline ended reads ``timeout`` / ``ended_by: deadline`` and the run
+    ``deadline_exceeded``. Only an operator cancel that lands before the deadline (and
+    before any kill) names the run ``cancelled`` instead."""
+    fleet = hosts(size + (1 if pending else 0))
+    run = plan(fleet, mode=f"rolling={size}", deadline_secs=_D, grace=grace)
+    start = run.start(0.0)
+    assert all(
+        isinstance(a, Dispatch)
+        and a.timeout_secs == _D
+        and a.deadline_at == _D
+        and a.bound is TimeoutBound.DEADLINE
+        for a in start
+    )
+    nodes = [f"h{i:02d}" for i in range(size)]
+    # Each daemon answers once: its kill at the deadline ("timeout"), an answer to a cancel
+    # ("cancelled"; a kill if no cancel reached it yet), or nothing at all.
+    answers = {n: data.draw(st.sampled_from(["timeout", "cancelled", "silent"])) for n in nodes}
+    events = [("answer", n) for n in nodes if answers[n] != "silent"] + [("tick", "")]
+    if with_cancel:
+        events.append(("cancel", ""))
+    order = data.draw(st.permutations(events))
+    now = 0.0
+    cause: SkipReason | None = None  # the first stop cause, predicted
+    cancelled_for: dict[str, SkipReason] = {}
+    killed: set[str] = set()  # whose "timeout" the planner took (not a late answer)
+    finishes: list[Finish] = []
+
+    def apply(actions: list[object]) -> None:
+        for action in actions:
+            assert not isinstance(action, Dispatch), "dispatched around the deadline"
+            if isinstance(action, Cancel):
+                cancelled_for.setdefault(action.node_id, action.reason)
+            elif isinstance(action, Finish):
+                finishes.append(action)
+
+    for kind, node in order:
+        if finishes:
+            break
+        if kind == "answer":
+            # The daemon's clock may put its kill a hair before the relay's deadline.
+            now = max(now, _D + data.draw(st.floats(-0.9, 1.0)))
+            reported = answers[node] if node in cancelled_for else "timeout"
+            if cause is None:
+                cause = SkipReason.DEADLINE
+            state = next(t.state for t in run.record().targets if t.node_id == node)
+            if reported == "timeout" and state is not TargetState.DONE:
+                killed.add(node)
+            apply(run.on_result(node, reported, now))
+        elif kind == "tick":
+            now = max(now, _D + data.draw(st.floats(0.0, 1.0)))
+            cause = cause or SkipReason.DEADLINE
+            apply(run.on_tick(now))
+        else:
+            now = max(now, _D + data.draw(st.floats(-2.0, 1.0)))
+            if cause is None:
+                cause = SkipReason.DEADLINE if now >= _D else SkipReason.CANCELLED
+            apply(run.cancel(now))
+    # Silent daemons: the cancel grace ends the wait.
+    while not finishes:
+        when = run.next_deadline()
+        assert when is not None, "stuck: nothing in flight answers and no timer is set"
+        now = max(now, when)
+        apply(run.on_tick(now))
+
+    assert len(finishes) == 1
+    record = run.record()
+    assert cause is not None
+    assert record.outcome is STOP_RULES[cause].outcome
+    for t in record.targets:
+        if t.node_id not in nodes:
+            assert (t.outcome, t.skip_reason) == (TargetOutcome.NOT_STARTED, cause)
+            continue
+        cancelled_by_operator = (
+            cancelled_for.get(t.node_id) is SkipReason.CANCELLED and t.node_id not in killed
+        )
+        if cancelled_by_operator:
+            assert (t.outcome, t.ended_by) == (TargetOutcome.CANCELLED, None)
+        else:
+            assert (t.outcome, t.ended_by) == (TargetOutcome.TIMEOUT, EndedBy.DEADLINE)
+            assert t.error_message and t.error_message.startswith(
+                "ended by the run's deadline of 10s"
+            )
+
+
+def test_the_tools_own_shorter_timeout_stays_timeout() -> None:
+    run = plan(hosts(1), args={"cmd": "sleep 60", "timeout": "3s"}, deadline_secs=_D)
+    (dispatch,) = run.start(0.0)
+    assert isinstance(dispatch, Dispatch)
+    assert (dispatch.timeout_secs, dispatch.bound) == (_D, TimeoutBound.TOOL)
+    assert run.on_result("h00", "timeout", 3.1) == [
+        Finish(outcome=RunOutcome.COMPLETED_WITH_ERRORS)
+    ]
+    (t,) = run.record().targets
+    assert (t.outcome, t.ended_by, t.timeout_bound) == (TargetOutcome.TIMEOUT, None, "tool")
+
+
+def test_a_tool_timeout_still_in_flight_at_the_deadline_keeps_its_own_outcome() -> None:
+    # The kill at its own timeout was still on the wire when the deadline passed: the run
+    # was stopped by the deadline, the command by its own timeout.
+    run = plan(hosts(1), args={"cmd": "sleep 60", "timeout": 9.5}, deadline_secs=_D)
+    run.start(0.0)
+    assert run.on_tick(_D) == [Cancel(node_id="h00", reason=SkipReason.DEADLINE)]
+    assert run.on_result("h00", "timeout", 10.1) == [Finish(outcome=RunOutcome.DEADLINE_EXCEEDED)]
+    (t,) = run.record().targets
+    assert (t.outcome, t.ended_by) == (TargetOutcome.TIMEOUT, None)
+
+
+def test_an_early_timeout_from_a_deadline_bounded_target_is_the_tools_own() -> None:
+    # A plugin that times out on its own long before the deadline must not stop the run.
+    run = plan(hosts(3), mode="rolling=2", deadline_secs=120)
+    run.start(0.0)
+    actions = run.on_result("h00", "timeout", 5.0)
+    assert dispatched(actions) == ["h02"]
+    assert run.phase is RunPhase.RUNNING
+    assert outcomes(run)["h00"] == ("timeout", None)
+
+
+def test_the_daemons_kill_as_the_last_result_is_still_the_deadline() -> None:
+    # The race of issue 14: the kill at the deadline-derived timeout beats the tick.
+    run = plan(hosts(1), deadline_secs=3)
+    run.start(0.0)
+    assert run.on_result("h00", "timeout", 2.999, error_message="deadline passed; killed") == [
+        Finish(outcome=RunOutcome.DEADLINE_EXCEEDED)
+    ]
+    (t,) = run.record().targets
+    assert (t.outcome, t.ended_by) == (TargetOutcome.TIMEOUT, EndedBy.DEADLINE)
+    assert t.error_message == "ended by the run's deadline of 3s (deadline passed; killed)"
+    assert run.record().halt_reason == "deadline of 3s reached"
+    assert run.next_deadline() is None
+
+
+def test_a_finished_run_refuses_a_cancel_with_its_outcome() -> None:
+    run = plan(hosts(1))
+    run.start(0.0)
+    run.check_cancellable()  # running: fine
+    run.on_result("h00", "ok", 1.0)
+    with pytest.raises(RunFinished, match=r"^fleet run fc-1 already finished \(completed\)$"):
+        run.check_cancellable()
+    with pytest.raises(RunFinished) as info:
+        run.record().check_cancellable()
+    assert (info.value.grpc_status, info.value.outcome) == ("FAILED_PRECONDITION", "completed")
+    assert run.cancel(2.0) == []  # the planner's own cancel stays a harmless no-op
+    assert run.outcome is RunOutcome.COMPLETED

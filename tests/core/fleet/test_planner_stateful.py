@@ -9,6 +9,11 @@ cancels, duplicate and bogus results -- and checks after every call:
 * the first stop cause, predicted independently from the rules, names the outcome;
   a run that hit its halt point ends ``halted``;
 * with ``continue`` and no deadline or cancel, every target is dispatched;
+* the deadline rule: each dispatch carries what is left of the deadline and the bound the
+  command is killed at; a ``timeout`` from a deadline-bounded target near the deadline, or a
+  ``cancelled`` answer to the deadline's cancel, is recorded ``timeout`` / ``ended_by:
+  deadline`` and names the run ``deadline_exceeded`` (first cause), even as the last result;
+  nothing else carries ``ended_by``;
 * the run always reaches Finish, exactly once, with every target in exactly one
   terminal state and nothing pending (teardown drives it home).
 """
@@ -32,6 +37,7 @@ from aegis_edge_core.fleet import (
     Action,
     Cancel,
     Dispatch,
+    EndedBy,
     Finish,
     FleetRun,
     FleetSpec,
@@ -41,9 +47,10 @@ from aegis_edge_core.fleet import (
     SkipReason,
     TargetOutcome,
     TargetState,
+    TimeoutBound,
     resolve_targets,
 )
-from aegis_edge_core.fleet.planner import STOP_RULES
+from aegis_edge_core.fleet.planner import DEFAULT_DEADLINE_TOLERANCE_SECS, STOP_RULES
 
 from .helpers import snap
 
@@ -78,6 +85,9 @@ class FleetRunMachine(RuleBasedStateMachine):
         self.cancel_called = False
         self.grace = 0.0
         self.grace_at: float | None = None
+        self.own_timeout: float | None = None
+        self.bounds: dict[str, TimeoutBound | None] = {}
+        self.cancel_cause: dict[str, SkipReason] = {}
 
     @initialize(
         size=st.integers(1, 24),
@@ -87,6 +97,7 @@ class FleetRunMachine(RuleBasedStateMachine):
         canary=st.integers(0, 4) | st.just(0),
         grace=st.sampled_from([0.0, 5.0, 30.0]),
         start=st.floats(0, 1e9),
+        own_timeout=st.none() | st.floats(0.5, 300),
     )
     def setup(
         self,
@@ -97,11 +108,13 @@ class FleetRunMachine(RuleBasedStateMachine):
         canary: int,
         grace: float,
         start: float,
+        own_timeout: float | None,
     ) -> None:
         fleet = [snap(f"n{i:03d}") for i in range(size)]
         spec = FleetSpec(
             selector="all",
             tool="cmd.run",
+            args={} if own_timeout is None else {"cmd": "sleep 1", "timeout": own_timeout},
             mode=mode,
             on_error=on_error,
             deadline_secs=deadline,
@@ -116,6 +129,7 @@ class FleetRunMachine(RuleBasedStateMachine):
         )
         self.now = start
         self.grace = grace
+        self.own_timeout = own_timeout
         self.deadline_at = None if deadline is None else start + deadline
         self.apply(self.run.start(start))
 
@@ -131,9 +145,12 @@ class FleetRunMachine(RuleBasedStateMachine):
                     "dispatched at or after the deadline"
                 )
                 self.dispatched.add(action.node_id)
+                self.check_dispatch(action)
             elif isinstance(action, Cancel):
                 assert action.node_id in self.dispatched
                 assert action.reason in (SkipReason.DEADLINE, SkipReason.CANCELLED)
+                assert action.node_id not in self.cancel_cause, "cancelled twice"
+                self.cancel_cause[action.node_id] = action.reason
                 if self.grace_at is None:
                     self.grace_at = self.now + self.grace
             else:
@@ -141,6 +158,29 @@ class FleetRunMachine(RuleBasedStateMachine):
                 assert i == len(actions) - 1, "Finish is not last"
                 self.finishes.append(action)
                 self.check_finished(action)
+
+    def check_dispatch(self, action: Dispatch) -> None:
+        own = self.own_timeout
+        if self.deadline_at is None:
+            assert action.timeout_secs is None and action.deadline_at is None
+            assert action.bound is (None if own is None else TimeoutBound.TOOL)
+        else:
+            assert action.deadline_at == self.deadline_at
+            assert action.timeout_secs == self.deadline_at - self.now > 0
+            tool_first = own is not None and own < action.timeout_secs
+            assert action.bound is (TimeoutBound.TOOL if tool_first else TimeoutBound.DEADLINE)
+        self.bounds[action.node_id] = action.bound
+
+    def by_deadline(self, node: str, outcome: TargetOutcome, now: float) -> bool:
+        """The deadline rule, restated from the docstring."""
+        if outcome is TargetOutcome.CANCELLED:
+            return self.cancel_cause.get(node) is SkipReason.DEADLINE
+        return (
+            outcome is TargetOutcome.TIMEOUT
+            and self.bounds.get(node) is TimeoutBound.DEADLINE
+            and self.deadline_at is not None
+            and now >= self.deadline_at - DEFAULT_DEADLINE_TOLERANCE_SECS
+        )
 
     def check_finished(self, finish: Finish) -> None:
         event(f"outcome {finish.outcome.value}")
@@ -151,6 +191,12 @@ class FleetRunMachine(RuleBasedStateMachine):
         assert ran == self.dispatched
         not_started = [t for t in record.targets if t.outcome is TargetOutcome.NOT_STARTED]
         assert {t.node_id for t in not_started} == set(self.run.resolution.targets) - ran
+        for t in record.targets:
+            ended_by_deadline = t.ended_by is EndedBy.DEADLINE
+            assert not ended_by_deadline or t.outcome is TargetOutcome.TIMEOUT
+            if self.cancel_cause.get(t.node_id) is SkipReason.DEADLINE:
+                # Killed by the deadline's cancel, or silent past the grace: never "cancelled".
+                assert t.outcome is not TargetOutcome.CANCELLED
         if self.expected_cause is None:
             assert not not_started
             all_ok = all(t.outcome is TargetOutcome.OK for t in record.targets)
@@ -212,9 +258,10 @@ class FleetRunMachine(RuleBasedStateMachine):
         failures = self.run.failures
         last = self.undone() == 1
         now = self.clock(self.now + dt)
+        by_deadline = self.by_deadline(node, outcome, now)
         # Predict the stop cause from the documented order: input, timers, policy.
         if self.expected_cause is None and phase in (RunPhase.CANARY, RunPhase.RUNNING):
-            if self.deadline_due() and not last:
+            if by_deadline or (self.deadline_due() and not last):
                 self.expected_cause = SkipReason.DEADLINE
             elif outcome is not TargetOutcome.OK and (
                 phase is RunPhase.CANARY
@@ -226,7 +273,12 @@ class FleetRunMachine(RuleBasedStateMachine):
                 self.expected_cause = SkipReason.HALTED
         self.apply(self.run.on_result(node, outcome, now, exit_code=exit_code))
         done = next(t for t in self.run.record().targets if t.node_id == node)
-        assert done.outcome is outcome and done.finished_at == now
+        if by_deadline:
+            event("a result the deadline ended")
+            assert done.outcome is TargetOutcome.TIMEOUT and done.ended_by is EndedBy.DEADLINE
+        else:
+            assert done.outcome is outcome and done.ended_by is None
+        assert done.finished_at == now
         if self.expected_cause is SkipReason.HALTED:
             assert self.run.phase in (RunPhase.DRAINING, RunPhase.FINISHED)
 
