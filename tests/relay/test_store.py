@@ -10,7 +10,6 @@ import attrs
 import pytest
 
 from aegis_edge_relay.store import (
-    _MIGRATIONS,
     SCHEMA_VERSION,
     CommandRow,
     FleetRunRow,
@@ -21,6 +20,7 @@ from aegis_edge_relay.store import (
     StoreError,
     TokenAlreadyRedeemed,
 )
+from aegis_edge_relay.store.sqlite_schema import _MIGRATIONS
 
 
 def node(node_id: str, tenant: str = "t1", thumb: str = "k", jti: str = "j") -> NodeRecord:
@@ -322,8 +322,6 @@ def test_fleet_runs_keep_plain_args_secret_names_and_rerun_of(store: SQLiteStore
 
 
 def test_a_v1_store_migrates_keeping_old_runs_marked_as_without_arguments(tmp_path: Path) -> None:
-    from aegis_edge_relay.store import _MIGRATIONS
-
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
     db.executescript(_MIGRATIONS[1])

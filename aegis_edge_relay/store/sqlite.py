@@ -1,292 +1,35 @@
-"""The relay's persistent state: an interface and its SQLite implementation.
+"""The SQLite implementation of :class:`~aegis_edge_relay.store.base.Store`: the relay's
+embedded default, one file in its data dir.
 
-Everything the relay must remember across restarts lives behind :class:`Store`: enrolled
-daemons (which outlive their streams), redeemed enrollment tokens, the revocation list,
-command history, fleet runs and saved groups. The SQLite implementation uses WAL, a versioned schema
-(``schema_version``) and one transaction for each change that must be atomic: redeeming an
-enrollment token *and* inserting the node; revoking a node *and* listing its token and key;
-deleting a tenant *and* revoking all of its daemons; swapping a rotated key *and* revoking
-the old token.
-
-The methods are synchronous and not thread-safe: the relay calls them through
-:class:`StoreWorker`, one dedicated thread, so the event loop never blocks on SQLite and
-there is never a second writer. Heartbeats do not cost a transaction each: the relay keeps
-``last_heartbeat_at`` in memory and calls :meth:`Store.flush_heartbeats` every few seconds.
-
-Moving past one relay means a PostgreSQL implementation of the same interface.
+WAL, a versioned schema (``schema_version``, migrated on open) and ``BEGIN IMMEDIATE`` for
+each change the interface says is atomic. The file and its sidecars are created owner-only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, ParamSpec, Protocol, TypeVar
+from typing import Any, Final
 
-import attrs
-
-from aegis_edge_core.errors import AegisError
 from aegis_edge_relay.files import tighten_mode
+from aegis_edge_relay.store.base import (
+    CommandRow,
+    FleetRunRow,
+    GroupExists,
+    GroupRow,
+    NodeRecord,
+    StoreError,
+    StoreUnavailable,
+    TokenAlreadyRedeemed,
+)
+from aegis_edge_relay.store.sqlite_schema import _MIGRATIONS, SCHEMA_VERSION
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "CommandRow",
-    "FleetRunRow",
-    "GroupExists",
-    "GroupRow",
-    "NodeRecord",
-    "SQLiteStore",
-    "Store",
-    "StoreError",
-    "StoreUnavailable",
-    "StoreWorker",
-    "TokenAlreadyRedeemed",
-]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-
-class StoreError(AegisError):
-    """A store operation was refused (unknown node, concurrent change...)."""
-
-
-class StoreUnavailable(StoreError):
-    """The database could not be read or written (locked, disk full, I/O error). Nothing
-    was changed: the transaction was rolled back. Callers answer UNAVAILABLE."""
-
-
-class TokenAlreadyRedeemed(StoreError):
-    """The enrollment token's ``jti`` was redeemed before: tokens are single use."""
-
-
-class GroupExists(StoreError):
-    """The tenant already has a group of that name."""
-
-
-@attrs.frozen(kw_only=True)
-class NodeRecord:
-    """One enrolled daemon as stored. ``revoked`` is the only status that is persisted;
-    live statuses (Connected, Unhealthy, Disconnected) come from the health tracker."""
-
-    node_id: str
-    tenant_id: str
-    public_key: bytes = attrs.field(repr=False)
-    key_thumbprint: str
-    enrolled_at: float
-    revoked: bool = False
-    revoked_reason: str = ""
-    revoked_at: float = 0.0
-    last_heartbeat_at: float | None = None
-    capabilities: Mapping[str, Any] = attrs.field(factory=dict)
-    tags: tuple[str, ...] = ()
-    token_jti: str = ""
-    token_expires_at: float = 0.0
-
-
-@attrs.frozen(kw_only=True)
-class CommandRow:
-    command_id: str
-    node_id: str
-    tenant_id: str
-    tool: str
-    dispatched_at: float
-    fleet_command_id: str = ""
-    finished_at: float | None = None
-    outcome: str = ""
-    exit_code: int | None = None
-    error: str = ""
-    stdout_tail: bytes = b""
-    stderr_tail: bytes = b""
-    result_json: str = ""
-    """The tool's structured result as JSON (``sys.info``'s); empty when none."""
-
-
-@attrs.frozen(kw_only=True)
-class FleetRunRow:
-    fleet_command_id: str
-    tenant_id: str
-    scope: tuple[str, ...] | None
-    """Tenants the creating token could see (None: all); readers need to cover them."""
-    spec: Mapping[str, Any]
-    outcome: str
-    created_at: float
-    finished_at: float | None
-    created_by: str
-    record: Mapping[str, Any]
-    trace_id: str = ""
-    args_json: str | None = None
-    """The tool's plain arguments (JSON object); ``None`` for a run stored before they were
-    kept. Secret arguments are never here: only their names, in ``secret_keys``."""
-    secret_keys: tuple[str, ...] = ()
-    rerun_of: str = ""
-
-
-@attrs.frozen(kw_only=True)
-class GroupRow:
-    """A saved group as stored; the core's ``Group`` validates it when it is used."""
-
-    tenant_id: str
-    name: str
-    selector: str
-    pinned: tuple[str, ...] = ()
-    created_at: float = 0.0
-    created_by: str = ""
-
-
-class Store(Protocol):
-    """What the relay needs from persistent storage. Methods are synchronous."""
-
-    def close(self) -> None: ...
-
-    # nodes
-    def load_nodes(self) -> list[NodeRecord]: ...
-    def get_node(self, node_id: str) -> NodeRecord | None: ...
-    def enroll(self, *, jti: str, token_expires_at: float, node: NodeRecord) -> None: ...
-    def is_tenant_deleted(self, tenant_id: str) -> bool: ...
-    def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None: ...
-    def set_tags(self, node_id: str, tags: Sequence[str]) -> None: ...
-    def set_token(self, node_id: str, jti: str, expires_at: float) -> None: ...
-    def flush_heartbeats(self, beats: Mapping[str, float]) -> None: ...
-    def revoke_node(
-        self, node_id: str, *, reason: str, now: float, token_prune_after: float
-    ) -> NodeRecord: ...
-    def delete_tenant(
-        self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
-    ) -> list[str]: ...
-    def rotate_key(
-        self,
-        node_id: str,
-        *,
-        old_thumbprint: str,
-        new_public_key: bytes,
-        new_thumbprint: str,
-        new_jti: str,
-        new_expires_at: float,
-        old_jti_prune_after: float,
-        now: float,
-    ) -> NodeRecord: ...
-
-    # revocations
-    def load_revocations(self) -> tuple[dict[str, float], set[str]]: ...
-    def revoke_token(self, jti: str, *, prune_after: float, now: float) -> None: ...
-    def prune_revocations(self, now: float) -> int: ...
-
-    # commands
-    def record_dispatch(self, row: CommandRow) -> None: ...
-    def record_result(self, row: CommandRow) -> bool: ...
-    def record_dispatches(self, rows: Sequence[CommandRow]) -> None: ...
-    def record_results(self, rows: Sequence[CommandRow]) -> list[bool]: ...
-    def command_history(self, node_id: str, limit: int) -> list[CommandRow]: ...
-    def get_command(self, command_id: str) -> CommandRow | None: ...
-    def finish_orphaned_commands(self, *, now: float, error: str) -> int: ...
-    def fleet_run_commands(self, fleet_command_id: str) -> list[CommandRow]: ...
-
-    # fleet runs
-    def save_fleet_run(self, row: FleetRunRow) -> None: ...
-    def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None: ...
-    def list_fleet_runs(self, limit: int) -> list[FleetRunRow]: ...
-    def unfinished_fleet_runs(self) -> list[FleetRunRow]: ...
-
-    # saved groups
-    def create_group(self, row: GroupRow) -> None: ...
-    def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]: ...
-    def get_group(self, tenant_id: str, name: str) -> GroupRow | None: ...
-    def delete_group(self, tenant_id: str, name: str) -> bool: ...
-
-
-SCHEMA_VERSION: Final = 4
-
-_MIGRATIONS: Final[Mapping[int, str]] = {
-    1: """
-    CREATE TABLE nodes (
-        node_id           TEXT PRIMARY KEY,
-        tenant_id         TEXT NOT NULL,
-        public_key        BLOB NOT NULL,
-        key_thumbprint    TEXT NOT NULL,
-        status            TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
-        revoked_reason    TEXT NOT NULL DEFAULT '',
-        revoked_at        REAL,
-        enrolled_at       REAL NOT NULL,
-        last_heartbeat_at REAL,
-        capabilities      TEXT NOT NULL DEFAULT '{}',
-        tags              TEXT NOT NULL DEFAULT '[]',
-        token_jti         TEXT NOT NULL DEFAULT '',
-        token_expires_at  REAL NOT NULL DEFAULT 0
-    );
-    CREATE INDEX nodes_tenant ON nodes (tenant_id);
-    CREATE TABLE enrollment_tokens (
-        jti         TEXT PRIMARY KEY,
-        tenant_id   TEXT NOT NULL,
-        node_id     TEXT NOT NULL,
-        redeemed_at REAL NOT NULL,
-        expires_at  REAL NOT NULL
-    );
-    CREATE TABLE revocations (
-        kind        TEXT NOT NULL CHECK (kind IN ('token', 'key')),
-        id          TEXT NOT NULL,
-        prune_after REAL,
-        revoked_at  REAL NOT NULL,
-        PRIMARY KEY (kind, id)
-    );
-    CREATE TABLE deleted_tenants (
-        tenant_id  TEXT PRIMARY KEY,
-        deleted_at REAL NOT NULL
-    );
-    CREATE TABLE commands (
-        command_id       TEXT PRIMARY KEY,
-        node_id          TEXT NOT NULL,
-        tenant_id        TEXT NOT NULL,
-        fleet_command_id TEXT NOT NULL DEFAULT '',
-        tool             TEXT NOT NULL,
-        dispatched_at    REAL NOT NULL,
-        finished_at      REAL,
-        outcome          TEXT NOT NULL DEFAULT '',
-        exit_code        INTEGER,
-        error            TEXT NOT NULL DEFAULT '',
-        stdout_tail      BLOB NOT NULL DEFAULT x'',
-        stderr_tail      BLOB NOT NULL DEFAULT x''
-    );
-    CREATE INDEX commands_node ON commands (node_id, dispatched_at DESC);
-    CREATE TABLE fleet_runs (
-        fleet_command_id TEXT PRIMARY KEY,
-        tenant_id        TEXT NOT NULL DEFAULT '',
-        scope            TEXT,
-        spec             TEXT NOT NULL,
-        outcome          TEXT NOT NULL,
-        created_at       REAL NOT NULL,
-        finished_at      REAL,
-        created_by       TEXT NOT NULL,
-        record           TEXT NOT NULL,
-        trace_id         TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
-    """,
-    2: """
-    CREATE TABLE groups (
-        tenant_id  TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        selector   TEXT NOT NULL,
-        pinned     TEXT NOT NULL DEFAULT '[]',
-        created_at REAL NOT NULL,
-        created_by TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (tenant_id, name)
-    );
-    """,
-    # Stored arguments (NULL: a run from before they were kept), the names of its secret
-    # arguments (never their values) and the run it reran.
-    3: """
-    ALTER TABLE fleet_runs ADD COLUMN args_json TEXT;
-    ALTER TABLE fleet_runs ADD COLUMN secret_keys TEXT NOT NULL DEFAULT '[]';
-    ALTER TABLE fleet_runs ADD COLUMN rerun_of TEXT NOT NULL DEFAULT ''
-    """,
-    # Issue 14: the tool's structured result, for fleet show and edge show --history.
-    4: """
-    ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
-    """,
-}
 
 _TAIL_CAP: Final = 64 * 1024
 
@@ -868,33 +611,3 @@ def _unavailable(err: sqlite3.DatabaseError, path: str) -> StoreUnavailable:
     else:
         hint = "check the disk and the file; restore from a backup if it is damaged"
     return StoreUnavailable(f"relay store {path} unavailable: {text}", hint=hint)
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class StoreWorker:
-    """Runs store calls on one dedicated thread, so async code never blocks on the store."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aegis-store")
-
-    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn`` on the store thread; database failures become :class:`StoreUnavailable`."""
-        loop = asyncio.get_running_loop()
-
-        def run() -> T:
-            try:
-                return fn(*args, **kwargs)
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.DatabaseError as err:
-                raise _unavailable(err, getattr(self.store, "path", "the store")) from err
-
-        return await loop.run_in_executor(self._pool, run)
-
-    def close(self) -> None:
-        self._pool.submit(self.store.close).result()
-        self._pool.shutdown(wait=True)

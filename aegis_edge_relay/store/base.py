@@ -1,0 +1,185 @@
+"""What the relay needs from persistent storage: the :class:`Store` interface, the rows it
+trades in, and its errors.
+
+Everything the relay must remember across restarts lives behind :class:`Store`: enrolled
+daemons (which outlive their streams), redeemed enrollment tokens, the revocation list,
+command history, fleet runs and saved groups. An implementation makes each change that must
+be atomic one transaction: redeeming an enrollment token *and* inserting the node; revoking
+a node *and* listing its token and key; deleting a tenant *and* revoking all of its daemons;
+swapping a rotated key *and* revoking the old token.
+
+The methods are synchronous and need not be thread-safe: the relay calls them through
+:class:`~aegis_edge_relay.store.worker.StoreWorker`, one dedicated thread, so the event loop
+never blocks on the database and there is never a second writer. Heartbeats do not cost a
+transaction each: the relay keeps ``last_heartbeat_at`` in memory and calls
+:meth:`Store.flush_heartbeats` every few seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from aegis_edge_core.errors import AegisError
+
+__all__ = [
+    "CommandRow",
+    "FleetRunRow",
+    "GroupExists",
+    "GroupRow",
+    "NodeRecord",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TokenAlreadyRedeemed",
+]
+
+
+class StoreError(AegisError):
+    """A store operation was refused (unknown node, concurrent change...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be read or written (locked, disk full, I/O error). Nothing
+    was changed: the transaction was rolled back. Callers answer UNAVAILABLE."""
+
+
+class TokenAlreadyRedeemed(StoreError):
+    """The enrollment token's ``jti`` was redeemed before: tokens are single use."""
+
+
+class GroupExists(StoreError):
+    """The tenant already has a group of that name."""
+
+
+@attrs.frozen(kw_only=True)
+class NodeRecord:
+    """One enrolled daemon as stored. ``revoked`` is the only status that is persisted;
+    live statuses (Connected, Unhealthy, Disconnected) come from the health tracker."""
+
+    node_id: str
+    tenant_id: str
+    public_key: bytes = attrs.field(repr=False)
+    key_thumbprint: str
+    enrolled_at: float
+    revoked: bool = False
+    revoked_reason: str = ""
+    revoked_at: float = 0.0
+    last_heartbeat_at: float | None = None
+    capabilities: Mapping[str, Any] = attrs.field(factory=dict)
+    tags: tuple[str, ...] = ()
+    token_jti: str = ""
+    token_expires_at: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class CommandRow:
+    command_id: str
+    node_id: str
+    tenant_id: str
+    tool: str
+    dispatched_at: float
+    fleet_command_id: str = ""
+    finished_at: float | None = None
+    outcome: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    stdout_tail: bytes = b""
+    stderr_tail: bytes = b""
+    result_json: str = ""
+    """The tool's structured result as JSON (``sys.info``'s); empty when none."""
+
+
+@attrs.frozen(kw_only=True)
+class FleetRunRow:
+    fleet_command_id: str
+    tenant_id: str
+    scope: tuple[str, ...] | None
+    """Tenants the creating token could see (None: all); readers need to cover them."""
+    spec: Mapping[str, Any]
+    outcome: str
+    created_at: float
+    finished_at: float | None
+    created_by: str
+    record: Mapping[str, Any]
+    trace_id: str = ""
+    args_json: str | None = None
+    """The tool's plain arguments (JSON object); ``None`` for a run stored before they were
+    kept. Secret arguments are never here: only their names, in ``secret_keys``."""
+    secret_keys: tuple[str, ...] = ()
+    rerun_of: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class GroupRow:
+    """A saved group as stored; the core's ``Group`` validates it when it is used."""
+
+    tenant_id: str
+    name: str
+    selector: str
+    pinned: tuple[str, ...] = ()
+    created_at: float = 0.0
+    created_by: str = ""
+
+
+class Store(Protocol):
+    """What the relay needs from persistent storage. Methods are synchronous."""
+
+    def close(self) -> None: ...
+
+    # nodes
+    def load_nodes(self) -> list[NodeRecord]: ...
+    def get_node(self, node_id: str) -> NodeRecord | None: ...
+    def enroll(self, *, jti: str, token_expires_at: float, node: NodeRecord) -> None: ...
+    def is_tenant_deleted(self, tenant_id: str) -> bool: ...
+    def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None: ...
+    def set_tags(self, node_id: str, tags: Sequence[str]) -> None: ...
+    def set_token(self, node_id: str, jti: str, expires_at: float) -> None: ...
+    def flush_heartbeats(self, beats: Mapping[str, float]) -> None: ...
+    def revoke_node(
+        self, node_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> NodeRecord: ...
+    def delete_tenant(
+        self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> list[str]: ...
+    def rotate_key(
+        self,
+        node_id: str,
+        *,
+        old_thumbprint: str,
+        new_public_key: bytes,
+        new_thumbprint: str,
+        new_jti: str,
+        new_expires_at: float,
+        old_jti_prune_after: float,
+        now: float,
+    ) -> NodeRecord: ...
+
+    # revocations
+    def load_revocations(self) -> tuple[dict[str, float], set[str]]: ...
+    def revoke_token(self, jti: str, *, prune_after: float, now: float) -> None: ...
+    def prune_revocations(self, now: float) -> int: ...
+
+    # commands
+    def record_dispatch(self, row: CommandRow) -> None: ...
+    def record_result(self, row: CommandRow) -> bool: ...
+    def record_dispatches(self, rows: Sequence[CommandRow]) -> None: ...
+    def record_results(self, rows: Sequence[CommandRow]) -> list[bool]: ...
+    def command_history(self, node_id: str, limit: int) -> list[CommandRow]: ...
+    def get_command(self, command_id: str) -> CommandRow | None: ...
+    def finish_orphaned_commands(self, *, now: float, error: str) -> int: ...
+    def fleet_run_commands(self, fleet_command_id: str) -> list[CommandRow]: ...
+
+    # fleet runs
+    def save_fleet_run(self, row: FleetRunRow) -> None: ...
+    def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None: ...
+    def list_fleet_runs(self, limit: int) -> list[FleetRunRow]: ...
+    def unfinished_fleet_runs(self) -> list[FleetRunRow]: ...
+
+    # saved groups
+    def create_group(self, row: GroupRow) -> None: ...
+    def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]: ...
+    def get_group(self, tenant_id: str, name: str) -> GroupRow | None: ...
+    def delete_group(self, tenant_id: str, name: str) -> bool: ...

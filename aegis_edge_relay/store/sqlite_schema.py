@@ -1,0 +1,101 @@
+"""The SQLite schema as numbered migrations; ``SQLiteStore`` applies the missing ones on
+open, each in one transaction with its ``schema_version`` row. A migration, once released,
+is never edited: a change is a new number."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+__all__ = ["SCHEMA_VERSION"]
+
+SCHEMA_VERSION: Final = 4
+
+_MIGRATIONS: Final[Mapping[int, str]] = {
+    1: """
+    CREATE TABLE nodes (
+        node_id           TEXT PRIMARY KEY,
+        tenant_id         TEXT NOT NULL,
+        public_key        BLOB NOT NULL,
+        key_thumbprint    TEXT NOT NULL,
+        status            TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+        revoked_reason    TEXT NOT NULL DEFAULT '',
+        revoked_at        REAL,
+        enrolled_at       REAL NOT NULL,
+        last_heartbeat_at REAL,
+        capabilities      TEXT NOT NULL DEFAULT '{}',
+        tags              TEXT NOT NULL DEFAULT '[]',
+        token_jti         TEXT NOT NULL DEFAULT '',
+        token_expires_at  REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX nodes_tenant ON nodes (tenant_id);
+    CREATE TABLE enrollment_tokens (
+        jti         TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        redeemed_at REAL NOT NULL,
+        expires_at  REAL NOT NULL
+    );
+    CREATE TABLE revocations (
+        kind        TEXT NOT NULL CHECK (kind IN ('token', 'key')),
+        id          TEXT NOT NULL,
+        prune_after REAL,
+        revoked_at  REAL NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE deleted_tenants (
+        tenant_id  TEXT PRIMARY KEY,
+        deleted_at REAL NOT NULL
+    );
+    CREATE TABLE commands (
+        command_id       TEXT PRIMARY KEY,
+        node_id          TEXT NOT NULL,
+        tenant_id        TEXT NOT NULL,
+        fleet_command_id TEXT NOT NULL DEFAULT '',
+        tool             TEXT NOT NULL,
+        dispatched_at    REAL NOT NULL,
+        finished_at      REAL,
+        outcome          TEXT NOT NULL DEFAULT '',
+        exit_code        INTEGER,
+        error            TEXT NOT NULL DEFAULT '',
+        stdout_tail      BLOB NOT NULL DEFAULT x'',
+        stderr_tail      BLOB NOT NULL DEFAULT x''
+    );
+    CREATE INDEX commands_node ON commands (node_id, dispatched_at DESC);
+    CREATE TABLE fleet_runs (
+        fleet_command_id TEXT PRIMARY KEY,
+        tenant_id        TEXT NOT NULL DEFAULT '',
+        scope            TEXT,
+        spec             TEXT NOT NULL,
+        outcome          TEXT NOT NULL,
+        created_at       REAL NOT NULL,
+        finished_at      REAL,
+        created_by       TEXT NOT NULL,
+        record           TEXT NOT NULL,
+        trace_id         TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
+    """,
+    2: """
+    CREATE TABLE groups (
+        tenant_id  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        selector   TEXT NOT NULL,
+        pinned     TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (tenant_id, name)
+    );
+    """,
+    # Stored arguments (NULL: a run from before they were kept), the names of its secret
+    # arguments (never their values) and the run it reran.
+    3: """
+    ALTER TABLE fleet_runs ADD COLUMN args_json TEXT;
+    ALTER TABLE fleet_runs ADD COLUMN secret_keys TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE fleet_runs ADD COLUMN rerun_of TEXT NOT NULL DEFAULT ''
+    """,
+    # Issue 14: the tool's structured result, for fleet show and edge show --history.
+    4: """
+    ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,
+}
