@@ -32,7 +32,7 @@ from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
 from aegis_edge_core.identity.rotation import RotationProof
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
 
-__all__ = ["EOF", "Commands", "RelayLink", "Results", "Stream", "rpc_error"]
+__all__ = ["EOF", "Commands", "RelayLink", "Results", "Stream", "answer_challenge", "rpc_error"]
 
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - the stubs do not declare it
 
@@ -44,6 +44,13 @@ def rpc_error(err: grpc.aio.AioRpcError) -> str:
     name = code.name if code is not None else "UNKNOWN"
     details = err.details() or ""
     return f"{name}: {details}".strip().rstrip(":")
+
+
+def answer_challenge(session: s.DaemonSession, key: NodeKey, node_id: str, nonce: bytes) -> None:
+    """Sign the relay's nonce with the node key: the attestation every stream starts with."""
+    session.attest(
+        sign_attestation(key, protocol_version=PROTOCOL_VERSION, node_id=node_id, nonce=nonce)
+    )
 
 
 class Commands(Protocol):
@@ -247,14 +254,7 @@ class RelayLink:
                 raise ConnectFailed("the relay closed the stream during the handshake")
             for event in session.receive(msg, time.time()):
                 if isinstance(event, s.ChallengeReceived):
-                    session.attest(
-                        sign_attestation(
-                            key,
-                            protocol_version=PROTOCOL_VERSION,
-                            node_id=node.node_id,
-                            nonce=event.nonce,
-                        )
-                    )
+                    answer_challenge(session, key, node.node_id, event.nonce)
                     await conn.flush()
                 elif isinstance(event, s.Refused):
                     if event.reason == "revoked":

@@ -35,7 +35,7 @@ from aegis_edge_agent.errors import (
     Fatal,
     Revoked,
 )
-from aegis_edge_agent.execution import CHILD_MARKER_ENV, Executor, _Running, pid_alive
+from aegis_edge_agent.execution import CHILD_MARKER_ENV, Executor, Running, pid_alive
 from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.otel import Telemetry
 from aegis_edge_agent.rotation import (
@@ -137,7 +137,7 @@ class Daemon:
         return self.link.stream
 
     @property
-    def running(self) -> dict[str, _Running]:
+    def running(self) -> dict[str, Running]:
         return self.executor.running
 
     @property

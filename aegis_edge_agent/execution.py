@@ -34,7 +34,7 @@ from aegis_edge_core.errors import ProtocolError
 from aegis_edge_core.policy import HostPaths, child_environment
 from aegis_edge_core.wire import common_pb2, stream_pb2
 
-__all__ = ["CHILD_MARKER_ENV", "Executor", "Uplink", "pid_alive"]
+__all__ = ["CHILD_MARKER_ENV", "Executor", "Running", "Uplink", "pid_alive"]
 
 CHILD_MARKER_ENV = "AEGIS_EDGE_COMMAND_ID"
 SHUTDOWN_WAIT_SECS = 10
@@ -81,7 +81,7 @@ class Uplink(Protocol):
 
 
 @attrs.define
-class _Running:
+class Running:
     invocation: stream_pb2.CommandInvocation
     task: asyncio.Task[None] | None = None
     cancel_reason: str = ""
@@ -116,7 +116,7 @@ class Executor:
         self._uplink = uplink
         self._telemetry = telemetry
         self._rotate_key = rotate_key
-        self.running: dict[str, _Running] = {}
+        self.running: dict[str, Running] = {}
         self.children: dict[int, hs.ChildProcess] = {}
 
     def __len__(self) -> int:
@@ -226,7 +226,7 @@ class Executor:
             run_args["_env"] = child_environment(
                 os.environ, decision.plan.env, extra={CHILD_MARKER_ENV: cid}
             )
-        running = _Running(invocation=inv)
+        running = Running(invocation=inv)
         self.running[cid] = running
         running.task = asyncio.create_task(self._run_tool(tool, run_args, inv, running))
         running.task.add_done_callback(lambda task: self._task_done(task, inv, running))
@@ -260,7 +260,7 @@ class Executor:
             running.task.cancel()
 
     def _task_done(
-        self, task: asyncio.Task[None], inv: stream_pb2.CommandInvocation, running: _Running
+        self, task: asyncio.Task[None], inv: stream_pb2.CommandInvocation, running: Running
     ) -> None:
         """A task cancelled before it ever ran still owes the relay a result."""
         if not task.cancelled() or self.running.get(inv.command_id) is not running:
@@ -276,7 +276,7 @@ class Executor:
         tool: Tool,
         args: dict[str, Any],
         inv: stream_pb2.CommandInvocation,
-        running: _Running,
+        running: Running,
     ) -> None:
         cid = inv.command_id
         started = time.time()

@@ -18,15 +18,15 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
-from aegis_edge_agent.connection import EOF, rpc_error
+from aegis_edge_agent.connection import EOF, answer_challenge, rpc_error
 from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.status import StatusBoard
-from aegis_edge_core import PROTOCOL_VERSION, __version__
+from aegis_edge_core import __version__
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.errors import AegisError
-from aegis_edge_core.identity import NodeKey, load_node_key, sign_attestation
+from aegis_edge_core.identity import NodeKey, load_node_key
 from aegis_edge_core.identity.errors import default_hint
 from aegis_edge_core.identity.rotation import RotationProof, sign_rotation
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
@@ -167,14 +167,7 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
                 assert isinstance(msg, stream_pb2.RelayMessage)
                 for event in session.receive(msg, time.time()):
                     if isinstance(event, s.ChallengeReceived):
-                        session.attest(
-                            sign_attestation(
-                                key,
-                                protocol_version=PROTOCOL_VERSION,
-                                node_id=node.node_id,
-                                nonce=event.nonce,
-                            )
-                        )
+                        answer_challenge(session, key, node.node_id, event.nonce)
                     elif isinstance(event, s.Refused):
                         raise AegisError(
                             f"the relay refused this host ({event.reason}): {event.message}"
