@@ -8,7 +8,7 @@ subclasses are the cases a caller branches on (:class:`AdminNotFound`,
 
     from aegis_edge_relay.operator.client import AdminClient, AdminNotFound
 
-    with AdminClient.connect() as admin:  # AEGIS_RELAY, AEGIS_CA_CERT, AEGIS_OPERATOR_TOKEN
+    with AdminClient() as admin:  # AEGIS_RELAY, AEGIS_CA_CERT, AEGIS_OPERATOR_TOKEN
         for host in admin.list_hosts(connected_only=True):
             print(host.node_id, host.capabilities.hostname)
         try:
@@ -16,11 +16,13 @@ subclasses are the cases a caller branches on (:class:`AdminNotFound`,
         except AdminNotFound as err:
             print(err)  # the relay's sentence
 
-:meth:`AdminClient.connect` finds the relay like every ``aegis edge`` operator command:
-explicit arguments first, then the environment, then a local relay's data directory
-(``relay.json``, ``ca.pem``, ``operator.token``). It speaks TLS with the relay's CA as its
-only root (or plaintext for a relay started with ``--insecure``) and sends the operator
-token as ``authorization: Bearer <token>`` metadata.
+    local = Connection.resolve(data_dir="./relay")  # relay.json, ca.pem, operator.token
+    remote = Connection.resolve("relay.example.com:443", ca_cert="ca.pem", token="@op.token")
+
+:meth:`Connection.resolve` finds the relay like every ``aegis edge`` operator command:
+arguments first, then the environment, then a local relay's data directory. The client
+speaks TLS with the relay's CA as its only root (or plaintext for a relay started with
+``--insecure``) and sends the operator token as ``authorization: Bearer <token>`` metadata.
 
 grpc is imported when a client is made, not with this module, so the ``aegis`` command
 starts without it.
@@ -31,11 +33,30 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aegis_edge_core.wire import admin_pb2
+from aegis_edge_relay.operator.connection import (
+    ENV_CA_CERT,
+    ENV_RELAY,
+    ENV_RELAY_DATA_DIR,
+    ENV_TLS_SERVER_NAME,
+    ENV_TOKEN,
+    Connection,
+)
+from aegis_edge_relay.operator.errors import (
+    AdminAlreadyExists,
+    AdminError,
+    AdminFailedPrecondition,
+    AdminInvalidArgument,
+    AdminNotFound,
+    AdminPermissionDenied,
+    AdminSettingsError,
+    AdminUnauthenticated,
+    AdminUnavailable,
+    error_class,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -60,96 +81,12 @@ __all__ = [
     "AdminUnauthenticated",
     "AdminUnavailable",
     "Connection",
+    "Events",
     "rpc_error_message",
 ]
 
-ENV_RELAY: Final = "AEGIS_RELAY"
-ENV_CA_CERT: Final = "AEGIS_CA_CERT"
-ENV_TOKEN: Final = "AEGIS_OPERATOR_TOKEN"  # noqa: S105 -- a variable name, not a secret
-ENV_TLS_SERVER_NAME: Final = "AEGIS_TLS_SERVER_NAME"
-ENV_RELAY_DATA_DIR: Final = "AEGIS_RELAY_DATA_DIR"
-
 UNARY_TIMEOUT_SECS: Final = 30.0
 """How long a unary admin call may take before the client gives up (streams: no bound)."""
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class AdminError(Exception):
-    """An Admin call failed. ``str(err)`` is one line for people: the relay's sentence, or
-    for a relay that could not answer at all, what happened and what to check.
-
-    ``code`` is the gRPC status (None for :class:`AdminSettingsError`, raised before any
-    call); ``details`` is the relay's sentence as it sent it.
-    """
-
-    def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, details: str = ""
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.details = details
-
-
-class AdminSettingsError(AdminError):
-    """Where the relay is, its CA or the token is missing or unusable; nothing was sent.
-
-    The message names the ``aegis`` flag and the environment variable of the setting
-    (``--relay`` / ``AEGIS_RELAY``), the two ways it is usually given; ``setting`` names it
-    for code: ``relay``, ``ca_cert``, ``token`` or ``data_dir``.
-    """
-
-    def __init__(self, message: str, *, setting: str) -> None:
-        super().__init__(message)
-        self.setting = setting
-
-
-class AdminNotFound(AdminError):
-    """No such daemon, run or group -- or one outside the token's tenants, which the relay
-    answers the same way so a token learns nothing about other tenants."""
-
-
-class AdminAlreadyExists(AdminError):
-    """The thing to create exists already (a group of that name in that tenant)."""
-
-
-class AdminPermissionDenied(AdminError):
-    """The token's role may not make this call (a viewer starting a run)."""
-
-
-class AdminUnauthenticated(AdminError):
-    """The token was refused: expired, revoked, forged or for another relay."""
-
-
-class AdminInvalidArgument(AdminError):
-    """The request is malformed: a selector, mode, tenant id or argument the relay refuses."""
-
-
-class AdminFailedPrecondition(AdminError):
-    """The request is well formed but the state forbids it (cancel a finished run, rerun
-    one still running)."""
-
-
-class AdminUnavailable(AdminError):
-    """The relay did not answer: not running, unreachable, or its TLS certificate is not
-    signed by the CA given. Worth retrying after a pause; nothing was done."""
-
-
-def _error_class(code: grpc.StatusCode | None) -> type[AdminError]:
-    import grpc
-
-    return {
-        grpc.StatusCode.NOT_FOUND: AdminNotFound,
-        grpc.StatusCode.ALREADY_EXISTS: AdminAlreadyExists,
-        grpc.StatusCode.PERMISSION_DENIED: AdminPermissionDenied,
-        grpc.StatusCode.UNAUTHENTICATED: AdminUnauthenticated,
-        grpc.StatusCode.INVALID_ARGUMENT: AdminInvalidArgument,
-        grpc.StatusCode.FAILED_PRECONDITION: AdminFailedPrecondition,
-        grpc.StatusCode.UNAVAILABLE: AdminUnavailable,
-    }.get(code, AdminError)  # type: ignore[arg-type]
 
 
 def rpc_error_message(err: grpc.RpcError, relay: str) -> str:
@@ -183,167 +120,8 @@ def _admin_error(err: grpc.RpcError, relay: str) -> AdminError:
 
     code = err.code() if isinstance(err, grpc.Call) else None
     details = (err.details() if isinstance(err, grpc.Call) else None) or ""
-    return _error_class(code)(rpc_error_message(err, relay), code=code, details=details)
+    return error_class(code)(rpc_error_message(err, relay), code=code, details=details)
 
-
-# --------------------------------------------------------------------------------------------
-# Connection settings
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Connection:
-    """Where the relay is and how to prove who we are to it."""
-
-    relay: str
-    ca_pem: bytes
-    token: str
-    server_name: str = ""
-    """TLS name to verify instead of the host of ``relay`` (``--tls-server-name``)."""
-    insecure: bool = False
-    """Plaintext, for a relay started with ``--insecure`` (``ca_pem`` is then empty)."""
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-    def __repr__(self) -> str:  # the token never reaches a log line or traceback
-        return f"Connection(relay={self.relay!r}, insecure={self.insecure})"
-
-    @classmethod
-    def resolve(
-        cls,
-        relay: str | None = None,
-        *,
-        ca_cert: str | None = None,
-        token: str | None = None,
-        tls_server_name: str | None = None,
-        data_dir: str | None = None,
-        insecure: bool = False,
-        environ: Mapping[str, str] | None = None,
-    ) -> Connection:
-        """The settings from arguments first, then the environment.
-
-        ``token`` may be ``@PATH``, a file holding it. ``data_dir`` (or
-        ``AEGIS_RELAY_DATA_DIR``) fills whatever is not given from the ``relay.json`` a
-        local ``aegis relay serve --data-dir D`` writes: its address, CA and admin token.
-        Given as an argument it beats the environment; from the environment it only fills
-        gaps. Raises :class:`AdminSettingsError`.
-        """
-        env = os.environ if environ is None else environ
-        dir_arg = data_dir or ""
-        data_dir = dir_arg or env.get(ENV_RELAY_DATA_DIR, "")
-        info = _relay_json(data_dir) if data_dir else {}
-
-        def pick(given: str | None, env_name: str, from_dir: str) -> tuple[str, bool]:
-            if given:
-                return given.strip(), False
-            if dir_arg and from_dir:
-                return from_dir, True
-            if env.get(env_name, "").strip():
-                return env[env_name].strip(), False
-            return from_dir, bool(from_dir)
-
-        address, address_from_dir = pick(relay, ENV_RELAY, _relay_from_json(info))
-        if not address:
-            raise AdminSettingsError(
-                f"no relay address: pass --relay HOST:PORT or set {ENV_RELAY} "
-                "(or --relay-data-dir D for a local relay)",
-                setting="relay",
-            )
-        for scheme in ("grpcs://", "https://"):
-            address = address.removeprefix(scheme)
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise AdminSettingsError(
-                f"--relay: expected HOST:PORT, got {address!r}", setting="relay"
-            )
-
-        insecure = insecure or (address_from_dir and info.get("tls") is False)
-        ca_pem = b""
-        if not insecure:
-            ca_from_dir = info.get("ca_cert") if isinstance(info.get("ca_cert"), str) else ""
-            ca_path, _ = pick(ca_cert, ENV_CA_CERT, str(ca_from_dir or ""))
-            if not ca_path:
-                raise AdminSettingsError(
-                    f"no CA certificate: pass --ca-cert PATH or set {ENV_CA_CERT} "
-                    "(the relay writes it to <data-dir>/ca.pem)",
-                    setting="ca_cert",
-                )
-            ca_pem = _read_file(ca_path, "CA certificate", "--ca-cert", "ca_cert")
-            if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
-                raise AdminSettingsError(
-                    f"--ca-cert: {ca_path!r} is not a PEM certificate", setting="ca_cert"
-                )
-
-        token_file = info.get("operator_token")
-        secret, _ = pick(
-            token, ENV_TOKEN, f"@{token_file}" if isinstance(token_file, str) and token_file else ""
-        )
-        if not secret:
-            raise AdminSettingsError(
-                f"no operator token: pass --token TOKEN (or @FILE) or set {ENV_TOKEN} "
-                "(the relay writes an admin token to <data-dir>/operator.token)",
-                setting="token",
-            )
-        if secret.startswith("@"):
-            path = secret[1:]
-            secret = _read_file(path, "token file", "--token", "token").decode("utf-8", "replace")
-            secret = secret.strip()
-            if not secret:
-                raise AdminSettingsError(
-                    f"--token: the token file {path!r} is empty", setting="token"
-                )
-        if any(ch.isspace() for ch in secret) or not secret.isprintable():
-            raise AdminSettingsError(
-                "--token: the operator token contains whitespace or control characters",
-                setting="token",
-            )
-        server_name = (tls_server_name or env.get(ENV_TLS_SERVER_NAME, "")).strip()
-        return cls(
-            relay=address, ca_pem=ca_pem, token=secret, server_name=server_name, insecure=insecure
-        )
-
-
-def _read_file(path: str, what: str, flag: str, setting: str) -> bytes:
-    try:
-        with open(os.path.expanduser(path), "rb") as fh:
-            return fh.read()
-    except OSError as err:
-        raise AdminSettingsError(
-            f"{flag}: cannot read the {what} {path!r}: {err.strerror or err}", setting=setting
-        ) from None
-
-
-def _relay_json(data_dir: str) -> dict[str, Any]:
-    path = os.path.join(os.path.expanduser(data_dir), "relay.json")
-    raw = _read_file(path, "relay description", "--relay-data-dir", "data_dir")
-    try:
-        info = json.loads(raw)
-    except ValueError as err:
-        raise AdminSettingsError(
-            f"--relay-data-dir: {path!r} is not JSON ({err})", setting="data_dir"
-        ) from None
-    if not isinstance(info, dict):
-        raise AdminSettingsError(
-            f"--relay-data-dir: {path!r} is not a JSON object", setting="data_dir"
-        )
-    return info
-
-
-def _relay_from_json(info: Mapping[str, Any]) -> str:
-    host, port = info.get("host"), info.get("port")
-    if not isinstance(host, str) or not isinstance(port, int):
-        listen = info.get("listen")
-        return listen if isinstance(listen, str) else ""
-    if host in ("", "0.0.0.0", "::", "[::]"):  # noqa: S104 -- a bind-all address, not a bind
-        host = "127.0.0.1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# --------------------------------------------------------------------------------------------
-# The client
-# --------------------------------------------------------------------------------------------
 
 _Reply = TypeVar("_Reply")
 Events = Iterator[admin_pb2.FleetRunEvent]
@@ -358,7 +136,14 @@ class AdminClient:
     Every call raises :class:`AdminError` (a subclass where one fits) on failure.
     """
 
-    def __init__(self, connection: Connection, *, timeout: float = UNARY_TIMEOUT_SECS) -> None:
+    def __init__(
+        self, connection: Connection | None = None, *, timeout: float = UNARY_TIMEOUT_SECS
+    ) -> None:
+        """Nothing is sent until the first call. ``connection`` None: the environment's
+        (``AEGIS_RELAY``, ``AEGIS_CA_CERT``, ``AEGIS_OPERATOR_TOKEN``, or
+        ``AEGIS_RELAY_DATA_DIR``); raises :class:`AdminSettingsError` if it is not enough."""
+        if connection is None:
+            connection = Connection.resolve()
         # gRPC's C core reads its log level when grpc is first imported and would print a
         # failed TLS handshake on stderr at INFO, above our one-line error. Errors only,
         # unless the caller set GRPC_VERBOSITY. (Only effective if nothing imported grpc.)
@@ -377,35 +162,6 @@ class AdminClient:
             options = [("grpc.ssl_target_name_override", name)] if name else []
             self._channel = grpc.secure_channel(connection.relay, creds, options=options)
         self._stub: AdminStub = admin_pb2_grpc.AdminStub(self._channel)
-
-    @classmethod
-    def connect(
-        cls,
-        relay: str | None = None,
-        *,
-        ca_cert: str | None = None,
-        token: str | None = None,
-        tls_server_name: str | None = None,
-        data_dir: str | None = None,
-        insecure: bool = False,
-        timeout: float = UNARY_TIMEOUT_SECS,
-        environ: Mapping[str, str] | None = None,
-    ) -> AdminClient:
-        """A client from arguments, the environment or a relay data directory, as
-        :meth:`Connection.resolve` reads them: ``connect()`` alone uses ``AEGIS_RELAY``,
-        ``AEGIS_CA_CERT`` and ``AEGIS_OPERATOR_TOKEN``; ``connect(data_dir="./relay")`` a
-        local relay's ``relay.json``; ``connect("relay:7443", ca_cert="ca.pem",
-        token="@operator.token")`` says it all. Nothing is sent until the first call."""
-        connection = Connection.resolve(
-            relay,
-            ca_cert=ca_cert,
-            token=token,
-            tls_server_name=tls_server_name,
-            data_dir=data_dir,
-            insecure=insecure,
-            environ=environ,
-        )
-        return cls(connection, timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()

@@ -290,16 +290,15 @@ def register(tree: CommandTree) -> None:
     add_output_flag(p)
     add_connection_flags(p)
 
-    p = tree.command("edge fleet show", cmd_fleet_show, help="one fleet run with every target")
-    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
-    add_output_flag(p)
-    add_connection_flags(p)
-
-    p = tree.command(
-        "edge fleet cancel",
-        cmd_fleet_cancel,
-        help="cancel a running fleet run: nothing new is dispatched, in-flight calls cancelled",
-    )
-    p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
-    add_output_flag(p)
-    add_connection_flags(p)
+    for action, handler, help_ in (
+        ("show", cmd_fleet_show, "one fleet run with every target"),
+        (
+            "cancel",
+            cmd_fleet_cancel,
+            "cancel a running fleet run: nothing new is dispatched, in-flight calls cancelled",
+        ),
+    ):
+        p = tree.command(f"edge fleet {action}", handler, help=help_)
+        p.add_argument("fleet_command_id", metavar="FLEET_COMMAND_ID")
+        add_output_flag(p)
+        add_connection_flags(p)
