@@ -133,7 +133,8 @@ class AdminClient:
     """A blocking client of one relay's Admin service; close it (or use ``with``).
 
     Unary calls give up after ``timeout`` seconds; event streams run as long as the run.
-    Every call raises :class:`AdminError` (a subclass where one fits) on failure.
+    Every call raises :class:`AdminError` (a subclass where one fits) on failure; a
+    streaming call is made when its iterator is first advanced, so its refusal comes then.
     """
 
     def __init__(

@@ -255,6 +255,8 @@ def _getter(field: FieldDescriptor, shape: _Shape, siblings: Mapping[str, Any]) 
     other fields (``siblings``, by name) and the rules."""
     name = field.name
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if field.message_type.fields_by_name["value"].message_type is not None:
+            return lambda m: {k: _shaped(v) for k, v in sorted(getattr(m, name).items())}
         return lambda m: dict(sorted(getattr(m, name).items()))
     if field.message_type is not None and field.is_repeated:
         return lambda m: [_shaped(item) for item in getattr(m, name)]
