@@ -1,5 +1,5 @@
 """``aegis relay serve`` and ``aegis relay operator-token``; operator commands come from
-:mod:`aegis_edge_relay.operator_cli`."""
+:mod:`aegis_edge_relay.operator`."""
 
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--ttl", type=_duration, default=30 * 86400.0, metavar="DURATION")
     p.add_argument("--subject", help="who the token is for (shown in run records)")
 
-    from aegis_edge_relay import demo, operator_cli
+    from aegis_edge_relay import demo, operator
 
-    operator_cli.register(tree)
+    operator.register(tree)
     demo.register(tree)
