@@ -25,8 +25,9 @@ from aegis_edge_core.fleet.wire_values import capped_result, outcome_of
 from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import stream_pb2
 from aegis_edge_relay import jsonlog, tracing
-from aegis_edge_relay.fleetview import Clock, FleetView
+from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.state import Clock
 from aegis_edge_relay.store import CommandRow, StoreWorker
 
 __all__ = [

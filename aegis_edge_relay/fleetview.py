@@ -13,20 +13,17 @@ every couple of seconds), so 10k daemons do not cost 10k writes per interval.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Final
 
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.state import NodeState, StreamHandle
+from aegis_edge_relay.state import Clock, NodeState, StreamHandle
 from aegis_edge_relay.store import NodeRecord, StoreWorker
 
-__all__ = ["Clock", "FleetView"]
-
-Clock = Callable[[], float]
-"""Wall-clock seconds (``time.time``); the parts read time only through the one they get."""
+__all__ = ["FleetView"]
 
 _NO_STATUS: Final = DaemonStatus.DISCONNECTED
 

@@ -40,8 +40,7 @@ from aegis_edge_core.identity.rotation import (
 from aegis_edge_core.ratelimit import Decision, KeyedLimiter, Limit
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.files import atomic_write
-from aegis_edge_relay.fleetview import Clock
-from aegis_edge_relay.state import NodeState
+from aegis_edge_relay.state import Clock, NodeState
 from aegis_edge_relay.store import StoreWorker
 
 __all__ = [

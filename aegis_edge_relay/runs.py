@@ -37,9 +37,10 @@ from aegis_edge_relay.dispatcher import (
     OutputSink,
     PendingCommand,
 )
-from aegis_edge_relay.fleetview import Clock, FleetView
+from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.runstate import DETAIL_LIMIT, ActiveRun, Watcher, recovered_run
+from aegis_edge_relay.state import Clock
 from aegis_edge_relay.store import StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]

@@ -1,12 +1,14 @@
 """Assembling and running the relay process: the parts, TLS, gRPC, /metrics, relay.json.
 
 This is the one module that constructs the relay's parts and wires them together
-(:class:`Relay`); each part receives what it uses and none of them imports this module::
+(:class:`Relay`); each part receives what it uses and none of them imports this module.
+In construction order, each built from the ones before it::
 
-    store ── FleetView ─┬─ Dispatcher ── FleetRuns ──┬─ AdminService (admin/)
-          └ IdentityService ┴─ StreamHandler ────────┼─ Loops
-                          └─ EnrollmentService       │
-                                                     └ (revocations cut live streams)
+    store/ (StoreWorker) -> FleetView, IdentityService -> Dispatcher -> FleetRuns
+        -> StreamHandler, EnrollmentService -> AdminService (admin/), Loops
+
+plus one hook: the identity service tells the stream handler of each revocation, so the
+node's live streams end (``identity.on_revoked(streams.cut_revoked)``).
 
 ``D/relay.json`` is written (atomically) once the relay listens, so scripts and tests that
 start it with port 0 learn the ports it got::

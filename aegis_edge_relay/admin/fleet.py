@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from aegis_edge_core.authz import Principal, check_tenant, scope_tenants
-from aegis_edge_core.fleet import FleetSpec, GroupIndex, NoTargets, resolve_targets
+from aegis_edge_core.fleet import FleetSpec, GroupIndex, NoTargets, Selector, resolve_targets
 from aegis_edge_core.fleet.errors import FleetSpecError
 from aegis_edge_core.fleet.rerun import (
     check_rerun_secrets,
@@ -49,16 +49,7 @@ class FleetAdmin(GroupsAdmin):
         def parse() -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
             plain = _json_object(request.args_json, "args_json", "args")
             secrets = _json_object(request.secret_args_json, "secret_args_json", "secret_args")
-            spec = FleetSpec(
-                selector=request.selector or "all",
-                tool=request.tool,
-                args=merge_secret_args(plain, secrets),
-                mode=request.mode or "all",
-                on_error=request.on_error or "continue",
-                deadline_secs=request.deadline_secs or None,
-                canary=request.canary,
-            )
-            return spec, plain, tuple(sorted(secrets))
+            return _fleet_spec(request.selector or "all", request, plain, secrets)
 
         parsed: tuple[FleetSpec, dict[str, Any], tuple[str, ...]] = await guard(context, parse)
         return parsed
@@ -135,16 +126,7 @@ class FleetAdmin(GroupsAdmin):
             secrets = _json_object(request.secret_args_json, "secret_args_json", "secret_args")
             check_rerun_secrets(old_id, row.secret_keys, secrets)
             plain = _json_object(stored_args_json, "args_json", "args")
-            spec = FleetSpec(
-                selector=rerun_selector(node_ids),
-                tool=old_spec.tool,
-                args=merge_secret_args(plain, secrets),
-                mode=old_spec.mode or "all",
-                on_error=old_spec.on_error or "continue",
-                deadline_secs=old_spec.deadline_secs or None,
-                canary=old_spec.canary,
-            )
-            return spec, plain, tuple(sorted(secrets))
+            return _fleet_spec(rerun_selector(node_ids), old_spec, plain, secrets)
 
         spec, plain, secret_keys = await guard(context, plan)
         snapshots = self.fleet.snapshots(tenants)
@@ -315,6 +297,26 @@ async def _drain(watcher: Watcher) -> AsyncIterator[admin_pb2.FleetRunEvent]:
             yield event
     finally:
         watcher.close()  # a watcher that went away holds nothing
+
+
+def _fleet_spec(
+    selector: str | Selector,
+    source: admin_pb2.FleetRunSpec,
+    plain: dict[str, Any],
+    secrets: dict[str, Any],
+) -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
+    """The parsed spec (its ``args`` include the secret ones), the plain arguments to
+    store and the secret arguments' names."""
+    spec = FleetSpec(
+        selector=selector,
+        tool=source.tool,
+        args=merge_secret_args(plain, secrets),
+        mode=source.mode or "all",
+        on_error=source.on_error or "continue",
+        deadline_secs=source.deadline_secs or None,
+        canary=source.canary,
+    )
+    return spec, plain, tuple(sorted(secrets))
 
 
 def _json_object(text: str, name: str, field: str) -> dict[str, Any]:
