@@ -170,6 +170,7 @@ class Relay:
 
     def __init__(self, config: RelayConfig, *, ca_der: bytes | None = None) -> None:
         clock = time.time
+        signing_key = load_or_create_signing_key(config.data_dir)
         self.metrics = metrics = RelayMetrics()
         store = SQLiteStore(config.data_dir / STORE_FILE)
         for path, old in store.tightened:
@@ -182,7 +183,7 @@ class Relay:
         )
         self.fleet = fleet = FleetView(health=health, metrics=metrics, db=db, clock=clock)
         self.identity = identity = IdentityService(
-            signing_key=load_or_create_signing_key(config.data_dir),
+            signing_key=signing_key,
             ca_der=ca_der,
             nodes=fleet.nodes,
             db=db,
