@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import grpc
@@ -56,7 +56,7 @@ from aegis_edge_core.ratelimit import (
     Limit,
 )
 from aegis_edge_core.session import MAX_MESSAGE_BYTES
-from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc
+from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.admin import AdminService
 from aegis_edge_relay.dispatcher import Dispatcher
@@ -84,7 +84,7 @@ from aegis_edge_relay.startup import (
     raise_nofile_limit,
 )
 from aegis_edge_relay.store import SQLiteStore, StoreWorker
-from aegis_edge_relay.streams import StreamHandler, StreamSettings, stream_handler
+from aegis_edge_relay.streams import StreamHandler, StreamSettings
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
 
 __all__ = [
@@ -159,6 +159,18 @@ class RelayConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
     max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
     """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
+
+
+def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
+    """``aegis.edge.v1.EdgeStream/Connect`` with raw request bytes: every frame reaches the
+    core session, so garbage becomes a counted protocol error closing that one stream
+    instead of a deserialization failure inside gRPC."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        streams.connect,
+        request_deserializer=None,
+        response_serializer=stream_pb2.RelayMessage.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("aegis.edge.v1.EdgeStream", {"Connect": handler})
 
 
 def _limiter(limit: Limit | None) -> KeyedLimiter | None:

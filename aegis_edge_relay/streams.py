@@ -7,10 +7,6 @@ is the core's: the stream protocol (:class:`RelaySession`), the handshake bounds
 (:func:`verify_attestation`), rotation (via :class:`~.identity.IdentityService`), health
 (via :class:`~.fleetview.FleetView`). Results and output go to the
 :class:`~.dispatcher.Dispatcher`.
-
-The handler is registered with a raw-bytes request deserializer (:func:`stream_handler`),
-so garbage becomes a counted protocol error closing that one stream, instead of a
-deserialization failure inside gRPC.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ from aegis_edge_core.session import (
     RotateKeyRequested,
     TokenRefreshRequested,
 )
-from aegis_edge_core.wire import common_pb2, stream_pb2
+from aegis_edge_core.wire import common_pb2
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
@@ -49,7 +45,7 @@ from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import CloseStream, NodeState, StreamHandle, capabilities_from_proto
 from aegis_edge_relay.store import StoreUnavailable, StoreWorker
 
-__all__ = ["StreamHandler", "StreamSettings", "stream_handler"]
+__all__ = ["StreamHandler", "StreamSettings"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -501,13 +497,3 @@ class StreamHandler:
             cut_at_grace=len(cut),
             seconds=round(time.monotonic() - started, 3),
         )
-
-
-def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
-    """``aegis.edge.v1.EdgeStream/Connect`` with raw request bytes."""
-    handler = grpc.stream_stream_rpc_method_handler(
-        streams.connect,
-        request_deserializer=None,
-        response_serializer=stream_pb2.RelayMessage.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler("aegis.edge.v1.EdgeStream", {"Connect": handler})
