@@ -465,7 +465,7 @@ class GroupCommit(Generic[R, W]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                out = await self._relay.db.call(self._write_many, [row for row, _ in batch])
+                out = await self._relay.db.persist(self._write_many, [row for row, _ in batch])
             except Exception as err:
                 for _, fut in batch:
                     if not fut.done():
@@ -1033,7 +1033,7 @@ class Dispatcher:
                     reason=target.skip_reason.value
                 ).inc()
         tracing.end_span(active.span, outcome)
-        await self.relay.db.call(self.relay.store.save_fleet_run, active.to_row())
+        await self.relay.db.persist(self.relay.store.save_fleet_run, active.to_row())
         self.runs.pop(active.fleet_command_id, None)
         jsonlog.log(
             "info",

@@ -92,17 +92,16 @@ from aegis_edge_relay.state import (
 )
 from aegis_edge_relay.store import (
     NodeRecord,
-    SQLiteStore,
     StoreError,
     StoreUnavailable,
     StoreWorker,
     TokenAlreadyRedeemed,
+    open_store,
 )
 
 __all__ = ["Relay", "RelayConfig", "load_or_create_signing_key"]
 
 SIGNING_KEY_FILE: Final = "relay-signing.key"
-STORE_FILE: Final = "relay.db"
 
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -121,6 +120,8 @@ def _status_code(name: str) -> grpc.StatusCode:
 @attrs.define(kw_only=True)
 class RelayConfig:
     data_dir: Path
+    store_url: str | None = None
+    """``--store``: None is SQLite in the data dir (see ``store.open_store``)."""
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
     node_token_ttl: float = NODE_TOKEN_TTL
@@ -167,9 +168,7 @@ class Relay:
         self.verifier = TokenVerifier.for_signing_key(self.signing_key)
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.metrics = RelayMetrics()
-        self.store = SQLiteStore(config.data_dir / STORE_FILE)
-        for path, old in self.store.tightened:
-            jsonlog.log("warning", "file.mode_tightened", path=path, old_mode=f"{old:04o}")
+        self.store = open_store(config.store_url, config.data_dir)
         self.db = StoreWorker(self.store)
         self.health = HealthTracker(
             stale_threshold_secs=config.stale_threshold,

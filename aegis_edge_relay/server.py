@@ -73,6 +73,8 @@ SERVICES: Final = (
 class ServeOptions:
     data_dir: Path
     listen: str
+    store_url: str | None = None
+    """``--store``/``AEGIS_STORE_URL``: None is SQLite in the data dir."""
     metrics_listen: str | None = "127.0.0.1:9464"
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
@@ -358,6 +360,7 @@ async def serve(opts: ServeOptions) -> int:
 
     config = RelayConfig(
         data_dir=data_dir,
+        store_url=opts.store_url,
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
