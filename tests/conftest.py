@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg import fresh_database
+from tests.pg import store_for
 
 STORES = ("sqlite", "postgresql")
 
@@ -14,8 +14,5 @@ STORES = ("sqlite", "postgresql")
 @pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """``""`` (SQLite in the data dir) or the URL of a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_database() as url:
+    with store_for(request.param) as url:
         yield url

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -56,6 +58,24 @@ def fresh_database(url: str | None = None) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.contextmanager
+def store_for(kind: str) -> Iterator[str]:
+    """``""`` for ``sqlite`` (the data dir's file), a fresh database's URL for
+    ``postgresql``."""
+    if kind == "sqlite":
+        yield ""
+        return
+    with fresh_database() as url:
+        yield url
+
+
+def dump(url: str) -> bytes:
+    """Everything in the database, as ``pg_dump`` writes it (to look for what must not be
+    stored)."""
+    out = subprocess.run(["pg_dump", "--data-only", url], capture_output=True, check=True)
+    return out.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,11 +84,12 @@ def free_port() -> int:
 
 class PrivateServer:
     """A PostgreSQL server of one test's own (``scripts/pg_test_server.py --dir --port``),
-    so stopping and restarting it disturbs no other test."""
+    so stopping and restarting it disturbs no other test. Its directory is a fresh one
+    under the system temp dir (pytest's tmp_path is closed to the ``postgres`` user)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self) -> None:
         server_url()  # the same skip (or CI failure) when PostgreSQL is not set up here
-        self.dir = directory
+        self.dir = Path(tempfile.mkdtemp(prefix="aegis-pg-"))
         self.port = free_port()
         self.url = ""
 
@@ -91,10 +112,11 @@ class PrivateServer:
 
 
 @contextlib.contextmanager
-def private_server(directory: Path) -> Iterator[PrivateServer]:
-    server = PrivateServer(directory)
+def private_server() -> Iterator[PrivateServer]:
+    server = PrivateServer()
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)

@@ -13,6 +13,7 @@ server turns into :class:`StoreUnavailable` instead of a store thread that never
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -62,6 +63,11 @@ POOL_WAIT: Final = 3.0
 """How long a call waits for a connection (the server down, the pool reconnecting) before
 it is answered UNAVAILABLE; the relay retries what it must keep, callers retry the rest."""
 TX_ATTEMPTS: Final = 5
+
+# The pool reports each failed reconnect through `logging`, which the relay does not use:
+# Python's last-resort handler would print them as raw lines among the relay's JSON log.
+# The store's own errors say the same once, as StoreUnavailable.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 def redact_url(url: str) -> str:
