@@ -29,7 +29,10 @@ SECRET = "hunter2-d0c5-7e11-s3cr3t"
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+def relay(
+    tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
+) -> Iterator[RelayProcess]:
     r = RelayProcess.start(tmp_path_factory.mktemp("relay"))
     yield r
     r.stop()
