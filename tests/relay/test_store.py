@@ -25,12 +25,14 @@ from aegis_edge_relay.store import (
     SQLiteStore,
     Store,
     StoreError,
+    StoreUnavailable,
     TokenAlreadyRedeemed,
     open_store,
+    redact_url,
 )
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS as _PG_MIGRATIONS
 from aegis_edge_relay.store.sqlite_schema import _MIGRATIONS
-from tests.pg import fresh_database
+from tests.pg import free_port, fresh_database
 
 
 def node(node_id: str, tenant: str = "t1", thumb: str = "k", jti: str = "j") -> NodeRecord:
@@ -445,3 +447,21 @@ def test_many_heartbeats_and_dispatches_in_one_statement() -> None:
         got = store.fleet_run_commands("f1")
         assert len(got) == 50 and got[0].outcome == "ok" and got[3].outcome == ""
         store.close()
+
+
+def test_store_urls_never_show_a_password(tmp_path: Path) -> None:
+    assert redact_url("postgresql://relay:s3cret@db:5432/fleet") == (
+        "postgresql://relay:***@db:5432/fleet"
+    )
+    assert redact_url("postgres://db/fleet?user=relay&password=s3cret") == (
+        "postgres://db/fleet?user=relay&password=***"
+    )
+    assert redact_url("postgresql://relay@db/fleet") == "postgresql://relay@db/fleet"
+    with pytest.raises(StoreError, match="unknown kind of store 'mysql'") as err:
+        open_store("mysql://relay:s3cret@db/fleet", tmp_path)
+    assert "s3cret" not in str(err.value) and "postgresql://" in str(err.value)
+    port = free_port()
+    with pytest.raises(StoreUnavailable) as down:
+        open_store(f"postgresql://relay:s3cret@127.0.0.1:{port}/fleet", tmp_path)
+    assert f"host 127.0.0.1 port {port} database fleet" in str(down.value)
+    assert "s3cret" not in str(down.value)
