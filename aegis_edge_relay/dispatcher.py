@@ -111,7 +111,7 @@ class GroupCommit(Generic[R, W]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                out = await self._db.call(self._write_many, [row for row, _ in batch])
+                out = await self._db.persist(self._write_many, [row for row, _ in batch])
             except Exception as err:
                 for _, fut in batch:
                     if not fut.done():

@@ -334,7 +334,7 @@ class FleetRuns:
             if target.skip_reason is not None:
                 self.metrics.fleet_targets_skipped.labels(reason=target.skip_reason.value).inc()
         tracing.end_span(active.span, outcome)
-        await self._db.call(self._db.store.save_fleet_run, active.to_row())
+        await self._db.persist(self._db.store.save_fleet_run, active.to_row())
         self.runs.pop(active.fleet_command_id, None)
         jsonlog.log(
             "info",

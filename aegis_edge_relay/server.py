@@ -83,7 +83,7 @@ from aegis_edge_relay.startup import (
     load_metrics_token,
     raise_nofile_limit,
 )
-from aegis_edge_relay.store import SQLiteStore, StoreWorker
+from aegis_edge_relay.store import StoreWorker, open_store
 from aegis_edge_relay.streams import StreamHandler, StreamSettings
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
 
@@ -101,7 +101,6 @@ __all__ = [
 ]
 
 RELAY_JSON: Final = "relay.json"
-STORE_FILE: Final = "relay.db"
 
 SERVICES: Final = (
     "aegis.edge.v1.EdgeStream",
@@ -114,6 +113,8 @@ SERVICES: Final = (
 class ServeOptions:
     data_dir: Path
     listen: str
+    store_url: str | None = None
+    """``--store``/``AEGIS_STORE_URL``: None is SQLite in the data dir."""
     metrics_listen: str | None = "127.0.0.1:9464"
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
@@ -141,6 +142,8 @@ class ServeOptions:
 @attrs.define(kw_only=True)
 class RelayConfig:
     data_dir: Path
+    store_url: str | None = None
+    """``--store``: None is SQLite in the data dir (see ``store.open_store``)."""
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
     node_token_ttl: float = NODE_TOKEN_TTL
@@ -184,10 +187,7 @@ class Relay:
         clock = time.time
         signing_key = load_or_create_signing_key(config.data_dir)
         self.metrics = metrics = RelayMetrics()
-        store = SQLiteStore(config.data_dir / STORE_FILE)
-        for path, old in store.tightened:
-            jsonlog.log("warning", "file.mode_tightened", path=path, old_mode=f"{old:04o}")
-        self.db = db = StoreWorker(store)
+        self.db = db = StoreWorker(open_store(config.store_url, config.data_dir))
 
         health = HealthTracker(
             stale_threshold_secs=config.stale_threshold,
@@ -307,6 +307,7 @@ async def serve(opts: ServeOptions) -> int:
 
     config = RelayConfig(
         data_dir=data_dir,
+        store_url=opts.store_url,
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
