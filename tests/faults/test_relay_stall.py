@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from aegis_edge_agent.statedir import StateDir
 from aegis_edge_core.wire import common_pb2
 from tests.agent.harness import DaemonProcess, RelayProcess, enroll_host, wait_until
 from tests.faults.conftest import Tally
@@ -36,6 +37,11 @@ def test_relay_sigstop_daemon_detects_stall_and_reconnects(tmp_path: Path, tally
         first = daemon.wait_event("connected")
         assert first["heartbeat_interval_secs"] == 0.5
         assert relay.run(host.node_id, "edge.ping").targets[0].outcome == OK
+        # The run ends when the relay has the result; its ack reaches the daemon a moment
+        # later. Freeze the relay only once the daemon's spool is empty, or the result is
+        # (rightly) still pending when the daemon comes back.
+        state = StateDir(host.state_dir)
+        wait_until(lambda: not state.load_spool()[0], what="the ping result acknowledged")
 
         os.kill(relay.proc.pid, signal.SIGSTOP)
         stopped = True
