@@ -27,8 +27,11 @@ from aegis_edge_core.identity import (
     TokenIssuer,
     TokenVerifier,
     ca_pin,
+    endpoint_list,
+    key_reload_due,
     load_relay_signing_key,
     new_jti,
+    peek_kid,
     refresh_margin,
 )
 from aegis_edge_core.identity.rotation import (
@@ -51,6 +54,9 @@ __all__ = [
 ]
 
 SIGNING_KEY_FILE: Final = "relay-signing.key"
+KEY_RELOAD_INTERVAL: Final = 5.0
+"""At most one read of the cluster's published keys per this many seconds, however many
+tokens with an unknown ``kid`` arrive (forged ones cost no database reads)."""
 REVOCATION_MARGIN: Final = 3600.0
 """A revocation entry outlives its token's expiry by this much, so the verifier's clock
 leeway never reopens a window for it."""
@@ -90,8 +96,14 @@ class IdentityService:
         node_token_ttl: float,
         refresh_limit: Limit | None,
     ) -> None:
+        self._signing_key = signing_key
         self.issuer = TokenIssuer(signing_key=signing_key)
         self.verifier = TokenVerifier.for_signing_key(signing_key)
+        self.cluster = ""
+        """The cluster this relay serves in (``--cluster``); empty for a single relay."""
+        self.cluster_endpoints: tuple[str, ...] = ()
+        """Every relay endpoint of the cluster, for enrollment tokens (read at start)."""
+        self._keys_loaded_at = float("-inf")
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.revocations = RevocationList()
         self.relay_endpoint = ""
@@ -107,9 +119,57 @@ class IdentityService:
         self._refresh_limit = KeyedLimiter(refresh_limit) if refresh_limit is not None else None
         self._revoked_hooks: list[RevokedHook] = []
 
+    @property
+    def relay_id(self) -> str:
+        """This relay's id in the cluster: the ``kid`` of its signing key."""
+        return self._signing_key.kid
+
     async def load(self) -> None:
         tokens, keys = await self._db.call(self._db.store.load_revocations)
         self.revocations = RevocationList.from_entries(tokens=tokens, keys=keys)
+        store = self._db.store
+        key = self._signing_key
+        await self._db.call(store.publish_relay_key, key.kid, key.public_key.raw, self.now())
+        await self._reload_keys()
+
+    async def publish_endpoint(self) -> None:
+        """Publish where daemons reach this relay and read where they reach the others."""
+        if not self.cluster:
+            return
+        store = self._db.store
+        await self._db.call(
+            store.publish_endpoint, self.relay_id, self.cluster, self.relay_endpoint, self.now()
+        )
+        await self.refresh_endpoints()
+
+    async def refresh_endpoints(self) -> None:
+        """Read the cluster's endpoints again (relays join after this one started)."""
+        if not self.cluster:
+            return
+        others = await self._db.call(self._db.store.cluster_endpoints, self.cluster)
+        self.cluster_endpoints = endpoint_list(self.relay_endpoint, others)
+
+    async def _reload_keys(self) -> None:
+        self._keys_loaded_at = self.now()
+        published = await self._db.call(self._db.store.load_relay_keys)
+        self.verifier = TokenVerifier.for_cluster(self._signing_key, published)
+
+    async def know_signer(self, token: str) -> None:
+        """Before verifying ``token``: if another relay of the cluster signed it with a key
+        not loaded here yet, read the published keys (rate-limited by the core's rule)."""
+        if key_reload_due(
+            self.verifier,
+            peek_kid(token),
+            last_reload=self._keys_loaded_at,
+            now=self.now(),
+            interval=KEY_RELOAD_INTERVAL,
+        ):
+            await self._reload_keys()
+
+    async def verifier_for(self, token: str) -> TokenVerifier:
+        """The verifier to check ``token`` with, its signer's key loaded if published."""
+        await self.know_signer(token)
+        return self.verifier
 
     def on_revoked(self, hook: RevokedHook) -> None:
         """Call ``hook(node, reason, now)`` after each committed revocation."""
@@ -184,6 +244,8 @@ class IdentityService:
             now=self.now(),
             jti=new_jti(os.urandom(16)),
             ttl=ttl,
+            # one endpoint says nothing `rel` does not: the token stays as a single relay's
+            relay_endpoints=self.cluster_endpoints if len(self.cluster_endpoints) > 1 else (),
         )
         jsonlog.log("info", "enrollment.token_issued", tenant_id=tenant_id)
         return issued.token, issued.claims.expires_at

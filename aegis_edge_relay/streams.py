@@ -322,7 +322,8 @@ class StreamHandler:
         node_id = handle.node_id
         assert node_id is not None
         fleet, identity = self.fleet, self.identity
-        node = fleet.nodes.get(node_id)
+        node = await fleet.find(node_id)
+        await identity.know_signer(handle.hello_token)
         try:
             verified = verify_attestation(
                 token=handle.hello_token,

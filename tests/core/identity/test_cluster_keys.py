@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aegis_edge_core.hoststate import HostStateError, NodeInfo, parse_node_json
 from aegis_edge_core.identity import (
     TokenError,
     TokenVerifier,
@@ -158,3 +159,31 @@ class TestDialOrder:
         last_good = eps[start % len(eps)]
         tried = {dial_order(eps, last_good, f) for f in range(len(eps))}
         assert tried == set(eps)
+
+
+class TestNodeJsonEndpoints:
+    def info(self, relays: tuple[str, ...]) -> NodeInfo:
+        return NodeInfo(
+            node_id="n-1",
+            tenant_id="t",
+            relay="a:1",
+            key_thumbprint="k",
+            enrolled_at=1.0,
+            relays=relays,
+        )
+
+    def test_a_single_relay_node_json_is_unchanged_and_old_ones_load(self) -> None:
+        text = self.info(()).to_json()
+        assert "relays" not in json.loads(text)
+        loaded = parse_node_json(text, source="node.json")
+        assert loaded.relays == () and loaded.endpoints == ("a:1",)
+
+    def test_the_cluster_list_round_trips_with_the_relay_first(self) -> None:
+        loaded = parse_node_json(self.info(("b:1", "a:1")).to_json(), source="node.json")
+        assert loaded.relays == ("b:1", "a:1")
+        assert loaded.endpoints == ("a:1", "b:1")
+
+    def test_a_damaged_list_is_a_named_error(self) -> None:
+        data = json.loads(self.info(()).to_json()) | {"relays": "a:1"}
+        with pytest.raises(HostStateError, match="relays"):
+            parse_node_json(json.dumps(data), source="node.json")
