@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 SIGNING_KEY_FILE: Final = "relay-signing.key"
-KEY_RELOAD_INTERVAL: Final = 5.0
+KEY_RELOAD_INTERVAL: Final = 1.0
 """At most one read of the cluster's published keys per this many seconds, however many
 tokens with an unknown ``kid`` arrive (forged ones cost no database reads)."""
 REVOCATION_MARGIN: Final = 3600.0
@@ -150,7 +150,6 @@ class IdentityService:
         self.cluster_endpoints = endpoint_list(self.relay_endpoint, others)
 
     async def _reload_keys(self) -> None:
-        self._keys_loaded_at = self.now()
         published = await self._db.call(self._db.store.load_relay_keys)
         self.verifier = TokenVerifier.for_cluster(self._signing_key, published)
 
@@ -164,6 +163,8 @@ class IdentityService:
             now=self.now(),
             interval=KEY_RELOAD_INTERVAL,
         ):
+            # only reloads an unknown kid asked for count: the start's load does not
+            self._keys_loaded_at = self.now()
             await self._reload_keys()
 
     async def verifier_for(self, token: str) -> TokenVerifier:
