@@ -127,6 +127,8 @@ class IdentityService:
     async def load(self) -> None:
         tokens, keys = await self._db.call(self._db.store.load_revocations)
         self.revocations = RevocationList.from_entries(tokens=tokens, keys=keys)
+        if not self.cluster:
+            return  # a single relay honours its own key only, as ever
         store = self._db.store
         key = self._signing_key
         await self._db.call(store.publish_relay_key, key.kid, key.public_key.raw, self.now())
@@ -156,7 +158,7 @@ class IdentityService:
     async def know_signer(self, token: str) -> None:
         """Before verifying ``token``: if another relay of the cluster signed it with a key
         not loaded here yet, read the published keys (rate-limited by the core's rule)."""
-        if key_reload_due(
+        if self.cluster and key_reload_due(
             self.verifier,
             peek_kid(token),
             last_reload=self._keys_loaded_at,

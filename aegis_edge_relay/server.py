@@ -16,7 +16,8 @@ start it with port 0 learn the ports it got::
     {"version": 1, "pid": 1234, "listen": "127.0.0.1:41235", "host": "127.0.0.1",
      "port": 41235, "tls": true, "metrics": "http://127.0.0.1:9464/metrics",
      "metrics_port": 9464, "ca_cert": "D/ca.pem", "operator_token": "D/operator.token",
-     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D"}
+     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D",
+     "relay_id": "<kid of the signing key>", "cluster": ""}
 """
 
 from __future__ import annotations
@@ -261,13 +262,13 @@ class Relay:
     async def start(self) -> None:
         db = self.db
         records = await db.call(db.store.load_nodes)
-        await self.identity.load()
         if self._cluster:
             if self._ca_der is None:
                 raise StartupError(f"--cluster {self._cluster}: a cluster needs TLS (its CA)")
             await join_cluster(db, self._cluster, self._ca_der, time.time())
             self.identity.cluster = self._cluster
-            await self.identity.publish_endpoint()
+        await self.identity.load()
+        await self.identity.publish_endpoint()
         self.fleet.load(records)
         await self.dispatcher.recover()
         await self.runs.recover()
