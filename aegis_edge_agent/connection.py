@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import grpc
 import grpc.aio
 
@@ -239,6 +240,7 @@ class RelayLink:
                 except ProtocolError as err:
                     raise ConnectFailed(f"protocol error during handshake: {err}") from None
                 self.relay, self._failures = relay, 0
+                self._learn_endpoints(node, conn.accepted)
                 return await self._serve(conn, relay)
             finally:
                 conn.closed = True
@@ -281,6 +283,16 @@ class RelayLink:
                     )
                 elif isinstance(event, s.SessionAccepted):
                     conn.accepted = event
+
+    def _learn_endpoints(self, node: hs.NodeInfo, accepted: s.SessionAccepted | None) -> None:
+        """Keep the cluster's current relay list in node.json (relays join and leave)."""
+        if accepted is None or not accepted.relay_endpoints:
+            return
+        if set(accepted.relay_endpoints) == set(node.relays):
+            return
+        updated = attrs.evolve(node, relays=accepted.relay_endpoints)
+        self._state.write(hs.NODE_JSON, updated.to_json())
+        self._log.info("relay_endpoints_updated", relays=list(accepted.relay_endpoints))
 
     async def _serve(self, conn: Stream, relay: str) -> float | None:
         accepted = conn.accepted

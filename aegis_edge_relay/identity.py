@@ -57,6 +57,9 @@ SIGNING_KEY_FILE: Final = "relay-signing.key"
 KEY_RELOAD_INTERVAL: Final = 1.0
 """At most one read of the cluster's published keys per this many seconds, however many
 tokens with an unknown ``kid`` arrive (forged ones cost no database reads)."""
+ENDPOINT_REFRESH_INTERVAL: Final = 30.0
+"""How stale this relay's copy of the cluster's endpoints may get before an attestation
+reads them again (relays join while it runs)."""
 REVOCATION_MARGIN: Final = 3600.0
 """A revocation entry outlives its token's expiry by this much, so the verifier's clock
 leeway never reopens a window for it."""
@@ -104,6 +107,7 @@ class IdentityService:
         self.cluster_endpoints: tuple[str, ...] = ()
         """Every relay endpoint of the cluster, for enrollment tokens (read at start)."""
         self._keys_loaded_at = float("-inf")
+        self._endpoints_read_at = float("-inf")
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.revocations = RevocationList()
         self.relay_endpoint = ""
@@ -148,8 +152,22 @@ class IdentityService:
         """Read the cluster's endpoints again (relays join after this one started)."""
         if not self.cluster:
             return
+        self._endpoints_read_at = self.now()
         others = await self._db.call(self._db.store.cluster_endpoints, self.cluster)
         self.cluster_endpoints = endpoint_list(self.relay_endpoint, others)
+
+    async def endpoints_for_daemon(self) -> tuple[str, ...]:
+        """:attr:`shared_endpoints` for an Accepted, read again when they may be stale."""
+        if self.cluster and self.now() - self._endpoints_read_at >= ENDPOINT_REFRESH_INTERVAL:
+            await self.refresh_endpoints()
+        return self.shared_endpoints
+
+    @property
+    def shared_endpoints(self) -> tuple[str, ...]:
+        """The endpoints to tell daemons (tokens, Accepted): the cluster's when there is more
+        than one; none for one, which says nothing ``rel`` does not (a single relay's
+        tokens and messages stay exactly as they were)."""
+        return self.cluster_endpoints if len(self.cluster_endpoints) > 1 else ()
 
     async def _reload_keys(self) -> None:
         published = await self._db.call(self._db.store.load_relay_keys)
@@ -247,8 +265,7 @@ class IdentityService:
             now=self.now(),
             jti=new_jti(os.urandom(16)),
             ttl=ttl,
-            # one endpoint says nothing `rel` does not: the token stays as a single relay's
-            relay_endpoints=self.cluster_endpoints if len(self.cluster_endpoints) > 1 else (),
+            relay_endpoints=self.shared_endpoints,
         )
         jsonlog.log("info", "enrollment.token_issued", tenant_id=tenant_id)
         return issued.token, issued.claims.expires_at

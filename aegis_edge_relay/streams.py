@@ -374,6 +374,7 @@ class StreamHandler:
             node_token=token,
             token_expires_at=expires,
             max_concurrent_commands=settings.max_concurrent_commands,
+            relay_endpoints=await identity.endpoints_for_daemon(),
         )
         handle.attested = True
         handle.tenant_id = node.tenant_id

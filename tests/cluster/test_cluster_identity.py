@@ -200,10 +200,16 @@ def test_a_daemon_whose_relay_is_killed_lands_on_another(cluster: Cluster, tmp_p
     cli("edge", "enroll", token, "--state-dir", str(state))
     node = json.loads((state / "node.json").read_text())
     assert node["relay"] == a.address and len(node["relays"]) == 3
+    # as a host enrolled before the cluster grew (or by an older agent) would have it:
+    # one endpoint; the relay's Accepted tells it the others
+    del node["relays"]
+    (state / "node.json").write_text(json.dumps(node))
     daemon = DaemonProcess.start(state)
     try:
         first = daemon.wait_event("connected", timeout=30)
         assert first["relay"] == a.address
+        learned = json.loads((state / "node.json").read_text())["relays"]
+        assert sorted(learned) == sorted(r.address for r in cluster.relays)
         a.proc.kill()  # kill -9: no Drain, the stream just breaks
         a.proc.wait(10)
         killed_at = time.monotonic()
