@@ -38,6 +38,7 @@ __all__ = [
     "install_bundle",
     "join_cluster",
     "read_join_bundle",
+    "url_without_password",
     "write_cluster_json",
     "write_join_bundle",
 ]
