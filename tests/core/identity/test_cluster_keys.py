@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aegis_edge_core.hoststate import HostStateError, NodeInfo, parse_node_json
 from aegis_edge_core.identity import (
@@ -187,3 +188,53 @@ class TestNodeJsonEndpoints:
         data = json.loads(self.info(()).to_json()) | {"relays": "a:1"}
         with pytest.raises(HostStateError, match="relays"):
             parse_node_json(json.dumps(data), source="node.json")
+
+
+class DialMachine(RuleBasedStateMachine):
+    """Relays come and go; a daemon dials as the agent does (``dial_order`` from the relay
+    it last attested at, the failure count reset on each attestation). Whatever happened
+    before, while some relay is up the daemon is attested within one pass over the list."""
+
+    ENDPOINTS = ("a:1", "b:1", "c:1", "d:1")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = set(self.ENDPOINTS)
+        self.last_good = ""
+        self.failures = 0
+        self.attached = ""
+
+    def _dial(self) -> bool:
+        relay = dial_order(self.ENDPOINTS, self.last_good or self.ENDPOINTS[0], self.failures)
+        self.failures += 1
+        if relay in self.up:
+            self.last_good, self.failures, self.attached = relay, 0, relay
+            return True
+        return False
+
+    @rule(endpoint=st.sampled_from(ENDPOINTS))
+    def relay_dies(self, endpoint: str) -> None:
+        self.up.discard(endpoint)
+        if self.attached == endpoint:
+            self.attached = ""
+            self.failures += 1  # the stream ended: counted as the agent's finally does
+
+    @rule(endpoint=st.sampled_from(ENDPOINTS))
+    def relay_returns(self, endpoint: str) -> None:
+        self.up.add(endpoint)
+
+    @rule()
+    def one_dial(self) -> None:
+        if not self.attached:
+            self._dial()
+
+    @invariant()
+    def lands_within_one_pass(self) -> None:
+        if self.attached or not self.up:
+            return
+        saved = (self.last_good, self.failures, self.attached)
+        assert any(self._dial() for _ in self.ENDPOINTS), (self.up, saved)
+        self.last_good, self.failures, self.attached = saved
+
+
+TestDialMachine = DialMachine.TestCase
