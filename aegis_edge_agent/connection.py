@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 import grpc
 import grpc.aio
 
@@ -28,7 +29,7 @@ from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
 from aegis_edge_core.errors import AegisError, LocalProtocolError, ProtocolError
-from aegis_edge_core.identity import NodeKey, peek_node_token, sign_attestation
+from aegis_edge_core.identity import NodeKey, dial_order, peek_node_token, sign_attestation
 from aegis_edge_core.identity.rotation import RotationProof
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
 
@@ -179,6 +180,10 @@ class RelayLink:
         self._stall_heartbeats = stall_heartbeats
         self.stream: Stream | None = None
         self.exit_reason = ""
+        self.relay = ""
+        """The endpoint dialled last; after it attested, the one to come back to."""
+        self._failures = 0
+        """Connections that ended or failed since the last attestation (see dial_order)."""
 
     def _read_credentials(self) -> tuple[NodeKey, str, hs.NodeInfo, bytes]:
         state = self._state
@@ -201,14 +206,25 @@ class RelayLink:
         """Connect, attest, serve until the stream ends. Returns a delay override or None."""
         key, token, node, ca = self._read_credentials()
         self._reload_settings()
+        relay = dial_order(node.endpoints, self.relay or node.relay, self._failures)
+        try:
+            return await self._connect(relay, key, token, node, ca)
+        finally:
+            # ended or failed: the next attempt goes to the cluster's next relay (if any)
+            self._failures += 1
+
+    async def _connect(
+        self, relay: str, key: NodeKey, token: str, node: hs.NodeInfo, ca: bytes
+    ) -> float | None:
+        self._status.note(relay=relay)
         self._status.set(state=hs.ConnectionState.CONNECTING, next_retry_at=None)
-        self._log.info("connecting", relay=node.relay)
+        self._log.info("connecting", relay=relay)
         creds = grpc.ssl_channel_credentials(root_certificates=ca)
         options = [
             ("grpc.max_receive_message_length", s.MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),
         ]
-        async with grpc.aio.secure_channel(node.relay, creds, options=options) as channel:
+        async with grpc.aio.secure_channel(relay, creds, options=options) as channel:
             stub: Any = stream_pb2_grpc.EdgeStreamStub(channel)
             call = stub.Connect()
             conn = Stream(s.DaemonSession(), call)
@@ -223,7 +239,9 @@ class RelayLink:
                     raise ConnectFailed(rpc_error(err)) from None
                 except ProtocolError as err:
                     raise ConnectFailed(f"protocol error during handshake: {err}") from None
-                return await self._serve(conn, node)
+                self.relay, self._failures = relay, 0
+                self._learn_endpoints(node, conn.accepted)
+                return await self._serve(conn, relay)
             finally:
                 conn.closed = True
                 call.cancel()
@@ -266,7 +284,17 @@ class RelayLink:
                 elif isinstance(event, s.SessionAccepted):
                     conn.accepted = event
 
-    async def _serve(self, conn: Stream, node: hs.NodeInfo) -> float | None:
+    def _learn_endpoints(self, node: hs.NodeInfo, accepted: s.SessionAccepted | None) -> None:
+        """Keep the cluster's current relay list in node.json (relays join and leave)."""
+        if accepted is None or not accepted.relay_endpoints:
+            return
+        if set(accepted.relay_endpoints) == set(node.relays):
+            return
+        updated = attrs.evolve(node, relays=accepted.relay_endpoints)
+        self._state.write(hs.NODE_JSON, updated.to_json())
+        self._log.info("relay_endpoints_updated", relays=list(accepted.relay_endpoints))
+
+    async def _serve(self, conn: Stream, relay: str) -> float | None:
         accepted = conn.accepted
         assert accepted is not None
         now = time.time()
@@ -286,7 +314,7 @@ class RelayLink:
         )
         self._log.info(
             "connected",
-            relay=node.relay,
+            relay=relay,
             heartbeat_interval_secs=accepted.heartbeat_interval_secs,
             pending_results=len(self._results),
         )

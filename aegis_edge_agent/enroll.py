@@ -120,6 +120,7 @@ def enroll(
         key_thumbprint=key.thumbprint,
         enrolled_at=time.time(),
         ca_sha256=claims.ca_pin,
+        relays=claims.relay_endpoints,
     )
     state.ensure()
     for stale in (hs.RESULT_SPOOL, hs.NODE_KEY_NEXT, hs.STATUS_JSON, hs.REVOKED_JSON):

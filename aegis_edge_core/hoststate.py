@@ -8,7 +8,7 @@ about its enrollment::
     node.token          the current NodeSecurityToken (a JWT), 0600
     ca.pem              the relay's CA certificate, pinned at enrollment
     aegis-config.yaml   the host owner's config: relay endpoint, allowed tools, labels
-    node.json           node id, tenant id, relay endpoint, key thumbprint (see NodeInfo)
+    node.json           node id, tenant id, relay endpoint(s), key thumbprint (see NodeInfo)
     status.json         what the running daemon last recorded (see DaemonStatus)
     results.spool       results finished but not yet acknowledged by the relay
     children.pids       process groups of running tool calls, for orphan clean-up
@@ -43,6 +43,7 @@ import attrs
 from google.protobuf.message import DecodeError
 
 from aegis_edge_core.errors import AegisError
+from aegis_edge_core.identity.endpoints import endpoint_list
 from aegis_edge_core.wire import stream_pb2
 
 __all__ = [
@@ -202,6 +203,10 @@ def _opt_str(data: Mapping[str, Any], key: str, *, source: str) -> str | None:
 _REENROLL = "re-enroll this host (aegis edge enroll <token> --force)"
 
 
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class NodeInfo:
     """What enrollment learned: written once to ``node.json``, read at every start."""
@@ -214,9 +219,20 @@ class NodeInfo:
     enrolled_at: float
     ca_sha256: str = ""
     """Hex SHA-256 of the pinned CA certificate (DER), as the enrollment token carried it."""
+    relays: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    """Every relay endpoint of the cluster (the token's ``rels``), to dial when ``relay``
+    is gone; empty for a single relay or one balanced name. Absent in older node.json."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """What the daemon may dial: ``relay`` first, then the cluster's others."""
+        return endpoint_list(self.relay, self.relays)
 
     def to_json(self) -> str:
-        return json.dumps(attrs.asdict(self), indent=2, sort_keys=True) + "\n"
+        data = attrs.asdict(self)
+        if not self.relays:
+            del data["relays"]  # a single relay's node.json stays as it was
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def with_thumbprint(self, thumbprint: str) -> NodeInfo:
         return attrs.evolve(self, key_thumbprint=thumbprint)
@@ -230,7 +246,12 @@ def parse_node_json(text: str | bytes, *, source: str) -> NodeInfo:
     }
     enrolled_at = _opt_float(data, "enrolled_at", source=source) or 0.0
     ca = _opt_str(data, "ca_sha256", source=source) or ""
-    return NodeInfo(enrolled_at=enrolled_at, ca_sha256=ca, **fields)
+    relays = data.get("relays", [])
+    if not isinstance(relays, list) or not all(isinstance(r, str) and r for r in relays):
+        raise HostStateError(
+            "field 'relays' must be a list of host:port", source=source, hint=_REENROLL
+        )
+    return NodeInfo(enrolled_at=enrolled_at, ca_sha256=ca, relays=tuple(relays), **fields)
 
 
 # --------------------------------------------------------------------------- status.json

@@ -53,7 +53,7 @@ for a command already answered on this stream is a protocol error.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final, Generic, TypeVar
 
 import attrs
@@ -213,6 +213,8 @@ class SessionAccepted(Event):
     token_expires_at: float
     max_concurrent_commands: int
     relay_time: float
+    relay_endpoints: tuple[str, ...] = ()
+    """The cluster's relay endpoints; empty from a single relay (keep what you have)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -570,6 +572,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         node_token: str = "",
         token_expires_at: float = 0.0,
         max_concurrent_commands: int = 0,
+        relay_endpoints: Sequence[str] = (),
     ) -> None:
         """Accept the daemon after ``verify_attestation`` approved *this* session's proof."""
         self._transition("accept")
@@ -589,6 +592,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         acc.token_expires_at = token_expires_at
         acc.max_concurrent_commands = max_concurrent_commands
         acc.relay_time = now
+        acc.relay_endpoints.extend(relay_endpoints)
         self._emit("accept", msg)
 
     def refuse(
@@ -777,6 +781,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
                     token_expires_at=acc.token_expires_at,
                     max_concurrent_commands=acc.max_concurrent_commands,
                     relay_time=acc.relay_time,
+                    relay_endpoints=tuple(acc.relay_endpoints),
                 )
             ]
         if kind == "refused":

@@ -77,10 +77,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CliError("--tls-cert and --tls-key go together")
+    data_dir = Path(args.data_dir).expanduser()
+    cluster, store_url = args.cluster, args.store or None
+    try:
+        if args.join_bundle:
+            cluster, store_url = _joined(args, data_dir)
+    except StartupError as err:
+        raise CliError(str(err)) from None
     opts = ServeOptions(
-        data_dir=Path(args.data_dir).expanduser(),
+        data_dir=data_dir,
         listen=args.listen,
-        store_url=args.store or None,
+        store_url=store_url,
+        cluster=cluster,
         metrics_listen=None if args.metrics_listen in ("", "off") else args.metrics_listen,
         heartbeat_interval=args.heartbeat_interval,
         stale_threshold=args.stale_threshold,
@@ -107,6 +115,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     except OSError as err:
         raise CliError(f"relay could not start: {err}") from None
+
+
+def _joined(args: argparse.Namespace, data_dir: Path) -> tuple[str, str]:
+    """The cluster and store of ``--join-bundle``, its CA installed in ``data_dir``;
+    ``--store`` (with the password the bundle leaves out) wins over the bundle's URL."""
+    from aegis_edge_relay.files import ensure_private_dir
+    from aegis_edge_relay.membership import install_bundle, read_join_bundle
+
+    bundle = read_join_bundle(Path(args.join_bundle).expanduser())
+    if args.cluster and args.cluster != bundle.cluster:
+        raise CliError(
+            f"--cluster {args.cluster} but the join bundle is for cluster {bundle.cluster!r}"
+        )
+    if args.tls_cert:
+        raise CliError("--join-bundle and --tls-cert exclude each other: the cluster CA signs")
+    ensure_private_dir(data_dir)
+    install_bundle(bundle, data_dir)
+    return bundle.cluster, args.store or bundle.store
+
+
+def cmd_join_bundle(args: argparse.Namespace) -> int:
+    """Write what a second relay needs to join this relay's cluster (holds the CA key)."""
+    from aegis_edge_relay.membership import write_join_bundle
+    from aegis_edge_relay.startup import StartupError
+
+    data_dir = Path(args.data_dir).expanduser()
+    out = Path(args.out).expanduser() if args.out else data_dir / "join-bundle.json"
+    try:
+        bundle = write_join_bundle(data_dir, out)
+    except StartupError as err:
+        raise CliError(str(err)) from None
+    print(f"wrote {out} (0600) for cluster {bundle.cluster!r}: it holds the cluster CA key;")
+    print(f"  copy it to the new relay, then: aegis relay serve --join-bundle {out.name} ...")
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -259,6 +301,19 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--tls-key", help="the key of --tls-cert (PEM)")
     p.add_argument("--advertise", help="HOST:PORT daemons should dial (put in enrollment tokens)")
     p.add_argument(
+        "--cluster",
+        default="",
+        metavar="NAME",
+        help="serve in cluster NAME with the other relays of the PostgreSQL --store; "
+        "the first relay creates it",
+    )
+    p.add_argument(
+        "--join-bundle",
+        metavar="FILE",
+        help="join the cluster of FILE (written by `aegis relay join-bundle`): its CA, name "
+        "and store",
+    )
+    p.add_argument(
         "--drain-grace",
         type=_duration,
         default=5.0,
@@ -343,6 +398,14 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--role", default="operator", help="viewer, operator or admin")
     p.add_argument("--ttl", type=_duration, default=30 * 86400.0, metavar="DURATION")
     p.add_argument("--subject", help="who the token is for (shown in run records)")
+
+    p = tree.command(
+        "relay join-bundle",
+        cmd_join_bundle,
+        help="write the file another relay joins this relay's cluster with (0600, CA key)",
+    )
+    p.add_argument("--data-dir", required=True, help="the --data-dir of a relay of the cluster")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default D/join-bundle.json)")
 
     from aegis_edge_relay import demo, operator
 

@@ -106,6 +106,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 hint=err.hint or "enroll with fewer or shorter labels",
             ) from None
         identity = self.identity
+        await identity.know_signer(req.enrollment_token)
         grant: EnrollmentGrant = redeem_enrollment(
             token=req.enrollment_token,
             public_key=req.public_key,

@@ -71,6 +71,17 @@ class FleetView:
         self.health.load(node.node_id, DaemonStatus.DISCONNECTED)
         self.metrics.daemon_moved(node.tenant_id, None, DaemonStatus.DISCONNECTED.value)
 
+    async def find(self, node_id: str) -> NodeState | None:
+        """The daemon ``node_id``, read from the store if another relay of the cluster
+        enrolled it after this one loaded the fleet."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            rec = await self._db.call(self._db.store.get_node, node_id)
+            if rec is not None:
+                self.enrolled(NodeState.from_record(rec))
+                node = self.nodes[node_id]
+        return node
+
     def _reset_daemon_gauge(self) -> None:
         pairs = []
         for node_id, node in self.nodes.items():

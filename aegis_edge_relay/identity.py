@@ -27,8 +27,11 @@ from aegis_edge_core.identity import (
     TokenIssuer,
     TokenVerifier,
     ca_pin,
+    endpoint_list,
+    key_reload_due,
     load_relay_signing_key,
     new_jti,
+    peek_kid,
     refresh_margin,
 )
 from aegis_edge_core.identity.rotation import (
@@ -51,6 +54,12 @@ __all__ = [
 ]
 
 SIGNING_KEY_FILE: Final = "relay-signing.key"
+KEY_RELOAD_INTERVAL: Final = 1.0
+"""At most one read of the cluster's published keys per this many seconds, however many
+tokens with an unknown ``kid`` arrive (forged ones cost no database reads)."""
+ENDPOINT_REFRESH_INTERVAL: Final = 30.0
+"""How stale this relay's copy of the cluster's endpoints may get before an attestation
+reads them again (relays join while it runs)."""
 REVOCATION_MARGIN: Final = 3600.0
 """A revocation entry outlives its token's expiry by this much, so the verifier's clock
 leeway never reopens a window for it."""
@@ -90,8 +99,15 @@ class IdentityService:
         node_token_ttl: float,
         refresh_limit: Limit | None,
     ) -> None:
+        self._signing_key = signing_key
         self.issuer = TokenIssuer(signing_key=signing_key)
         self.verifier = TokenVerifier.for_signing_key(signing_key)
+        self.cluster = ""
+        """The cluster this relay serves in (``--cluster``); empty for a single relay."""
+        self.cluster_endpoints: tuple[str, ...] = ()
+        """Every relay endpoint of the cluster, for enrollment tokens (read at start)."""
+        self._keys_loaded_at = float("-inf")
+        self._endpoints_read_at = float("-inf")
         self.ca_pin = ca_pin(ca_der) if ca_der else "0" * 64
         self.revocations = RevocationList()
         self.relay_endpoint = ""
@@ -107,9 +123,74 @@ class IdentityService:
         self._refresh_limit = KeyedLimiter(refresh_limit) if refresh_limit is not None else None
         self._revoked_hooks: list[RevokedHook] = []
 
+    @property
+    def relay_id(self) -> str:
+        """This relay's id in the cluster: the ``kid`` of its signing key."""
+        return self._signing_key.kid
+
     async def load(self) -> None:
         tokens, keys = await self._db.call(self._db.store.load_revocations)
         self.revocations = RevocationList.from_entries(tokens=tokens, keys=keys)
+        if not self.cluster:
+            return  # a single relay honours its own key only, as ever
+        store = self._db.store
+        key = self._signing_key
+        await self._db.call(store.publish_relay_key, key.kid, key.public_key.raw, self.now())
+        await self._reload_keys()
+
+    async def publish_endpoint(self) -> None:
+        """Publish where daemons reach this relay and read where they reach the others."""
+        if not self.cluster:
+            return
+        store = self._db.store
+        await self._db.call(
+            store.publish_endpoint, self.relay_id, self.cluster, self.relay_endpoint, self.now()
+        )
+        await self.refresh_endpoints()
+
+    async def refresh_endpoints(self) -> None:
+        """Read the cluster's endpoints again (relays join after this one started)."""
+        if not self.cluster:
+            return
+        self._endpoints_read_at = self.now()
+        others = await self._db.call(self._db.store.cluster_endpoints, self.cluster)
+        self.cluster_endpoints = endpoint_list(self.relay_endpoint, others)
+
+    async def endpoints_for_daemon(self) -> tuple[str, ...]:
+        """:attr:`shared_endpoints` for an Accepted, read again when they may be stale."""
+        if self.cluster and self.now() - self._endpoints_read_at >= ENDPOINT_REFRESH_INTERVAL:
+            await self.refresh_endpoints()
+        return self.shared_endpoints
+
+    @property
+    def shared_endpoints(self) -> tuple[str, ...]:
+        """The endpoints to tell daemons (tokens, Accepted): the cluster's when there is more
+        than one; none for one, which says nothing ``rel`` does not (a single relay's
+        tokens and messages stay exactly as they were)."""
+        return self.cluster_endpoints if len(self.cluster_endpoints) > 1 else ()
+
+    async def _reload_keys(self) -> None:
+        published = await self._db.call(self._db.store.load_relay_keys)
+        self.verifier = TokenVerifier.for_cluster(self._signing_key, published)
+
+    async def know_signer(self, token: str) -> None:
+        """Before verifying ``token``: if another relay of the cluster signed it with a key
+        not loaded here yet, read the published keys (rate-limited by the core's rule)."""
+        if self.cluster and key_reload_due(
+            self.verifier,
+            peek_kid(token),
+            last_reload=self._keys_loaded_at,
+            now=self.now(),
+            interval=KEY_RELOAD_INTERVAL,
+        ):
+            # only reloads an unknown kid asked for count: the start's load does not
+            self._keys_loaded_at = self.now()
+            await self._reload_keys()
+
+    async def verifier_for(self, token: str) -> TokenVerifier:
+        """The verifier to check ``token`` with, its signer's key loaded if published."""
+        await self.know_signer(token)
+        return self.verifier
 
     def on_revoked(self, hook: RevokedHook) -> None:
         """Call ``hook(node, reason, now)`` after each committed revocation."""
@@ -184,6 +265,7 @@ class IdentityService:
             now=self.now(),
             jti=new_jti(os.urandom(16)),
             ttl=ttl,
+            relay_endpoints=self.shared_endpoints,
         )
         jsonlog.log("info", "enrollment.token_issued", tenant_id=tenant_id)
         return issued.token, issued.claims.expires_at

@@ -16,7 +16,8 @@ start it with port 0 learn the ports it got::
     {"version": 1, "pid": 1234, "listen": "127.0.0.1:41235", "host": "127.0.0.1",
      "port": 41235, "tls": true, "metrics": "http://127.0.0.1:9464/metrics",
      "metrics_port": 9464, "ca_cert": "D/ca.pem", "operator_token": "D/operator.token",
-     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D"}
+     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D",
+     "relay_id": "<kid of the signing key>", "cluster": ""}
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from aegis_edge_relay.files import atomic_write, ensure_private_dir
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService, load_or_create_signing_key
 from aegis_edge_relay.loops import Loops
+from aegis_edge_relay.membership import check_cluster_store, join_cluster, write_cluster_json
 from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.runs import FleetRuns
 from aegis_edge_relay.startup import (
@@ -137,6 +139,8 @@ class ServeOptions:
     max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
     metrics_token_file: Path | None = None
     """A file holding the bearer token ``/metrics`` requires (``None``: no auth)."""
+    cluster: str = ""
+    """``--cluster NAME``: serve in that cluster (PostgreSQL store, shared CA)."""
 
 
 @attrs.define(kw_only=True)
@@ -162,6 +166,8 @@ class RelayConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
     max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
     """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
+    cluster: str = ""
+    """The cluster this relay joins at start (``membership``); empty for a single relay."""
 
 
 def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
@@ -186,6 +192,8 @@ class Relay:
     def __init__(self, config: RelayConfig, *, ca_der: bytes | None = None) -> None:
         clock = time.time
         signing_key = load_or_create_signing_key(config.data_dir)
+        self._cluster = config.cluster
+        self._ca_der = ca_der
         self.metrics = metrics = RelayMetrics()
         self.db = db = StoreWorker(open_store(config.store_url, config.data_dir))
 
@@ -254,12 +262,23 @@ class Relay:
     async def start(self) -> None:
         db = self.db
         records = await db.call(db.store.load_nodes)
+        if self._cluster:
+            if self._ca_der is None:
+                raise StartupError(f"--cluster {self._cluster}: a cluster needs TLS (its CA)")
+            await join_cluster(db, self._cluster, self._ca_der, time.time())
+            self.identity.cluster = self._cluster
         await self.identity.load()
+        await self.identity.publish_endpoint()
         self.fleet.load(records)
         await self.dispatcher.recover()
         await self.runs.recover()
         self.loops.start()
         jsonlog.log("info", "relay.started", daemons=len(self.fleet.nodes))
+
+    @property
+    def relay_id(self) -> str:
+        """This relay's id in a cluster: its signing key's ``kid``."""
+        return self.identity.relay_id
 
     async def drain(self) -> None:
         await self.streams.drain()
@@ -281,6 +300,10 @@ async def serve(opts: ServeOptions) -> int:
     loose = ensure_private_dir(data_dir)
     if loose is not None:
         jsonlog.log("warning", "file.mode_tightened", path=str(data_dir), old_mode=f"{loose:04o}")
+    if opts.cluster:
+        check_cluster_store(opts.cluster, opts.store_url)
+        if opts.insecure:
+            raise StartupError(f"--cluster {opts.cluster}: a cluster needs TLS, not --insecure")
     host, port = parse_hostport(opts.listen)
     listen_shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     busy = _probe_bind(host, port)
@@ -318,6 +341,7 @@ async def serve(opts: ServeOptions) -> int:
         refresh_limit_per_node=opts.refresh_limit_per_node,
         handshake_timeout=opts.handshake_timeout,
         max_unattested_per_source=opts.max_unattested_per_source,
+        cluster=opts.cluster,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())
@@ -356,7 +380,13 @@ async def serve(opts: ServeOptions) -> int:
         raise
     relay.identity.relay_endpoint = _advertised(host, bound, opts.advertise)
 
-    await relay.start()
+    try:
+        await relay.start()
+    except StartupError:
+        relay.db.close()
+        raise
+    if opts.cluster and opts.store_url:
+        write_cluster_json(data_dir, opts.cluster, opts.store_url)
     if opts.fast_exit:
         # The CLI's process: what it loaded to start (modules, the fleet) lives as long as
         # the process, so keep it out of every full GC pass; and collect the young
@@ -400,6 +430,8 @@ async def serve(opts: ServeOptions) -> int:
         "operator_token": str(token_path),
         "relay_endpoint": relay.identity.relay_endpoint,
         "data_dir": str(data_dir),
+        "relay_id": relay.relay_id,
+        "cluster": opts.cluster,
     }
     atomic_write(data_dir / RELAY_JSON, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
     print(f"aegis relay listening on {listen_shown} ({'TLS' if tls else 'PLAINTEXT'})")

@@ -322,7 +322,8 @@ class StreamHandler:
         node_id = handle.node_id
         assert node_id is not None
         fleet, identity = self.fleet, self.identity
-        node = fleet.nodes.get(node_id)
+        node = await fleet.find(node_id)
+        await identity.know_signer(handle.hello_token)
         try:
             verified = verify_attestation(
                 token=handle.hello_token,
@@ -373,6 +374,7 @@ class StreamHandler:
             node_token=token,
             token_expires_at=expires,
             max_concurrent_commands=settings.max_concurrent_commands,
+            relay_endpoints=await identity.endpoints_for_daemon(),
         )
         handle.attested = True
         handle.tenant_id = node.tenant_id

@@ -39,6 +39,7 @@ from aegis_edge_core.identity.attestation import (
     sign_attestation,
     verify_attestation,
 )
+from aegis_edge_core.identity.endpoints import dial_order, endpoint_list
 from aegis_edge_core.identity.enrollment import (
     EnrollmentGrant,
     enrollment_transcript,
@@ -97,8 +98,10 @@ from aegis_edge_core.identity.tokens import (
     TokenIssuer,
     TokenVerifier,
     ca_pin,
+    key_reload_due,
     new_jti,
     peek_enrollment_token,
+    peek_kid,
     peek_node_token,
 )
 
@@ -147,13 +150,17 @@ __all__ = [
     "VerifiedRotation",
     "attestation_transcript",
     "ca_pin",
+    "dial_order",
+    "endpoint_list",
     "enrollment_transcript",
     "jwk_thumbprint",
+    "key_reload_due",
     "load_node_key",
     "load_relay_signing_key",
     "needs_refresh",
     "new_jti",
     "peek_enrollment_token",
+    "peek_kid",
     "peek_node_token",
     "redeem_enrollment",
     "refresh_margin",

@@ -7,7 +7,9 @@ Every token is a compact JWS signed by the relay's Ed25519 key with ``alg: EdDSA
 kind                ``aud``                  claims beyond ``jti``, ``iat``, ``nbf``, ``exp``
 ==================  =======================  =============================================
 enrollment token    ``aegis-edge-enroll``    ``tid`` tenant, ``rel`` relay endpoint, ``cap``
-                                             sha256 hex of the relay CA certificate (DER)
+                                             sha256 hex of the relay CA certificate (DER),
+                                             ``rels`` (optional) every relay endpoint of
+                                             the cluster
 node token          ``aegis-edge-node``      ``sub`` node id, ``tid``, ``cnf.jkt`` thumbprint
                                              of the node key
 operator token      ``aegis-edge-operator``  ``sub``, ``role`` (admin/operator/viewer),
@@ -23,8 +25,12 @@ Verification order, and why
    (the classic confusion attacks) are refused here, as ``bad_signature``. Base64 is
    checked canonically because Python's decoder is lenient; see :mod:`._codec`.
 2. *Signature,* with the public key whose thumbprint is the header's ``kid``. Holding a
-   list of keys lets a relay roll its signing key over: old tokens keep verifying until
-   the old key is dropped from the list. PyJWT does the JWS work with
+   list of keys lets a relay roll its signing key over, and lets every relay of a cluster
+   verify the tokens any of them issued (each signs with its own key). A ``kid`` no key
+   in the list has is refused ``bad_signature`` saying the key is unknown (the relay
+   reloads the published keys first, see :func:`key_reload_due`; the reason stays
+   ``bad_signature`` so daemons of every v1 version read it). Every token we issue names
+   its ``kid``, so one without it is refused too. PyJWT does the JWS work with
    ``algorithms=["EdDSA"]`` pinned a second time; only its signature layer is used,
    because its claim checks read the system clock and this core takes ``now`` from
    the caller.
@@ -65,6 +71,7 @@ __all__ = [
     "DEFAULT_LEEWAY",
     "ENROLLMENT_AUDIENCE",
     "ENROLLMENT_TOKEN_TTL",
+    "MAX_RELAY_ENDPOINTS",
     "MAX_TOKEN_LENGTH",
     "NODE_AUDIENCE",
     "NODE_TOKEN_TTL",
@@ -73,6 +80,7 @@ __all__ = [
     "ROLES",
     "TENANT_ID_PATTERN",
     "TENANT_ID_RULE",
+    "UNKNOWN_KEY_MESSAGE",
     "EnrollmentClaims",
     "IssuedToken",
     "NodeClaims",
@@ -82,8 +90,10 @@ __all__ = [
     "TokenVerifier",
     "ca_pin",
     "check_tenant_id",
+    "key_reload_due",
     "new_jti",
     "peek_enrollment_token",
+    "peek_kid",
     "peek_node_token",
     "token_hint",
 ]
@@ -96,6 +106,9 @@ DEFAULT_LEEWAY: Final = 60.0
 ENROLLMENT_TOKEN_TTL: Final = 15 * 60.0
 NODE_TOKEN_TTL: Final = 24 * 3600.0
 OPERATOR_TOKEN_TTL: Final = 30 * 24 * 3600.0
+
+UNKNOWN_KEY_MESSAGE: Final = "token is signed by a key no relay of this cluster has published"
+"""The refusal of a token whose ``kid`` is unknown: forged, or from another cluster."""
 
 MAX_TOKEN_LENGTH: Final = 8192
 """Longer input is refused unread: our tokens are a few hundred bytes."""
@@ -279,6 +292,25 @@ def _numeric_date(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+MAX_RELAY_ENDPOINTS: Final = 32
+
+
+def _endpoint_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError("relay_endpoints must be a list of host:port, not a string")
+    return tuple(value)
+
+
+def _check_endpoints(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    if len(value) > MAX_RELAY_ENDPOINTS:
+        raise ValueError(f"{attribute.name} holds at most {MAX_RELAY_ENDPOINTS} endpoints")
+    check = _text(512)
+    for endpoint in value:
+        check(instance, attribute, endpoint)
+
+
 @attrs.frozen(kw_only=True)
 class EnrollmentClaims(_Claims):
     """A verified enrollment token: everything ``aegis edge enroll <token>`` needs."""
@@ -286,13 +318,21 @@ class EnrollmentClaims(_Claims):
     tenant_id: str = attrs.field(validator=_text(256))
     relay_endpoint: str = attrs.field(validator=_text(512))
     ca_pin: str = attrs.field(validator=_regex(_PIN_RE, "64 lowercase hex digits (sha256)"))
+    relay_endpoints: tuple[str, ...] = attrs.field(
+        default=(), converter=_endpoint_tuple, validator=_check_endpoints
+    )
+    """Every relay endpoint of the cluster (``rels``); empty for a single relay, whose
+    tokens stay exactly as before."""
 
     def to_payload(self) -> dict[str, Any]:
-        return self._common(ENROLLMENT_AUDIENCE) | {
+        payload = self._common(ENROLLMENT_AUDIENCE) | {
             "tid": self.tenant_id,
             "rel": self.relay_endpoint,
             "cap": self.ca_pin,
         }
+        if self.relay_endpoints:
+            payload["rels"] = list(self.relay_endpoints)
+        return payload
 
 
 @attrs.frozen(kw_only=True)
@@ -429,6 +469,7 @@ class TokenIssuer:
         now: float,
         jti: str,
         ttl: float = ENROLLMENT_TOKEN_TTL,
+        relay_endpoints: Iterable[str] = (),
     ) -> IssuedToken[EnrollmentClaims]:
         check_tenant_id(tenant_id)  # tenants come into being here: the rule holds from birth
         start, end = _window(now, ttl)
@@ -440,6 +481,7 @@ class TokenIssuer:
             tenant_id=tenant_id,
             relay_endpoint=relay_endpoint,
             ca_pin=ca_pin,
+            relay_endpoints=tuple(relay_endpoints),
         )
         return IssuedToken(token=self.sign(claims), claims=claims)
 
@@ -591,11 +633,15 @@ def _build_claims(audience: str, payload: Mapping[str, Any]) -> _Claims:
             "expires_at": _claim(payload, "exp"),
         }
         if audience == ENROLLMENT_AUDIENCE:
+            rels = payload.get("rels", [])
+            if not (isinstance(rels, list) and all(isinstance(r, str) for r in rels)):
+                _refuse("enrollment token rels must be a list of host:port", "malformed")
             return EnrollmentClaims(
                 **common,
                 tenant_id=_claim(payload, "tid"),
                 relay_endpoint=_claim(payload, "rel"),
                 ca_pin=_claim(payload, "cap"),
+                relay_endpoints=tuple(rels),
             )
         if audience == NODE_AUDIENCE:
             cnf = _claim(payload, "cnf")
@@ -707,11 +753,38 @@ class TokenVerifier:
         assert isinstance(claims, OperatorClaims)
         return claims
 
+    @classmethod
+    def for_cluster(
+        cls,
+        own: RelaySigningKey,
+        published: Mapping[str, bytes],
+        *,
+        leeway: float = DEFAULT_LEEWAY,
+    ) -> TokenVerifier:
+        """The relay's own key first, then every key the cluster published (``kid`` to raw
+        public key). A row whose ``kid`` is not its key's thumbprint is left out: a key is
+        named by what it is, so a tampered row cannot lend its name to another key."""
+        keys = [own.public_key]
+        for kid, raw in sorted(published.items()):
+            if kid == own.kid or len(raw) != 32:
+                continue
+            key = PublicKey(raw=raw)
+            if key.thumbprint == kid:
+                keys.append(key)
+        return cls(keys=keys, leeway=leeway)
+
+    def knows(self, kid: str | None) -> bool:
+        """Whether a token with this header ``kid`` has a key to be checked with here
+        (``None``: no key could tell, so there is nothing to look up)."""
+        return kid is None or any(key.thumbprint == kid for key in self.keys)
+
     def _key_for(self, kid: str | None) -> PublicKey:
+        if kid is None:
+            _refuse("token header names no signing key (kid)", "bad_signature")
         for key in self.keys:
             if key.thumbprint == kid:
                 return key
-        _refuse("token is signed by a key this relay does not know", "bad_signature")
+        _refuse(UNKNOWN_KEY_MESSAGE, "bad_signature")
 
     def _verify(
         self,
@@ -792,6 +865,28 @@ def _peek(token: str, audience: str) -> _Claims:
         return _build_claims(audience, parsed.payload)
     except TokenError as err:
         raise _for_audience(err, audience) from None
+
+
+def peek_kid(token: object) -> str | None:
+    """The header ``kid`` of a token, unverified; ``None`` when it has none or is no JWT.
+
+    For the relay to tell whether it should fetch the cluster's keys before verifying."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+        return None
+    header_b64 = token.split(".", 1)[0]
+    header_bytes = b64url_decode(header_b64)
+    header = _json_object(header_bytes) if header_bytes is not None else None
+    kid = header.get("kid") if header is not None else None
+    return kid if isinstance(kid, str) else None
+
+
+def key_reload_due(
+    verifier: TokenVerifier, kid: str | None, *, last_reload: float, now: float, interval: float
+) -> bool:
+    """Should the relay reload the cluster's published keys before verifying a token with
+    ``kid``? Only for a ``kid`` it does not know, and at most once per ``interval``: a
+    stream of forged kids must not turn into a stream of database reads."""
+    return not verifier.knows(kid) and now - last_reload >= interval
 
 
 def peek_enrollment_token(token: str) -> EnrollmentClaims:

@@ -27,8 +27,10 @@ optional messages are therefore added as new fields of existing cases where poss
 """
 
 from . import common_pb2 as _common_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -504,6 +506,7 @@ class Accepted(_message.Message):
     TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_COMMANDS_FIELD_NUMBER: _builtins.int
     RELAY_TIME_FIELD_NUMBER: _builtins.int
+    RELAY_ENDPOINTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     tenant_id: _builtins.str
     heartbeat_interval_secs: _builtins.float
@@ -513,6 +516,13 @@ class Accepted(_message.Message):
     token_expires_at: _builtins.float
     max_concurrent_commands: _builtins.int
     relay_time: _builtins.float
+    @_builtins.property
+    def relay_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Added in v1 (compatible both ways): every relay endpoint of the relay's cluster, so a
+        host enrolled before a relay joined learns of it. Empty from a single relay: the
+        daemon then keeps the endpoints it has.
+        """
+
     def __init__(
         self,
         *,
@@ -524,10 +534,11 @@ class Accepted(_message.Message):
         token_expires_at: _builtins.float = ...,
         max_concurrent_commands: _builtins.int = ...,
         relay_time: _builtins.float = ...,
+        relay_endpoints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_secs", b"heartbeat_interval_secs", "max_concurrent_commands", b"max_concurrent_commands", "node_id", b"node_id", "node_token", b"node_token", "relay_time", b"relay_time", "stale_threshold_secs", b"stale_threshold_secs", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_secs", b"heartbeat_interval_secs", "max_concurrent_commands", b"max_concurrent_commands", "node_id", b"node_id", "node_token", b"node_token", "relay_endpoints", b"relay_endpoints", "relay_time", b"relay_time", "stale_threshold_secs", b"stale_threshold_secs", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

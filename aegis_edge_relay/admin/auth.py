@@ -9,7 +9,7 @@ for it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -53,7 +53,12 @@ async def guard(context: Context, fn: Callable[[], Any]) -> Any:
 
 
 async def authenticate(
-    context: Context, rpc: str, *, verifier: TokenVerifier, revocations: Revocations, now: float
+    context: Context,
+    rpc: str,
+    *,
+    verifier: TokenVerifier | Callable[[str], Awaitable[TokenVerifier]],
+    revocations: Revocations,
+    now: float,
 ) -> Principal:
     """The caller of ``rpc``, or an abort naming what is wrong with its token or role."""
     value = ""
@@ -68,6 +73,9 @@ async def authenticate(
             "no operator token: send metadata 'authorization: Bearer <token>' "
             "(aegis relay operator-token prints one)",
         )
+    if not isinstance(verifier, TokenVerifier):
+        # the keys of the relay that signed it may need fetching first (a cluster)
+        verifier = await verifier(token.strip())
     try:
         claims = verifier.verify_operator_token(token.strip(), now=now, revocations=revocations)
     except TokenError as err:

@@ -35,7 +35,7 @@ class AdminBase(admin_pb2_grpc.AdminServicer):
         return await authenticate(
             context,
             rpc,
-            verifier=identity.verifier,
+            verifier=identity.verifier_for,
             revocations=identity.revocations,
             now=self.now(),
         )

@@ -37,6 +37,7 @@ class TenantsAdmin(AdminBase):
             await abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 0 and 30 days"
             )
+        await self.identity.refresh_endpoints()
         try:
             token, expires = self.identity.issue_enrollment_token(tenant, ttl)
         except (ValueError, AegisError) as err:

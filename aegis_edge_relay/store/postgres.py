@@ -453,6 +453,51 @@ class PostgresStore:
             "DELETE FROM revocations WHERE kind = 'token' AND prune_after < %s", (now,)
         )
 
+    # -- cluster identity
+
+    def publish_relay_key(self, kid: str, public_key: bytes, now: float) -> None:
+        self._update(
+            "INSERT INTO relay_keys (kid, public_key, created_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (kid) DO NOTHING",
+            (kid, public_key, now),
+        )
+
+    def load_relay_keys(self) -> dict[str, bytes]:
+        rows = self._read(lambda cur: cur.execute("SELECT kid, public_key FROM relay_keys"))
+        return {row["kid"]: bytes(row["public_key"]) for row in rows}
+
+    def join_cluster(self, name: str, ca_cert: str, now: float) -> str:
+        def tx(cur: Cursor) -> str:
+            cur.execute(
+                "INSERT INTO clusters (name, ca_cert, created_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, ca_cert, now),
+            )
+            row = cur.execute("SELECT ca_cert FROM clusters WHERE name = %s", (name,)).fetchone()
+            assert row is not None
+            return str(row["ca_cert"])
+
+        return self._write(tx)
+
+    def publish_endpoint(self, relay_id: str, cluster: str, endpoint: str, now: float) -> None:
+        self._update(
+            "INSERT INTO relay_endpoints (relay_id, cluster, endpoint, updated_at)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (relay_id) DO UPDATE SET"
+            " cluster = EXCLUDED.cluster, endpoint = EXCLUDED.endpoint,"
+            " updated_at = EXCLUDED.updated_at",
+            (relay_id, cluster, endpoint, now),
+        )
+
+    def cluster_endpoints(self, cluster: str) -> list[str]:
+        rows = self._read(
+            lambda cur: cur.execute(
+                "SELECT DISTINCT endpoint FROM relay_endpoints WHERE cluster = %s"
+                " ORDER BY endpoint",
+                (cluster,),
+            )
+        )
+        return [row["endpoint"] for row in rows]
+
     # -- commands
 
     def record_dispatch(self, row: CommandRow) -> None:

@@ -98,5 +98,24 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     """,
     4: """
     ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,  # Issue 18, cluster identity: each relay's published token-signing key (by kid), the
+    # cluster (its CA certificate, never the CA key) and each relay's advertised endpoint.
+    5: """
+    CREATE TABLE relay_keys (
+        kid        TEXT PRIMARY KEY,
+        public_key BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE clusters (
+        name       TEXT PRIMARY KEY,
+        ca_cert    TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE relay_endpoints (
+        relay_id   TEXT PRIMARY KEY,
+        cluster    TEXT NOT NULL,
+        endpoint   TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
     """,
 }

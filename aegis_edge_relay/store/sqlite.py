@@ -301,6 +301,43 @@ class SQLiteStore:
             )
             return cur.rowcount
 
+    # -- cluster identity
+
+    def publish_relay_key(self, kid: str, public_key: bytes, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO relay_keys (kid, public_key, created_at) VALUES (?, ?, ?)",
+                (kid, public_key, now),
+            )
+
+    def load_relay_keys(self) -> dict[str, bytes]:
+        rows = self._db.execute("SELECT kid, public_key FROM relay_keys")
+        return {row["kid"]: bytes(row["public_key"]) for row in rows}
+
+    def join_cluster(self, name: str, ca_cert: str, now: float) -> str:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO clusters (name, ca_cert, created_at) VALUES (?, ?, ?)",
+                (name, ca_cert, now),
+            )
+            row = db.execute("SELECT ca_cert FROM clusters WHERE name = ?", (name,)).fetchone()
+            return str(row["ca_cert"])
+
+    def publish_endpoint(self, relay_id: str, cluster: str, endpoint: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO relay_endpoints (relay_id, cluster, endpoint, updated_at)"
+                " VALUES (?, ?, ?, ?)",
+                (relay_id, cluster, endpoint, now),
+            )
+
+    def cluster_endpoints(self, cluster: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT endpoint FROM relay_endpoints WHERE cluster = ? ORDER BY endpoint",
+            (cluster,),
+        )
+        return [row["endpoint"] for row in rows]
+
     # -- commands
 
     def record_dispatch(self, row: CommandRow) -> None:

@@ -9,7 +9,7 @@ from typing import Final
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -97,5 +97,24 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     # Issue 14: the tool's structured result, for fleet show and edge show --history.
     4: """
     ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,  # Issue 18, cluster identity: each relay's published token-signing key (by kid), the
+    # cluster (its CA certificate, never the CA key) and each relay's advertised endpoint.
+    5: """
+    CREATE TABLE relay_keys (
+        kid        TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE clusters (
+        name       TEXT PRIMARY KEY,
+        ca_cert    TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE relay_endpoints (
+        relay_id   TEXT PRIMARY KEY,
+        cluster    TEXT NOT NULL,
+        endpoint   TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
     """,
 }

@@ -1,0 +1,243 @@
+"""Cluster identity on the real PostgreSQL: three relay processes over one fresh database.
+
+Relay A creates cluster ``c1``; B and C join it with A's join bundle. Every relay signs
+with its own key and verifies the others' tokens by ``kid``; one CA pin covers all three;
+an enrollment token is redeemed once across them; a daemon whose relay is killed lands on
+another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from aegis_edge_agent.tls import fetch_pinned_ca
+from aegis_edge_core.identity import RelaySigningKey, TokenIssuer, new_jti, peek_enrollment_token
+from aegis_edge_core.identity.tokens import UNKNOWN_KEY_MESSAGE
+from aegis_edge_core.session import SessionAccepted
+from aegis_edge_core.wire import admin_pb2, common_pb2
+from tests.agent.harness import DaemonProcess, cli
+from tests.pg import fresh_database
+from tests.relay.daemon_driver import REPO, DaemonDriver, RelayProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+CLUSTER = "c1"
+
+
+class Cluster:
+    def __init__(self, url: str, relays: list[RelayProcess]) -> None:
+        self.url = url
+        self.relays = relays
+
+    def count(self, sql: str, *params: object) -> int:
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(sql.encode(), params).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def enrollment_token(self, relay: RelayProcess, tenant: str = "acme") -> str:
+        async with relay.channel() as channel:
+            resp = await relay.admin(channel).IssueEnrollmentToken(
+                admin_pb2.IssueEnrollmentTokenRequest(tenant_id=tenant), metadata=relay.auth()
+            )
+        return str(resp.token)
+
+    async def hosts(self, relay: RelayProcess, token: str | None = None) -> list[admin_pb2.Host]:
+        async with relay.channel() as channel:
+            resp = await relay.admin(channel).ListHosts(
+                admin_pb2.ListHostsRequest(), metadata=relay.auth(token)
+            )
+        return list(resp.hosts)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with fresh_database() as url:
+        relays: list[RelayProcess] = []
+        try:
+            relays.append(RelayProcess.start(tmp_path / "a", "--cluster", CLUSTER, store_url=url))
+            bundle = tmp_path / "bundle.json"
+            cli("relay", "join-bundle", "--data-dir", str(tmp_path / "a"), "--out", str(bundle))
+            assert bundle.stat().st_mode & 0o777 == 0o600
+            # the bundle names the store without its password, so the store URL comes from
+            # the environment (AEGIS_STORE_URL) as it would from --store
+            for name in ("b", "c"):
+                relays.append(
+                    RelayProcess.start(tmp_path / name, "--join-bundle", str(bundle), store_url=url)
+                )
+            yield Cluster(url, relays)
+        finally:
+            for relay in relays:
+                relay.stop()
+
+
+async def _one_ca_and_every_relays_tokens_are_honoured_everywhere(cluster: Cluster) -> None:
+    a, b, c = cluster.relays
+    assert a.ca_pem == b.ca_pem == c.ca_pem
+    ids = {r.info["relay_id"] for r in cluster.relays}
+    assert len(ids) == 3 and {r.info["cluster"] for r in cluster.relays} == {CLUSTER}
+    assert cluster.count("SELECT count(*) FROM relay_keys") == 3
+
+    # an operator token issued by relay A is accepted by relay C
+    assert await cluster.hosts(c, token=a.admin_token) == []
+
+    # B's enrollment token lists every relay, and its one CA pin holds at each of them
+    token = await cluster.enrollment_token(b)
+    claims = peek_enrollment_token(token)
+    assert claims.relay_endpoint == b.address
+    assert sorted(claims.relay_endpoints) == sorted(r.address for r in cluster.relays)
+    for relay in cluster.relays:
+        assert fetch_pinned_ca(relay.address, claims.ca_pin, timeout=10) == a.ca_pem
+
+    # a node enrolled at A (with B's token) attests at B and at C
+    async with a.channel() as channel:
+        daemon = DaemonDriver(channel)
+        await daemon.enroll(token)
+        key, node_token = daemon.key, daemon.token
+        await daemon.close()
+    for relay in (b, c):
+        async with relay.channel() as channel:
+            moved = DaemonDriver(channel, key=key)
+            moved.node_id, moved.tenant_id, moved.token = daemon.node_id, "acme", node_token
+            assert isinstance(await moved.connect(), SessionAccepted)
+            await moved.close()
+
+
+async def _an_enrollment_token_is_redeemed_once_across_three_relays(
+    cluster: Cluster,
+) -> None:
+    token = await cluster.enrollment_token(cluster.relays[0], tenant="race")
+    jti = peek_enrollment_token(token).jti
+
+    async def redeem(relay: RelayProcess) -> str:
+        async with relay.channel() as channel:
+            try:
+                await DaemonDriver(channel).enroll(token)
+            except grpc.aio.AioRpcError as err:
+                return f"refused: {err.details()}"
+            return "enrolled"
+
+    for _round in range(3):  # the same token, three relays at once, more than once
+        answers = await asyncio.gather(*(redeem(r) for r in cluster.relays))
+        if _round == 0:
+            assert sorted(answers)[0] == "enrolled", answers
+            assert answers.count("enrolled") == 1, answers
+        else:
+            assert answers.count("enrolled") == 0, answers
+        assert all("already" in a for a in answers if a != "enrolled"), answers
+    assert cluster.count("SELECT count(*) FROM nodes WHERE tenant_id = 'race'") == 1
+    assert cluster.count("SELECT count(*) FROM enrollment_tokens WHERE jti = %s", jti) == 1
+
+
+async def _a_token_signed_by_an_unpublished_key_is_refused_and_writes_nothing(
+    cluster: Cluster,
+) -> None:
+    a, _b, c = cluster.relays
+    stranger = TokenIssuer(signing_key=RelaySigningKey.from_seed(os.urandom(32)))
+    now = time.time()
+    forged_operator = stranger.issue_operator_token(
+        subject="mallory", role="admin", tenants="*", now=now, jti=new_jti(os.urandom(16))
+    ).token
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cluster.hosts(c, token=forged_operator)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert UNKNOWN_KEY_MESSAGE in (info.value.details() or "")
+
+    real = peek_enrollment_token(await cluster.enrollment_token(a, tenant="forged"))
+    forged_enrollment = stranger.issue_enrollment_token(
+        tenant_id="forged",
+        relay_endpoint=c.address,
+        ca_pin=real.ca_pin,
+        now=now,
+        jti=new_jti(os.urandom(16)),
+    )
+    async with c.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await DaemonDriver(channel).enroll(forged_enrollment.token)
+    assert UNKNOWN_KEY_MESSAGE in (info.value.details() or "")
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert trailing.get("aegis-refusal-reason") == "bad_signature"
+    jti = forged_enrollment.claims.jti
+    assert cluster.count("SELECT count(*) FROM nodes") == 0
+    assert cluster.count("SELECT count(*) FROM enrollment_tokens WHERE jti = %s", jti) == 0
+    assert cluster.count("SELECT count(*) FROM relay_keys") == 3
+
+
+def test_a_relay_with_a_foreign_ca_or_no_shared_store_refuses_to_start(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError) as info:
+        RelayProcess.start(tmp_path / "d", "--cluster", CLUSTER, store_url=cluster.url)
+    lines = [ln for ln in str(info.value).splitlines() if "CA is not cluster" in ln]
+    assert lines and "--join-bundle" in lines[0], str(info.value)
+    assert cluster.count("SELECT count(*) FROM clusters") == 1
+
+    env = {k: v for k, v in os.environ.items() if k != "AEGIS_STORE_URL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aegis_edge_cli", "relay", "serve", "--data-dir",
+         str(tmp_path / "e"), "--listen", "127.0.0.1:0", "--cluster", CLUSTER],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "needs a PostgreSQL store" in proc.stderr, proc.stderr
+
+
+def test_a_daemon_whose_relay_is_killed_lands_on_another(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.relays[0]
+    token = asyncio.run(cluster.enrollment_token(a))
+    state = tmp_path / "host"
+    cli("edge", "enroll", token, "--state-dir", str(state))
+    node = json.loads((state / "node.json").read_text())
+    assert node["relay"] == a.address and len(node["relays"]) == 3
+    # as a host enrolled before the cluster grew (or by an older agent) would have it:
+    # one endpoint; the relay's Accepted tells it the others
+    del node["relays"]
+    (state / "node.json").write_text(json.dumps(node))
+    daemon = DaemonProcess.start(state)
+    try:
+        first = daemon.wait_event("connected", timeout=30)
+        assert first["relay"] == a.address
+        learned = json.loads((state / "node.json").read_text())["relays"]
+        assert sorted(learned) == sorted(r.address for r in cluster.relays)
+        a.proc.kill()  # kill -9: no Drain, the stream just breaks
+        a.proc.wait(10)
+        second = daemon.wait_event("connected", count=2, timeout=30)
+        assert second["relay"] != a.address
+        # within one backoff step: the very next dial went to another relay, not to A
+        assert len(daemon.events("connecting")) == 2, daemon.events("connecting")
+        assert daemon.events("connect_failed") == []
+        assert len(daemon.events("reconnect_backoff")) == 1
+        holder = next(r for r in cluster.relays if r.address == second["relay"])
+
+        async def status() -> int:
+            hosts = await cluster.hosts(holder)
+            return next(h.status for h in hosts if h.node_id == node["node_id"])
+
+        assert asyncio.run(status()) == common_pb2.DAEMON_STATUS_CONNECTED
+    finally:
+        daemon.stop()
+
+
+def test_one_ca_and_every_relays_tokens_are_honoured_everywhere(cluster: Cluster) -> None:
+    asyncio.run(_one_ca_and_every_relays_tokens_are_honoured_everywhere(cluster))
+
+
+def test_an_enrollment_token_is_redeemed_once_across_three_relays(cluster: Cluster) -> None:
+    asyncio.run(_an_enrollment_token_is_redeemed_once_across_three_relays(cluster))
+
+
+def test_a_token_signed_by_an_unpublished_key_is_refused_and_writes_nothing(
+    cluster: Cluster,
+) -> None:
+    asyncio.run(_a_token_signed_by_an_unpublished_key_is_refused_and_writes_nothing(cluster))
