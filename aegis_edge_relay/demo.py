@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,7 @@ class _Demo:
         self.say("1. A relay on its embedded SQLite default, TLS on loopback")
         argv = [
             "relay", "serve", "--data-dir", str(self.relay_dir),
-            "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
             "--heartbeat-interval", "2s", "--stale-threshold", "6s",
         ]  # fmt: skip
         self.show(argv)
@@ -231,8 +232,10 @@ class _Demo:
     def metrics(self, info: dict[str, Any]) -> None:
         self.say("6. Prometheus metrics")
         url = str(info["metrics"])
-        print(f"$ curl {url}")
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our loopback relay
+        print(f"$ curl --cacert {info['ca_cert']} {url}")
+        # HTTPS with the relay's CA as the only root, as a scraper would pin it
+        context = ssl.create_default_context(cafile=str(info["ca_cert"]))
+        with urllib.request.urlopen(url, timeout=10, context=context) as resp:  # noqa: S310
             text = resp.read().decode()
         for line in text.splitlines():
             if line.startswith("aegis_edge_") and not line.startswith(

@@ -1,0 +1,70 @@
+"""The JSON bodies of the API: exactly what the CLI's ``--output json`` prints.
+
+Each function calls the CLI's own ``*_to_dict`` function (one representation, not a second
+mapping); the two the CLI builds inline (tenant deletion, enrollment tokens) are here in
+the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aegis_edge_core.wire import admin_pb2
+from aegis_edge_relay.operator_cli import (
+    fleet_preview_to_dict,
+    fleet_run_to_dict,
+    group_to_dict,
+    host_to_dict,
+    iso_time,
+)
+
+__all__ = [
+    "enrollment_token",
+    "fleet_preview",
+    "fleet_run",
+    "group",
+    "group_detail",
+    "host",
+    "host_detail",
+    "tenant_deleted",
+]
+
+
+def host(msg: admin_pb2.Host) -> dict[str, Any]:
+    """``aegis edge ls|tag|keys revoke-remote --output json`` (one host)."""
+    return host_to_dict(msg)
+
+
+def host_detail(msg: admin_pb2.Host) -> dict[str, Any]:
+    """``aegis edge show --output json``: the host with its command history."""
+    return host_to_dict(msg, with_history=True)
+
+
+def fleet_run(msg: admin_pb2.FleetRun) -> dict[str, Any]:
+    """``aegis edge fleet run|show|runs|cancel --output json``."""
+    return fleet_run_to_dict(msg)
+
+
+def fleet_preview(msg: admin_pb2.FleetPreview) -> dict[str, Any]:
+    """``aegis edge fleet preview --output json``."""
+    return fleet_preview_to_dict(msg)
+
+
+def group(msg: admin_pb2.Group) -> dict[str, Any]:
+    """``aegis edge groups ls|rm --output json`` (one group)."""
+    return group_to_dict(msg)
+
+
+def group_detail(msg: admin_pb2.Group) -> dict[str, Any]:
+    """``aegis edge groups create|show --output json``: with the members now."""
+    return group_to_dict(msg, with_members=True)
+
+
+def tenant_deleted(tenant_id: str, msg: admin_pb2.DeleteTenantResponse) -> dict[str, Any]:
+    """``aegis edge tenants delete --output json``."""
+    return {"tenant_id": tenant_id, "revoked_daemons": msg.revoked_daemons}
+
+
+def enrollment_token(msg: admin_pb2.IssueEnrollmentTokenResponse) -> dict[str, Any]:
+    """``aegis edge tokens issue --output json``."""
+    return {"token": msg.token, "expires_at": iso_time(msg.expires_at)}
