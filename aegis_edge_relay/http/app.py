@@ -19,6 +19,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import api
+from aegis_edge_relay.http.openapi import OPENAPI_PATH, committed_document
 
 __all__ = ["Credentials", "Readiness", "bearer_token", "make_app"]
 
@@ -78,7 +79,13 @@ def make_app(
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready", "detail": problem}, status=503)
 
+    openapi = committed_document()
+
+    async def openapi_json(_request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
     app = web.Application()
+    app.router.add_get(OPENAPI_PATH, openapi_json)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
