@@ -319,6 +319,18 @@ def _grpc_options(handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE) -> list
     ]
 
 
+def _console_token_expiry(relay: Relay, token: str) -> float:
+    """When an operator token pasted into the console's login expires; ValueError if it is
+    refused (the same verification every Admin call makes)."""
+    try:
+        claims = relay.verifier.verify_operator_token(
+            token, now=relay.now(), revocations=relay.revocations
+        )
+    except TokenError as err:
+        raise ValueError(f"operator token refused: {err.message}; {err.hint}") from None
+    return claims.expires_at
+
+
 def _advertised(host: str, port: int, advertise: str | None) -> str:
     if advertise:
         return advertise
@@ -415,6 +427,7 @@ async def serve(opts: ServeOptions) -> int:
                 registry=relay.metrics.registry,
                 ready=ready,
                 admin=admin,
+                check_token=lambda token: _console_token_expiry(relay, token),
                 metrics_token=metrics_token,
             )
             try:

@@ -77,8 +77,6 @@ class Route:
     status: int = 200
     streaming: bool = False
     """The RPC streams run events: the answer is the run as it started."""
-    changes: bool = False
-    """The operation changes state (tenant-isolation checks assert it changed nothing)."""
 
 
 def _p(name: str, kind: Kind, where: Where, description: str, **kw: Any) -> Param:
@@ -227,7 +225,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         build=lambda v: admin_pb2.TagsRequest(node_id=v["node_id"], tags=v["tags"]),
         render=lambda m, _v: rep.host(m),
         response="Host",
-        changes=True,
     ),
     Route(
         method="DELETE",
@@ -239,7 +236,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         build=lambda v: admin_pb2.TagsRequest(node_id=v["node_id"], tags=[v["tag"]]),
         render=lambda m, _v: rep.host(m),
         response="Host",
-        changes=True,
     ),
     Route(
         method="POST",
@@ -253,7 +249,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         ),
         render=lambda m, _v: rep.host(m),
         response="Host",
-        changes=True,
     ),
     Route(
         method="DELETE",
@@ -265,7 +260,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         build=lambda v: admin_pb2.DeleteTenantRequest(tenant_id=v["tenant_id"]),
         render=lambda m, v: rep.tenant_deleted(v["tenant_id"], m),
         response="TenantDeleted",
-        changes=True,
     ),
     Route(
         method="POST",
@@ -283,7 +277,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         render=lambda m, _v: rep.enrollment_token(m),
         response="EnrollmentToken",
         status=201,
-        changes=True,
     ),
     Route(
         method="POST",
@@ -308,7 +301,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         response="FleetRun",
         status=202,
         streaming=True,
-        changes=True,
     ),
     Route(
         method="GET",
@@ -347,7 +339,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         build=lambda v: admin_pb2.GetFleetRunRequest(fleet_command_id=v["fleet_command_id"]),
         render=lambda m, _v: rep.fleet_run(m),
         response="FleetRun",
-        changes=True,
     ),
     Route(
         method="POST",
@@ -369,7 +360,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         response="FleetRun",
         status=202,
         streaming=True,
-        changes=True,
     ),
     Route(
         method="GET",
@@ -403,7 +393,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         render=lambda m, _v: rep.group_detail(m),
         response="GroupDetail",
         status=201,
-        changes=True,
     ),
     Route(
         method="GET",
@@ -426,7 +415,6 @@ ROUTES: Final[tuple[Route, ...]] = (
         build=lambda v: admin_pb2.GetGroupRequest(name=v["name"], tenant_id=v.get("tenant", "")),
         render=lambda m, _v: rep.group(m),
         response="Group",
-        changes=True,
     ),
 )
 

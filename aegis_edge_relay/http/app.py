@@ -19,6 +19,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import api
+from aegis_edge_relay.http.console import Sessions, TokenCheck, add_console
 from aegis_edge_relay.http.openapi import OPENAPI_PATH, committed_document
 
 __all__ = ["Credentials", "Readiness", "bearer_token", "make_app"]
@@ -46,10 +47,14 @@ def make_app(
     registry: CollectorRegistry,
     ready: Readiness,
     admin: AdminServicer,
-    credentials: Credentials = bearer_token,
+    check_token: TokenCheck | None = None,
     metrics_token: bytes | None = None,
 ) -> web.Application:
-    """The relay's HTTP app; ``admin`` is the same servicer object the gRPC server calls."""
+    """The relay's HTTP app; ``admin`` is the same servicer object the gRPC server calls.
+
+    With ``check_token`` (how the console verifies a token at login) the console is served
+    at ``/`` and its session cookie stands for the token; without it, only bearer tokens.
+    """
 
     async def metrics(request: web.Request) -> web.Response:
         if metrics_token is not None and not hmac.compare_digest(
@@ -89,5 +94,8 @@ def make_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    credentials: Credentials = bearer_token
+    if check_token is not None:
+        credentials = add_console(app, admin, check_token, Sessions())
     api.add_routes(app, admin, credentials)
     return app

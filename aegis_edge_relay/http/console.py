@@ -1,0 +1,240 @@
+"""The Edge Hosts console: log in with an operator token, a live hosts table.
+
+Login exchanges an operator token for a session cookie (``HttpOnly; Secure;
+SameSite=Strict``) that ends when the token expires, or at logout. The cookie stands for the
+token on the console's pages, ``/console/events`` and ``/api/v1``: every call still goes to
+the Admin servicer with the token, so what a session may see and change is exactly what the
+token may. A change (any method but GET/HEAD) made with the cookie must also carry the
+session's CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field), or it is
+refused with 403 before anything runs; bearer-token calls carry no ambient credential and
+need none.
+
+``/console/events`` is a Server-Sent Events stream of the hosts the session sees (a page of
+them, counts by status), sent when it changes; the page renders it without a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Final
+
+import attrs
+import grpc
+from aiohttp import web
+
+from aegis_edge_core.wire import admin_pb2
+from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
+from aegis_edge_relay.http import representation as rep
+from aegis_edge_relay.http.context import Aborted, HttpContext
+from aegis_edge_relay.http.problems import problem
+from aegis_edge_relay.operator_cli import status_name
+
+__all__ = ["COOKIE", "Sessions", "TokenCheck", "add_console"]
+
+COOKIE: Final = "aegis_session"
+MAX_SESSIONS: Final = 10_000
+EVENTS_PAGE: Final = 500
+"""Hosts per update of the live table (counts cover every host)."""
+EVENTS_INTERVAL: Final = 1.0
+"""Seconds between looks at the hosts; a change reaches the page within about this."""
+
+TokenCheck = Callable[[str], float]
+"""Verify an operator token; its expiry (epoch seconds), or raise ValueError with why not."""
+
+_SAFE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@attrs.define
+class Session:
+    token: str = attrs.field(repr=False)
+    csrf: str = attrs.field(repr=False)
+    expires_at: float
+
+
+class Sessions:
+    """Session id -> operator token, in memory: a relay restart logs everyone out."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._by_id: dict[str, Session] = {}
+        self._clock = clock
+
+    def open(self, token: str, expires_at: float) -> tuple[str, Session]:
+        if len(self._by_id) >= MAX_SESSIONS:
+            self._by_id.pop(next(iter(self._by_id)))  # the oldest
+        sid = secrets.token_urlsafe(32)
+        session = Session(token=token, csrf=secrets.token_urlsafe(32), expires_at=expires_at)
+        self._by_id[sid] = session
+        return sid, session
+
+    def get(self, request: web.Request) -> Session | None:
+        sid = request.cookies.get(COOKIE, "")
+        session = self._by_id.get(sid)
+        if session is not None and session.expires_at <= self._clock():
+            del self._by_id[sid]  # the token expired: so did the session
+            return None
+        return session
+
+    def close(self, request: web.Request) -> None:
+        self._by_id.pop(request.cookies.get(COOKIE, ""), None)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("aegis_edge_relay.http").joinpath("console", name).read_bytes()
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else ""
+
+
+def add_console(
+    app: web.Application, admin: AdminServicer, check_token: TokenCheck, sessions: Sessions
+) -> Callable[[web.Request], str]:
+    """Add the console's routes and CSRF guard to ``app``; returns the credentials hook
+    (bearer header, else the session's token) for the API."""
+    pages = {name: _asset(name).decode() for name in ("index.html", "login.html")}
+    assets = {
+        "console.js": ("application/javascript", _asset("console.js")),
+        "console.css": ("text/css", _asset("console.css")),
+    }
+
+    def credentials(request: web.Request) -> str:
+        bearer = _bearer(request)
+        if bearer:
+            return bearer
+        session = sessions.get(request)
+        return session.token if session is not None else ""
+
+    @web.middleware
+    async def csrf_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method not in _SAFE and request.path != "/login" and not _bearer(request):
+            session = sessions.get(request)
+            if session is not None:
+                given = request.headers.get("X-CSRF-Token", "")
+                if not given and request.content_type == "application/x-www-form-urlencoded":
+                    given = str((await request.post()).get("csrf_token", ""))
+                if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+                    return problem(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "refused: a change from the console must carry the session's CSRF "
+                        "token (X-CSRF-Token); reload the page",
+                    )
+        return await handler(request)  # type: ignore[no-any-return]
+
+    def page(name: str, **values: str) -> web.Response:
+        text = pages[name]
+        for key, value in values.items():
+            text = text.replace("{{" + key + "}}", html.escape(value))
+        return web.Response(
+            text=text,
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        session = sessions.get(request)
+        if session is None:
+            raise web.HTTPSeeOther("/login")
+        return page("index.html", csrf=session.csrf)
+
+    async def login_form(_request: web.Request) -> web.Response:
+        return page("login.html", error="")
+
+    async def login(request: web.Request) -> web.StreamResponse:
+        token = str((await request.post()).get("token", "")).strip()
+        try:
+            if not token:
+                raise ValueError("paste an operator token (aegis relay operator-token prints one)")
+            expires_at = check_token(token)
+        except ValueError as err:
+            response = page("login.html", error=str(err))
+            response.set_status(401)
+            return response
+        sid, _session = sessions.open(token, expires_at)
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(
+            COOKIE,
+            sid,
+            httponly=True,
+            secure=True,
+            samesite="Strict",
+            path="/",
+            max_age=max(1, int(expires_at - time.time())),
+        )
+        raise response
+
+    async def logout(request: web.Request) -> web.StreamResponse:
+        sessions.close(request)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(COOKIE, path="/")
+        raise response
+
+    async def asset(request: web.Request) -> web.Response:
+        found = assets.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        content_type, body = found
+        return web.Response(body=body, content_type=content_type)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        session = sessions.get(request)
+        if session is None:
+            return problem(grpc.StatusCode.UNAUTHENTICATED, "not logged in (or the token expired)")
+        selector = request.query.get("selector", "")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        last = ""
+        while sessions.get(request) is session:
+            try:
+                context: Any = HttpContext(token=session.token, peer="console")
+                listed = await admin.ListHosts(  # type: ignore[misc]
+                    admin_pb2.ListHostsRequest(selector=selector), context
+                )
+            except Aborted as err:
+                await response.write(_event("problem", {"detail": err.details}))
+                return response
+            data = json.dumps(_snapshot(listed), sort_keys=True)
+            if data != last:
+                await response.write(_event("hosts", data))
+                last = data
+            await asyncio.sleep(EVENTS_INTERVAL)
+        await response.write(_event("logout", {}))
+        return response
+
+    app.middlewares.append(csrf_guard)
+    app.router.add_get("/", index)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/assets/{name}", asset)
+    app.router.add_get("/console/events", events)
+    return credentials
+
+
+def _snapshot(listed: admin_pb2.ListHostsResponse) -> dict[str, Any]:
+    hosts = sorted(listed.hosts, key=lambda h: (h.tenant_id, h.node_id))
+    counts = Counter(status_name(h.status) for h in hosts)
+    return {
+        "hosts": [rep.host(h) for h in hosts[:EVENTS_PAGE]],
+        "total": len(hosts),
+        "counts": dict(sorted(counts.items())),
+    }
+
+
+def _event(name: str, data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return f"event: {name}\ndata: {text}\n\n".encode()
