@@ -57,9 +57,10 @@ class HttpListener:
         except OSError:
             sock.close()
             raise
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Open requests (a console's event stream) get a second at shutdown, not 60.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.SockSite(runner, sock, ssl_context=ssl_context, shutdown_timeout=1.0)
+        site = web.SockSite(runner, sock, ssl_context=ssl_context)
         return cls(runner, site, sock)
 
     @property
