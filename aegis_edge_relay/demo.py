@@ -128,6 +128,10 @@ class _Demo:
         info: dict[str, Any] = json.loads(info_file.read_text())
         print(f"relay listening on {info['listen']} (TLS), metrics at {info['metrics']}")
         print(f"CA: {info['ca_cert']}; admin operator token: {info['operator_token']}")
+        print(
+            f"console: {info['http']}/ (log in with the token in {info['operator_token']}; "
+            f"the browser must trust {info['ca_cert']})"
+        )
         # Operator commands find the relay the documented way: environment variables.
         self.env["AEGIS_RELAY"] = info["listen"]
         self.env["AEGIS_CA_CERT"] = info["ca_cert"]
