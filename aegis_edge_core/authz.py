@@ -120,6 +120,17 @@ class Principal:
     def sees(self, tenant_id: str) -> bool:
         return self.tenants is None or tenant_id in self.tenants
 
+    def sees_all(self, scope: Iterable[str] | None) -> bool:
+        """May this principal see an object that spans ``scope`` (a fleet run's tenants)?
+
+        Every one of them must be in its tenants; an object of unknown scope (``None``) is
+        visible to an all-tenants token only."""
+        if self.tenants is None:
+            return True
+        if scope is None:
+            return False
+        return set(scope) <= self.tenants
+
 
 def authorize(principal: Principal, rpc: str) -> None:
     """Refuse with ``PERMISSION_DENIED`` if ``principal``'s role is below what ``rpc`` needs."""

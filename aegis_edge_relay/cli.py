@@ -1,5 +1,5 @@
 """``aegis relay serve`` and ``aegis relay operator-token``; operator commands come from
-:mod:`aegis_edge_relay.operator_cli`."""
+:mod:`aegis_edge_relay.operator`."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         data_dir=Path(args.data_dir).expanduser(),
         listen=args.listen,
+        store_url=args.store or None,
         http_listen=None if args.http_listen in ("", "off") else args.http_listen,
         heartbeat_interval=args.heartbeat_interval,
         stale_threshold=args.stale_threshold,
@@ -106,6 +107,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     except OSError as err:
         raise CliError(f"relay could not start: {err}") from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the store's schema to this version's (the relay also does at start)."""
+    from aegis_edge_relay.store import open_store, redact_url
+
+    if not args.store:
+        raise CliError(
+            "relay migrate needs --store (or AEGIS_STORE_URL)",
+            hint="e.g. --store postgresql://aegis@db.example:5432/aegis; the SQLite store "
+            "migrates itself when the relay starts",
+        )
+    store = open_store(args.store, Path("."))
+    try:
+        before, after = store.schema_migrated
+    finally:
+        store.close()
+    where = redact_url(args.store)
+    if before == after:
+        print(f"{where}: schema already at version {after}, nothing to do")
+    else:
+        print(f"{where}: schema migrated from version {before} to {after}")
+    return 0
+
+
+def _store_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        default=os.environ.get("AEGIS_STORE_URL", ""),
+        help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE to keep the relay's state in "
+        "PostgreSQL (default: $AEGIS_STORE_URL, else SQLite in the data dir)",
+    )
 
 
 def cmd_operator_token(args: argparse.Namespace) -> int:
@@ -204,6 +238,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def register(tree: CommandTree) -> None:
     p = tree.command("relay serve", cmd_serve, help="run the reference relay (TLS by default)")
     p.add_argument("--data-dir", required=True, help="state directory (keys, CA, store)")
+    _store_flag(p)
     p.add_argument(
         "--listen", type=_hostport, default="0.0.0.0:7443", help="gRPC HOST:PORT (port 0: any)"
     )
@@ -276,6 +311,13 @@ def register(tree: CommandTree) -> None:
         )
 
     p = tree.command(
+        "relay migrate",
+        cmd_migrate,
+        help="migrate the store of --store URL to this version's schema and say from/to",
+    )
+    _store_flag(p)
+
+    p = tree.command(
         "relay wait",
         cmd_wait,
         help="wait until the relay of --data-dir serves (for `aegis relay serve ... &`)",
@@ -305,7 +347,7 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--ttl", type=_duration, default=30 * 86400.0, metavar="DURATION")
     p.add_argument("--subject", help="who the token is for (shown in run records)")
 
-    from aegis_edge_relay import demo, operator_cli
+    from aegis_edge_relay import demo, operator
 
-    operator_cli.register(tree)
+    operator.register(tree)
     demo.register(tree)

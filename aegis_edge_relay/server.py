@@ -1,4 +1,16 @@
-"""Assembling and running the relay process: TLS, gRPC server, HTTP server, relay.json, signals.
+"""Assembling and running the relay process: the parts, TLS, gRPC, HTTP, relay.json.
+
+This is the one module that constructs the relay's parts and wires them together
+(:class:`Relay`); each part receives what it uses and none of them imports this module.
+In construction order, each built from the ones before it::
+
+    store/ (StoreWorker) -> FleetView, IdentityService -> Dispatcher -> FleetRuns
+        -> StreamHandler, EnrollmentService -> AdminService (admin/), Loops
+
+plus one hook: the identity service tells the stream handler of each revocation, so the
+node's live streams end (``identity.on_revoked(streams.cut_revoked)``). The HTTP server
+(:mod:`.http`: /metrics, /healthz, /readyz, /api/v1, the console) is handed the same
+``AdminService`` object the gRPC server calls, the metrics registry and a readiness probe.
 
 ``D/relay.json`` is written (atomically) once the relay listens, so scripts and tests that
 start it with port 0 learn the ports it got::
@@ -13,17 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
-import ipaddress
 import json
 import os
-import resource
 import signal
-import socket
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 import grpc
@@ -31,29 +40,63 @@ import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
-from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE, DEFAULT_MAX_UNATTESTED_PER_SOURCE
-from aegis_edge_core.identity import OPERATOR_TOKEN_TTL, TokenError, new_jti
+from aegis_edge_core.handshake import (
+    DEFAULT_HANDSHAKE_DEADLINE,
+    DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    HandshakeGuard,
+    HandshakeLimits,
+)
+from aegis_edge_core.health import HealthTracker
+from aegis_edge_core.identity import NODE_TOKEN_TTL, TokenError
 from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
     ATTEST_PER_SOURCE,
     ENROLL_PER_SOURCE,
     REFRESH_PER_NODE,
+    AttemptLimits,
+    KeyedLimiter,
     Limit,
 )
 from aegis_edge_core.session import MAX_MESSAGE_BYTES
-from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc
+from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
+from aegis_edge_relay.admin import AdminService
+from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.durations import parse_hostport
+from aegis_edge_relay.enrollment import EnrollmentService
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
+from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.http import HttpListener, make_app, server_ssl_context
-from aegis_edge_relay.relay import Relay, RelayConfig, load_or_create_signing_key
-from aegis_edge_relay.services import AdminService, EnrollmentService, stream_handler
-from aegis_edge_relay.store import StoreUnavailable
+from aegis_edge_relay.identity import IdentityService, load_or_create_signing_key
+from aegis_edge_relay.loops import Loops
+from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.runs import FleetRuns
+from aegis_edge_relay.startup import (
+    GC_THRESHOLDS,
+    StartupError,
+    StoreErrorInterceptor,
+    _advertised,
+    _cannot_listen,
+    _grpc_options,
+    _is_loopback,
+    _keep_freed_memory,
+    _probe_bind,
+    ensure_admin_token,
+    issue_operator_token,
+    load_metrics_token,
+    raise_nofile_limit,
+)
+from aegis_edge_relay.store import StoreWorker, open_store
+from aegis_edge_relay.streams import StreamHandler, StreamSettings
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
 
 __all__ = [
+    "Relay",
+    "RelayConfig",
     "ServeOptions",
     "StartupError",
+    "_grpc_options",
+    "_is_loopback",
     "issue_operator_token",
     "load_metrics_token",
     "raise_nofile_limit",
@@ -61,7 +104,6 @@ __all__ = [
 ]
 
 RELAY_JSON: Final = "relay.json"
-OPERATOR_TOKEN: Final = "operator.token"  # noqa: S105 - a file name
 
 SERVICES: Final = (
     "aegis.edge.v1.EdgeStream",
@@ -74,8 +116,10 @@ SERVICES: Final = (
 class ServeOptions:
     data_dir: Path
     listen: str
+    store_url: str | None = None
+    """``--store``/``AEGIS_STORE_URL``: None is SQLite in the data dir."""
     http_listen: str | None = "127.0.0.1:9464"
-    """The HTTP server: /metrics, /healthz, /readyz, /api/v1 (``None``: off)."""
+    """The HTTP server: /metrics, /healthz, /readyz, /api/v1, the console (``None``: off)."""
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
     insecure: bool = False
@@ -99,244 +143,151 @@ class ServeOptions:
     """A file holding the bearer token ``/metrics`` requires (``None``: no auth)."""
 
 
-class StartupError(Exception):
-    """The relay cannot start; ``str()`` is one line for stderr naming what and the fix."""
+@attrs.define(kw_only=True)
+class RelayConfig:
+    data_dir: Path
+    store_url: str | None = None
+    """``--store``: None is SQLite in the data dir (see ``store.open_store``)."""
+    heartbeat_interval: float = 30.0
+    stale_threshold: float = 90.0
+    node_token_ttl: float = NODE_TOKEN_TTL
+    max_concurrent_commands: int = 16
+    heartbeat_flush_interval: float = 2.0
+    drain_grace: float = 5.0
+    fleet_tick_interval: float = 0.1
+    """How often fleet runs' deadlines and cancel graces are checked. Tests stretch it to
+    make a daemon's kill at the deadline land before the relay's own tick."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    attest_limit_per_node: Limit | None = ATTEST_PER_NODE
+    attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
+    enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
+    refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
+    """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
+    handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
+    max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
+    """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
 
 
-def load_metrics_token(path: Path) -> bytes:
-    """The bearer token in ``path`` (surrounding whitespace dropped)."""
-    try:
-        text = path.read_bytes().decode("ascii").strip()
-    except OSError as err:
-        raise StartupError(
-            f"--metrics-token-file {path}: cannot read it ({err.strerror or err})"
-        ) from None
-    except UnicodeDecodeError:
-        raise StartupError(
-            f"--metrics-token-file {path}: the token must be printable ASCII "
-            f"(e.g. the output of 'openssl rand -hex 32')"
-        ) from None
-    if not text or any(not c.isprintable() or c.isspace() for c in text):
-        raise StartupError(
-            f"--metrics-token-file {path}: "
-            + ("the file is empty" if not text else "the token holds spaces or control characters")
-            + "; put one token on one line (e.g. the output of 'openssl rand -hex 32')"
+def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
+    """``aegis.edge.v1.EdgeStream/Connect`` with raw request bytes: every frame reaches the
+    core session, so garbage becomes a counted protocol error closing that one stream
+    instead of a deserialization failure inside gRPC."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        streams.connect,
+        request_deserializer=None,
+        response_serializer=stream_pb2.RelayMessage.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("aegis.edge.v1.EdgeStream", {"Connect": handler})
+
+
+def _limiter(limit: Limit | None) -> KeyedLimiter | None:
+    return KeyedLimiter(limit) if limit is not None else None
+
+
+class Relay:
+    """The relay's parts, wired; one per process (or per test)."""
+
+    def __init__(self, config: RelayConfig, *, ca_der: bytes | None = None) -> None:
+        clock = time.time
+        signing_key = load_or_create_signing_key(config.data_dir)
+        self.metrics = metrics = RelayMetrics()
+        self.db = db = StoreWorker(open_store(config.store_url, config.data_dir))
+
+        health = HealthTracker(
+            stale_threshold_secs=config.stale_threshold,
+            heartbeat_interval_secs=config.heartbeat_interval,
         )
-    return text.encode("ascii")
+        self.fleet = fleet = FleetView(health=health, metrics=metrics, db=db, clock=clock)
+        self.identity = identity = IdentityService(
+            signing_key=signing_key,
+            ca_der=ca_der,
+            nodes=fleet.nodes,
+            db=db,
+            clock=clock,
+            node_token_ttl=config.node_token_ttl,
+            refresh_limit=config.refresh_limit_per_node,
+        )
+        self.dispatcher = dispatcher = Dispatcher(fleet=fleet, db=db, metrics=metrics, clock=clock)
+        self.runs = runs = FleetRuns(
+            dispatcher=dispatcher, fleet=fleet, db=db, metrics=metrics, clock=clock
+        )
+        self.streams = streams = StreamHandler(
+            settings=StreamSettings(
+                heartbeat_interval=config.heartbeat_interval,
+                stale_threshold=config.stale_threshold,
+                max_concurrent_commands=config.max_concurrent_commands,
+                max_message_bytes=config.max_message_bytes,
+                drain_grace=config.drain_grace,
+            ),
+            fleet=fleet,
+            identity=identity,
+            dispatcher=dispatcher,
+            db=db,
+            metrics=metrics,
+            attest_limits=AttemptLimits(
+                per_source=_limiter(config.attest_limit_per_source),
+                per_node=_limiter(config.attest_limit_per_node),
+            ),
+            handshakes=HandshakeGuard(
+                HandshakeLimits(
+                    deadline_secs=config.handshake_timeout,
+                    max_unattested_per_source=config.max_unattested_per_source,
+                )
+            ),
+        )
+        identity.on_revoked(streams.cut_revoked)
+        self.enrollment = EnrollmentService(
+            identity=identity,
+            fleet=fleet,
+            db=db,
+            metrics=metrics,
+            limits=AttemptLimits(per_source=_limiter(config.enroll_limit_per_source)),
+            heartbeat_interval=config.heartbeat_interval,
+        )
+        self.admin = AdminService(fleet=fleet, identity=identity, runs=runs, db=db)
+        self.loops = Loops(
+            fleet=fleet,
+            identity=identity,
+            streams=streams,
+            runs=runs,
+            stale_threshold=config.stale_threshold,
+            heartbeat_flush_interval=config.heartbeat_flush_interval,
+            fleet_tick_interval=config.fleet_tick_interval,
+        )
+
+    async def start(self) -> None:
+        db = self.db
+        records = await db.call(db.store.load_nodes)
+        await self.identity.load()
+        self.fleet.load(records)
+        await self.dispatcher.recover()
+        await self.runs.recover()
+        self.loops.start()
+        jsonlog.log("info", "relay.started", daemons=len(self.fleet.nodes))
+
+    async def drain(self) -> None:
+        await self.streams.drain()
+
+    async def stop(self) -> None:
+        await self.runs.cancel_all("relay shutting down")
+        await self.loops.stop()
+        await self.dispatcher.stop()
+        await self.fleet.flush_heartbeats()
+        self.fleet.account_stream_seconds(self.fleet.now())
+        self.db.close()
+        jsonlog.log("info", "relay.stopped")
 
 
-_BIND_ERRORS: Final = {
-    errno.EADDRINUSE: "address already in use",
-    errno.EACCES: "permission denied (ports below 1024 need privileges)",
-    errno.EADDRNOTAVAIL: "no such address on this host",
-}
-
-
-def _cannot_listen(shown: str, flag: str, err: OSError | None) -> StartupError:
-    if isinstance(err, socket.gaierror):
-        why = f"the host name does not resolve ({err.strerror})"
-    elif err is None:
-        why = "gRPC could not bind it"
-    else:
-        why = _BIND_ERRORS.get(err.errno or 0, err.strerror or str(err))
-    hint = f"another relay running? pick another {flag}"
-    if err is not None and err.errno != errno.EADDRINUSE:
-        hint = f"pick another {flag}"
-    return StartupError(f"cannot listen on {shown}: {why} ({hint})")
-
-
-def _probe_bind(host: str, port: int) -> OSError | None:
-    """Bind ``host:port`` the way gRPC will (SO_REUSEADDR), and let go: gRPC itself says
-    only "failed to bind", and logs a line of its own."""
-    if port == 0:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        return err
-    for family, kind, proto, _name, addr in infos:
-        try:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(addr)
-        except OSError as err:
-            return err
-    return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-GC_THRESHOLDS: tuple[int, int, int] = (50_000, 20, 10)
-"""The relay process's cyclic-GC thresholds (Python's default is 700, 10, 10). Per-command
-and per-stream objects mostly die young; a larger first generation lets them, instead of
-promoting them towards the full collections that walk every object of 10k streams."""
-
-
-MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
-"""glibc returns a heap's free top to the system (madvise) once it exceeds this (default
-128 KB). With 10k streams every burst of frees (a fleet run's messages, streams closing at a
-drain) made it madvise over and over on the event loop's thread: ~40% of the main thread's
-samples while a 10k relay drained. Freed memory is reused by the next burst instead."""
-
-
-def _keep_freed_memory() -> None:
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold = -1  # <malloc.h>
-        libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (one fd per daemon stream)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def issue_operator_token(
-    data_dir: Path, *, subject: str, role: str, tenants: list[str] | None, ttl: float
-) -> tuple[str, float]:
-    """Sign an operator token with the relay's key in ``data_dir``."""
-    from aegis_edge_core.identity import TokenIssuer
-
-    key = load_or_create_signing_key(data_dir)
-    issued = TokenIssuer(signing_key=key).issue_operator_token(
-        subject=subject,
-        role=role,  # type: ignore[arg-type]
-        tenants="*" if tenants is None else tenants,
-        now=_now(),
-        jti=new_jti(os.urandom(16)),
-        ttl=ttl,
-    )
-    return issued.token, issued.claims.expires_at
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
-def _ensure_admin_token(relay: Relay, data_dir: Path) -> Path:
-    """``D/operator.token``: an admin token for every tenant, (re)made when missing or
-    within a day of expiry."""
-    path = data_dir / OPERATOR_TOKEN
-    if path.exists():
-        try:
-            claims = relay.verifier.verify_operator_token(
-                path.read_text().strip(), now=relay.now() + 86400
-            )
-            if claims.all_tenants and claims.role == "admin":
-                return path
-        except TokenError:
-            pass
-    token, _ = issue_operator_token(
-        data_dir, subject="admin", role="admin", tenants=None, ttl=OPERATOR_TOKEN_TTL
-    )
-    atomic_write(path, (token + "\n").encode(), mode=0o600)
-    return path
-
-
-if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.aio.ServerInterceptor
-
-
-class StoreErrorInterceptor(_Interceptor):
-    """A store that cannot be written (locked, disk full) answers UNAVAILABLE with the
-    store's sentence, instead of gRPC's generic UNKNOWN. The store rolled back: nothing
-    half-written."""
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: Any) -> Any:
-                try:
-                    return await inner_uu(request, context)
-                except StoreUnavailable as err:
-                    await _store_abort(context, err)
-
-            return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> Any:
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except StoreUnavailable as err:
-                    await _store_abort(context, err)
-
-            return handler._replace(unary_stream=unary_stream)
-        return handler
-
-
-async def _store_abort(context: Any, err: StoreUnavailable) -> None:
-    jsonlog.log("error", "store.unavailable", error=err.message, hint=err.hint)
-    await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-
-
-def _grpc_options(handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE) -> list[tuple[str, Any]]:
-    # Tuned for many long-lived streams and reconnect storms: no cap on concurrent
-    # streams or pending requests that a few thousand reconnecting daemons would hit.
-    return [
-        # A TCP connection that has not finished TLS and the HTTP/2 preface by then is
-        # closed by gRPC core (its default is 120 s: long enough to hold sockets open).
-        ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout * 1000))),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.max_receive_message_length", 2 * MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES),
-        ("grpc.max_concurrent_streams", 1_000_000),
-        ("grpc.server.max_pending_requests", 1_000_000),
-        ("grpc.server.max_pending_requests_hard_limit", 2_000_000),
-        ("grpc.so_reuseport", 0),
-        # BDP probing pings the peer as data arrives, to size flow-control windows for bulk
-        # transfers; 10k streams of small heartbeats gain nothing from it and pay a ping
-        # round trip per burst (measured: -35% CPU on the bare floor at 10k streams).
-        ("grpc.http2.bdp_probe", 0),
-    ]
-
-
-def _console_token_expiry(relay: Relay, token: str) -> float:
+def _console_token_expiry(identity: IdentityService, token: str) -> float:
     """When an operator token pasted into the console's login expires; ValueError if it is
     refused (the same verification every Admin call makes)."""
     try:
-        claims = relay.verifier.verify_operator_token(
-            token, now=relay.now(), revocations=relay.revocations
+        claims = identity.verifier.verify_operator_token(
+            token, now=identity.now(), revocations=identity.revocations
         )
     except TokenError as err:
         raise ValueError(f"operator token refused: {err.message}; {err.hint}") from None
     return claims.expires_at
-
-
-def _advertised(host: str, port: int, advertise: str | None) -> str:
-    if advertise:
-        return advertise
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
-        host = socket.gethostname()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(opts: ServeOptions) -> int:
@@ -372,6 +323,7 @@ async def serve(opts: ServeOptions) -> int:
 
     config = RelayConfig(
         data_dir=data_dir,
+        store_url=opts.store_url,
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
@@ -384,17 +336,16 @@ async def serve(opts: ServeOptions) -> int:
         max_unattested_per_source=opts.max_unattested_per_source,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
-    token_path = _ensure_admin_token(relay, data_dir)
+    token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())
 
     server = grpc.aio.server(
         options=_grpc_options(opts.handshake_timeout),
         maximum_concurrent_rpcs=None,
         interceptors=[StoreErrorInterceptor()],
     )
-    server.add_generic_rpc_handlers((stream_handler(relay),))
-    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(relay), server)
-    admin = AdminService(relay)
-    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    server.add_generic_rpc_handlers((stream_handler(relay.streams),))
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(relay.enrollment, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(relay.admin, server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_serving = False
@@ -403,7 +354,7 @@ async def serve(opts: ServeOptions) -> int:
         if not grpc_serving:
             return "the gRPC server is not serving (starting or draining)"
         try:
-            await relay.db.call(relay.store.is_tenant_deleted, "")
+            await relay.db.call(relay.db.store.is_tenant_deleted, "")
         except Exception as err:  # any failure means not ready; say which
             return f"the store does not answer: {err}"
         return None
@@ -426,8 +377,8 @@ async def serve(opts: ServeOptions) -> int:
             app = make_app(
                 registry=relay.metrics.registry,
                 ready=ready,
-                admin=admin,
-                check_token=lambda token: _console_token_expiry(relay, token),
+                admin=relay.admin,
+                check_token=lambda token: _console_token_expiry(relay.identity, token),
                 metrics_token=metrics_token,
             )
             try:
@@ -439,7 +390,7 @@ async def serve(opts: ServeOptions) -> int:
     except StartupError:
         relay.db.close()
         raise
-    config.relay_endpoint = _advertised(host, bound, opts.advertise)
+    relay.identity.relay_endpoint = _advertised(host, bound, opts.advertise)
 
     await relay.start()
     if opts.fast_exit:
@@ -485,7 +436,7 @@ async def serve(opts: ServeOptions) -> int:
         "metrics_port": metrics_port,
         "ca_cert": str(tls.ca_path) if tls and tls.ca_path else "",
         "operator_token": str(token_path),
-        "relay_endpoint": config.relay_endpoint,
+        "relay_endpoint": relay.identity.relay_endpoint,
         "data_dir": str(data_dir),
     }
     atomic_write(data_dir / RELAY_JSON, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)

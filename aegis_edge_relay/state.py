@@ -1,17 +1,16 @@
-"""The relay's in-memory view of its fleet: daemons, live streams and their health.
+"""The values the relay's parts share: a daemon's record in memory, an open stream.
 
-The store is the truth across restarts; this module is the working copy the event loop
-reads without touching SQLite: a :class:`NodeState` per enrolled daemon (loaded at start,
+A :class:`NodeState` per enrolled daemon (the fleet view's working copy of the store's row,
 updated in the same step that writes the store) and a :class:`StreamHandle` per open
-stream. Health decisions belong to the core's :class:`~aegis_edge_core.health.HealthTracker`;
-here they are only applied (gauges, logs).
+stream, with the capability conversions between the wire and the stored form. The
+collections of them, and what happens to them, are :mod:`.fleetview`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -25,12 +24,16 @@ from aegis_edge_core.wire import common_pb2, stream_pb2
 from aegis_edge_relay.store import NodeRecord
 
 __all__ = [
+    "Clock",
     "CloseStream",
     "NodeState",
     "StreamHandle",
     "capabilities_from_proto",
     "capabilities_to_proto",
 ]
+
+Clock = Callable[[], float]
+"""Wall-clock seconds (``time.time``); the parts read time only through the one they get."""
 
 
 def capabilities_from_proto(caps: common_pb2.Capabilities) -> dict[str, Any]:

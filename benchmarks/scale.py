@@ -21,6 +21,15 @@ killed on exit, Ctrl-C or failure):
    heartbeat-sized messages, same TLS, same server options) under the same N streams;
 6. one real ``aegis edge daemon`` idle (``benchmarks/daemon_idle.py``).
 
+``--store postgresql://USER@127.0.0.1:PORT/DB`` instead runs the store comparison: the same
+N daemons on a relay with SQLite, then on a relay with a fresh database on that (local)
+server, each figure printed as PostgreSQL/SQLite -- steady relay CPU at a 30 s heartbeat,
+the database server's own CPU (its postmaster and children, from /proc), the time one
+heartbeat flush of all N takes, and a fleet ``edge.ping`` over all N::
+
+    .venv/bin/python benchmarks/scale.py --daemons 1000 --quick \
+        --store postgresql://postgres@127.0.0.1:54329/postgres
+
 Results: a table on stdout with each relay figure as a ratio to the floor, JSON in
 ``benchmarks/results/latest.json`` (``--quick``: ``quick.json``) and, for full runs, the
 table in ``docs/benchmarks.md`` between the ``scale:begin``/``scale:end`` markers.
@@ -44,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -151,9 +161,10 @@ def sample(pid: int, window: float) -> dict[str, float]:
 
 
 class Relay:
-    def __init__(self, procs: Procs, data_dir: Path) -> None:
+    def __init__(self, procs: Procs, data_dir: Path, store_url: str = "") -> None:
         self.procs = procs
         self.data_dir = data_dir
+        self.store_url = store_url
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.port = 0
@@ -182,6 +193,7 @@ class Relay:
                 f"{heartbeat}s",
                 "--stale-threshold",
                 f"{3 * heartbeat}s",
+                *(["--store", self.store_url] if self.store_url else []),
             ],
             stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
@@ -310,6 +322,24 @@ class Workers:
                 total["errors"][k] = total["errors"].get(k, 0) + v
         total["pids"] = [p.pid for p in self.workers]
         return total
+
+
+def enroll(relay: Relay, workers: Workers, n: int) -> float:
+    """Enroll ``n`` daemons through the Enrollment RPC, spread over the load generators;
+    returns the seconds it took."""
+    t0 = time.monotonic()
+    shares = workers.split(n)
+    workers.all(
+        {
+            "cmd": "enroll",
+            "token_path": relay.info["operator_token"],
+            "tenant": "bench",
+            "conc": 32,
+        },
+        per=lambda i: {"count": shares[i]},
+        timeout=max(120.0, n / 20),
+    )
+    return time.monotonic() - t0
 
 
 def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.25) -> float:
@@ -632,17 +662,7 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
     workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
     log(f"enrolling {n} daemons ({nworkers} load generators)")
-    shares = workers.split(n)
-    workers.all(
-        {
-            "cmd": "enroll",
-            "token_path": relay.info["operator_token"],
-            "tenant": "bench",
-            "conc": 32,
-        },
-        per=lambda i: {"count": shares[i]},
-        timeout=max(120.0, n / 20),
-    )
+    enroll(relay, workers, n)
     relay.stop()
     relay.start(30.0)
     workers.all({"cmd": "address", "address": relay.address})
@@ -663,6 +683,134 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     workers.target(0)
     relay.stop()
     return res
+
+
+def server_pids(url: str) -> list[int]:
+    """The PostgreSQL server behind ``url``: its postmaster (the parent of our backend) and
+    every process it started. Only meaningful for a server on this machine."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    status = Path(f"/proc/{row[0]}/status").read_text()
+    postmaster = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == postmaster:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def group_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_secs(pid)
+    return total
+
+
+def flush_seconds(store_url: str, data_dir: Path, repeats: int = 5) -> float:
+    """Median time of one ``flush_heartbeats`` of every enrolled daemon, on the store the
+    relay used (opened here once the relay stopped)."""
+    from aegis_edge_relay.store import open_store
+
+    store = open_store(store_url or None, data_dir)
+    try:
+        ids = [node.node_id for node in store.load_nodes()]
+        times = []
+        for i in range(repeats):
+            beats = dict.fromkeys(ids, time.time() + i)
+            t0 = time.perf_counter()
+            store.flush_heartbeats(beats)
+            times.append(time.perf_counter() - t0)
+    finally:
+        store.close()
+    return sorted(times)[len(times) // 2]
+
+
+@contextlib.contextmanager
+def fresh_database(url: str) -> Any:
+    import psycopg
+
+    name = f"aegis_bench_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urllib.parse.urlsplit(url)
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def one_store(
+    args: argparse.Namespace, procs: Procs, root: Path, kind: str, url: str
+) -> dict[str, Any]:
+    n = args.daemons
+    window = args.window or (10.0 if args.quick else 30.0)
+    data_dir = root / f"relay-{kind}"
+    relay = Relay(procs, data_dir, store_url=url)
+    relay.start(30.0)
+    nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
+    workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
+    log(f"{kind}: enrolling {n} daemons")
+    out: dict[str, Any] = {"enroll_s": round(enroll(relay, workers, n), 1)}
+    hold(relay, workers, n, 1.0, max(60.0, n / 50))
+    server = server_pids(url) if url else []
+    time.sleep(min(3.0, window / 3))
+    c0, s0, t0 = cpu_secs(relay.pid), group_cpu(server), time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - t0
+    out["relay_cpu_cores"] = round((cpu_secs(relay.pid) - c0) / elapsed, 4)
+    out["db_cpu_cores"] = round((group_cpu(server) - s0) / elapsed, 4) if url else 0.0
+    log(f"{kind}: fleet run edge.ping over {n}")
+    out["fleet"] = fleet_run(relay, "all", timeout=max(120.0, n / 50))
+    workers.target(0)
+    for proc in workers.workers:
+        procs.stop(proc, timeout=10)
+    relay.stop()
+    out["flush_s"] = round(flush_seconds(url, data_dir), 4)
+    log(f"{kind}: {out}")
+    return out
+
+
+def run_stores(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "daemons": args.daemons,
+        "machine": machine(),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/scale.py "
+        + " ".join(sys.argv[1:]).replace(args.store, "URL"),
+    }
+    res["sqlite"] = one_store(args, procs, root, "sqlite", "")
+    with fresh_database(args.store) as url:
+        res["postgresql"] = one_store(args, procs, root, "postgresql", url)
+    return res
+
+
+def stores_table(res: dict[str, Any]) -> str:
+    lite, pg = res["sqlite"], res["postgresql"]
+    rows = [
+        ("steady relay CPU, 30 s beats (cores)", lite["relay_cpu_cores"], pg["relay_cpu_cores"]),
+        ("relay + database server CPU (cores)", lite["relay_cpu_cores"],
+         pg["relay_cpu_cores"] + pg["db_cpu_cores"]),
+        ("heartbeat flush of all daemons (s)", lite["flush_s"], pg["flush_s"]),
+        ("fleet edge.ping, mode all (s)", lite["fleet"]["wall_s"], pg["fleet"]["wall_s"]),
+        ("enrollment of all daemons (s)", lite["enroll_s"], pg["enroll_s"]),
+    ]  # fmt: skip
+    lines = [
+        f"store comparison, {res['daemons']} daemons ({res['date']})",
+        f"{'figure':44} {'SQLite':>10} {'PostgreSQL':>11} {'PG/SQLite':>10}",
+    ]
+    for name, a, b in rows:
+        lines.append(f"{name:44} {a:>10} {round(b, 4):>11} {ratio(b, a):>10}")
+    lines.append(f"{'database server CPU alone (cores)':44} {'-':>10} {pg['db_cpu_cores']:>11}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
@@ -692,19 +840,7 @@ def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
     nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
     workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
     log(f"enrolling {n} daemons through the Enrollment RPC ({nworkers} load generators)")
-    t0 = time.monotonic()
-    shares = workers.split(n)
-    workers.all(
-        {
-            "cmd": "enroll",
-            "token_path": relay.info["operator_token"],
-            "tenant": "bench",
-            "conc": 32,
-        },
-        per=lambda i: {"count": shares[i]},
-        timeout=max(120.0, n / 20),
-    )
-    secs = time.monotonic() - t0
+    secs = enroll(relay, workers, n)
     res["enrollment"] = {"seconds": round(secs, 1), "per_s": round(n / secs, 1)}
     log(f"  enrolled in {secs:.1f}s ({n / secs:.0f}/s)")
     # The enrollment left its mark on the heap: restart so step figures start clean.
@@ -843,6 +979,12 @@ def main() -> int:
         help="only these phases, e.g. fleet,rolling,storm (after enroll + connect N); "
         "JSON to benchmarks/results/only.json, no table, no docs",
     )
+    ap.add_argument(
+        "--store",
+        metavar="URL",
+        help="compare SQLite with this local PostgreSQL server (a fresh database on it): "
+        "JSON to benchmarks/results/stores.json, no docs",
+    )
     args = ap.parse_args()
 
     procs = Procs()
@@ -853,6 +995,14 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        if args.store:
+            res = run_stores(args, procs, root)
+            print()
+            print(stores_table(res))
+            out = Path(args.out) if args.out else HERE / "results" / "stores.json"
+            out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+            log(f"results: {out}")
+            return 0
         if args.only:
             res = run_only(args, procs, root)
             out = Path(args.out) if args.out else HERE / "results" / "only.json"

@@ -11,10 +11,11 @@ The defaults are the seed's fleet-wide update (``rolling=5``, ``stop-after=1``,
     .venv/bin/python examples/drive_fleet_run.py plan --mode sequential --on-error continue
     .venv/bin/python examples/drive_fleet_run.py plan --deadline 20s --fail ''
 
-``run`` talks to a running relay with the generated ``Admin`` stub: it previews the run,
-starts it, prints each progress event and the final record, and exits 0 only when the
-outcome is ``completed`` (like ``aegis edge fleet run``). Point it at a local relay's
-data directory (address, CA and admin token come from ``D/relay.json``) or pass them::
+``run`` talks to a running relay with ``AdminClient``, the Admin API's Python client: it
+previews the run, starts it, prints each progress event and the final record, and exits 0
+only when the outcome is ``completed`` (like ``aegis edge fleet run``). Point it at a local
+relay's data directory (address, CA and admin token come from ``D/relay.json``), pass them,
+or leave them to ``AEGIS_RELAY``, ``AEGIS_CA_CERT`` and ``AEGIS_OPERATOR_TOKEN``::
 
     aegis relay serve --data-dir /tmp/relay --listen 127.0.0.1:7443 &
     .venv/bin/python examples/drive_fleet_run.py run --relay-data-dir /tmp/relay \\
@@ -30,9 +31,6 @@ import heapq
 import json
 import random
 import sys
-from pathlib import Path
-
-import grpc
 
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.fleet import (
@@ -45,7 +43,9 @@ from aegis_edge_core.fleet import (
     SelectorError,
     resolve_targets,
 )
-from aegis_edge_core.wire import admin_pb2, admin_pb2_grpc, common_pb2
+from aegis_edge_core.wire import admin_pb2
+from aegis_edge_relay.operator.client import AdminClient, AdminError, Connection
+from aegis_edge_relay.operator.jsonrepr import run_outcome_name, target_outcome_name
 
 # --------------------------------------------------------------------------- offline
 
@@ -140,34 +140,6 @@ def plan(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- live
 
 
-def _outcome(value: int) -> str:
-    return common_pb2.TargetOutcome.Name(value).removeprefix("TARGET_OUTCOME_").lower()  # type: ignore[arg-type]
-
-
-def _run_outcome(value: int) -> str:
-    return common_pb2.RunOutcome.Name(value).removeprefix("RUN_OUTCOME_").lower()  # type: ignore[arg-type]
-
-
-def connect(args: argparse.Namespace) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
-    """A channel to the relay and the call metadata, from ``relay.json`` or flags."""
-    info: dict[str, object] = {}
-    if args.relay_data_dir:
-        info = json.loads((Path(args.relay_data_dir) / "relay.json").read_text())
-    address = args.relay or str(info.get("listen", ""))
-    ca_path = args.ca_cert or str(info.get("ca_cert", ""))
-    token = args.token or "@" + str(info.get("operator_token", ""))
-    if token.startswith("@"):
-        token = Path(token[1:]).read_text().strip()
-    if not address or not token:
-        sys.exit("need --relay-data-dir, or --relay, --ca-cert and --token")
-    if args.insecure or info.get("tls") is False:
-        channel = grpc.insecure_channel(address)
-    else:
-        creds = grpc.ssl_channel_credentials(root_certificates=Path(ca_path).read_bytes())
-        channel = grpc.secure_channel(address, creds)
-    return channel, (("authorization", f"Bearer {token}"),)
-
-
 def run_live(args: argparse.Namespace) -> int:
     # Validate locally with the core's parsers first, so mistakes point at the column.
     parsed = FleetSpec(
@@ -185,10 +157,15 @@ def run_live(args: argparse.Namespace) -> int:
         on_error=str(parsed.on_error),
         deadline_secs=parsed.deadline_secs or 0.0,
     )
-    channel, metadata = connect(args)
-    with channel:
-        admin = admin_pb2_grpc.AdminStub(channel)
-        preview = admin.PreviewFleetRun(spec, metadata=metadata, timeout=10)
+    connection = Connection.resolve(  # flags first, then AEGIS_* variables
+        args.relay,
+        ca_cert=args.ca_cert,
+        token=args.token,
+        data_dir=args.relay_data_dir,
+        insecure=args.insecure,
+    )
+    with AdminClient(connection) as admin:
+        preview = admin.preview_fleet_run(spec)
         print(f"preview: {preview.matched} matched; targets {', '.join(preview.targets) or '-'}")
         for skip in preview.skipped:
             print(f"  skipped: {skip.node_id} ({skip.reason})")
@@ -196,7 +173,7 @@ def run_live(args: argparse.Namespace) -> int:
             print("nothing to run on")
             return 1
         final: admin_pb2.FleetRun | None = None
-        for event in admin.StartFleetRun(spec, metadata=metadata, timeout=600):
+        for event in admin.start_fleet_run(spec):
             kind = event.WhichOneof("body")
             if kind == "started":
                 print(f"started {event.started.fleet_command_id}")
@@ -205,16 +182,17 @@ def run_live(args: argparse.Namespace) -> int:
             elif kind == "target_finished":
                 t = event.target_finished
                 code = f" exit {t.exit_code}" if t.has_exit_code else ""
-                print(f"  finished   {t.node_id}: {_outcome(t.outcome)}{code}")
+                print(f"  finished   {t.node_id}: {target_outcome_name(t.outcome)}{code}")
             elif kind == "finished":
                 final = event.finished
     if final is None:
         print("the event stream ended without a final record")
         return 1
-    outcome = _run_outcome(final.outcome)
+    outcome = run_outcome_name(final.outcome)
     print(f"run {final.fleet_command_id}: {outcome} {final.halt_reason}".rstrip())
     for target in final.targets:
-        print(f"  {target.node_id}: {_outcome(target.outcome)} {target.skip_reason}".rstrip())
+        name = target_outcome_name(target.outcome)
+        print(f"  {target.node_id}: {name} {target.skip_reason}".rstrip())
     return 0 if outcome == "completed" else 1
 
 
@@ -253,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except AegisError as err:  # mode, on-error or deadline typos
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except grpc.RpcError as err:
-        print(f"error: relay call failed: {err}", file=sys.stderr)
+    except AdminError as err:  # the relay's sentence, or what is missing to reach it
+        print(f"error: {err}", file=sys.stderr)
         return 1
 
 

@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import Final
 
 import attrs
 
 from aegis_edge_core.fleet.outcomes import DaemonStatus
 
-__all__ = ["DaemonSnapshot"]
+__all__ = ["MAX_TAG_LENGTH", "DaemonSnapshot", "valid_tag"]
+
+MAX_TAG_LENGTH: Final = 64
+
+
+def valid_tag(tag: str) -> bool:
+    """May operators put ``tag`` on a daemon? 1-64 printable characters, none of them a
+    space or one of ``,()=`` (which a selector's ``tags=AnyOf(a,b)`` could not spell)."""
+    return (
+        0 < len(tag) <= MAX_TAG_LENGTH
+        and tag.isprintable()
+        and not any(c.isspace() or c in ",()=" for c in tag)
+    )
 
 
 def _frozen_strs(values: Iterable[str]) -> frozenset[str]:

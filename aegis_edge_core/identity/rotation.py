@@ -55,6 +55,7 @@ __all__ = [
     "TokenSuccession",
     "VerifiedRotation",
     "needs_refresh",
+    "refresh_margin",
     "rotation_transcript",
     "sign_rotation",
     "verify_rotation",
@@ -171,6 +172,15 @@ def needs_refresh(expires_at: float, now: float, margin: float = DEFAULT_REFRESH
     if margin < 0:
         raise ValueError("margin must not be negative")
     return now >= expires_at - margin
+
+
+def refresh_margin(token_ttl: float) -> float:
+    """How long before expiry a token of lifetime ``token_ttl`` is refreshed: the default
+    hour, or a quarter of the lifetime for shorter-lived tokens (so a 60 s token is not
+    due for refresh the moment it is issued)."""
+    if not (math.isfinite(token_ttl) and token_ttl > 0):
+        raise ValueError("token_ttl must be a positive number of seconds")
+    return min(DEFAULT_REFRESH_MARGIN, token_ttl / 4)
 
 
 MAX_UNCONFIRMED_TOKENS: Final = 16

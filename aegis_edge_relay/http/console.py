@@ -35,7 +35,7 @@ from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import representation as rep
 from aegis_edge_relay.http.context import Aborted, HttpContext
 from aegis_edge_relay.http.problems import problem
-from aegis_edge_relay.operator_cli import status_name
+from aegis_edge_relay.operator.jsonrepr import status_name
 
 __all__ = ["COOKIE", "Sessions", "TokenCheck", "add_console"]
 

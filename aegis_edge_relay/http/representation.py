@@ -1,8 +1,7 @@
 """The JSON bodies of the API: exactly what the CLI's ``--output json`` prints.
 
-Each function calls the CLI's own ``*_to_dict`` function (one representation, not a second
-mapping); the two the CLI builds inline (tenant deletion, enrollment tokens) are here in
-the same shape.
+Each function calls the operator side's :mod:`~aegis_edge_relay.operator.jsonrepr` (one
+representation, not a second mapping), with the options the matching CLI command uses.
 """
 
 from __future__ import annotations
@@ -10,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from aegis_edge_core.wire import admin_pb2
-from aegis_edge_relay.operator_cli import (
+from aegis_edge_relay.operator.jsonrepr import (
     fleet_preview_to_dict,
     fleet_run_to_dict,
     group_to_dict,
     host_to_dict,
-    iso_time,
+    message_to_dict,
+    tenant_deleted_to_dict,
 )
 
 __all__ = [
@@ -62,9 +62,9 @@ def group_detail(msg: admin_pb2.Group) -> dict[str, Any]:
 
 def tenant_deleted(tenant_id: str, msg: admin_pb2.DeleteTenantResponse) -> dict[str, Any]:
     """``aegis edge tenants delete --output json``."""
-    return {"tenant_id": tenant_id, "revoked_daemons": msg.revoked_daemons}
+    return tenant_deleted_to_dict(tenant_id, msg)
 
 
 def enrollment_token(msg: admin_pb2.IssueEnrollmentTokenResponse) -> dict[str, Any]:
     """``aegis edge tokens issue --output json``."""
-    return {"token": msg.token, "expires_at": iso_time(msg.expires_at)}
+    return message_to_dict(msg)

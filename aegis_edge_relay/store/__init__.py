@@ -1,7 +1,8 @@
 """The relay's persistent state: the :class:`Store` interface (``base``), its SQLite
-implementation (``sqlite``, the embedded default) and the thread that runs store calls off
-the event loop (``worker``). Moving past one relay adds a PostgreSQL implementation beside
-SQLite; nothing outside this package knows which one the relay has.
+implementation (``sqlite``, the embedded default), the PostgreSQL one (``postgres``), the
+one function that picks between them from a URL (``factory.open_store``) and the thread that
+runs store calls off the event loop (``worker``). Nothing outside this package knows which
+store the relay has.
 """
 
 from aegis_edge_relay.store.base import (
@@ -15,20 +16,26 @@ from aegis_edge_relay.store.base import (
     StoreUnavailable,
     TokenAlreadyRedeemed,
 )
+from aegis_edge_relay.store.factory import STORE_FILE, open_store
+from aegis_edge_relay.store.postgres import PostgresStore, redact_url
 from aegis_edge_relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from aegis_edge_relay.store.worker import StoreWorker
 
 __all__ = [
     "SCHEMA_VERSION",
+    "STORE_FILE",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
     "NodeRecord",
+    "PostgresStore",
     "SQLiteStore",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "StoreWorker",
     "TokenAlreadyRedeemed",
+    "open_store",
+    "redact_url",
 ]

@@ -127,7 +127,14 @@ class GroupRow:
 class Store(Protocol):
     """What the relay needs from persistent storage. Methods are synchronous."""
 
+    schema_migrated: tuple[int, int]
+    """The schema version found at open and the one migrated to (equal: nothing to do)."""
+
     def close(self) -> None: ...
+    def unavailable(self, err: BaseException) -> StoreUnavailable | None:
+        """``err`` from the store's driver as :class:`StoreUnavailable` (with a sentence
+        naming the store, never its password), or ``None`` when it is no outage."""
+        ...
 
     # nodes
     def load_nodes(self) -> list[NodeRecord]: ...

@@ -8,7 +8,6 @@ each change the interface says is atomic. The file and its sidecars are created 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
@@ -26,78 +25,22 @@ from aegis_edge_relay.store.base import (
     StoreUnavailable,
     TokenAlreadyRedeemed,
 )
+from aegis_edge_relay.store.rows import (
+    capabilities_json,
+    command_from,
+    dispatch_values,
+    end_values,
+    group_from,
+    group_values,
+    node_from,
+    node_values,
+    run_from,
+    run_values,
+    tags_json,
+)
 from aegis_edge_relay.store.sqlite_schema import _MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
-
-
-_TAIL_CAP: Final = 64 * 1024
-
-
-def _node(row: sqlite3.Row) -> NodeRecord:
-    return NodeRecord(
-        node_id=row["node_id"],
-        tenant_id=row["tenant_id"],
-        public_key=bytes(row["public_key"]),
-        key_thumbprint=row["key_thumbprint"],
-        enrolled_at=row["enrolled_at"],
-        revoked=row["status"] == "revoked",
-        revoked_reason=row["revoked_reason"],
-        revoked_at=row["revoked_at"] or 0.0,
-        last_heartbeat_at=row["last_heartbeat_at"],
-        capabilities=json.loads(row["capabilities"]),
-        tags=tuple(json.loads(row["tags"])),
-        token_jti=row["token_jti"],
-        token_expires_at=row["token_expires_at"],
-    )
-
-
-def _command(row: sqlite3.Row) -> CommandRow:
-    return CommandRow(
-        command_id=row["command_id"],
-        node_id=row["node_id"],
-        tenant_id=row["tenant_id"],
-        fleet_command_id=row["fleet_command_id"],
-        tool=row["tool"],
-        dispatched_at=row["dispatched_at"],
-        finished_at=row["finished_at"],
-        outcome=row["outcome"],
-        exit_code=row["exit_code"],
-        error=row["error"],
-        stdout_tail=bytes(row["stdout_tail"]),
-        stderr_tail=bytes(row["stderr_tail"]),
-        result_json=row["result_json"],
-    )
-
-
-def _group(row: sqlite3.Row) -> GroupRow:
-    return GroupRow(
-        tenant_id=row["tenant_id"],
-        name=row["name"],
-        selector=row["selector"],
-        pinned=tuple(json.loads(row["pinned"])),
-        created_at=row["created_at"],
-        created_by=row["created_by"],
-    )
-
-
-def _run(row: sqlite3.Row) -> FleetRunRow:
-    scope = json.loads(row["scope"]) if row["scope"] is not None else None
-    return FleetRunRow(
-        fleet_command_id=row["fleet_command_id"],
-        tenant_id=row["tenant_id"],
-        scope=tuple(scope) if scope is not None else None,
-        spec=json.loads(row["spec"]),
-        outcome=row["outcome"],
-        created_at=row["created_at"],
-        finished_at=row["finished_at"],
-        created_by=row["created_by"],
-        record=json.loads(row["record"]),
-        trace_id=row["trace_id"],
-        args_json=row["args_json"],
-        secret_keys=tuple(json.loads(row["secret_keys"])),
-        rerun_of=row["rerun_of"],
-    )
 
 
 class SQLiteStore:
@@ -116,20 +59,21 @@ class SQLiteStore:
         # (a backup, the sqlite3 shell): wait briefly, then fail the call with UNAVAILABLE
         # rather than let every queued call wait behind it.
         self._db.execute("PRAGMA busy_timeout=1000")
-        self.migrate()
+        self.schema_migrated = self.migrate()
 
     # -- plumbing
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
-    def migrate(self) -> int:
+    def migrate(self) -> tuple[int, int]:
         """Apply the migrations this version knows and the file has not seen; return the
-        schema version. A file from a newer relay is refused rather than half-understood."""
+        schema version before and after. A file from a newer relay is refused rather than
+        half-understood."""
         with self._tx() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
-            current = row["v"] or 0
+            current = int(row["v"] or 0)
         if current > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: schema version {current} is newer than this relay's "
@@ -142,7 +86,7 @@ class SQLiteStore:
                     if statement.strip():
                         db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        return SCHEMA_VERSION
+        return current, SCHEMA_VERSION
 
     def schema_version(self) -> int:
         row = self._db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
@@ -151,14 +95,21 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
+    def unavailable(self, err: BaseException) -> StoreUnavailable | None:
+        """A driver error as :class:`StoreUnavailable`; ``None`` for anything else (an
+        integrity error is a bug or a race the caller handles, not an outage)."""
+        if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.IntegrityError):
+            return _unavailable(err, self.path)
+        return None
+
     # -- nodes
 
     def load_nodes(self) -> list[NodeRecord]:
-        return [_node(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY node_id")]
+        return [node_from(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY node_id")]
 
     def get_node(self, node_id: str) -> NodeRecord | None:
         row = self._db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
-        return _node(row) if row is not None else None
+        return node_from(row) if row is not None else None
 
     def is_tenant_deleted(self, tenant_id: str) -> bool:
         row = self._db.execute(
@@ -191,31 +142,21 @@ class SQLiteStore:
                 "INSERT INTO nodes (node_id, tenant_id, public_key, key_thumbprint, enrolled_at,"
                 " capabilities, tags, token_jti, token_expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    node.node_id,
-                    node.tenant_id,
-                    node.public_key,
-                    node.key_thumbprint,
-                    node.enrolled_at,
-                    json.dumps(dict(node.capabilities), sort_keys=True),
-                    json.dumps(list(node.tags)),
-                    node.token_jti,
-                    node.token_expires_at,
-                ),
+                node_values(node),
             )
 
     def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE nodes SET capabilities = ? WHERE node_id = ?",
-                (json.dumps(dict(capabilities), sort_keys=True), node_id),
+                (capabilities_json(capabilities), node_id),
             )
 
     def set_tags(self, node_id: str, tags: Sequence[str]) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE nodes SET tags = ? WHERE node_id = ?",
-                (json.dumps(sorted(set(tags))), node_id),
+                (tags_json(tags), node_id),
             )
 
     def set_token(self, node_id: str, jti: str, expires_at: float) -> None:
@@ -268,7 +209,7 @@ class SQLiteStore:
             if row["status"] != "revoked":
                 self._revoke_in(db, row, reason, now, token_prune_after)
             updated = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
-        return _node(updated)
+        return node_from(updated)
 
     def delete_tenant(
         self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
@@ -331,7 +272,7 @@ class SQLiteStore:
                 (new_public_key, new_thumbprint, new_jti, new_expires_at, node_id),
             )
             updated = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
-        return _node(updated)
+        return node_from(updated)
 
     # -- revocations
 
@@ -371,17 +312,7 @@ class SQLiteStore:
             db.executemany(
                 "INSERT OR IGNORE INTO commands (command_id, node_id, tenant_id,"
                 " fleet_command_id, tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        row.command_id,
-                        row.node_id,
-                        row.tenant_id,
-                        row.fleet_command_id,
-                        row.tool,
-                        row.dispatched_at,
-                    )
-                    for row in rows
-                ],
+                [dispatch_values(row) for row in rows],
             )
 
     def record_result(self, row: CommandRow) -> bool:
@@ -402,30 +333,14 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id,"
                 " tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    row.command_id,
-                    row.node_id,
-                    row.tenant_id,
-                    row.fleet_command_id,
-                    row.tool,
-                    row.dispatched_at,
-                ),
+                dispatch_values(row),
             )
         elif existing["outcome"] not in ("", "edge_disconnected"):
             return False
         db.execute(
             "UPDATE commands SET finished_at = ?, outcome = ?, exit_code = ?, error = ?,"
             " stdout_tail = ?, stderr_tail = ?, result_json = ? WHERE command_id = ?",
-            (
-                row.finished_at,
-                row.outcome,
-                row.exit_code,
-                row.error,
-                row.stdout_tail[-_TAIL_CAP:],
-                row.stderr_tail[-_TAIL_CAP:],
-                row.result_json,
-                row.command_id,
-            ),
+            (*end_values(row), row.command_id),
         )
         return True
 
@@ -434,13 +349,13 @@ class SQLiteStore:
             "SELECT * FROM commands WHERE node_id = ? ORDER BY dispatched_at DESC LIMIT ?",
             (node_id, limit),
         )
-        return [_command(r) for r in rows]
+        return [command_from(r) for r in rows]
 
     def get_command(self, command_id: str) -> CommandRow | None:
         row = self._db.execute(
             "SELECT * FROM commands WHERE command_id = ?", (command_id,)
         ).fetchone()
-        return _command(row) if row is not None else None
+        return command_from(row) if row is not None else None
 
     def finish_orphaned_commands(self, *, now: float, error: str) -> int:
         """At start: every command still without an end was lost with the previous relay
@@ -458,13 +373,13 @@ class SQLiteStore:
             "SELECT * FROM commands WHERE fleet_command_id = ? ORDER BY dispatched_at",
             (fleet_command_id,),
         )
-        return [_command(r) for r in rows]
+        return [command_from(r) for r in rows]
 
     # -- fleet runs
 
     def unfinished_fleet_runs(self) -> list[FleetRunRow]:
         rows = self._db.execute("SELECT * FROM fleet_runs WHERE outcome = 'running'")
-        return [_run(r) for r in rows]
+        return [run_from(r) for r in rows]
 
     def save_fleet_run(self, row: FleetRunRow) -> None:
         with self._tx() as db:
@@ -472,34 +387,20 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO fleet_runs (fleet_command_id, tenant_id, scope, spec,"
                 " outcome, created_at, finished_at, created_by, record, trace_id, args_json,"
                 " secret_keys, rerun_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    row.fleet_command_id,
-                    row.tenant_id,
-                    json.dumps(sorted(row.scope)) if row.scope is not None else None,
-                    json.dumps(dict(row.spec), sort_keys=True),
-                    row.outcome,
-                    row.created_at,
-                    row.finished_at,
-                    row.created_by,
-                    json.dumps(dict(row.record), sort_keys=True),
-                    row.trace_id,
-                    row.args_json,
-                    json.dumps(sorted(row.secret_keys)),
-                    row.rerun_of,
-                ),
+                run_values(row),
             )
 
     def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None:
         row = self._db.execute(
             "SELECT * FROM fleet_runs WHERE fleet_command_id = ?", (fleet_command_id,)
         ).fetchone()
-        return _run(row) if row is not None else None
+        return run_from(row) if row is not None else None
 
     def list_fleet_runs(self, limit: int) -> list[FleetRunRow]:
         rows = self._db.execute(
             "SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT ?", (limit,)
         )
-        return [_run(r) for r in rows]
+        return [run_from(r) for r in rows]
 
     # -- saved groups
 
@@ -510,14 +411,7 @@ class SQLiteStore:
                 db.execute(
                     "INSERT INTO groups (tenant_id, name, selector, pinned, created_at,"
                     " created_by) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        row.tenant_id,
-                        row.name,
-                        row.selector,
-                        json.dumps(sorted(set(row.pinned))),
-                        row.created_at,
-                        row.created_by,
-                    ),
+                    group_values(row),
                 )
         except sqlite3.IntegrityError:
             raise GroupExists(
@@ -529,7 +423,7 @@ class SQLiteStore:
         """The groups of ``tenants`` (None: every tenant), by tenant then name."""
         if tenants is None:
             rows = self._db.execute("SELECT * FROM groups ORDER BY tenant_id, name")
-            return [_group(r) for r in rows]
+            return [group_from(r) for r in rows]
         wanted = sorted(set(tenants))
         if not wanted:
             return []
@@ -538,13 +432,13 @@ class SQLiteStore:
             f"SELECT * FROM groups WHERE tenant_id IN ({marks}) ORDER BY tenant_id, name",  # noqa: S608 -- placeholders only
             wanted,
         )
-        return [_group(r) for r in rows]
+        return [group_from(r) for r in rows]
 
     def get_group(self, tenant_id: str, name: str) -> GroupRow | None:
         row = self._db.execute(
             "SELECT * FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
         ).fetchone()
-        return _group(row) if row is not None else None
+        return group_from(row) if row is not None else None
 
     def delete_group(self, tenant_id: str, name: str) -> bool:
         """Delete a group; returns whether there was one."""

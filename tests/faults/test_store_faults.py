@@ -1,7 +1,11 @@
 """The relay's SQLite store locked by another process, and the disk full (RLIMIT_FSIZE on
 the relay process via ``prlimit``): calls that must write answer UNAVAILABLE with a clear
 sentence, nothing is half-written, connected daemons keep heartbeating, and once the fault
-is gone everything works and the file passes ``PRAGMA integrity_check``."""
+is gone everything works and the file passes ``PRAGMA integrity_check``.
+
+SQLite-only: both faults are the SQLite file's own (a lock on it, its size limit). The
+PostgreSQL store's faults -- a server restart mid-run, unreachable at start, a statement
+timeout, a serialization failure -- are in ``test_postgres_faults``."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ OK = common_pb2.TARGET_OUTCOME_OK
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory):
+def relay(tmp_path_factory, relay_store_url):  # one relay per store
     r = RelayProcess.start(tmp_path_factory.mktemp("relay"))
     yield r
     r.stop()

@@ -48,7 +48,10 @@ def _spki_pin(cert_pem: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
+) -> Iterator[dict[str, Any]]:
     _require_browser()
     root = tmp_path_factory.mktemp("console")
     relay = RelayProcess.start(root / "relay", heartbeat_interval="1s", stale_threshold="3s")

@@ -8,6 +8,7 @@ Nothing here waits a fixed time: the commands block on a gate file the test crea
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import threading
@@ -20,6 +21,7 @@ import pytest
 
 from aegis_edge_core.wire import admin_pb2, common_pb2
 from tests.agent.harness import CLI, DaemonProcess, RelayProcess, cli, enroll_host, wait_until
+from tests.pg import dump
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -27,7 +29,10 @@ SECRET = "hunter2-d0c5-7e11-s3cr3t"
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+def relay(
+    tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
+) -> Iterator[RelayProcess]:
     r = RelayProcess.start(tmp_path_factory.mktemp("relay"))
     yield r
     r.stop()
@@ -298,6 +303,8 @@ def test_secret_args_and_rerun_of_the_failed_subset(
         text = out if isinstance(out, str) else out.stdout + out.stderr
         assert SECRET not in text
     assert _files_hold(relay.data_dir, SECRET.encode()) == []  # relay.db, its WAL, logs
+    if os.environ.get("AEGIS_STORE_URL"):
+        assert SECRET.encode() not in dump(os.environ["AEGIS_STORE_URL"])  # nor PostgreSQL
     assert not any(SECRET in line for line in relay.output.lines)
     for proc in procs:
         assert not any(SECRET in line for line in proc.output.lines)

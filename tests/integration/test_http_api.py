@@ -15,7 +15,7 @@ from aiohttp import web
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_relay.http.api import API_PREFIX, ROUTES
 from aegis_edge_relay.http.openapi import build_document, committed_document, render
-from aegis_edge_relay.operator_cli import fleet_run_to_dict, host_to_dict
+from aegis_edge_relay.operator.jsonrepr import fleet_run_to_dict, host_to_dict
 from tests import https
 from tests.agent.harness import (
     DaemonProcess,
@@ -53,6 +53,7 @@ class Api:
 @pytest.fixture(scope="module")
 def fleet(
     tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
 ) -> Iterator[tuple[RelayProcess, list[EnrolledHost]]]:
     root = tmp_path_factory.mktemp("http-api")
     relay = RelayProcess.start(root / "relay")

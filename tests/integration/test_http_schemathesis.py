@@ -31,7 +31,10 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def relay(
+    tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
+) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("schemathesis")
     proc = RelayProcess.start(root / "relay")
     daemons = []

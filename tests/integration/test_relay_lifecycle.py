@@ -24,7 +24,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+def relay(
+    tmp_path_factory: pytest.TempPathFactory,
+    relay_store_url: str,  # one relay per store
+) -> Iterator[RelayProcess]:
     proc = RelayProcess.start(
         tmp_path_factory.mktemp("relay"),
         "--heartbeat-interval",

@@ -95,13 +95,19 @@ class RelayProcess:
         self.info = info
 
     @classmethod
-    def start(cls, data_dir: Path, *extra: str, timeout: float = 20.0) -> RelayProcess:
+    def start(
+        cls, data_dir: Path, *extra: str, timeout: float = 20.0, store_url: str | None = None
+    ) -> RelayProcess:
+        """``store_url``: the relay's ``--store`` (None: ``AEGIS_STORE_URL`` if the test set
+        it, else SQLite in ``data_dir``)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         info_path = data_dir / "relay.json"
         with contextlib.suppress(FileNotFoundError):
             info_path.unlink()
         env = dict(os.environ)
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        if store_url is not None:
+            env["AEGIS_STORE_URL"] = store_url
         proc = subprocess.Popen(
             [
                 sys.executable,

@@ -7,7 +7,7 @@ import asyncio
 from aegis_edge_core.fleet import DaemonSnapshot, FleetRun, FleetSpec, resolve_targets
 from aegis_edge_core.fleet.output import DEFAULT_WATCHER_BYTES
 from aegis_edge_core.wire import admin_pb2
-from aegis_edge_relay.dispatcher import ActiveRun
+from aegis_edge_relay.runs import ActiveRun
 
 
 def _active() -> ActiveRun:

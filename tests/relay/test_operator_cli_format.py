@@ -10,7 +10,7 @@ import pytest
 
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.wire import admin_pb2, common_pb2
-from aegis_edge_relay import operator_cli as oc
+from aegis_edge_relay import operator as oc
 
 NOW = 1_750_000_000.0
 

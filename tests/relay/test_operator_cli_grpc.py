@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 import aegis_edge_cli
 from aegis_edge_cli import CommandTree
 from aegis_edge_core.wire import admin_pb2, admin_pb2_grpc, common_pb2
-from aegis_edge_relay import operator_cli
+from aegis_edge_relay import operator as operator_cli
 
 TOKEN = "operator-token-123"
 NOW = dt.datetime.now(tz=dt.UTC).timestamp()

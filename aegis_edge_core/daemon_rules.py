@@ -1,0 +1,137 @@
+"""Decisions the reference daemon takes, kept apart from the I/O that acts on them.
+
+The daemon (``aegis_edge_agent``) asks these when a call arrives, when a call is stopped,
+on every heartbeat and when a token nears its end. Each answer depends only on its
+arguments: the daemon passes the clock reading and what it knows.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Final
+
+import attrs
+
+from aegis_edge_core import tools_spec
+from aegis_edge_core.health import DEFAULT_HEARTBEAT_INTERVAL_SECS
+from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh
+from aegis_edge_core.wire import stream_pb2
+
+__all__ = [
+    "MIN_STALL_HEARTBEATS",
+    "Arrival",
+    "HeartbeatPlan",
+    "StopReason",
+    "arrival",
+    "command_timeout",
+    "concurrency_bound",
+    "heartbeat_plan",
+    "stopped_outcome",
+    "token_refresh_due",
+]
+
+MIN_STALL_HEARTBEATS: Final = 2
+"""Never call a relay stalled over a single unanswered heartbeat: one can cross a hiccup."""
+
+
+# --------------------------------------------------------------------------- arrivals
+
+
+class Arrival(enum.Enum):
+    """What a ``CommandInvocation`` the daemon receives leads to."""
+
+    RUNNING = "running"
+    """Already running from an earlier stream: its result will follow, start nothing."""
+    RESEND = "resend"
+    """Finished and waiting for an ack (in the spool): send that result again, run nothing."""
+    START = "start"
+
+
+def arrival(*, running: bool, finished: bool) -> Arrival:
+    """A relay resends an invocation it has no result for (the stream dropped); a
+    ``command_id`` runs at most once on a daemon, so a repeat is answered, never rerun."""
+    if running:
+        return Arrival.RUNNING
+    if finished:
+        return Arrival.RESEND
+    return Arrival.START
+
+
+def concurrency_bound(local: int, relay: int) -> int:
+    """How many calls may run at once: the host's ``tools.max_concurrent``, tightened by
+    the relay's ``max_concurrent_commands`` when it names one (0 means it does not)."""
+    return min(local, relay) if relay else local
+
+
+def command_timeout(
+    tool: str,
+    *,
+    invocation_secs: float,
+    argument_secs: float | None,
+    default_cmd_run_secs: float | None,
+) -> float | None:
+    """The deadline a call runs under: the tighter of the relay's and the call's own; a
+    ``cmd.run`` given neither gets the host's default, other tools run unbounded."""
+    timeout = tools_spec.effective_timeout(invocation_secs or None, argument_secs)
+    if timeout is None and tool == tools_spec.CMD_RUN:
+        return default_cmd_run_secs
+    return timeout
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class StopReason(enum.StrEnum):
+    """Why the daemon stopped a call it had accepted."""
+
+    TIMEOUT = "timeout"
+    CANCEL = "cancel"
+    """The relay cancelled it."""
+    SHUTDOWN = "shutdown"
+    """The daemon itself is stopping."""
+
+
+def stopped_outcome(reason: str, *, started: bool) -> tuple[stream_pb2.ErrorKind.ValueType, str]:
+    """The error kind and message of a call the daemon stopped; a call stopped before its
+    tool ever ran says so, since nothing on the host was touched. An unknown or empty
+    reason is a shutdown: the daemon stopping is the one stop nobody asked for."""
+    if reason == StopReason.TIMEOUT:
+        if started:
+            return stream_pb2.ERROR_KIND_TIMEOUT, "deadline passed; killed"
+        return stream_pb2.ERROR_KIND_TIMEOUT, "deadline passed before it started"
+    if not started:
+        return stream_pb2.ERROR_KIND_CANCELLED, "cancelled before it started"
+    if reason == StopReason.CANCEL:
+        return stream_pb2.ERROR_KIND_CANCELLED, "cancelled by the relay; killed"
+    return stream_pb2.ERROR_KIND_CANCELLED, "the daemon stopped; killed"
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@attrs.frozen
+class HeartbeatPlan:
+    interval_secs: float
+    """Seconds between the daemon's heartbeats."""
+    stall_after: int
+    """Unacknowledged heartbeats after which the relay counts as stalled (redial)."""
+
+
+def heartbeat_plan(
+    interval_secs: float, stale_threshold_secs: float, *, stall_after: int | None = None
+) -> HeartbeatPlan:
+    """The daemon's heartbeat schedule from what the relay's ``SessionAccepted`` said (0
+    where it said nothing). The relay is stalled once the daemon has waited as long as the
+    relay itself waits before calling the daemon stale; ``stall_after`` overrides the count."""
+    interval = interval_secs or DEFAULT_HEARTBEAT_INTERVAL_SECS
+    stale = stale_threshold_secs or 3 * interval
+    limit = stall_after or max(MIN_STALL_HEARTBEATS, math.ceil(stale / interval))
+    return HeartbeatPlan(interval_secs=interval, stall_after=limit)
+
+
+def token_refresh_due(*, issued_at: float, expires_at: float, now: float) -> bool:
+    """Whether to ask for a fresh node token now: within the last hour of its life, or the
+    last third of a token issued for less than three hours."""
+    margin = min(DEFAULT_REFRESH_MARGIN, (expires_at - issued_at) / 3)
+    return needs_refresh(expires_at, now, margin)

@@ -1,0 +1,161 @@
+"""The fleet view: every enrolled daemon, its live stream and its health, in memory.
+
+The store is the truth across restarts; this is the working copy the event loop reads
+without touching the store: a :class:`~.state.NodeState` per enrolled daemon (loaded at
+start, updated in the same step that writes the store), the live daemon stream of each
+node, the health tracker's statuses and the gauges and counters that follow from them.
+Health *decisions* are the core's :class:`~aegis_edge_core.health.HealthTracker`; here they
+are applied (gauge, log line).
+
+Heartbeats update memory at once and reach the store in batches (:meth:`FleetView.flush_heartbeats`,
+every couple of seconds), so 10k daemons do not cost 10k writes per interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from aegis_edge_core.fleet.snapshot import DaemonSnapshot
+from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
+from aegis_edge_relay import jsonlog
+from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.state import Clock, NodeState, StreamHandle
+from aegis_edge_relay.store import NodeRecord, StoreWorker
+
+__all__ = ["FleetView"]
+
+_NO_STATUS: Final = DaemonStatus.DISCONNECTED
+
+
+class FleetView:
+    """Nodes, live streams and health of one relay process."""
+
+    def __init__(
+        self, *, health: HealthTracker, metrics: RelayMetrics, db: StoreWorker, clock: Clock
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self._db = db
+        self.now = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.streams: dict[str, StreamHandle] = {}
+        """The live *daemon* stream of each node (control sessions are not listed)."""
+        self.connected_since: dict[str, float] = {}
+        self.all_streams: set[StreamHandle] = set()
+        """Every open stream, attested or not, control ones too (what a drain must end)."""
+        self.draining = False
+        """Set once the relay shuts down: per-stream lines drop to debug from then on."""
+        self._pending_heartbeats: dict[str, float] = {}
+        self._attested_count = 0
+        """Open attested streams (control ones too): stream-seconds accrue at this rate."""
+        self._seconds_accounted_at = 0.0
+
+    # ------------------------------------------------------------------ nodes
+
+    def load(self, records: Iterable[NodeRecord]) -> None:
+        """Seed the view from the store: every daemon Disconnected (or Revoked) until it
+        attests again."""
+        for rec in records:
+            self.nodes[rec.node_id] = NodeState.from_record(rec)
+            self.health.load(
+                rec.node_id,
+                DaemonStatus.REVOKED if rec.revoked else DaemonStatus.DISCONNECTED,
+                rec.last_heartbeat_at,
+            )
+        self._reset_daemon_gauge()
+
+    def enrolled(self, node: NodeState) -> None:
+        """A daemon the store has just enrolled joins the fleet, Disconnected."""
+        self.nodes[node.node_id] = node
+        self.health.load(node.node_id, DaemonStatus.DISCONNECTED)
+        self.metrics.daemon_moved(node.tenant_id, None, DaemonStatus.DISCONNECTED.value)
+
+    def _reset_daemon_gauge(self) -> None:
+        pairs = []
+        for node_id, node in self.nodes.items():
+            status = self.health.status(node_id)
+            if status is not None:
+                pairs.append((node.tenant_id, status.value))
+        self.metrics.set_daemon_counts(pairs)
+
+    def status_of(self, node_id: str) -> DaemonStatus:
+        return self.health.status(node_id) or _NO_STATUS
+
+    def snapshots(self, tenants: frozenset[str] | None) -> list[DaemonSnapshot]:
+        """What target resolution sees of the daemons of ``tenants`` (None: all)."""
+        return [
+            node.snapshot(self.status_of(node.node_id).value)
+            for node in self.nodes.values()
+            if tenants is None or node.tenant_id in tenants
+        ]
+
+    def host_label_source(self, node_id: str) -> dict[str, str]:
+        """The labels a live-output host name is made from (none for an unknown node)."""
+        node = self.nodes.get(node_id)
+        labels = dict(node.capabilities.get("labels", {})) if node is not None else {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    # ------------------------------------------------------------------ health
+
+    def apply_transitions(self, transitions: Iterable[Transition]) -> None:
+        for t in transitions:
+            node = self.nodes.get(t.node_id)
+            tenant = node.tenant_id if node else ""
+            self.metrics.daemon_moved(
+                tenant, t.old.value if t.old else None, t.new.value if t.new else None
+            )
+            jsonlog.log(
+                # while draining every stream goes Disconnected at once: one summary line
+                # (relay.drained) instead of 10k
+                "debug" if self.draining else "info",
+                "daemon.status",
+                node_id=t.node_id,
+                tenant_id=tenant,
+                old=t.old.value if t.old else None,
+                new=t.new.value,
+                cause=t.cause.value,
+            )
+
+    def sweep(self, now: float) -> float | None:
+        """Apply what staleness decided by ``now``; the tracker's next deadline."""
+        self.apply_transitions(self.health.tick(now))
+        return self.health.next_deadline()
+
+    def heartbeat(self, node_id: str, tenant_id: str, now: float) -> None:
+        self.apply_transitions(self.health.heartbeat(node_id, now))
+        self._pending_heartbeats[node_id] = now
+        self.metrics.heartbeats.labels(tenant=tenant_id).inc()
+
+    async def flush_heartbeats(self) -> None:
+        """Write the heartbeats noted since the last flush, in one store call."""
+        if not self._pending_heartbeats:
+            return
+        beats, self._pending_heartbeats = self._pending_heartbeats, {}
+        try:
+            await self._db.call(self._db.store.flush_heartbeats, beats)
+        except Exception:
+            # Keep them for the next flush (newer beats that came in meanwhile win).
+            self._pending_heartbeats = {**beats, **self._pending_heartbeats}
+            raise
+
+    # ------------------------------------------------------------------ stream-seconds
+
+    def account_stream_seconds(self, now: float) -> None:
+        """O(1): every open attested stream accrues one second per second."""
+        if self._attested_count and self._seconds_accounted_at:
+            self.metrics.stream_seconds.inc(
+                self._attested_count * max(0.0, now - self._seconds_accounted_at)
+            )
+        self._seconds_accounted_at = now
+
+    def stream_attested(self, handle: StreamHandle, now: float) -> None:
+        self.account_stream_seconds(now)
+        self._attested_count += 1
+        handle.accounted_at = now
+
+    def stream_ended(self, handle: StreamHandle, now: float) -> None:
+        if handle.attested and handle.accounted_at:
+            self.account_stream_seconds(now)
+            self._attested_count -= 1
+            handle.accounted_at = 0.0

@@ -1,0 +1,150 @@
+"""The relay's periodic loops, each a task that wakes at its part's next deadline.
+
+* the health sweep: the fleet view's ``tick(now)`` at the health tracker's next deadline
+  (no per-daemon timers);
+* the handshake deadline: streams that did not attest in time are closed (one timer for
+  all of them; idle while no stream is mid-handshake);
+* the heartbeat flush: heartbeats noted in memory reach the store in one call;
+* fleet runs' deadlines and cancel graces (:meth:`.runs.FleetRuns.tick`);
+* maintenance: stream-seconds accounting, token refresh pushes, revocation pruning.
+
+Every loop survives a failing store: it logs, and tries again at its next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, Final
+
+from aegis_edge_core.identity.rotation import needs_refresh
+from aegis_edge_relay import jsonlog
+from aegis_edge_relay.fleetview import FleetView
+from aegis_edge_relay.identity import IdentityService
+from aegis_edge_relay.runs import FleetRuns
+from aegis_edge_relay.streams import StreamHandler
+
+__all__ = ["Loops"]
+
+PRUNE_EVERY: Final = 3600.0
+PRUNE_RETRY: Final = 60.0
+
+
+class Loops:
+    """Starts and stops the periodic loops over the parts they drive."""
+
+    def __init__(
+        self,
+        *,
+        fleet: FleetView,
+        identity: IdentityService,
+        streams: StreamHandler,
+        runs: FleetRuns,
+        stale_threshold: float,
+        heartbeat_flush_interval: float,
+        fleet_tick_interval: float,
+    ) -> None:
+        self.fleet = fleet
+        self.identity = identity
+        self.streams = streams
+        self.runs = runs
+        self.now = fleet.now
+        self._sweep_step = max(0.05, min(1.0, stale_threshold / 4))
+        self._flush_interval = heartbeat_flush_interval
+        self._tick_interval = fleet_tick_interval
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        coros: tuple[Coroutine[Any, Any, None], ...] = (
+            self._tick_loop(),
+            self._sweep_loop(),
+            self._flush_loop(),
+            self._maintenance_loop(),
+            self._handshake_loop(),
+        )
+        for coro in coros:
+            self._tasks.append(loop.create_task(coro))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_interval)
+            await self.runs.tick(self.now())
+
+    async def _sweep_loop(self) -> None:
+        step = self._sweep_step
+        while True:
+            now = self.now()
+            deadline = self.fleet.sweep(now)
+            wait = step if deadline is None else min(step, max(0.01, deadline - now + 0.001))
+            await asyncio.sleep(wait)
+
+    async def _handshake_loop(self) -> None:
+        streams = self.streams
+        while True:
+            deadline = streams.handshakes.next_deadline()
+            if deadline is None:
+                streams.handshake_pending.clear()
+                await streams.handshake_pending.wait()
+                continue
+            delay = deadline - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            streams.expire_handshakes(self.now())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.fleet.flush_heartbeats()
+            except Exception as err:  # the loop must survive a busy disk
+                jsonlog.log("error", "store.flush_failed", error=str(err))
+
+    async def _maintenance_loop(self) -> None:
+        """Slow chores: stream-seconds accounting, token refresh pushes, pruning."""
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.now()
+            self.fleet.account_stream_seconds(now)
+            if now >= self.identity.next_refresh_scan:
+                await self._refresh_tokens(now)
+            if now - last_prune > PRUNE_EVERY:
+                last_prune = now
+                try:
+                    await self.identity.prune(now)
+                except Exception as err:  # a busy disk must not end the loop for good
+                    last_prune = now - PRUNE_EVERY + PRUNE_RETRY  # try again in a minute
+                    jsonlog.log("error", "store.prune_failed", error=str(err))
+
+    async def _refresh_tokens(self, now: float) -> None:
+        """Push fresh tokens to live daemons whose token is within the margin of expiry.
+
+        A scan of every stream, but only when the earliest expiry says one is due (with 10k
+        streams a scan every second was most of the relay's idle CPU)."""
+        identity, fleet = self.identity, self.fleet
+        margin = identity.refresh_margin
+        soonest = now + 60.0
+        for handle in list(fleet.streams.values()):
+            node = fleet.nodes.get(handle.node_id or "")
+            if node is None or handle.closing:
+                continue
+            if needs_refresh(node.token_expires_at, now, margin):
+                with contextlib.suppress(Exception):
+                    issued = await identity.issue_node_token(node)
+                    handle.session.refresh_token(issued.token, issued.claims.expires_at)
+                    handle.flush()
+            if needs_refresh(node.token_expires_at, now, margin):
+                soonest = now + 1.0  # the refresh failed: try again in a second
+            else:
+                soonest = min(soonest, node.token_expires_at - margin)
+        identity.next_refresh_scan = soonest

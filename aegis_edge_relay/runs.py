@@ -1,0 +1,352 @@
+"""Fleet runs: the core's planner driven over the dispatcher.
+
+A fleet run is the core's :class:`~aegis_edge_core.fleet.FleetRun` planner driven by this
+module: ``start``/``on_result``/``on_tick``/``cancel`` go in, ``Dispatch``/``Cancel``/``Finish``
+actions come out and are carried out here, through the :class:`~.dispatcher.Dispatcher`.
+The planner decides; this module does. Each run's events go to its watchers
+(:class:`~.runstate.Watcher`), and its record to the store at start and at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+from typing import Any
+
+from aegis_edge_core.fleet import (
+    Cancel,
+    Dispatch,
+    Finish,
+    FleetRun,
+    FleetSpec,
+    Resolution,
+    TargetOutcome,
+)
+from aegis_edge_core.fleet.output import host_label
+from aegis_edge_core.fleet.wire_values import PROTO_OUTCOME
+from aegis_edge_core.session import OutputReceived
+from aegis_edge_core.wire import admin_pb2
+from aegis_edge_relay import jsonlog, tracing
+from aegis_edge_relay.dispatcher import (
+    CommandEnd,
+    Dispatcher,
+    NotConnected,
+    OutputSink,
+    PendingCommand,
+)
+from aegis_edge_relay.fleetview import FleetView
+from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.runstate import DETAIL_LIMIT, ActiveRun, Watcher, recovered_run
+from aegis_edge_relay.state import Clock
+from aegis_edge_relay.store import StoreWorker
+
+__all__ = ["ActiveRun", "FleetRuns", "Watcher"]
+
+
+class FleetRuns:
+    """The fleet runs of one relay: the ones in flight, and recovery of a crashed one's."""
+
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        fleet: FleetView,
+        db: StoreWorker,
+        metrics: RelayMetrics,
+        clock: Clock,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.fleet = fleet
+        self._db = db
+        self.metrics = metrics
+        self.now = clock
+        self.runs: dict[str, ActiveRun] = {}
+
+    async def recover(self) -> None:
+        """After a crash (kill -9, power loss): end what the previous process left open.
+
+        Each run still ``running`` in the store is finished from its command rows --
+        finished targets keep their results, in-flight ones end ``edge_disconnected``,
+        undispatched ones ``not_started`` (``cancelled``). Nothing is dispatched again: a
+        command may already have run on its daemon.
+        """
+        db = self._db
+        now = self.now()
+        for row in await db.call(db.store.unfinished_fleet_runs):
+            try:
+                commands = await db.call(db.store.fleet_run_commands, row.fleet_command_id)
+                finished = recovered_run(row, commands, now)
+            except Exception as err:  # one unreadable record must not stop the relay
+                jsonlog.log(
+                    "error",
+                    "fleet.recover_failed",
+                    fleet_command_id=row.fleet_command_id,
+                    error=repr(err),
+                )
+                continue
+            await db.call(db.store.save_fleet_run, finished)
+            self.metrics.fleet_runs.labels(outcome=finished.outcome).inc()
+            jsonlog.log(
+                "warning",
+                "fleet.run_recovered",
+                fleet_command_id=row.fleet_command_id,
+                outcome=finished.outcome,
+            )
+
+    async def cancel_all(self, message: str) -> None:
+        for active in list(self.runs.values()):
+            with contextlib.suppress(Exception):
+                await self.cancel_run(active, message)
+
+    async def start_run(
+        self,
+        spec: FleetSpec,
+        spec_proto: admin_pb2.FleetRunSpec,
+        resolution: Resolution,
+        *,
+        created_by: str,
+        scope: tuple[str, ...] | None,
+        tenants: dict[str, str],
+        stored_args: dict[str, Any] | None = None,
+        secret_keys: tuple[str, ...] = (),
+        rerun_of: str = "",
+        follow_output: bool = False,
+    ) -> tuple[ActiveRun, Watcher]:
+        """Start a run (the resolution must have targets; the planner checks).
+
+        ``spec.args`` go to the daemons; ``stored_args`` (the plain ones, default all of
+        them) are what is kept and shown, and ``secret_keys`` name the rest. Returns the
+        run and a watcher subscribed before the first dispatch, so the caller sees every
+        event; ``None`` from it ends the stream.
+        """
+        fleet_command_id = "f-" + os.urandom(10).hex()
+        run = FleetRun(spec, resolution, fleet_command_id=fleet_command_id)
+        now = self.now()
+        span, trace_id = tracing.start_run_span(fleet_command_id, tool=spec.tool)
+        active = ActiveRun(
+            run=run,
+            spec=spec_proto,
+            args_json=json.dumps(dict(spec.args)),
+            stored_args_json=json.dumps(
+                dict(spec.args) if stored_args is None else stored_args, sort_keys=True
+            ),
+            secret_keys=tuple(sorted(secret_keys)),
+            rerun_of=rerun_of,
+            created_by=created_by,
+            created_at=now,
+            scope=scope,
+            tenants=tenants,
+            span=span,
+            trace_id=trace_id,
+            large=len(resolution.targets) > DETAIL_LIMIT,
+        )
+        queue = active.subscribe(output=follow_output)
+        active.started_at = now
+        # Stored first: a run the store refused (disk full) must not linger in memory.
+        try:
+            await self._db.call(self._db.store.save_fleet_run, active.to_row())
+        except BaseException:
+            tracing.end_span(span, "store_unavailable")
+            raise
+        self.runs[fleet_command_id] = active
+        self.count_skips(resolution)
+        jsonlog.log(
+            "info",
+            "fleet.run_started",
+            fleet_command_id=fleet_command_id,
+            tool=spec.tool,
+            selector=str(spec.selector),
+            targets=len(resolution.targets),
+            skipped=len(resolution.skipped),
+            created_by=created_by,
+            rerun_of=rerun_of or None,
+        )
+        await self._apply(active, run.start(now))
+        return active, queue
+
+    def count_skips(self, resolution: Resolution) -> None:
+        """Count the daemons a resolution skipped (a run that starts, or one refused for
+        having no targets)."""
+        for skip in resolution.skipped:
+            self.metrics.fleet_targets_skipped.labels(reason=skip.reason.value).inc()
+
+    async def cancel_run(self, active: ActiveRun, message: str | None = None) -> None:
+        await self._apply(active, active.run.cancel(self.now(), message=message))
+
+    async def tick(self, now: float) -> None:
+        """Feed ``now`` to every run whose next deadline has passed."""
+        for active in list(self.runs.values()):
+            deadline = active.run.next_deadline()
+            if deadline is not None and now >= deadline:
+                try:
+                    await self._apply(active, active.run.on_tick(now))
+                except Exception as err:
+                    jsonlog.log("error", "fleet.tick_failed", error=repr(err))
+
+    async def _apply(self, active: ActiveRun, actions: list[Any]) -> None:
+        queue = collections.deque(actions)
+        while queue:
+            if isinstance(queue[0], Dispatch):
+                # Consecutive dispatches go out together, so their history rows share one
+                # store transaction (mode all: 10k targets, one commit, not 10k).
+                batch: list[Dispatch] = []
+                while queue and isinstance(queue[0], Dispatch):
+                    batch.append(queue.popleft())
+                for more in await asyncio.gather(
+                    *(self._dispatch_target(active, dispatch) for dispatch in batch)
+                ):
+                    queue.extend(more)
+                continue
+            action = queue.popleft()
+            if isinstance(action, Cancel):
+                command_id = active.command_ids.get(action.node_id)
+                if command_id:
+                    jsonlog.log(
+                        "debug" if active.large else "info",
+                        "command.cancel_sent",
+                        node_id=action.node_id,
+                        tenant_id=active.tenants.get(action.node_id),
+                        command_id=command_id,
+                        fleet_command_id=active.fleet_command_id,
+                        reason=action.reason.value,
+                    )
+                    self.dispatcher.cancel_command(command_id, action.reason.value)
+            elif isinstance(action, Finish):
+                await self._finish_run(active)
+
+    def _output_of(self, active: ActiveRun) -> OutputSink:
+        """The sink a run's commands report live output to: its watchers, while it runs."""
+
+        def sink(pending: PendingCommand, event: OutputReceived) -> None:
+            if self.runs.get(active.fleet_command_id) is not active or not active.watchers:
+                return
+            node_id = pending.node_id
+            host = active.hosts.get(node_id)
+            if host is None:
+                host = host_label(node_id, self.fleet.host_label_source(node_id))
+            active.publish_output(
+                node_id,
+                command_id=pending.command_id,
+                host=host,
+                stdout=event.stdout,
+                stderr=event.stderr,
+                now=self.now(),
+            )
+
+        return sink
+
+    async def _dispatch_target(self, active: ActiveRun, dispatch: Dispatch) -> list[Any]:
+        run = active.run
+        node_id = dispatch.node_id
+        active.dispatched_at[node_id] = self.now()
+
+        async def listener(end: CommandEnd) -> None:
+            active.ends[end.node_id] = end
+            actions = run.on_result(
+                end.node_id,
+                end.outcome,
+                self.now(),
+                exit_code=end.exit_code,
+                error_message=end.error_message or None,
+            )
+            active.end_output(node_id)
+            active.publish(
+                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+            )
+            await self._apply(active, actions)
+
+        try:
+            pending = await self.dispatcher.send(
+                node_id,
+                run.spec.tool,
+                active.args_json,
+                fleet_command_id=run.fleet_command_id,
+                deadline=dispatch.deadline_at or 0.0,
+                timeout_secs=dispatch.timeout_secs,
+                listener=listener,
+                output=self._output_of(active),
+                parent_span=active.span,
+                log_level="debug" if active.large else "info",
+            )
+        except NotConnected as err:
+            # Resolved as Connected a moment ago, gone now: the planner hears it like a
+            # command lost to a dropped stream.
+            now = self.now()
+            self.metrics.commands_dispatched.labels(
+                tool=run.spec.tool, outcome=TargetOutcome.EDGE_DISCONNECTED.value
+            ).inc()
+            actions = run.on_result(
+                node_id, TargetOutcome.EDGE_DISCONNECTED, now, error_message=str(err)
+            )
+            active.ends[node_id] = CommandEnd(
+                command_id="",
+                node_id=node_id,
+                tenant_id=active.tenants.get(node_id, ""),
+                tool=run.spec.tool,
+                fleet_command_id=run.fleet_command_id,
+                outcome=TargetOutcome.EDGE_DISCONNECTED,
+                exit_code=None,
+                error_message=str(err),
+                dispatched_at=now,
+                finished_at=now,
+            )
+            active.publish(
+                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+            )
+            return list(actions)
+        active.command_ids[node_id] = pending.command_id
+        if not active.large:
+            active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
+        return []
+
+    def _target(self, active: ActiveRun, node_id: str) -> admin_pb2.TargetResult:
+        """One target's progress for an event; O(1), so a 10k-target run stays linear."""
+        out = admin_pb2.TargetResult(
+            node_id=node_id,
+            command_id=active.command_ids.get(node_id, ""),
+            tenant_id=active.tenants.get(node_id, ""),
+            dispatched_at=active.dispatched_at.get(node_id, 0.0),
+        )
+        # The planner's view, not the daemon's: the deadline rule may have renamed it.
+        target = active.run.target(node_id)
+        if target.outcome is not None:
+            out.outcome = PROTO_OUTCOME[target.outcome]
+            out.has_exit_code = target.exit_code is not None
+            out.exit_code = target.exit_code or 0
+            out.error_message = target.error_message or ""
+            out.finished_at = target.finished_at or 0.0
+            out.ended_by = target.ended_by.value if target.ended_by else ""
+        end = active.ends.get(node_id)
+        if end is not None:
+            out.stdout_tail = end.stdout_tail
+            out.stderr_tail = end.stderr_tail
+            out.result_json = end.result_json
+        return out
+
+    async def _finish_run(self, active: ActiveRun) -> None:
+        record = active.run.record()
+        outcome = record.outcome.value if record.outcome else "running"
+        self.metrics.fleet_runs.labels(outcome=outcome).inc()
+        for target in record.targets:
+            if target.skip_reason is not None:
+                self.metrics.fleet_targets_skipped.labels(reason=target.skip_reason.value).inc()
+        tracing.end_span(active.span, outcome)
+        await self._db.persist(self._db.store.save_fleet_run, active.to_row())
+        self.runs.pop(active.fleet_command_id, None)
+        jsonlog.log(
+            "info",
+            "fleet.run_finished",
+            fleet_command_id=active.fleet_command_id,
+            outcome=outcome,
+            halt_reason=record.halt_reason,
+            targets=len(record.targets),
+            outcomes=dict(
+                collections.Counter(t.outcome.value for t in record.targets if t.outcome)
+            ),
+        )
+        active.publish(admin_pb2.FleetRunEvent(finished=active.to_proto()))
+        active.publish(None)
+        active.done.set()

@@ -1,0 +1,639 @@
+"""The PostgreSQL implementation of :class:`~aegis_edge_relay.store.base.Store`: the relay's
+state in a database server (``--store postgresql://...``), the ground several relays will
+share.
+
+psycopg 3 with a psycopg-pool pool: a connection the server dropped (a restart) is found by
+the pool's check and replaced, so the store reconnects by itself. Every change runs as one
+``SERIALIZABLE`` transaction -- the same all-or-nothing and one-at-a-time meaning as SQLite's
+``BEGIN IMMEDIATE`` -- and a serialization failure or deadlock (another writer on the same
+rows) reruns the transaction a bounded number of times. Reads are single autocommit
+statements. Each connection carries a statement timeout, so a stuck lock or an overloaded
+server turns into :class:`StoreUnavailable` instead of a store thread that never returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Final, LiteralString, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool
+
+from aegis_edge_relay.store.base import (
+    CommandRow,
+    FleetRunRow,
+    GroupExists,
+    GroupRow,
+    NodeRecord,
+    StoreError,
+    StoreUnavailable,
+    TokenAlreadyRedeemed,
+)
+from aegis_edge_relay.store.postgres_schema import _MIGRATIONS, MIGRATION_LOCK
+from aegis_edge_relay.store.rows import (
+    capabilities_json,
+    command_from,
+    dispatch_values,
+    end_values,
+    group_from,
+    group_values,
+    node_from,
+    node_values,
+    run_from,
+    run_values,
+    tags_json,
+)
+from aegis_edge_relay.store.sqlite_schema import SCHEMA_VERSION
+
+__all__ = ["PostgresStore", "redact_url"]
+
+T = TypeVar("T")
+Cursor = psycopg.Cursor[DictRow]
+Connection = psycopg.Connection[DictRow]
+
+STATEMENT_TIMEOUT: Final = 5.0
+CONNECT_TIMEOUT: Final = 5
+POOL_WAIT: Final = 3.0
+"""How long a call waits for a connection (the server down, the pool reconnecting) before
+it is answered UNAVAILABLE; the relay retries what it must keep, callers retry the rest."""
+TX_ATTEMPTS: Final = 5
+
+# The pool reports each failed reconnect through `logging`, which the relay does not use:
+# Python's last-resort handler would print them as raw lines among the relay's JSON log.
+# The store's own errors say the same once, as StoreUnavailable.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` parameter) replaced
+    by ``***``: the form every message and log line uses."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if sep else ''}@{hostport}"
+    query = urllib.parse.urlencode(
+        [
+            (k, "***" if k == "password" else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _target(url: str) -> tuple[str, str, str]:
+    """(host, port, database) from the URL, libpq's defaults filled in."""
+    info = conninfo_to_dict(url)
+    host = str(info.get("host") or "localhost")
+    port = str(info.get("port") or "5432")
+    database = str(info.get("dbname") or info.get("user") or "postgres")
+    return host, port, database
+
+
+class PostgresStore:
+    """:class:`Store` on a PostgreSQL database. Use from one thread at a time (the
+    relay's store worker); the pool holds the connections."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        statement_timeout: float = STATEMENT_TIMEOUT,
+        pool_wait: float = POOL_WAIT,
+    ) -> None:
+        self.url = url
+        self.name = redact_url(url)
+        """The URL as every message shows it (no password)."""
+        self._host, self._port, database = _target(url)
+        self.where = f"host {self._host} port {self._port} database {database}"
+        self.retries = 0
+        """Transactions rerun after a serialization failure or deadlock (for tests and the
+        curious: each one is also logged by the caller's error if it finally fails)."""
+        self._statement_timeout = statement_timeout
+        self._pool_wait = pool_wait
+        self._kwargs: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            "application_name": "aegis-relay",
+            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "row_factory": dict_row,
+            "autocommit": True,
+        }
+        # Migrate on a connection of our own first: the server unreachable at start is one
+        # clear error here, before a pool starts reconnecting in the background.
+        self.schema_migrated = self.migrate()
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            url,
+            kwargs=self._kwargs,
+            min_size=1,
+            max_size=2,
+            open=True,
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=pool_wait,
+            name="aegis-store",
+        )
+
+    # -- plumbing
+
+    def _connect(self) -> Connection:
+        try:
+            conn: Connection = psycopg.connect(self.url, **self._kwargs)
+        except psycopg.Error as err:
+            raise self._unreachable() from err
+        _configure(conn)
+        return conn
+
+    def migrate(self) -> tuple[int, int]:
+        """Apply the migrations this version knows and the database has not seen, under an
+        advisory lock (two relays starting at once take turns); return the schema version
+        before and after. A database from a newer relay is refused."""
+        with self._connect() as conn:
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+                with conn.transaction():
+                    conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                    )
+                row = conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+                current = int(row["v"] or 0) if row is not None else 0
+                if current > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.name}: schema version {current} is newer than this relay's "
+                        f"({SCHEMA_VERSION})",
+                        hint="run the newer relay, or restore a backup made by this version",
+                    )
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    with conn.transaction():
+                        conn.execute(_MIGRATIONS[version].encode())
+                        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+            except psycopg.Error as err:
+                raise self._error(err) from err
+        return current, SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        row = self._read(lambda cur: cur.execute("SELECT MAX(version) AS v FROM schema_version"))
+        return int(row[0]["v"] or 0)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def unavailable(self, err: BaseException) -> StoreUnavailable | None:
+        if isinstance(err, psycopg.Error) and not isinstance(err, psycopg.IntegrityError):
+            return self._error(err)
+        return None
+
+    def _unreachable(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"relay store {self.name} unreachable: cannot connect to PostgreSQL at {self.where}",
+            hint=f"check that the server runs and accepts connections there "
+            f"(pg_isready -h {self._host} -p {self._port})",
+        )
+
+    def _error(self, err: psycopg.Error) -> StoreUnavailable:
+        if isinstance(err, psycopg.errors.QueryCanceled):
+            return StoreUnavailable(
+                f"relay store {self.name} unavailable: a statement ran past the "
+                f"{self._statement_timeout:g} s statement timeout and was cancelled",
+                hint="the server is overloaded or something holds a lock on the relay's "
+                "tables; look at pg_stat_activity",
+            )
+        if isinstance(err, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+            return StoreUnavailable(
+                f"relay store {self.name} unavailable: concurrent changes kept conflicting "
+                f"({TX_ATTEMPTS} attempts)",
+                hint="retry; another writer is changing the same rows",
+            )
+        if isinstance(err, psycopg.OperationalError) and not isinstance(
+            err, psycopg.errors.DiskFull | psycopg.errors.InsufficientResources
+        ):
+            # Refused, reset, the pool waiting in vain for a connection: the server is gone
+            # or restarting. libpq's own text says which; the password never appears in it.
+            return StoreUnavailable(
+                f"relay store {self.name} unavailable: lost the connection to PostgreSQL at "
+                f"{self.where}",
+                hint="the relay reconnects by itself once the server is back",
+            )
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return StoreUnavailable(
+            f"relay store {self.name} unavailable: {text}",
+            hint="check the database server's log",
+        )
+
+    def _read(self, fn: Callable[[Cursor], Cursor]) -> list[DictRow]:
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                return fn(cur).fetchall()
+        except psycopg.Error as err:
+            raise self._error(err) from err
+
+    def _one(self, sql: LiteralString, params: Sequence[Any]) -> DictRow | None:
+        rows = self._read(lambda cur: cur.execute(sql, params))
+        return rows[0] if rows else None
+
+    def _write(self, fn: Callable[[Cursor], T]) -> T:
+        """Run ``fn`` in one SERIALIZABLE transaction; rerun it (bounded) when the server
+        reports a serialization failure or a deadlock, which roll everything back."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    return fn(cur)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as err:
+                if attempt >= TX_ATTEMPTS:
+                    raise self._error(err) from err
+                self.retries += 1
+                time.sleep(0.005 * attempt)
+            except psycopg.IntegrityError:
+                raise
+            except psycopg.Error as err:
+                raise self._error(err) from err
+
+    # -- nodes
+
+    def load_nodes(self) -> list[NodeRecord]:
+        rows = self._read(lambda cur: cur.execute("SELECT * FROM nodes ORDER BY node_id"))
+        return [node_from(r) for r in rows]
+
+    def get_node(self, node_id: str) -> NodeRecord | None:
+        row = self._one("SELECT * FROM nodes WHERE node_id = %s", (node_id,))
+        return node_from(row) if row is not None else None
+
+    def is_tenant_deleted(self, tenant_id: str) -> bool:
+        return (
+            self._one("SELECT 1 FROM deleted_tenants WHERE tenant_id = %s", (tenant_id,))
+            is not None
+        )
+
+    def enroll(self, *, jti: str, token_expires_at: float, node: NodeRecord) -> None:
+        """Redeem ``jti`` and insert ``node`` in one transaction; a second redemption of
+        the same ``jti`` raises :class:`TokenAlreadyRedeemed` and inserts nothing."""
+
+        def tx(cur: Cursor) -> None:
+            if cur.execute("SELECT 1 FROM enrollment_tokens WHERE jti = %s", (jti,)).fetchone():
+                raise TokenAlreadyRedeemed(
+                    "this enrollment token was already redeemed",
+                    hint="enrollment tokens are single use; issue a fresh one",
+                )
+            if cur.execute(
+                "SELECT 1 FROM deleted_tenants WHERE tenant_id = %s", (node.tenant_id,)
+            ).fetchone():
+                raise StoreError(
+                    f"tenant {node.tenant_id!r} was deleted",
+                    hint="a deleted tenant takes no new daemons",
+                )
+            cur.execute(
+                "INSERT INTO enrollment_tokens (jti, tenant_id, node_id, redeemed_at, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (jti, node.tenant_id, node.node_id, node.enrolled_at, token_expires_at),
+            )
+            cur.execute(
+                "INSERT INTO nodes (node_id, tenant_id, public_key, key_thumbprint, enrolled_at,"
+                " capabilities, tags, token_jti, token_expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                node_values(node),
+            )
+
+        try:
+            self._write(tx)
+        except psycopg.errors.UniqueViolation as err:
+            if err.diag.constraint_name != "enrollment_tokens_pkey":
+                raise
+            # Another relay redeemed it between our check and our insert.
+            raise TokenAlreadyRedeemed(
+                "this enrollment token was already redeemed",
+                hint="enrollment tokens are single use; issue a fresh one",
+            ) from None
+
+    def _update(self, sql: LiteralString, params: Sequence[Any]) -> int:
+        return self._write(lambda cur: cur.execute(sql, params).rowcount)
+
+    def set_capabilities(self, node_id: str, capabilities: Mapping[str, Any]) -> None:
+        self._update(
+            "UPDATE nodes SET capabilities = %s WHERE node_id = %s",
+            (capabilities_json(capabilities), node_id),
+        )
+
+    def set_tags(self, node_id: str, tags: Sequence[str]) -> None:
+        self._update("UPDATE nodes SET tags = %s WHERE node_id = %s", (tags_json(tags), node_id))
+
+    def set_token(self, node_id: str, jti: str, expires_at: float) -> None:
+        self._update(
+            "UPDATE nodes SET token_jti = %s, token_expires_at = %s WHERE node_id = %s",
+            (jti, expires_at, node_id),
+        )
+
+    def flush_heartbeats(self, beats: Mapping[str, float]) -> None:
+        """Write many ``last_heartbeat_at`` values in one statement (``UNNEST`` of two
+        arrays), one transaction."""
+        if not beats:
+            return
+        ids = list(beats)
+        stamps = [beats[n] for n in ids]
+        self._update(
+            "UPDATE nodes AS n SET last_heartbeat_at ="
+            " GREATEST(COALESCE(n.last_heartbeat_at, 0), b.ts)"
+            " FROM UNNEST(%s::text[], %s::float8[]) AS b(node_id, ts)"
+            " WHERE n.node_id = b.node_id",
+            (ids, stamps),
+        )
+
+    @staticmethod
+    def _revoke_in(cur: Cursor, row: DictRow, reason: str, now: float, prune: float) -> None:
+        cur.execute(
+            "UPDATE nodes SET status = 'revoked', revoked_reason = %s, revoked_at = %s"
+            " WHERE node_id = %s",
+            (reason, now, row["node_id"]),
+        )
+        _revoke_id(cur, "key", row["key_thumbprint"], None, now)
+        if row["token_jti"]:
+            _revoke_id(
+                cur, "token", row["token_jti"], max(prune, row["token_expires_at"] + 3600.0), now
+            )
+
+    def revoke_node(
+        self, node_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> NodeRecord:
+        """Mark the node Revoked and put its key and current token on the revocation list,
+        in one transaction. Revoking twice keeps the first reason."""
+
+        def tx(cur: Cursor) -> DictRow:
+            row = _node_row(cur, node_id)
+            if row["status"] != "revoked":
+                self._revoke_in(cur, row, reason, now, token_prune_after)
+            return _node_row(cur, node_id)
+
+        return node_from(self._write(tx))
+
+    def delete_tenant(
+        self, tenant_id: str, *, reason: str, now: float, token_prune_after: float
+    ) -> list[str]:
+        """Record the tenant as deleted and revoke every daemon bound to it, in one
+        transaction; returns the node ids that were revoked by this call."""
+
+        def tx(cur: Cursor) -> list[str]:
+            cur.execute(
+                "INSERT INTO deleted_tenants (tenant_id, deleted_at) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (tenant_id, now),
+            )
+            rows = cur.execute(
+                "SELECT * FROM nodes WHERE tenant_id = %s AND status != 'revoked' ORDER BY node_id",
+                (tenant_id,),
+            ).fetchall()
+            for row in rows:
+                self._revoke_in(cur, row, reason, now, token_prune_after)
+            return [r["node_id"] for r in rows]
+
+        return self._write(tx)
+
+    def rotate_key(
+        self,
+        node_id: str,
+        *,
+        old_thumbprint: str,
+        new_public_key: bytes,
+        new_thumbprint: str,
+        new_jti: str,
+        new_expires_at: float,
+        old_jti_prune_after: float,
+        now: float,
+    ) -> NodeRecord:
+        """Swap the node's key if it is still ``old_thumbprint`` (compare and swap), record
+        the new token and revoke the old token and the old key, in one transaction. The
+        rotated-out key goes on the key list for good (see ``SQLiteStore.rotate_key``)."""
+
+        def tx(cur: Cursor) -> DictRow:
+            row = _node_row(cur, node_id)
+            if row["status"] == "revoked":
+                raise StoreError(f"daemon {node_id} is revoked")
+            if row["key_thumbprint"] != old_thumbprint:
+                raise StoreError(
+                    "the key changed while rotating", hint="another rotation won; reconnect"
+                )
+            if row["token_jti"]:
+                _revoke_id(cur, "token", row["token_jti"], old_jti_prune_after, now)
+            _revoke_id(cur, "key", old_thumbprint, None, now)
+            cur.execute(
+                "UPDATE nodes SET public_key = %s, key_thumbprint = %s, token_jti = %s,"
+                " token_expires_at = %s WHERE node_id = %s",
+                (new_public_key, new_thumbprint, new_jti, new_expires_at, node_id),
+            )
+            return _node_row(cur, node_id)
+
+        return node_from(self._write(tx))
+
+    # -- revocations
+
+    def load_revocations(self) -> tuple[dict[str, float], set[str]]:
+        tokens: dict[str, float] = {}
+        keys: set[str] = set()
+        rows = self._read(lambda cur: cur.execute("SELECT kind, id, prune_after FROM revocations"))
+        for row in rows:
+            if row["kind"] == "key":
+                keys.add(row["id"])
+            else:
+                tokens[row["id"]] = row["prune_after"]
+        return tokens, keys
+
+    def revoke_token(self, jti: str, *, prune_after: float, now: float) -> None:
+        self._write(lambda cur: _revoke_id(cur, "token", jti, prune_after, now))
+
+    def prune_revocations(self, now: float) -> int:
+        return self._update(
+            "DELETE FROM revocations WHERE kind = 'token' AND prune_after < %s", (now,)
+        )
+
+    # -- commands
+
+    def record_dispatch(self, row: CommandRow) -> None:
+        self.record_dispatches([row])
+
+    def record_dispatches(self, rows: Sequence[CommandRow]) -> None:
+        """Many dispatches in one statement (``UNNEST`` of column arrays), one transaction:
+        the dispatcher's group commit."""
+        if not rows:
+            return
+        columns = list(zip(*(dispatch_values(row) for row in rows), strict=True))
+        self._update(
+            "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id, tool,"
+            " dispatched_at) SELECT * FROM UNNEST(%s::text[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[], %s::float8[]) ON CONFLICT (command_id) DO NOTHING",
+            [list(c) for c in columns],
+        )
+
+    def record_result(self, row: CommandRow) -> bool:
+        """Store a command's end. A late result overwrites an ``edge_disconnected`` end;
+        a second real result is ignored. Returns whether the row changed."""
+        return self.record_results([row])[0]
+
+    def record_results(self, rows: Sequence[CommandRow]) -> list[bool]:
+        """:meth:`record_result` for many rows in one transaction (group commit): one
+        upsert per row, pipelined, in order (a batch may end the same command twice)."""
+        if not rows:
+            return []
+
+        def tx(cur: Cursor) -> list[bool]:
+            cur.executemany(
+                "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id, tool,"
+                " dispatched_at, finished_at, outcome, exit_code, error, stdout_tail,"
+                " stderr_tail, result_json)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (command_id) DO UPDATE SET finished_at = EXCLUDED.finished_at,"
+                " outcome = EXCLUDED.outcome, exit_code = EXCLUDED.exit_code,"
+                " error = EXCLUDED.error, stdout_tail = EXCLUDED.stdout_tail,"
+                " stderr_tail = EXCLUDED.stderr_tail, result_json = EXCLUDED.result_json"
+                " WHERE commands.outcome IN ('', 'edge_disconnected')"
+                " RETURNING command_id",
+                [(*dispatch_values(row), *end_values(row)) for row in rows],
+                returning=True,
+            )
+            changed = []
+            while True:
+                changed.append(cur.fetchone() is not None)
+                if not cur.nextset():
+                    return changed
+
+        return self._write(tx)
+
+    def command_history(self, node_id: str, limit: int) -> list[CommandRow]:
+        rows = self._read(
+            lambda cur: cur.execute(
+                "SELECT * FROM commands WHERE node_id = %s ORDER BY dispatched_at DESC LIMIT %s",
+                (node_id, limit),
+            )
+        )
+        return [command_from(r) for r in rows]
+
+    def get_command(self, command_id: str) -> CommandRow | None:
+        row = self._one("SELECT * FROM commands WHERE command_id = %s", (command_id,))
+        return command_from(row) if row is not None else None
+
+    def finish_orphaned_commands(self, *, now: float, error: str) -> int:
+        """At start: every command still without an end was lost with the previous relay
+        process; end it ``edge_disconnected`` (a late result still overwrites it)."""
+        return self._update(
+            "UPDATE commands SET finished_at = %s, outcome = 'edge_disconnected', error = %s"
+            " WHERE outcome = ''",
+            (now, error),
+        )
+
+    def fleet_run_commands(self, fleet_command_id: str) -> list[CommandRow]:
+        rows = self._read(
+            lambda cur: cur.execute(
+                "SELECT * FROM commands WHERE fleet_command_id = %s ORDER BY dispatched_at",
+                (fleet_command_id,),
+            )
+        )
+        return [command_from(r) for r in rows]
+
+    # -- fleet runs
+
+    def unfinished_fleet_runs(self) -> list[FleetRunRow]:
+        rows = self._read(
+            lambda cur: cur.execute("SELECT * FROM fleet_runs WHERE outcome = 'running'")
+        )
+        return [run_from(r) for r in rows]
+
+    def save_fleet_run(self, row: FleetRunRow) -> None:
+        self._update(
+            "INSERT INTO fleet_runs (fleet_command_id, tenant_id, scope, spec, outcome,"
+            " created_at, finished_at, created_by, record, trace_id, args_json, secret_keys,"
+            " rerun_of) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (fleet_command_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,"
+            " scope = EXCLUDED.scope, spec = EXCLUDED.spec, outcome = EXCLUDED.outcome,"
+            " created_at = EXCLUDED.created_at, finished_at = EXCLUDED.finished_at,"
+            " created_by = EXCLUDED.created_by, record = EXCLUDED.record,"
+            " trace_id = EXCLUDED.trace_id, args_json = EXCLUDED.args_json,"
+            " secret_keys = EXCLUDED.secret_keys, rerun_of = EXCLUDED.rerun_of",
+            run_values(row),
+        )
+
+    def get_fleet_run(self, fleet_command_id: str) -> FleetRunRow | None:
+        row = self._one("SELECT * FROM fleet_runs WHERE fleet_command_id = %s", (fleet_command_id,))
+        return run_from(row) if row is not None else None
+
+    def list_fleet_runs(self, limit: int) -> list[FleetRunRow]:
+        rows = self._read(
+            lambda cur: cur.execute(
+                "SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT %s", (limit,)
+            )
+        )
+        return [run_from(r) for r in rows]
+
+    # -- saved groups
+
+    def create_group(self, row: GroupRow) -> None:
+        """Insert a group; :class:`GroupExists` if the tenant has one of that name."""
+        try:
+            self._update(
+                "INSERT INTO groups (tenant_id, name, selector, pinned, created_at, created_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                group_values(row),
+            )
+        except psycopg.errors.UniqueViolation:
+            raise GroupExists(
+                f"group {row.name!r} already exists in tenant {row.tenant_id!r}",
+                hint=f"remove it first (aegis edge groups rm {row.name}) or pick another name",
+            ) from None
+
+    def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]:
+        """The groups of ``tenants`` (None: every tenant), by tenant then name."""
+        if tenants is None:
+            rows = self._read(
+                lambda cur: cur.execute("SELECT * FROM groups ORDER BY tenant_id, name")
+            )
+        else:
+            wanted = sorted(set(tenants))
+            if not wanted:
+                return []
+            rows = self._read(
+                lambda cur: cur.execute(
+                    "SELECT * FROM groups WHERE tenant_id = ANY(%s) ORDER BY tenant_id, name",
+                    (wanted,),
+                )
+            )
+        return [group_from(r) for r in rows]
+
+    def get_group(self, tenant_id: str, name: str) -> GroupRow | None:
+        row = self._one(
+            "SELECT * FROM groups WHERE tenant_id = %s AND name = %s", (tenant_id, name)
+        )
+        return group_from(row) if row is not None else None
+
+    def delete_group(self, tenant_id: str, name: str) -> bool:
+        """Delete a group; returns whether there was one."""
+        deleted = self._update(
+            "DELETE FROM groups WHERE tenant_id = %s AND name = %s", (tenant_id, name)
+        )
+        return deleted > 0
+
+
+def _configure(conn: Connection) -> None:
+    # Writes open with BEGIN ISOLATION LEVEL SERIALIZABLE; reads are autocommit statements.
+    conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+
+
+def _node_row(cur: Cursor, node_id: str) -> DictRow:
+    row = cur.execute("SELECT * FROM nodes WHERE node_id = %s", (node_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"daemon {node_id} not found")
+    return row
+
+
+def _revoke_id(cur: Cursor, kind: str, ident: str, prune_after: float | None, now: float) -> None:
+    cur.execute(
+        "INSERT INTO revocations (kind, id, prune_after, revoked_at) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (kind, id) DO UPDATE SET prune_after = EXCLUDED.prune_after,"
+        " revoked_at = EXCLUDED.revoked_at",
+        (kind, ident, prune_after, now),
+    )

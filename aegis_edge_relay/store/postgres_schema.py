@@ -1,0 +1,102 @@
+"""The PostgreSQL schema as numbered migrations, version for version the same tables and
+meaning as ``sqlite_schema`` (BYTEA for BLOB, DOUBLE PRECISION for REAL). ``PostgresStore``
+applies the missing ones at start under an advisory lock, each in one transaction with its
+``schema_version`` row. A migration, once released, is never edited: a change is a new
+number, here and in ``sqlite_schema`` alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+__all__ = ["MIGRATION_LOCK"]
+
+MIGRATION_LOCK: Final = 0x6165676973_0016
+"""The ``pg_advisory_lock`` key held while migrating: two relays starting together on one
+database take turns, and the second finds nothing left to do."""
+
+_MIGRATIONS: Final[Mapping[int, str]] = {
+    1: """
+    CREATE TABLE nodes (
+        node_id           TEXT PRIMARY KEY,
+        tenant_id         TEXT NOT NULL,
+        public_key        BYTEA NOT NULL,
+        key_thumbprint    TEXT NOT NULL,
+        status            TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+        revoked_reason    TEXT NOT NULL DEFAULT '',
+        revoked_at        DOUBLE PRECISION,
+        enrolled_at       DOUBLE PRECISION NOT NULL,
+        last_heartbeat_at DOUBLE PRECISION,
+        capabilities      TEXT NOT NULL DEFAULT '{}',
+        tags              TEXT NOT NULL DEFAULT '[]',
+        token_jti         TEXT NOT NULL DEFAULT '',
+        token_expires_at  DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX nodes_tenant ON nodes (tenant_id);
+    CREATE TABLE enrollment_tokens (
+        jti         TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        redeemed_at DOUBLE PRECISION NOT NULL,
+        expires_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE revocations (
+        kind        TEXT NOT NULL CHECK (kind IN ('token', 'key')),
+        id          TEXT NOT NULL,
+        prune_after DOUBLE PRECISION,
+        revoked_at  DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE deleted_tenants (
+        tenant_id  TEXT PRIMARY KEY,
+        deleted_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE commands (
+        command_id       TEXT PRIMARY KEY,
+        node_id          TEXT NOT NULL,
+        tenant_id        TEXT NOT NULL,
+        fleet_command_id TEXT NOT NULL DEFAULT '',
+        tool             TEXT NOT NULL,
+        dispatched_at    DOUBLE PRECISION NOT NULL,
+        finished_at      DOUBLE PRECISION,
+        outcome          TEXT NOT NULL DEFAULT '',
+        exit_code        INTEGER,
+        error            TEXT NOT NULL DEFAULT '',
+        stdout_tail      BYTEA NOT NULL DEFAULT '',
+        stderr_tail      BYTEA NOT NULL DEFAULT ''
+    );
+    CREATE INDEX commands_node ON commands (node_id, dispatched_at DESC);
+    CREATE TABLE fleet_runs (
+        fleet_command_id TEXT PRIMARY KEY,
+        tenant_id        TEXT NOT NULL DEFAULT '',
+        scope            TEXT,
+        spec             TEXT NOT NULL,
+        outcome          TEXT NOT NULL,
+        created_at       DOUBLE PRECISION NOT NULL,
+        finished_at      DOUBLE PRECISION,
+        created_by       TEXT NOT NULL,
+        record           TEXT NOT NULL,
+        trace_id         TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX fleet_runs_created ON fleet_runs (created_at DESC);
+    """,
+    2: """
+    CREATE TABLE groups (
+        tenant_id  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        selector   TEXT NOT NULL,
+        pinned     TEXT NOT NULL DEFAULT '[]',
+        created_at DOUBLE PRECISION NOT NULL,
+        created_by TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (tenant_id, name)
+    );
+    """,
+    3: """
+    ALTER TABLE fleet_runs ADD COLUMN args_json TEXT;
+    ALTER TABLE fleet_runs ADD COLUMN secret_keys TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE fleet_runs ADD COLUMN rerun_of TEXT NOT NULL DEFAULT ''
+    """,
+    4: """
+    ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,
+}
