@@ -34,7 +34,16 @@ from aegis_edge_relay.http.context import Aborted, HttpContext
 from aegis_edge_relay.http.problems import problem
 from aegis_edge_relay.store import StoreUnavailable
 
-__all__ = ["API_PREFIX", "ROUTES", "BadRequest", "Param", "Route", "add_routes"]
+__all__ = [
+    "API_PREFIX",
+    "ROUTES",
+    "BadRequest",
+    "Param",
+    "Route",
+    "add_routes",
+    "host_page",
+    "list_hosts_request",
+]
 
 API_PREFIX: Final = "/api/v1"
 
@@ -149,17 +158,24 @@ def _after(text: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
-def _host_page(msg: admin_pb2.ListHostsResponse, v: dict[str, Any]) -> dict[str, Any]:
-    hosts = sorted(msg.hosts, key=lambda h: (h.tenant_id, h.node_id))
-    if "after" in v:
-        last = _after(v["after"])
-        hosts = [h for h in hosts if (h.tenant_id, h.node_id) > last]
-    limit = v.get("limit", DEFAULT_HOST_PAGE)
-    page = hosts[:limit]
-    more = len(hosts) > limit
+def list_hosts_request(v: dict[str, Any]) -> admin_pb2.ListHostsRequest:
+    after_tenant, after_node = _after(v["after"]) if "after" in v else ("", "")
+    return admin_pb2.ListHostsRequest(
+        selector=v.get("selector", ""),
+        connected_only=v.get("connected", False),
+        tenant_id=v.get("tenant", ""),
+        limit=v.get("limit", DEFAULT_HOST_PAGE),
+        after_tenant_id=after_tenant,
+        after_node_id=after_node,
+    )
+
+
+def host_page(msg: admin_pb2.ListHostsResponse, _v: dict[str, Any]) -> dict[str, Any]:
     return {
-        "hosts": [rep.host(h) for h in page],
-        "next_cursor": _cursor(page[-1]) if more and page else None,
+        "hosts": [rep.host(h) for h in msg.hosts],
+        "next_cursor": _cursor(msg.hosts[-1]) if msg.more and msg.hosts else None,
+        "matched": msg.matched,
+        "status_counts": dict(sorted(msg.status_counts.items())),
     }
 
 
@@ -184,12 +200,8 @@ ROUTES: Final[tuple[Route, ...]] = (
             ),
             _p("after", "string", "query", "the next_cursor of the previous page"),
         ),
-        build=lambda v: admin_pb2.ListHostsRequest(
-            selector=v.get("selector", ""),
-            connected_only=v.get("connected", False),
-            tenant_id=v.get("tenant", ""),
-        ),
-        render=_host_page,
+        build=list_hosts_request,
+        render=host_page,
         response="HostPage",
     ),
     Route(

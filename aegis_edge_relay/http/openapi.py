@@ -108,6 +108,8 @@ def _schemas() -> dict[str, Any]:
                 "finished_at": _TIME,
                 "error_message": _STR_OR_NULL,
                 "result": {"description": "the tool's structured result (JSON), or null"},
+                "stdout_tail": _STR_OR_NULL,
+                "stderr_tail": _STR_OR_NULL,
             }
         ),
         "Host": _object(host),
@@ -120,6 +122,15 @@ def _schemas() -> dict[str, Any]:
                 "next_cursor": {
                     "type": ["string", "null"],
                     "description": "pass as 'after' for the next page; null on the last",
+                },
+                "matched": {
+                    "type": "integer",
+                    "description": "hosts matching the request, on every page",
+                },
+                "status_counts": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                    "description": "of the matching hosts, how many per status",
                 },
             }
         ),
