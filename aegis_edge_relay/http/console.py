@@ -1,4 +1,4 @@
-"""The Edge Hosts console: log in with an operator token, a live hosts table.
+"""The console: log in with an operator token; Edge Hosts, one host, fleet runs, one run.
 
 Login exchanges an operator token for a session cookie (``HttpOnly; Secure;
 SameSite=Strict``) that ends when the token expires, or at logout. The cookie stands for the
@@ -9,8 +9,15 @@ session's CSRF token (``X-CSRF-Token`` header or ``csrf_token`` form field), or 
 refused with 403 before anything runs; bearer-token calls carry no ambient credential and
 need none.
 
-``/console/events`` is a Server-Sent Events stream of the hosts the session sees (a page of
-them, counts by status), sent when it changes; the page renders it without a reload.
+``/console/events`` is a Server-Sent Events stream of one page of the hosts the session
+sees (the API's host page: the hosts, counts by status, the next cursor), sent when it
+changes; the page renders it without a reload. Only the page's hosts are built each second,
+not every host (see ``ListHostsRequest.limit``). ``/console/runs/{id}/events`` relays the
+Admin ``WatchFleetRun`` stream: the run once, then each target as it is dispatched and as
+it ends, then the finished run, so the run page fills in target by target.
+
+The host, runs and run pages are static shells whose script reads the JSON API with the
+session cookie; every change they make (tags, revoke) is an API call carrying the CSRF token.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import html
 import json
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, Final
@@ -33,16 +39,16 @@ from aiohttp import web
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import representation as rep
+from aegis_edge_relay.http.api import BadRequest, host_page, list_hosts_request
 from aegis_edge_relay.http.context import Aborted, HttpContext
 from aegis_edge_relay.http.problems import problem
-from aegis_edge_relay.operator.jsonrepr import status_name
 
 __all__ = ["COOKIE", "Sessions", "TokenCheck", "add_console"]
 
 COOKIE: Final = "aegis_session"
 MAX_SESSIONS: Final = 10_000
-EVENTS_PAGE: Final = 500
-"""Hosts per update of the live table (counts cover every host)."""
+EVENTS_PAGE: Final = 100
+"""Hosts per page of the live table (counts cover every host)."""
 EVENTS_INTERVAL: Final = 1.0
 """Seconds between looks at the hosts; a change reaches the page within about this."""
 
@@ -100,7 +106,10 @@ def add_console(
 ) -> Callable[[web.Request], str]:
     """Add the console's routes and CSRF guard to ``app``; returns the credentials hook
     (bearer header, else the session's token) for the API."""
-    pages = {name: _asset(name).decode() for name in ("index.html", "login.html")}
+    pages = {
+        name: _asset(name).decode()
+        for name in ("index.html", "login.html", "host.html", "runs.html", "run.html")
+    }
     assets = {
         "console.js": ("application/javascript", _asset("console.js")),
         "console.css": ("text/css", _asset("console.css")),
@@ -143,11 +152,14 @@ def add_console(
             },
         )
 
-    async def index(request: web.Request) -> web.StreamResponse:
-        session = sessions.get(request)
-        if session is None:
-            raise web.HTTPSeeOther("/login")
-        return page("index.html", csrf=session.csrf)
+    def shell(name: str) -> Callable[[web.Request], Any]:
+        async def show(request: web.Request) -> web.StreamResponse:
+            session = sessions.get(request)
+            if session is None:
+                raise web.HTTPSeeOther("/login")
+            return page(name, csrf=session.csrf, **request.match_info)
+
+        return show
 
     async def login_form(_request: web.Request) -> web.Response:
         return page("login.html", error="")
@@ -188,26 +200,37 @@ def add_console(
         content_type, body = found
         return web.Response(body=body, content_type=content_type)
 
-    async def events(request: web.Request) -> web.StreamResponse:
+    async def event_stream(request: web.Request) -> tuple[Session, web.StreamResponse] | None:
         session = sessions.get(request)
         if session is None:
-            return problem(grpc.StatusCode.UNAUTHENTICATED, "not logged in (or the token expired)")
-        selector = request.query.get("selector", "")
+            return None
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
         await response.prepare(request)
+        return session, response
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        opened = await event_stream(request)
+        if opened is None:
+            return problem(grpc.StatusCode.UNAUTHENTICATED, "not logged in (or the token expired)")
+        session, response = opened
+        values: dict[str, Any] = {"limit": EVENTS_PAGE}
+        for key in ("selector", "after"):
+            if request.query.get(key):
+                values[key] = request.query[key]
         last = ""
         while sessions.get(request) is session:
             try:
                 context: Any = HttpContext(token=session.token, peer="console")
                 listed = await admin.ListHosts(  # type: ignore[misc]
-                    admin_pb2.ListHostsRequest(selector=selector), context
+                    list_hosts_request(values), context
                 )
-            except Aborted as err:
-                await response.write(_event("problem", {"detail": err.details}))
+            except (Aborted, BadRequest) as err:
+                detail = err.details if isinstance(err, Aborted) else str(err)
+                await response.write(_event("problem", {"detail": detail}))
                 return response
-            data = json.dumps(_snapshot(listed), sort_keys=True)
+            data = json.dumps(host_page(listed, values), sort_keys=True)
             if data != last:
                 await response.write(_event("hosts", data))
                 last = data
@@ -215,8 +238,31 @@ def add_console(
         await response.write(_event("logout", {}))
         return response
 
+    async def run_events(request: web.Request) -> web.StreamResponse:
+        opened = await event_stream(request)
+        if opened is None:
+            return problem(grpc.StatusCode.UNAUTHENTICATED, "not logged in (or the token expired)")
+        session, response = opened
+        context: Any = HttpContext(token=session.token, peer="console")
+        watch: Any = admin.WatchFleetRun(
+            admin_pb2.GetFleetRunRequest(fleet_command_id=request.match_info["run_id"]),
+            context,
+        )
+        try:
+            async for event in watch:
+                await response.write(_run_event(event))
+        except Aborted as err:
+            await response.write(_event("problem", {"detail": err.details}))
+        finally:
+            await watch.aclose()
+        return response
+
     app.middlewares.append(csrf_guard)
-    app.router.add_get("/", index)
+    app.router.add_get("/", shell("index.html"))
+    app.router.add_get("/hosts/{node_id}", shell("host.html"))
+    app.router.add_get("/runs", shell("runs.html"))
+    app.router.add_get("/runs/{run_id}", shell("run.html"))
+    app.router.add_get("/console/runs/{run_id}/events", run_events)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
@@ -225,14 +271,15 @@ def add_console(
     return credentials
 
 
-def _snapshot(listed: admin_pb2.ListHostsResponse) -> dict[str, Any]:
-    hosts = sorted(listed.hosts, key=lambda h: (h.tenant_id, h.node_id))
-    counts = Counter(status_name(h.status) for h in hosts)
-    return {
-        "hosts": [rep.host(h) for h in hosts[:EVENTS_PAGE]],
-        "total": len(hosts),
-        "counts": dict(sorted(counts.items())),
-    }
+def _run_event(event: admin_pb2.FleetRunEvent) -> bytes:
+    """The whole run when it starts and ends; one target row in between (a 10k-target run
+    is sent once, not once per target)."""
+    kind = event.WhichOneof("body")
+    if kind in ("started", "finished"):
+        return _event("run", rep.fleet_run(getattr(event, kind)))
+    if kind in ("dispatched", "target_finished"):
+        return _event("target", rep.target(getattr(event, kind)))
+    return b": output is not shown here\n\n"  # a comment line keeps the stream alive
 
 
 def _event(name: str, data: Any) -> bytes:

@@ -15,6 +15,7 @@ from aegis_edge_relay.operator.jsonrepr import (
     group_to_dict,
     host_to_dict,
     message_to_dict,
+    target_result_to_dict,
     tenant_deleted_to_dict,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "group_detail",
     "host",
     "host_detail",
+    "target",
     "tenant_deleted",
 ]
 
@@ -43,6 +45,11 @@ def host_detail(msg: admin_pb2.Host) -> dict[str, Any]:
 def fleet_run(msg: admin_pb2.FleetRun) -> dict[str, Any]:
     """``aegis edge fleet run|show|runs|cancel --output json``."""
     return fleet_run_to_dict(msg)
+
+
+def target(msg: admin_pb2.TargetResult) -> dict[str, Any]:
+    """One target of a run, as in ``fleet_run``'s ``targets``."""
+    return target_result_to_dict(msg)
 
 
 def fleet_preview(msg: admin_pb2.FleetPreview) -> dict[str, Any]:
