@@ -16,6 +16,12 @@ not every host (see ``ListHostsRequest.limit``). ``/console/runs/{id}/events`` r
 Admin ``WatchFleetRun`` stream: the run once, then each target as it is dispatched and as
 it ends, then the finished run, so the run page fills in target by target.
 
+A one-time login link: ``POST /console/login-links`` with ``Authorization: Bearer
+<operator token>`` answers ``{"url": ".../login/once/<code>", "expires_at": ...}``. The code
+is random, kept only in the relay's memory, good for one use within ``LINK_TTL`` seconds,
+and opens a session standing for the token that asked for it (``aegis relay demo`` prints
+one). The URL never holds the token, so it may be printed; a used or stale link is refused.
+
 The host, runs and run pages are static shells whose script reads the JSON API with the
 session cookie; every change they make (tags, revoke) is an API call carrying the CSRF token.
 """
@@ -52,6 +58,9 @@ EVENTS_PAGE: Final = 100
 EVENTS_INTERVAL: Final = 1.0
 """Seconds between looks at the hosts; a change reaches the page within about this."""
 
+LINK_TTL: Final = 600.0
+"""How long a one-time login link stays good (seconds)."""
+
 TokenCheck = Callable[[str], float]
 """Verify an operator token; its expiry (epoch seconds), or raise ValueError with why not."""
 
@@ -70,6 +79,7 @@ class Sessions:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._by_id: dict[str, Session] = {}
+        self._links: dict[str, tuple[str, float]] = {}
         self._clock = clock
 
     def open(self, token: str, expires_at: float) -> tuple[str, Session]:
@@ -90,6 +100,24 @@ class Sessions:
 
     def close(self, request: web.Request) -> None:
         self._by_id.pop(request.cookies.get(COOKIE, ""), None)
+
+    def new_link(self, token: str) -> tuple[str, float]:
+        """A one-time login code for ``token``; returns it and when it goes stale."""
+        now = self._clock()
+        # Stale codes go when a new one is made: no timer, and at most one per request.
+        self._links = {c: v for c, v in self._links.items() if v[1] > now}
+        if len(self._links) >= MAX_SESSIONS:
+            self._links.pop(next(iter(self._links)))
+        code = secrets.token_hex(24)  # hex: never mistaken for (or logged as) a JWT
+        self._links[code] = (token, now + LINK_TTL)
+        return code, now + LINK_TTL
+
+    def redeem_link(self, code: str) -> str | None:
+        """The token of a good, unused code; the code is spent either way."""
+        found = self._links.pop(code, None)
+        if found is None or found[1] <= self._clock():
+            return None
+        return found[0]
 
 
 def _asset(name: str) -> bytes:
@@ -174,6 +202,9 @@ def add_console(
             response = page("login.html", error=str(err))
             response.set_status(401)
             return response
+        raise logged_in(token, expires_at)
+
+    def logged_in(token: str, expires_at: float) -> web.HTTPSeeOther:
         sid, _session = sessions.open(token, expires_at)
         response = web.HTTPSeeOther("/")
         response.set_cookie(
@@ -185,7 +216,36 @@ def add_console(
             path="/",
             max_age=max(1, int(expires_at - time.time())),
         )
-        raise response
+        return response
+
+    async def new_login_link(request: web.Request) -> web.Response:
+        token = _bearer(request)
+        try:
+            if not token:
+                raise ValueError(
+                    "send 'Authorization: Bearer <operator token>': the link logs in as it"
+                )
+            check_token(token)
+        except ValueError as err:
+            return problem(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        code, expires_at = sessions.new_link(token)
+        url = f"{request.scheme}://{request.host}/login/once/{code}"
+        return web.json_response({"url": url, "expires_at": expires_at}, status=201)
+
+    async def redeem_login_link(request: web.Request) -> web.StreamResponse:
+        token = sessions.redeem_link(request.match_info["code"])
+        try:
+            if token is None:
+                raise ValueError(
+                    "this login link was used already or is older than "
+                    f"{LINK_TTL / 60:.0f} minutes; log in with an operator token"
+                )
+            expires_at = check_token(token)  # revoked or expired since the link was made
+        except ValueError as err:
+            response = page("login.html", error=str(err))
+            response.set_status(401)
+            return response
+        raise logged_in(token, expires_at)
 
     async def logout(request: web.Request) -> web.StreamResponse:
         sessions.close(request)
@@ -266,6 +326,8 @@ def add_console(
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    app.router.add_post("/console/login-links", new_login_link)
+    app.router.add_get("/login/once/{code}", redeem_login_link)
     app.router.add_get("/assets/{name}", asset)
     app.router.add_get("/console/events", events)
     return credentials

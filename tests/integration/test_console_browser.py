@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests import https
 from tests.agent.harness import (
     CLI,
     DaemonProcess,
@@ -305,3 +307,21 @@ def test_revoke_from_the_host_page_cuts_the_daemon_off(world: dict[str, Any]) ->
 
 def caps_hostname(relay: RelayProcess, host: EnrolledHost) -> str:
     return relay.host(host.node_id).capabilities.hostname or host.node_id
+
+
+def test_a_one_time_login_link_logs_in_once(world: dict[str, Any]) -> None:
+    relay: RelayProcess = world["relay"]
+    base = relay.info["http"]
+    status, _headers, body = https.request(
+        relay.info, "/console/login-links", token=relay.operator_token, method="POST"
+    )
+    assert status == 201
+    link = json.loads(body)["url"]
+    assert link.startswith(base + "/login/once/") and "eyJ" not in link  # no token in it
+    page = _new_page(world)
+    page.goto(link)
+    expect(page.get_by_role("heading", name="Edge Hosts")).to_be_visible()
+    again = _new_page(world)
+    again.goto(link)
+    expect(again.get_by_role("alert")).to_contain_text("this login link was used already")
+    assert https.request(relay.info, "/console/login-links", method="POST")[0] == 401
