@@ -66,6 +66,14 @@ TokenCheck = Callable[[str], float]
 
 _SAFE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
+_PAGES: Final = {
+    # file: (title, the script's page, the path parameters it reads)
+    "index.html": ("Edge Hosts", "hosts", ()),
+    "host.html": ("Host {{node_id}}", "host", ("node_id",)),
+    "runs.html": ("Fleet runs", "runs", ()),
+    "run.html": ("Fleet run {{run_id}}", "run", ("run_id",)),
+}
+
 
 @attrs.define
 class Session:
@@ -134,10 +142,18 @@ def add_console(
 ) -> Callable[[web.Request], str]:
     """Add the console's routes and CSRF guard to ``app``; returns the credentials hook
     (bearer header, else the session's token) for the API."""
-    pages = {
-        name: _asset(name).decode()
-        for name in ("index.html", "login.html", "host.html", "runs.html", "run.html")
-    }
+    layout = _asset("layout.html").decode()
+    # Each page's <main> in the one layout (header, navigation, CSRF token); its path
+    # parameters become data attributes of <body> for the script.
+    pages = {"login.html": _asset("login.html").decode()}
+    for name, (title, kind, params) in _PAGES.items():
+        data = "".join(f' data-{key.replace("_", "-")}="{{{{{key}}}}}"' for key in params)
+        pages[name] = (
+            layout.replace("{{main}}", _asset(name).decode())
+            .replace("{{title}}", title)
+            .replace("{{page}}", kind)
+            .replace("{{data}}", data)
+        )
     assets = {
         "console.js": ("application/javascript", _asset("console.js")),
         "console.css": ("text/css", _asset("console.css")),
