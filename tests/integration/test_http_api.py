@@ -4,6 +4,7 @@ authorization as the gRPC Admin API, through the HTTP server's one adapter."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,21 @@ def test_hosts_answer_what_the_cli_prints(fleet: tuple[RelayProcess, list[Enroll
 
     # pages of one, in the same order, until the cursor runs out
     seen, after = [], ""
+    statuses = Counter(h["status"] for h in want)
     while True:
         page = api.ok("GET", "/hosts?limit=1" + (f"&after={after}" if after else ""))
         seen += [h["node_id"] for h in page["hosts"]]
+        # every page counts every matching host, not only its own
+        assert (page["matched"], page["status_counts"]) == (len(want), dict(statuses))
         if page["next_cursor"] is None:
             break
         after = page["next_cursor"]
     assert seen == [h["node_id"] for h in want]
+
+    # the relay builds the page: the gRPC answer holds only it
+    first = stub.ListHosts(admin_pb2.ListHostsRequest(limit=1), metadata=md, timeout=10)
+    assert [h.node_id for h in first.hosts] == [want[0]["node_id"]]
+    assert (first.more, first.matched) == (len(want) > 1, len(want))
 
     acme = api.ok("GET", "/hosts?tenant=acme&connected=true")["hosts"]
     assert sorted(h["node_id"] for h in acme) == sorted(h.node_id for h in hosts[:2])
