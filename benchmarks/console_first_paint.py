@@ -34,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Page, sync_playwright
 
+from aegis_edge_core.wire import admin_pb2, admin_pb2_grpc
 from aegis_edge_relay.store import NodeRecord, open_store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -137,6 +139,21 @@ def serve_static(html: str, css: bytes, data_dir: Path) -> tuple[str, asyncio.Ab
     return f"https://127.0.0.1:{port[0]}/", loop
 
 
+def list_hosts_ms(info: dict[str, Any], token: str, limit: int, repeats: int) -> float:
+    """Median milliseconds of one ``ListHosts`` call at the relay, over gRPC."""
+    creds = grpc.ssl_channel_credentials(Path(info["ca_cert"]).read_bytes())
+    with grpc.secure_channel(str(info["listen"]), creds) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        request = admin_pb2.ListHostsRequest(limit=limit)
+        metadata = (("authorization", f"Bearer {token}"),)
+        took = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            stub.ListHosts(request, metadata=metadata, timeout=60)
+            took.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(took)
+
+
 def first_contentful_paint(page: Page) -> float:
     return float(
         page.evaluate(
@@ -166,6 +183,10 @@ def main() -> int:
         relay, info = start_relay(data_dir)
         try:
             token = Path(info["operator_token"]).read_text().strip()
+            # What one page of the console costs the relay: the page alone (as now) and
+            # every host (as each page cost before the relay paged: built all, sliced).
+            page_ms = list_hosts_ms(info, token, 100, args.repeats)
+            all_ms = list_hosts_ms(info, token, 0, args.repeats)
             base = str(info["http"])
             pin = spki_pin((data_dir / "server.pem").read_bytes())
             with sync_playwright() as pw:
@@ -227,6 +248,11 @@ def main() -> int:
               f"{max(values):>8.0f}ms")  # fmt: skip
     print(f"console hosts paint / static baseline: {med_console / med_base:.2f}x")
     print(f"console first contentful paint / static baseline: {med_fcp / med_base:.2f}x")
+    print(
+        f"relay, ListHosts for one page of 100: {page_ms:.0f}ms; for all {args.hosts} "
+        f"(the per-page cost before paging on the relay): {all_ms:.0f}ms "
+        f"({all_ms / page_ms:.1f}x)"
+    )
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     return 0
 
