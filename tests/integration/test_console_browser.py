@@ -209,6 +209,24 @@ def test_login_with_a_bad_token_says_why(world: dict[str, Any]) -> None:
     _axe(page)
 
 
+def test_a_viewer_sees_the_host_page_but_may_not_change_it(world: dict[str, Any]) -> None:
+    relay: RelayProcess = world["relay"]
+    web = world["hosts"]["web-1"]
+    viewer = cli(
+        "relay", "operator-token", "--data-dir", str(relay.data_dir),
+        "--tenant", "acme", "--role", "viewer",
+    ).stdout.strip()  # fmt: skip
+    page = _log_in(world, viewer)
+    page.get_by_role("link", name=web.node_id).click()
+    expect(page.locator("#host-status")).to_contain_text("Connected")
+    page.get_by_label("New tag").fill("mine")
+    page.get_by_role("button", name="Add tag").click()
+    expect(page.locator("#tag-error")).to_contain_text(
+        "AddTags needs the operator role; this token has viewer"
+    )
+    assert "mine" not in relay.host(web.node_id).capabilities.tags
+
+
 def test_a_run_started_from_the_cli_fills_in_on_its_page(world: dict[str, Any]) -> None:
     relay: RelayProcess = world["relay"]
     web, db = world["hosts"]["web-1"], world["hosts"]["db-1"]
