@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         store_url=store_url,
         cluster=cluster,
-        metrics_listen=None if args.metrics_listen in ("", "off") else args.metrics_listen,
+        http_listen=None if args.http_listen in ("", "off") else args.http_listen,
         heartbeat_interval=args.heartbeat_interval,
         stale_threshold=args.stale_threshold,
         insecure=args.insecure,
@@ -285,9 +285,12 @@ def register(tree: CommandTree) -> None:
         "--listen", type=_hostport, default="0.0.0.0:7443", help="gRPC HOST:PORT (port 0: any)"
     )
     p.add_argument(
-        "--metrics-listen",
+        "--http-listen",
+        "--metrics-listen",  # its name before the HTTP server served more than /metrics
+        dest="http_listen",
         default="127.0.0.1:9464",
-        help="HOST:PORT of the Prometheus /metrics endpoint ('off' to disable)",
+        help="HOST:PORT of the HTTP server: /metrics, /healthz, /readyz, /api/v1 "
+        "(HTTPS with the relay's certificate unless --insecure; 'off' to disable)",
     )
     p.add_argument(
         "--metrics-token-file",

@@ -9,7 +9,10 @@ process, printed before it runs so it can be replayed by hand:
 4. the seed's rolling update (``--mode rolling=2 --on-error stop-after=1 --deadline``),
    where one host fails and halts the run, the rest skipped ``halted``;
 5. a key revoked (``aegis edge keys revoke-remote``), the stream cut, the host Revoked;
-6. where ``/metrics`` is, and what it says now.
+6. where ``/metrics`` is, and what it says now;
+
+and the console's URL with a one-time login link (a random code the relay keeps for ten
+minutes and one use, never a token: see :mod:`aegis_edge_relay.http.console`).
 
 Ctrl-C, SIGTERM or SIGHUP at any point stops the daemons and the relay (SIGTERM, then
 SIGKILL) and removes the temporary directory, unless ``--keep`` asked to keep it.
@@ -23,6 +26,7 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -111,7 +115,7 @@ class _Demo:
         self.say("1. A relay on its embedded SQLite default, TLS on loopback")
         argv = [
             "relay", "serve", "--data-dir", str(self.relay_dir),
-            "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
             "--heartbeat-interval", "2s", "--stale-threshold", "6s",
         ]  # fmt: skip
         self.show(argv)
@@ -131,8 +135,23 @@ class _Demo:
         self.env["AEGIS_RELAY"] = info["listen"]
         self.env["AEGIS_CA_CERT"] = info["ca_cert"]
         self.env["AEGIS_OPERATOR_TOKEN"] = Path(info["operator_token"]).read_text().strip()
+        self.console(info)
         print("export AEGIS_RELAY AEGIS_CA_CERT AEGIS_OPERATOR_TOKEN  # set for the steps below")
         return info
+
+    def console(self, info: dict[str, Any]) -> None:
+        """Print the console's URL and a fresh one-time login link for the admin token."""
+        request = urllib.request.Request(  # noqa: S310 - our loopback relay
+            f"{info['http']}/console/login-links",
+            method="POST",
+            headers={"Authorization": f"Bearer {self.env['AEGIS_OPERATOR_TOKEN']}"},
+        )
+        context = ssl.create_default_context(cafile=str(info["ca_cert"]))
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:  # noqa: S310
+            link = json.loads(resp.read())["url"]
+        print(f"console: {info['http']}/ (the browser must trust {info['ca_cert']})")
+        print(f"  log in once, within 10 minutes: {link}")
+        print(f"  or paste an operator token, e.g. the one in {info['operator_token']}")
 
     def export_line(self, info: dict[str, Any]) -> str:
         """The operator's environment as one shell line (this prints the admin token)."""
@@ -231,8 +250,10 @@ class _Demo:
     def metrics(self, info: dict[str, Any]) -> None:
         self.say("6. Prometheus metrics")
         url = str(info["metrics"])
-        print(f"$ curl {url}")
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our loopback relay
+        print(f"$ curl --cacert {info['ca_cert']} {url}")
+        # HTTPS with the relay's CA as the only root, as a scraper would pin it
+        context = ssl.create_default_context(cafile=str(info["ca_cert"]))
+        with urllib.request.urlopen(url, timeout=10, context=context) as resp:  # noqa: S310
             text = resp.read().decode()
         for line in text.splitlines():
             if line.startswith("aegis_edge_") and not line.startswith(
@@ -267,6 +288,7 @@ def _run(args: argparse.Namespace) -> int:
             print("\nEverything keeps running. In another shell, paste:\n")
             print(demo.export_line(info))
             print("\nthen try `aegis edge ls` or `aegis edge fleet run ...`. Ctrl-C stops it all.")
+            demo.console(info)
             while all(p.poll() is None for p in demo.procs[:1]):
                 time.sleep(0.5)
         print("\nDemo done: stopping the daemons and the relay.")

@@ -1,83 +1,21 @@
 """The relay's Prometheus metrics, built from the core's catalogue, on their own registry.
 
-``/metrics`` is prometheus_client's own WSGI app (the exposition is exactly its output),
-served by a threaded ``wsgiref`` server. With a bearer token configured, every request must
-carry ``Authorization: Bearer <token>`` (compared in constant time) or gets ``401`` with a
-``WWW-Authenticate`` challenge and no metrics: the metrics name every tenant.
+The relay's HTTP server (:mod:`aegis_edge_relay.http`) serves them at ``/metrics`` with
+prometheus_client's own exposition of :attr:`RelayMetrics.registry`.
 """
 
 from __future__ import annotations
 
-import hmac
-import socket
 import threading
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
 
 from aegis_edge_core import metrics_catalogue as cat
 
-__all__ = ["MetricsListener", "RelayMetrics", "bearer_guard"]
-
-_WsgiApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
-
-
-def bearer_guard(app: _WsgiApp, token: bytes) -> _WsgiApp:
-    """``app`` behind ``Authorization: Bearer <token>``; anything else is a 401."""
-    body = (
-        b"401 Unauthorized: send 'Authorization: Bearer <token>' with the token of the "
-        b"relay's --metrics-token-file\n"
-    )
-
-    def guarded(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).strip().partition(" ")
-        # compare_digest: the time taken does not depend on how much of the token matched
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("latin-1", "replace"), token
-        ):
-            return app(environ, start_response)
-        start_response(
-            "401 Unauthorized",
-            [
-                ("WWW-Authenticate", 'Bearer realm="aegis-relay-metrics"'),
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-            ],
-        )
-        return [body]
-
-    return guarded
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are not log lines."""
-
-
-class MetricsListener:
-    """A bound ``/metrics`` listener; it serves once :meth:`start` is called."""
-
-    def __init__(self, httpd: WSGIServer) -> None:
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, name="metrics-http", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-        self._httpd.server_close()
+__all__ = ["RelayMetrics"]
 
 
 class RelayMetrics:
@@ -176,24 +114,3 @@ class RelayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-    def bind(self, host: str, port: int, *, token: bytes | None = None) -> MetricsListener:
-        """Bind the ``/metrics`` listener (``OSError`` if the address is taken); with
-        ``token``, only requests bearing it are answered."""
-        app: _WsgiApp = make_wsgi_app(self.registry)
-        if token is not None:
-            app = bearer_guard(app, token)
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-            0
-        ][0]
-
-        class _Server(ThreadingWSGIServer):
-            address_family = family
-
-        return MetricsListener(make_server(host, port, app, _Server, handler_class=_QuietHandler))
-
-    def serve(self, host: str, port: int, *, token: bytes | None = None) -> int:
-        """Bind and start serving in a daemon thread; returns the bound port."""
-        listener = self.bind(host, port, token=token)
-        listener.start()
-        return listener.port

@@ -381,4 +381,6 @@ def command_record(row: CommandRow) -> admin_pb2.CommandRecord:
         finished_at=row.finished_at or 0.0,
         error_message=row.error,
         result_json=row.result_json,
+        stdout_tail=row.stdout_tail,
+        stderr_tail=row.stderr_tail,
     )

@@ -1,4 +1,4 @@
-"""Assembling and running the relay process: the parts, TLS, gRPC, /metrics, relay.json.
+"""Assembling and running the relay process: the parts, TLS, gRPC, HTTP, relay.json.
 
 This is the one module that constructs the relay's parts and wires them together
 (:class:`Relay`); each part receives what it uses and none of them imports this module.
@@ -8,15 +8,17 @@ In construction order, each built from the ones before it::
         -> StreamHandler, EnrollmentService -> AdminService (admin/), Loops
 
 plus one hook: the identity service tells the stream handler of each revocation, so the
-node's live streams end (``identity.on_revoked(streams.cut_revoked)``).
+node's live streams end (``identity.on_revoked(streams.cut_revoked)``). The HTTP server
+(:mod:`.http`: /metrics, /healthz, /readyz, /api/v1, the console) is handed the same
+``AdminService`` object the gRPC server calls, the metrics registry and a readiness probe.
 
 ``D/relay.json`` is written (atomically) once the relay listens, so scripts and tests that
 start it with port 0 learn the ports it got::
 
     {"version": 1, "pid": 1234, "listen": "127.0.0.1:41235", "host": "127.0.0.1",
-     "port": 41235, "tls": true, "metrics": "http://127.0.0.1:9464/metrics",
-     "metrics_port": 9464, "ca_cert": "D/ca.pem", "operator_token": "D/operator.token",
-     "relay_endpoint": "127.0.0.1:41235", "data_dir": "D",
+     "port": 41235, "tls": true, "http": "https://127.0.0.1:9464",
+     "metrics": "https://127.0.0.1:9464/metrics", "metrics_port": 9464, "ca_cert": "D/ca.pem",
+     "operator_token": "D/operator.token", "relay_endpoint": "127.0.0.1:41235", "data_dir": "D",
      "relay_id": "<kid of the signing key>", "cluster": ""}
 """
 
@@ -46,7 +48,7 @@ from aegis_edge_core.handshake import (
     HandshakeLimits,
 )
 from aegis_edge_core.health import HealthTracker
-from aegis_edge_core.identity import NODE_TOKEN_TTL
+from aegis_edge_core.identity import NODE_TOKEN_TTL, TokenError
 from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
     ATTEST_PER_SOURCE,
@@ -65,6 +67,7 @@ from aegis_edge_relay.durations import parse_hostport
 from aegis_edge_relay.enrollment import EnrollmentService
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
 from aegis_edge_relay.fleetview import FleetView
+from aegis_edge_relay.http import HttpListener, make_app, server_ssl_context
 from aegis_edge_relay.identity import IdentityService, load_or_create_signing_key
 from aegis_edge_relay.loops import Loops
 from aegis_edge_relay.membership import check_cluster_store, join_cluster, write_cluster_json
@@ -117,7 +120,8 @@ class ServeOptions:
     listen: str
     store_url: str | None = None
     """``--store``/``AEGIS_STORE_URL``: None is SQLite in the data dir."""
-    metrics_listen: str | None = "127.0.0.1:9464"
+    http_listen: str | None = "127.0.0.1:9464"
+    """The HTTP server: /metrics, /healthz, /readyz, /api/v1, the console (``None``: off)."""
     heartbeat_interval: float = 30.0
     stale_threshold: float = 90.0
     insecure: bool = False
@@ -293,6 +297,18 @@ class Relay:
         jsonlog.log("info", "relay.stopped")
 
 
+def _console_token_expiry(identity: IdentityService, token: str) -> float:
+    """When an operator token pasted into the console's login expires; ValueError if it is
+    refused (the same verification every Admin call makes)."""
+    try:
+        claims = identity.verifier.verify_operator_token(
+            token, now=identity.now(), revocations=identity.revocations
+        )
+    except TokenError as err:
+        raise ValueError(f"operator token refused: {err.message}; {err.hint}") from None
+    return claims.expires_at
+
+
 async def serve(opts: ServeOptions) -> int:
     """Run the relay until SIGTERM/SIGINT; returns the exit code."""
     jsonlog.configure(level=opts.log_level)
@@ -356,7 +372,18 @@ async def serve(opts: ServeOptions) -> int:
     admin_pb2_grpc.add_AdminServicer_to_server(relay.admin, server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    metrics_listener = None
+    grpc_serving = False
+
+    async def ready() -> str | None:
+        if not grpc_serving:
+            return "the gRPC server is not serving (starting or draining)"
+        try:
+            await relay.db.call(relay.db.store.is_tenant_deleted, "")
+        except Exception as err:  # any failure means not ready; say which
+            return f"the store does not answer: {err}"
+        return None
+
+    http_listener: HttpListener | None = None
     try:
         try:
             if tls is not None:
@@ -368,13 +395,22 @@ async def serve(opts: ServeOptions) -> int:
             bound = 0
         if not bound:
             raise _cannot_listen(listen_shown, "--listen", _probe_bind(host, port))
-        if opts.metrics_listen:
-            m_host, m_port = parse_hostport(opts.metrics_listen)
-            m_shown = f"[{m_host}]:{m_port}" if ":" in m_host else f"{m_host}:{m_port}"
+        if opts.http_listen:
+            h_host, h_port = parse_hostport(opts.http_listen)
+            h_shown = f"[{h_host}]:{h_port}" if ":" in h_host else f"{h_host}:{h_port}"
+            app = make_app(
+                registry=relay.metrics.registry,
+                ready=ready,
+                admin=relay.admin,
+                check_token=lambda token: _console_token_expiry(relay.identity, token),
+                metrics_token=metrics_token,
+            )
             try:
-                metrics_listener = relay.metrics.bind(m_host, m_port, token=metrics_token)
+                http_listener = await HttpListener.bind(
+                    app, h_host, h_port, ssl_context=server_ssl_context(tls) if tls else None
+                )
             except OSError as err:
-                raise _cannot_listen(m_shown, "--metrics-listen", err) from None
+                raise _cannot_listen(h_shown, "--http-listen", err) from None
     except StartupError:
         relay.db.close()
         raise
@@ -398,16 +434,17 @@ async def serve(opts: ServeOptions) -> int:
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    grpc_serving = True
 
-    metrics_url = ""
+    http_url = ""
     metrics_port = 0
-    if metrics_listener is not None and opts.metrics_listen:
-        m_host, _ = parse_hostport(opts.metrics_listen)
-        metrics_listener.start()
-        metrics_port = metrics_listener.port
-        shown = f"[{m_host}]" if ":" in m_host else m_host
-        metrics_url = f"http://{shown}:{metrics_port}/metrics"
-        if metrics_token is None and not _is_loopback(m_host):
+    if http_listener is not None and opts.http_listen:
+        h_host, _ = parse_hostport(opts.http_listen)
+        await http_listener.start()
+        metrics_port = http_listener.port
+        shown = f"[{h_host}]" if ":" in h_host else h_host
+        http_url = f"{'https' if tls else 'http'}://{shown}:{metrics_port}"
+        if metrics_token is None and not _is_loopback(h_host):
             jsonlog.log(
                 "warning",
                 "metrics.unauthenticated",
@@ -424,7 +461,8 @@ async def serve(opts: ServeOptions) -> int:
         "host": host,
         "port": bound,
         "tls": tls is not None,
-        "metrics": metrics_url,
+        "http": http_url,
+        "metrics": f"{http_url}/metrics" if http_url else "",
         "metrics_port": metrics_port,
         "ca_cert": str(tls.ca_path) if tls and tls.ca_path else "",
         "operator_token": str(token_path),
@@ -435,8 +473,9 @@ async def serve(opts: ServeOptions) -> int:
     }
     atomic_write(data_dir / RELAY_JSON, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
     print(f"aegis relay listening on {listen_shown} ({'TLS' if tls else 'PLAINTEXT'})")
-    auth = " (bearer token)" if metrics_url and metrics_token else ""
-    print(f"  metrics:        {metrics_url or 'off'}{auth}")
+    auth = " (bearer token)" if http_url and metrics_token else ""
+    print(f"  http:           {http_url or 'off'}")
+    print(f"  metrics:        {info['metrics'] or 'off'}{auth}")
     print(f"  CA certificate: {info['ca_cert'] or '-'}")
     print(f"  admin token:    {token_path}")
     print(f"  relay.json:     {data_dir / RELAY_JSON}", flush=True)
@@ -444,7 +483,8 @@ async def serve(opts: ServeOptions) -> int:
         "info",
         "relay.listening",
         listen=listen_shown,
-        metrics=metrics_url,
+        metrics=info["metrics"],
+        http=http_url,
         tls=tls is not None,
         nofile=soft,
         tracing=tracing_mode,
@@ -462,6 +502,7 @@ async def serve(opts: ServeOptions) -> int:
         # while it drains (a full collection there costs ~1 s, and draining allocates).
         gc.disable()
     await health_servicer.enter_graceful_shutdown()
+    grpc_serving = False
     # Stop listening first: open streams keep the grace to be drained, while the daemons
     # that reconnect early are refused by the kernel instead of costing a TLS handshake and
     # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
@@ -476,6 +517,8 @@ async def serve(opts: ServeOptions) -> int:
             await asyncio.wait_for(asyncio.shield(stopping), timeout=1.0)
     else:
         await stopping
+    if http_listener is not None:
+        await http_listener.close()
     await relay.stop()
     with contextlib.suppress(FileNotFoundError):
         (data_dir / RELAY_JSON).unlink()

@@ -456,6 +456,9 @@ class StreamHandler:
         fleet = self.fleet
         fleet.apply_transitions(fleet.health.revoked(node.node_id, now))
         handle = fleet.streams.pop(node.node_id, None)
+        # Popped with the stream: the stream's own end no longer finds itself in `streams`
+        # and would leave a revoked host "connected since" its last attestation.
+        fleet.connected_since.pop(node.node_id, None)
         if handle is not None:
             lost: list[str] = []
             with contextlib.suppress(Exception):

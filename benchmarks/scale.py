@@ -48,6 +48,7 @@ import re
 import select
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -226,7 +227,8 @@ class Relay:
         return str(self.info["listen"])
 
     def connected(self) -> int:
-        with urllib.request.urlopen(self.info["metrics"], timeout=10) as resp:
+        context = ssl.create_default_context(cafile=str(self.info["ca_cert"]))
+        with urllib.request.urlopen(self.info["metrics"], timeout=10, context=context) as resp:
             text = resp.read().decode()
         total = 0.0
         for m in re.finditer(

@@ -93,6 +93,8 @@ class CommandRecord(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    STDOUT_TAIL_FIELD_NUMBER: _builtins.int
+    STDERR_TAIL_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     fleet_command_id: _builtins.str
     tool: _builtins.str
@@ -107,6 +109,11 @@ class CommandRecord(_message.Message):
     """Added in v1 (issue 14): the tool's structured result (e.g. sys.info's), a JSON
     document as the daemon reported it; empty when the tool returned none.
     """
+    stdout_tail: _builtins.bytes
+    """Added in v1 (issue 17): the ends of the command's output as the relay keeps them
+    (the same tails as a fleet run's TargetResult), for a host's history.
+    """
+    stderr_tail: _builtins.bytes
     def __init__(
         self,
         *,
@@ -120,10 +127,12 @@ class CommandRecord(_message.Message):
         finished_at: _builtins.float = ...,
         error_message: _builtins.str = ...,
         result_json: _builtins.str = ...,
+        stdout_tail: _builtins.bytes = ...,
+        stderr_tail: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "has_exit_code", b"has_exit_code", "outcome", b"outcome", "result_json", b"result_json", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "dispatched_at", b"dispatched_at", "error_message", b"error_message", "exit_code", b"exit_code", "finished_at", b"finished_at", "fleet_command_id", b"fleet_command_id", "has_exit_code", b"has_exit_code", "outcome", b"outcome", "result_json", b"result_json", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,21 +145,34 @@ class ListHostsRequest(_message.Message):
     CONNECTED_ONLY_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_TENANT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_NODE_ID_FIELD_NUMBER: _builtins.int
     connected_only: _builtins.bool
     tenant_id: _builtins.str
     """empty: every tenant the token may see"""
     selector: _builtins.str
     """optional fleet selector, e.g. "tags=prod os=linux" """
+    limit: _builtins.int
+    """A page: at most `limit` hosts (0: all of them), in (tenant_id, node_id) order, after
+    the host (after_tenant_id, after_node_id) when after_node_id is set. Only the page's
+    hosts are built; `matched` and `status_counts` still cover every host that matches.
+    """
+    after_tenant_id: _builtins.str
+    after_node_id: _builtins.str
     def __init__(
         self,
         *,
         connected_only: _builtins.bool = ...,
         tenant_id: _builtins.str = ...,
         selector: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        after_tenant_id: _builtins.str = ...,
+        after_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_only", b"connected_only", "selector", b"selector", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_node_id", b"after_node_id", "after_tenant_id", b"after_tenant_id", "connected_only", b"connected_only", "limit", b"limit", "selector", b"selector", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,17 +182,51 @@ Global___ListHostsRequest: _TypeAlias = ListHostsRequest  # noqa: Y015
 class ListHostsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class StatusCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HOSTS_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    STATUS_COUNTS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    """hosts matching the request, on every page"""
+    more: _builtins.bool
+    """hosts follow the last one of this page"""
     @_builtins.property
     def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Host]: ...
+    @_builtins.property
+    def status_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """of those, per status ("Connected", ...)"""
+
     def __init__(
         self,
         *,
         hosts: _abc.Iterable[Global___Host] | None = ...,
+        matched: _builtins.int = ...,
+        status_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "matched", b"matched", "more", b"more", "status_counts", b"status_counts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

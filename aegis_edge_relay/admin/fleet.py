@@ -194,7 +194,11 @@ class FleetAdmin(GroupsAdmin):
             rerun_of=rerun_of,
             follow_output=follow_output,
         )
-        yield admin_pb2.FleetRunEvent(started=active.to_proto())
+        try:
+            yield admin_pb2.FleetRunEvent(started=active.to_proto())
+        except BaseException:
+            watcher.close()  # closed after `started` (an HTTP start): hold nothing
+            raise
         async for event in _drain(watcher):
             yield event
 

@@ -75,6 +75,7 @@ __all__ = [
     "status_name",
     "target_outcome_name",
     "target_result_to_dict",
+    "tenant_deleted_to_dict",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +388,12 @@ def fleet_preview_to_dict(preview: admin_pb2.FleetPreview) -> dict[str, Any]:
     """A dry run: the canonical ``selector``, how many daemons it ``matched``, the
     ``targets`` and the ``skipped`` with their reasons."""
     return message_to_dict(preview)
+
+
+def tenant_deleted_to_dict(tenant_id: str, resp: admin_pb2.DeleteTenantResponse) -> dict[str, Any]:
+    """``tenants delete``: the tenant (the request names it, the response does not) and
+    ``revoked_daemons``."""
+    return {"tenant_id": tenant_id, **message_to_dict(resp)}
 
 
 def group_to_dict(group: admin_pb2.Group, *, with_members: bool = False) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import TextIO
 
 from aegis_edge_cli import CliError, CommandTree, add_output_flag, print_json
 from aegis_edge_relay.operator.common import add_connection_flags, admin_client
-from aegis_edge_relay.operator.jsonrepr import message_to_dict
+from aegis_edge_relay.operator.jsonrepr import tenant_deleted_to_dict
 
 __all__ = ["cmd_tenants_delete", "register"]
 
@@ -39,7 +39,7 @@ def cmd_tenants_delete(args: argparse.Namespace) -> int:
     with admin_client(args) as client:
         resp = client.delete_tenant(tenant)
     if args.output == "json":
-        print_json({"tenant_id": tenant, **message_to_dict(resp)})
+        print_json(tenant_deleted_to_dict(tenant, resp))
     else:
         noun = "daemon" if resp.revoked_daemons == 1 else "daemons"
         print(f"deleted tenant {tenant}; revoked {resp.revoked_daemons} {noun}")

@@ -18,12 +18,12 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import https
 from tests.agent.harness import RelayProcess, wait_until
 from tests.faults.conftest import Tally
 from tests.faults.helpers import metric_sum
@@ -78,9 +78,7 @@ class WorkerProc:
 
 
 def scrape(relay: RelayProcess) -> str:
-    with urllib.request.urlopen(relay.info["metrics"], timeout=10) as resp:
-        text: str = resp.read().decode()
-        return text
+    return https.scrape(relay.info)
 
 
 def connected(relay: RelayProcess) -> int:

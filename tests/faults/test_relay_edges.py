@@ -6,14 +6,14 @@ loopback without one).
 from __future__ import annotations
 
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_edge_relay.server import StartupError, _is_loopback, load_metrics_token
+from tests import https
 from tests.agent.harness import CLI, RelayProcess, enroll_host
 from tests.faults.conftest import Tally
 
@@ -61,28 +61,21 @@ def test_busy_metrics_port_is_one_line(tmp_path: Path, tally: Tally) -> None:
             tmp_path / "second", "--listen", "127.0.0.1:0", "--metrics-listen", taken
         )
         # the first relay still serves: the second touched nothing of it
-        with urllib.request.urlopen(first.info["metrics"], timeout=10) as resp:
-            assert resp.status == 200
+        assert https.request(first.info, "/metrics")[0] == 200
     finally:
         first.stop()
     assert proc.returncode != 0
     assert proc.stderr.splitlines() == [
         f"aegis: cannot listen on {taken}: address already in use "
-        "(another relay running? pick another --metrics-listen)"
+        "(another relay running? pick another --http-listen)"
     ], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "second" / "relay.json").exists()
 
 
-def _get(url: str, token: str | None) -> tuple[int, dict[str, str], str]:
-    req = urllib.request.Request(url)
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read().decode()
+def _get(info: dict[str, Any], path: str, token: str | None) -> tuple[int, dict[str, str], str]:
+    status, headers, body = https.request(info, path, token=token)
+    return status, headers, body.decode()
 
 
 def test_metrics_bearer_token(tmp_path: Path, tally: Tally) -> None:
@@ -92,19 +85,18 @@ def test_metrics_bearer_token(tmp_path: Path, tally: Tally) -> None:
     relay = RelayProcess.start(tmp_path / "relay", extra=["--metrics-token-file", str(token_file)])
     try:
         enroll_host(relay, tmp_path / "edge", tenant="tenant-nobody-may-see")
-        url = relay.info["metrics"]
+        info = relay.info
         refused = [
-            _get(url, None),
-            _get(url, TOKEN[:-1] + "0"),
-            _get(url, TOKEN + "0"),
-            _get(url, ""),
-            _get(url.replace("/metrics", "/"), None),
+            _get(info, "/metrics", None),
+            _get(info, "/metrics", TOKEN[:-1] + "0"),
+            _get(info, "/metrics", TOKEN + "0"),
+            _get(info, "/metrics", ""),
+            _get(info, "/metrics?name[]=aegis_edge_daemons_total", None),
         ]
         # the scheme word is case-insensitive (RFC 9110); the token is not
-        lower = urllib.request.Request(url, headers={"Authorization": f"bearer {TOKEN}"})
-        with urllib.request.urlopen(lower, timeout=10) as resp:
-            assert resp.status == 200
-        status, headers, body = _get(url, TOKEN)
+        lower = {"Authorization": f"bearer {TOKEN}"}
+        assert https.request(info, "/metrics", headers=lower)[0] == 200
+        status, headers, body = _get(info, "/metrics", TOKEN)
         events = list(relay.output.events())
     finally:
         relay.stop()

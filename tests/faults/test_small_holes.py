@@ -19,7 +19,6 @@ import os
 import shutil
 import sqlite3
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from aegis_edge_core.wire import (
 from tests.agent.harness import DaemonProcess, RelayProcess, cli, enroll_host, wait_until
 from tests.faults.conftest import Tally
 from tests.faults.helpers import metric_sum
+from tests.https import scrape
 from tests.relay.daemon_driver import DaemonDriver
 from tests.relay.daemon_driver import wait_until as wait_until_async
 
@@ -239,8 +239,7 @@ def _aio_channel(relay: RelayProcess) -> grpc.aio.Channel:
 
 
 def _metric(relay: RelayProcess, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(relay.info["metrics"], timeout=5) as resp:
-        return metric_sum(resp.read().decode(), name, **labels)
+    return metric_sum(scrape(relay.info, timeout=5), name, **labels)
 
 
 def test_oversize_capabilities_refused_at_enrollment(

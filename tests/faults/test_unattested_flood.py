@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import attrs
 import pytest
 
 from aegis_edge_core.wire import admin_pb2, common_pb2
+from tests import https
 from tests.agent.harness import DaemonProcess, RelayProcess, enroll_host, wait_until
 from tests.faults.conftest import Tally
 from tests.faults.helpers import metric_sum
@@ -59,9 +59,7 @@ class Fleet:
     node_ids: list[str]
 
     def scrape(self) -> str:
-        with urllib.request.urlopen(self.relay.info["metrics"], timeout=10) as resp:
-            text: str = resp.read().decode()
-            return text
+        return https.scrape(self.relay.info)
 
     def refusals(self, reason: str) -> float:
         return metric_sum(self.scrape(), "aegis_edge_attestation_refusals_total", reason=reason)

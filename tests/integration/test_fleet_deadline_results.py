@@ -38,6 +38,7 @@ from tests.agent.harness import (
     pid_gone,
     wait_until,
 )
+from tests.https import scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -273,12 +274,9 @@ def test_results_counts_and_cancel_of_a_finished_run(tmp_path: Path, daemons: An
 
 def relay_runs_total(relay: RelayProcess) -> dict[str, float]:
     """``aegis_edge_fleet_runs_total`` by outcome, from the relay's /metrics."""
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(relay.info["metrics"], timeout=10) as resp:  # loopback only
-        text = resp.read().decode()
+    text = scrape(relay.info)
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

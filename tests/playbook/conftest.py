@@ -12,13 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import https
 from tests.agent.harness import (
     DaemonProcess,
     EnrolledHost,
@@ -98,8 +98,7 @@ class Playbook:
         wait_until(lambda: self.status_of(node_id) == status, timeout, 0.2, f"{node_id} {status}")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.relay.info["metrics"], timeout=10) as resp:
-            return resp.read().decode()  # type: ignore[no-any-return]
+        return https.scrape(self.relay.info)
 
     def stop_all(self) -> None:
         for d in self.daemons:

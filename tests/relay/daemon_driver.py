@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from aegis_edge_core.wire import (
     stream_pb2,
     stream_pb2_grpc,
 )
+from tests import https
 
 __all__ = ["CommandReply", "DaemonDriver", "RelayProcess", "wait_until"]
 
@@ -200,8 +200,7 @@ class RelayProcess:
         return admin_pb2_grpc.AdminStub(channel)
 
     def scrape(self) -> str:
-        with urllib.request.urlopen(self.info["metrics"], timeout=5) as resp:
-            return resp.read().decode()
+        return https.scrape(self.info, timeout=5)
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
