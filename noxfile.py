@@ -36,9 +36,11 @@ def _proto(session: nox.Session) -> None:
     if "--write" in session.posargs:
         session.run("python", "scripts/gen_proto.py")
         session.run("python", "scripts/gen_protocol_doc.py")
+        session.run("python", "scripts/gen_openapi.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
         session.run("python", "scripts/gen_protocol_doc.py", "--check")
+        session.run("python", "scripts/gen_openapi.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -68,7 +70,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire or docs/protocol.md is stale against proto/.
+    """Fail if aegis_edge_core/wire, docs/protocol.md or the OpenAPI document is stale.
 
     `nox -s proto -- --write` regenerates both.
     """
