@@ -6,10 +6,12 @@ store the relay has.
 """
 
 from aegis_edge_relay.store.base import (
+    NODES_CHANGED,
     CommandRow,
     FleetRunRow,
     GroupExists,
     GroupRow,
+    Listener,
     NodeRecord,
     Store,
     StoreError,
@@ -22,12 +24,14 @@ from aegis_edge_relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from aegis_edge_relay.store.worker import StoreWorker
 
 __all__ = [
+    "NODES_CHANGED",
     "SCHEMA_VERSION",
     "STORE_FILE",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
+    "Listener",
     "NodeRecord",
     "PostgresStore",
     "SQLiteStore",

@@ -18,23 +18,32 @@ transaction each: the relay keeps ``last_heartbeat_at`` in memory and calls
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 
+from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_core.errors import AegisError
 
 __all__ = [
+    "NODES_CHANGED",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
+    "Listener",
     "NodeRecord",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "TokenAlreadyRedeemed",
 ]
+
+
+NODES_CHANGED: Final = "aegis_nodes"
+"""The wake-up channel a shared store signals when a transaction revoked nodes: the other
+relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
+next periodic sync."""
 
 
 class StoreError(AegisError):
@@ -124,11 +133,23 @@ class GroupRow:
     created_by: str = ""
 
 
+class Listener(Protocol):
+    """Wake-ups from a shared store (PostgreSQL ``LISTEN``), on a connection of its own."""
+
+    def wait(self, timeout: float) -> list[str]:
+        """Block up to ``timeout`` seconds for notifications; their payloads (empty: none)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Store(Protocol):
     """What the relay needs from persistent storage. Methods are synchronous."""
 
     schema_migrated: tuple[int, int]
     """The schema version found at open and the one migrated to (equal: nothing to do)."""
+    shared: bool
+    """Whether several relays may share this store (a cluster): PostgreSQL yes, SQLite no."""
 
     def close(self) -> None: ...
     def unavailable(self, err: BaseException) -> StoreUnavailable | None:
@@ -190,3 +211,28 @@ class Store(Protocol):
     def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]: ...
     def get_group(self, tenant_id: str, name: str) -> GroupRow | None: ...
     def delete_group(self, tenant_id: str, name: str) -> bool: ...
+
+    # the cluster: relay leases and stream holders (``aegis_edge_core.cluster``'s rules)
+    def renew_lease(self, lease: RelayLease) -> None: ...
+    def load_leases(self) -> list[RelayLease]: ...
+    def drop_lease(self, relay_id: str) -> int:
+        """Remove the relay's lease and release every stream it holds, in one transaction
+        (a relay stopping, or starting again with nothing held); the streams released."""
+        ...
+
+    def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        """Record ``relay_id`` as the holder of the node's stream; the new generation."""
+        ...
+
+    def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
+        """Clear the holder only if it is still (``relay_id``, ``generation``)."""
+        ...
+
+    def set_held_statuses(self, relay_id: str, statuses: Sequence[tuple[str, int, str]]) -> None:
+        """(node_id, generation, status) of streams ``relay_id`` still holds."""
+        ...
+
+    def load_holders(self) -> list[Holder]: ...
+    def listen(self, channels: Sequence[str]) -> Listener | None:
+        """A listener for ``channels``; None where no other relay can signal (SQLite)."""
+        ...

@@ -99,4 +99,19 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     4: """
     ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
     """,
+    5: """
+    CREATE TABLE relay_leases (
+        relay_id   TEXT PRIMARY KEY,
+        endpoint   TEXT NOT NULL DEFAULT '',
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE stream_holders (
+        node_id    TEXT PRIMARY KEY,
+        relay_id   TEXT NOT NULL DEFAULT '',
+        generation BIGINT NOT NULL,
+        status     TEXT NOT NULL,
+        since      DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX stream_holders_relay ON stream_holders (relay_id);
+    """,
 }

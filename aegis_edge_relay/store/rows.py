@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final, Protocol
 
+from aegis_edge_core.cluster import Holder, RelayLease
+from aegis_edge_core.health import DaemonStatus
 from aegis_edge_relay.store.base import CommandRow, FleetRunRow, GroupRow, NodeRecord
 
 TAIL_CAP: Final = 64 * 1024
@@ -79,6 +81,22 @@ def run_from(row: Row) -> FleetRunRow:
         args_json=row["args_json"],
         secret_keys=tuple(json.loads(row["secret_keys"])),
         rerun_of=row["rerun_of"],
+    )
+
+
+def holder_from(row: Row) -> Holder:
+    return Holder(
+        node_id=row["node_id"],
+        relay_id=row["relay_id"],
+        generation=int(row["generation"]),
+        status=DaemonStatus(row["status"]),
+        since=row["since"],
+    )
+
+
+def lease_from(row: Row) -> RelayLease:
+    return RelayLease(
+        relay_id=row["relay_id"], endpoint=row["endpoint"], expires_at=row["expires_at"]
     )
 
 

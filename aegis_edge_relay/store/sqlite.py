@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.files import tighten_mode
 from aegis_edge_relay.store.base import (
     CommandRow,
@@ -32,6 +33,8 @@ from aegis_edge_relay.store.rows import (
     end_values,
     group_from,
     group_values,
+    holder_from,
+    lease_from,
     node_from,
     node_values,
     run_from,
@@ -48,6 +51,7 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        self.shared = False
         self.tightened = _private_files(self.path)
         """``(path, old mode)`` of each store file found looser than 0600 and tightened."""
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -447,6 +451,68 @@ class SQLiteStore:
                 "DELETE FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
             )
             return cur.rowcount > 0
+
+    # -- the cluster (of one relay, here)
+
+    def renew_lease(self, lease: RelayLease) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO relay_leases (relay_id, endpoint, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (relay_id) DO UPDATE"
+                " SET endpoint = excluded.endpoint, expires_at = excluded.expires_at",
+                (lease.relay_id, lease.endpoint, lease.expires_at),
+            )
+
+    def load_leases(self) -> list[RelayLease]:
+        return [lease_from(r) for r in self._db.execute("SELECT * FROM relay_leases")]
+
+    def drop_lease(self, relay_id: str) -> int:
+        with self._tx() as db:
+            db.execute("DELETE FROM relay_leases WHERE relay_id = ?", (relay_id,))
+            return db.execute(
+                "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                " WHERE relay_id = ?",
+                (relay_id,),
+            ).rowcount
+
+    def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
+                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (node_id) DO UPDATE"
+                " SET relay_id = excluded.relay_id, status = excluded.status,"
+                " since = excluded.since, generation = stream_holders.generation + 1"
+                " RETURNING generation",
+                (node_id, relay_id, status, now),
+            ).fetchone()
+            return int(row["generation"])
+
+    def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
+        with self._tx() as db:
+            return bool(
+                db.execute(
+                    "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                    " WHERE node_id = ? AND relay_id = ? AND generation = ?",
+                    (node_id, relay_id, generation),
+                ).rowcount
+            )
+
+    def set_held_statuses(self, relay_id: str, statuses: Sequence[tuple[str, int, str]]) -> None:
+        if not statuses:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE stream_holders SET status = ?"
+                " WHERE node_id = ? AND generation = ? AND relay_id = ?",
+                [(status, node_id, gen, relay_id) for node_id, gen, status in statuses],
+            )
+
+    def listen(self, channels: Sequence[str]) -> None:
+        return None  # one relay: nobody else changes the file
+
+    def load_holders(self) -> list[Holder]:
+        rows = self._db.execute("SELECT * FROM stream_holders WHERE relay_id <> ''")
+        return [holder_from(r) for r in rows]
 
 
 _SIDECARS: Final = ("", "-wal", "-shm", "-journal")

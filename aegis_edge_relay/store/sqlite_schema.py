@@ -9,7 +9,7 @@ from typing import Final
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -97,5 +97,22 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     # Issue 14: the tool's structured result, for fleet show and edge show --history.
     4: """
     ALTER TABLE commands ADD COLUMN result_json TEXT NOT NULL DEFAULT ''
+    """,
+    # Issue 18: the cluster's liveness. Each relay's lease, and which relay holds each
+    # node's stream (relay_id '' once released; the row stays, so generations only grow).
+    5: """
+    CREATE TABLE relay_leases (
+        relay_id   TEXT PRIMARY KEY,
+        endpoint   TEXT NOT NULL DEFAULT '',
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE stream_holders (
+        node_id    TEXT PRIMARY KEY,
+        relay_id   TEXT NOT NULL DEFAULT '',
+        generation INTEGER NOT NULL,
+        status     TEXT NOT NULL,
+        since      REAL NOT NULL
+    );
+    CREATE INDEX stream_holders_relay ON stream_holders (relay_id)
     """,
 }

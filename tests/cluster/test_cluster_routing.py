@@ -1,0 +1,171 @@
+"""Three relay processes over one PostgreSQL database (issue 18, part B): every relay shows
+the whole fleet with the right statuses, a killed relay's nodes go Disconnected at the
+survivors, and revocations committed through one relay cut streams held by another.
+
+Until relays accept each other's tokens (part A), a daemon attests at the relay that
+enrolled it: the daemons are spread over the three relays by enrolling them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aegis_edge_core.session import Refused
+from aegis_edge_core.wire import admin_pb2, common_pb2
+from tests.cluster.conftest import STALE, relay_cluster
+from tests.relay.daemon_driver import DaemonDriver, RelayProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+CONNECTED = common_pb2.DAEMON_STATUS_CONNECTED
+DISCONNECTED = common_pb2.DAEMON_STATUS_DISCONNECTED
+REVOKED = common_pb2.DAEMON_STATUS_REVOKED
+
+
+async def _daemons_at(
+    relay: RelayProcess, channel: grpc.aio.Channel, tenant: str, count: int
+) -> list[DaemonDriver]:
+    admin = relay.admin(channel)
+    out = []
+    for _ in range(count):
+        resp = await admin.IssueEnrollmentToken(
+            admin_pb2.IssueEnrollmentTokenRequest(tenant_id=tenant), metadata=relay.auth()
+        )
+        daemon = DaemonDriver(channel)
+        await daemon.enroll(resp.token)
+        await daemon.connect()
+        daemon.start_heartbeats(0.3)
+        out.append(daemon)
+    return out
+
+
+async def _statuses(relay: RelayProcess, channel: grpc.aio.Channel) -> dict[str, int]:
+    hosts = await relay.admin(channel).ListHosts(
+        admin_pb2.ListHostsRequest(), metadata=relay.auth(), timeout=10
+    )
+    return {h.node_id: h.status for h in hosts.hosts}
+
+
+def test_every_relay_shows_the_fleet_and_a_killed_relays_nodes_go_disconnected(
+    cluster: list[RelayProcess],
+) -> None:
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(r.channel()) for r in cluster]
+            held: list[list[DaemonDriver]] = []
+            for relay, channel in zip(cluster, channels, strict=True):
+                held.append(await _daemons_at(relay, channel, "acme", 3))
+            every = {d.node_id for group in held for d in group}
+            assert len(every) == 9
+
+            async def all_connected() -> bool:
+                for relay, channel in zip(cluster, channels, strict=True):
+                    seen = await _statuses(relay, channel)
+                    if set(seen) != every or set(seen.values()) != {CONNECTED}:
+                        return False
+                return True
+
+            await wait_until(all_connected, timeout=15, what="every relay shows 9 Connected")
+
+            # GetHost on a relay that does not hold the node answers from the rows too.
+            far = held[2][0]
+            host = (
+                await cluster[0]
+                .admin(channels[0])
+                .GetHost(admin_pb2.GetHostRequest(node_id=far.node_id), metadata=cluster[0].auth())
+            )
+            assert host.status == CONNECTED
+
+            killed = cluster[1]
+            gone = {d.node_id for d in held[1]}
+            killed.proc.kill()  # kill -9: no drain, no lease dropped, rows left behind
+            killed.proc.wait(10)
+            started = time.monotonic()
+
+            async def survivors_see_it() -> bool:
+                for i in (0, 2):
+                    seen = await _statuses(cluster[i], channels[i])
+                    for node_id, status in seen.items():
+                        want = DISCONNECTED if node_id in gone else CONNECTED
+                        if status != want:
+                            return False
+                return True
+
+            await wait_until(
+                survivors_see_it, timeout=4 * STALE, what="survivors show B's nodes Disconnected"
+            )
+            took = time.monotonic() - started
+            print(f"killed relay's nodes Disconnected at the survivors after {took:.2f} s")
+            for group in (held[0], held[2]):
+                for d in group:
+                    await d.close()
+
+    asyncio.run(scenario())
+
+
+SLOW_SYNC_STALE = 30.0
+"""A stale threshold whose periodic sync (every 5 s) is far slower than a revocation must
+travel: what cuts the stream in time is the store's NOTIFY wake-up."""
+
+
+def test_revoke_and_tenant_delete_through_one_relay_cut_streams_held_by_another(
+    tmp_path: Path,
+) -> None:
+    async def scenario(cluster: list[RelayProcess]) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(r.channel()) for r in cluster]
+            a, b = cluster[0], cluster[1]
+            target, bystander = await _daemons_at(b, channels[1], "acme", 2)
+            doomed = [
+                *await _daemons_at(b, channels[1], "doomed", 1),
+                *await _daemons_at(cluster[2], channels[2], "doomed", 1),
+            ]
+
+            async def a_sees_them() -> bool:
+                seen = await _statuses(a, channels[0])
+                ids = [target.node_id, bystander.node_id, *(d.node_id for d in doomed)]
+                return all(seen.get(n) == CONNECTED for n in ids)
+
+            await wait_until(a_sees_them, timeout=20, what="A shows B's and C's daemons")
+
+            started = time.monotonic()
+            await a.admin(channels[0]).RevokeNode(
+                admin_pb2.RevokeNodeRequest(node_id=target.node_id, reason="stolen laptop"),
+                metadata=a.auth(),
+            )
+            # bounded well under the 5 s sync, so only the wake-up can meet it
+            await wait_until(target.stream_done.is_set, timeout=3, what="stream cut")
+            print(f"revoke through A cut B's stream after {time.monotonic() - started:.2f} s")
+            again = await target.connect()
+            assert isinstance(again, Refused)
+            assert not bystander.stream_done.is_set()
+            host = await b.admin(channels[1]).GetHost(
+                admin_pb2.GetHostRequest(node_id=target.node_id), metadata=b.auth()
+            )
+            assert host.status == REVOKED
+
+            started = time.monotonic()
+            await a.admin(channels[0]).DeleteTenant(
+                admin_pb2.DeleteTenantRequest(tenant_id="doomed"), metadata=a.auth()
+            )
+            await wait_until(
+                lambda: all(d.stream_done.is_set() for d in doomed),
+                timeout=3,
+                what="the tenant's streams cut at B and C",
+            )
+            print(
+                f"tenant delete through A cut B's and C's streams after "
+                f"{time.monotonic() - started:.2f} s"
+            )
+            for d in doomed:
+                assert isinstance(await d.connect(), Refused)
+            await bystander.close()
+
+    with relay_cluster(tmp_path, stale=SLOW_SYNC_STALE) as relays:
+        asyncio.run(scenario(relays))

@@ -1,0 +1,56 @@
+"""The cluster's rows on both stores: leases, and stream holders whose generation guards
+every release (``aegis_edge_core.cluster``'s rules, as the stores apply them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis_edge_core.cluster import RelayLease
+from aegis_edge_core.health import DaemonStatus
+from aegis_edge_relay.store import Store, open_store
+
+
+@pytest.fixture
+def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
+    opened = open_store(store_url, tmp_path)
+    yield opened
+    opened.close()
+
+
+def test_leases_renew_and_drop(store: Store) -> None:
+    store.renew_lease(RelayLease(relay_id="a", endpoint="h:1", expires_at=10.0))
+    store.renew_lease(RelayLease(relay_id="a", endpoint="h:2", expires_at=20.0))
+    store.renew_lease(RelayLease(relay_id="b", endpoint="h:3", expires_at=30.0))
+    assert sorted(store.load_leases(), key=lambda lease: lease.relay_id) == [
+        RelayLease(relay_id="a", endpoint="h:2", expires_at=20.0),
+        RelayLease(relay_id="b", endpoint="h:3", expires_at=30.0),
+    ]
+    store.drop_lease("a")
+    assert [lease.relay_id for lease in store.load_leases()] == ["b"]
+
+
+def test_a_late_release_never_clears_a_newer_stream(store: Store) -> None:
+    first = store.hold_stream("n1", "a", "Connected", 1.0)
+    second = store.hold_stream("n1", "b", "Connected", 2.0)
+    assert second == first + 1
+    assert not store.release_stream("n1", "a", first)  # the old stream at A hangs up late
+    (row,) = store.load_holders()
+    assert (row.relay_id, row.generation, row.status) == ("b", second, DaemonStatus.CONNECTED)
+    store.set_held_statuses("b", [("n1", second, "Unhealthy"), ("n1", first, "Connected")])
+    assert store.load_holders()[0].status is DaemonStatus.UNHEALTHY
+    assert store.release_stream("n1", "b", second)
+    assert store.load_holders() == []
+    # the row stays (released), so generations keep growing
+    assert store.hold_stream("n1", "a", "Connected", 3.0) == second + 1
+
+
+def test_dropping_a_lease_releases_the_relays_streams(store: Store) -> None:
+    store.hold_stream("n1", "a", "Connected", 1.0)
+    store.hold_stream("n2", "a", "Connected", 1.0)
+    store.hold_stream("n3", "b", "Connected", 1.0)
+    store.renew_lease(RelayLease(relay_id="a", endpoint="", expires_at=5.0))
+    assert store.drop_lease("a") == 2
+    assert [h.node_id for h in store.load_holders()] == ["n3"]
