@@ -65,6 +65,8 @@ class ClusterView:
         self._releases: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         """Set by a store notification: sync now rather than at the next interval."""
+        self.route_wake = asyncio.Event()
+        """Set when commands were routed to this relay, or results routed back to it."""
 
     # ------------------------------------------------------------------ what others hold
 

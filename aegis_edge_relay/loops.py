@@ -22,10 +22,11 @@ from typing import Any, Final
 
 from aegis_edge_core.identity.rotation import needs_refresh
 from aegis_edge_relay import jsonlog
+from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.runs import FleetRuns
-from aegis_edge_relay.store import NODES_CHANGED, Listener
+from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
 from aegis_edge_relay.streams import StreamHandler
 
 __all__ = ["Loops"]
@@ -46,6 +47,7 @@ class Loops:
         identity: IdentityService,
         streams: StreamHandler,
         runs: FleetRuns,
+        dispatcher: Dispatcher,
         stale_threshold: float,
         heartbeat_flush_interval: float,
         fleet_tick_interval: float,
@@ -54,6 +56,7 @@ class Loops:
         self.identity = identity
         self.streams = streams
         self.runs = runs
+        self.dispatcher = dispatcher
         self.now = fleet.now
         self._sweep_step = max(0.05, min(1.0, stale_threshold / 4))
         self._flush_interval = heartbeat_flush_interval
@@ -70,7 +73,7 @@ class Loops:
             self._handshake_loop(),
         )
         if self.fleet.cluster.shared:
-            coros = (*coros, self._cluster_loop(), self._listen_loop())
+            coros = (*coros, self._cluster_loop(), self._listen_loop(), self._route_loop())
         for coro in coros:
             self._tasks.append(loop.create_task(coro))
 
@@ -133,6 +136,20 @@ class Loops:
                 continue
             for node, reason in fleet.merge(records):
                 self.identity.revoked_elsewhere(node, reason)
+            self.dispatcher.holders_lost(cluster.live)
+
+    async def _route_loop(self) -> None:
+        """Commands routed to this relay and results routed back: at once on a wake-up,
+        and every sync interval as the sweep that catches a missed notification."""
+        cluster = self.fleet.cluster
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.route_wake.wait(), cluster.interval)
+            cluster.route_wake.clear()
+            try:
+                await self.dispatcher.pump_routed()
+            except Exception as err:  # the next sweep tries again
+                jsonlog.log("error", "cluster.route_failed", error=str(err))
 
     async def _listen_loop(self) -> None:
         """Wake the cluster loop on the store's notifications (a revocation by another
@@ -144,11 +161,15 @@ class Loops:
             while True:
                 try:
                     if listener is None:
-                        listener = await asyncio.to_thread(store.listen, [NODES_CHANGED])
+                        channels = [NODES_CHANGED, relay_channel(cluster.relay_id)]
+                        listener = await asyncio.to_thread(store.listen, channels)
                         if listener is None:
                             return
-                    if await asyncio.to_thread(listener.wait, LISTEN_WAIT):
-                        cluster.wake.set()
+                    for payload in await asyncio.to_thread(listener.wait, LISTEN_WAIT):
+                        if payload == "revoked":
+                            cluster.wake.set()
+                        else:
+                            cluster.route_wake.set()
                 except Exception as err:  # reconnect after a pause; the sync still runs
                     jsonlog.log("warning", "cluster.listen_failed", error=str(err))
                     if listener is not None:

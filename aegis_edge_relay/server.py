@@ -260,6 +260,7 @@ class Relay:
             identity=identity,
             streams=streams,
             runs=runs,
+            dispatcher=dispatcher,
             stale_threshold=config.stale_threshold,
             # Shared: heartbeats stay in memory (the holder answers for its nodes) and reach
             # the store coarsely, so an idle daemon costs one row write per few minutes.

@@ -13,10 +13,12 @@ from aegis_edge_relay.store.base import (
     GroupRow,
     Listener,
     NodeRecord,
+    RoutedCommand,
     Store,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    relay_channel,
 )
 from aegis_edge_relay.store.factory import STORE_FILE, open_store
 from aegis_edge_relay.store.postgres import PostgresStore, redact_url
@@ -34,6 +36,7 @@ __all__ = [
     "Listener",
     "NodeRecord",
     "PostgresStore",
+    "RoutedCommand",
     "SQLiteStore",
     "Store",
     "StoreError",
@@ -42,4 +45,5 @@ __all__ = [
     "TokenAlreadyRedeemed",
     "open_store",
     "redact_url",
+    "relay_channel",
 ]

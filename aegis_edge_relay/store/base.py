@@ -33,10 +33,12 @@ __all__ = [
     "GroupRow",
     "Listener",
     "NodeRecord",
+    "RoutedCommand",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "TokenAlreadyRedeemed",
+    "relay_channel",
 ]
 
 
@@ -44,6 +46,11 @@ NODES_CHANGED: Final = "aegis_nodes"
 """The wake-up channel a shared store signals when a transaction revoked nodes: the other
 relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
 next periodic sync."""
+
+
+def relay_channel(relay_id: str) -> str:
+    """The wake-up channel of one relay: commands routed to it, results routed back."""
+    return f"aegis_relay_{relay_id}"
 
 
 class StoreError(AegisError):
@@ -119,6 +126,27 @@ class FleetRunRow:
     kept. Secret arguments are never here: only their names, in ``secret_keys``."""
     secret_keys: tuple[str, ...] = ()
     rerun_of: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class RoutedCommand:
+    """A command for a node whose stream another relay holds: queued for that relay (the
+    holder), which delivers it once and marks it done; the coordinator (the relay that
+    dispatched it and waits) then reads the result from ``commands``."""
+
+    command_id: str
+    node_id: str
+    tenant_id: str
+    holder: str
+    coordinator: str
+    tool: str
+    args_json: str
+    fleet_command_id: str = ""
+    deadline: float = 0.0
+    timeout_secs: float = 0.0
+    created_at: float = 0.0
+    cancel: str = ""
+    """A cancel asked for by the coordinator (its reason); empty when none."""
 
 
 @attrs.frozen(kw_only=True)
@@ -233,6 +261,23 @@ class Store(Protocol):
         ...
 
     def load_holders(self) -> list[Holder]: ...
+
+    # commands routed through the store (delivered at most once: state queued -> sent)
+    def route_command(self, row: RoutedCommand) -> None: ...
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        """The commands queued for ``holder``, marked sent in the same statement."""
+        ...
+
+    def cancel_routed(self, command_id: str, reason: str) -> None: ...
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        """(command_id, reason) of cancels for delivered commands not yet passed on."""
+        ...
+
+    def finish_routed(self, command_id: str) -> None: ...
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        """Ids of routed commands of ``coordinator`` whose result is now in ``commands``."""
+        ...
+
     def listen(self, channels: Sequence[str]) -> Listener | None:
         """A listener for ``channels``; None where no other relay can signal (SQLite)."""
         ...

@@ -34,9 +34,11 @@ from aegis_edge_relay.store.base import (
     GroupExists,
     GroupRow,
     NodeRecord,
+    RoutedCommand,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    relay_channel,
 )
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS, MIGRATION_LOCK
 from aegis_edge_relay.store.rows import (
@@ -50,6 +52,8 @@ from aegis_edge_relay.store.rows import (
     lease_from,
     node_from,
     node_values,
+    routed_from,
+    routed_values,
     run_from,
     run_values,
     tags_json,
@@ -688,6 +692,73 @@ class PostgresStore:
                 relay_id,
             ),
         )
+
+    def route_command(self, row: RoutedCommand) -> None:
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
+                " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (command_id) DO NOTHING",
+                routed_values(row),
+            )
+            cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(row.holder),))
+
+        self._write(tx)
+
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET state = 'sent'"
+                " WHERE holder = %s AND state = 'queued' RETURNING *",
+                (holder,),
+            ).fetchall()
+        )
+        return sorted((routed_from(r) for r in rows), key=lambda r: r.created_at)
+
+    def cancel_routed(self, command_id: str, reason: str) -> None:
+        def tx(cur: Cursor) -> None:
+            row = cur.execute(
+                "UPDATE routed_commands SET cancel = %s WHERE command_id = %s AND cancel = ''"
+                " AND state IN ('queued', 'sent') RETURNING holder",
+                (reason or "cancelled", command_id),
+            ).fetchone()
+            if row is not None:
+                cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(row["holder"]),))
+
+        self._write(tx)
+
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET cancel_sent = 1 WHERE holder = %s AND state = 'sent'"
+                " AND cancel <> '' AND cancel_sent = 0 RETURNING command_id, cancel",
+                (holder,),
+            ).fetchall()
+        )
+        return [(r["command_id"], r["cancel"]) for r in rows]
+
+    def finish_routed(self, command_id: str) -> None:
+        def tx(cur: Cursor) -> None:
+            row = cur.execute(
+                "UPDATE routed_commands SET state = 'done' WHERE command_id = %s"
+                " AND state IN ('queued', 'sent') RETURNING coordinator",
+                (command_id,),
+            ).fetchone()
+            if row is not None:
+                cur.execute("SELECT pg_notify(%s, 'result')", (relay_channel(row["coordinator"]),))
+
+        self._write(tx)
+
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET state = 'collected'"
+                " WHERE coordinator = %s AND state = 'done' RETURNING command_id",
+                (coordinator,),
+            ).fetchall()
+        )
+        return [r["command_id"] for r in rows]
 
     def listen(self, channels: Sequence[str]) -> PostgresListener:
         conn = self._connect()

@@ -22,6 +22,7 @@ from aegis_edge_relay.store.base import (
     GroupExists,
     GroupRow,
     NodeRecord,
+    RoutedCommand,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
@@ -37,6 +38,8 @@ from aegis_edge_relay.store.rows import (
     lease_from,
     node_from,
     node_values,
+    routed_from,
+    routed_values,
     run_from,
     run_values,
     tags_json,
@@ -506,6 +509,58 @@ class SQLiteStore:
                 " WHERE node_id = ? AND generation = ? AND relay_id = ?",
                 [(status, node_id, gen, relay_id) for node_id, gen, status in statuses],
             )
+
+    def route_command(self, row: RoutedCommand) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
+                " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+                routed_values(row),
+            )
+
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET state = 'sent'"
+                " WHERE holder = ? AND state = 'queued' RETURNING *",
+                (holder,),
+            ).fetchall()
+        return sorted((routed_from(r) for r in rows), key=lambda r: r.created_at)
+
+    def cancel_routed(self, command_id: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE routed_commands SET cancel = ? WHERE command_id = ? AND cancel = ''"
+                " AND state IN ('queued', 'sent')",
+                (reason or "cancelled", command_id),
+            )
+
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET cancel_sent = 1 WHERE holder = ? AND state = 'sent'"
+                " AND cancel <> '' AND cancel_sent = 0 RETURNING command_id, cancel",
+                (holder,),
+            ).fetchall()
+        return [(r["command_id"], r["cancel"]) for r in rows]
+
+    def finish_routed(self, command_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE routed_commands SET state = 'done' WHERE command_id = ?"
+                " AND state IN ('queued', 'sent')",
+                (command_id,),
+            )
+
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET state = 'collected'"
+                " WHERE coordinator = ? AND state = 'done' RETURNING command_id",
+                (coordinator,),
+            ).fetchall()
+        return [r["command_id"] for r in rows]
 
     def listen(self, channels: Sequence[str]) -> None:
         return None  # one relay: nobody else changes the file

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -105,6 +106,68 @@ def test_every_relay_shows_the_fleet_and_a_killed_relays_nodes_go_disconnected(
             for group in (held[0], held[2]):
                 for d in group:
                     await d.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_fleet_run_on_one_relay_reaches_daemons_held_by_all_three(
+    cluster: list[RelayProcess],
+) -> None:
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(r.channel()) for r in cluster]
+            held = [
+                await _daemons_at(relay, channel, "fleet", 3)
+                for relay, channel in zip(cluster, channels, strict=True)
+            ]
+            daemons = [d for group in held for d in group]
+            a = cluster[0]
+            admin = a.admin(channels[0])
+
+            async def a_sees_all() -> bool:
+                seen = await _statuses(a, channels[0])
+                return all(seen.get(d.node_id) == CONNECTED for d in daemons)
+
+            await wait_until(a_sees_all, timeout=15, what="A shows every daemon Connected")
+            events = [
+                event
+                async for event in admin.StartFleetRun(
+                    admin_pb2.FleetRunSpec(
+                        selector="all",
+                        tool="cmd.run",
+                        args_json=json.dumps({"cmd": "true"}),
+                        mode="rolling=4",
+                        deadline_secs=60,
+                        tenant_id="fleet",
+                    ),
+                    metadata=a.auth(),
+                    timeout=60,
+                )
+            ]
+            run = events[-1].finished
+            assert run.outcome == common_pb2.RUN_OUTCOME_COMPLETED, run
+            assert len(run.targets) == 9
+            assert {t.outcome for t in run.targets} == {common_pb2.TARGET_OUTCOME_OK}
+            # each daemon got its command once, wherever its stream is held
+            assert [len(d.commands) for d in daemons] == [1] * 9
+            # every result is in history, read through any relay
+            for relay, channel in zip(cluster, channels, strict=True):
+                got = await relay.admin(channel).GetFleetRun(
+                    admin_pb2.GetFleetRunRequest(fleet_command_id=run.fleet_command_id),
+                    metadata=relay.auth(),
+                )
+                assert {t.outcome for t in got.targets} == {common_pb2.TARGET_OUTCOME_OK}
+            for d in daemons:
+                host = (
+                    await cluster[2]
+                    .admin(channels[2])
+                    .GetHost(
+                        admin_pb2.GetHostRequest(node_id=d.node_id), metadata=cluster[2].auth()
+                    )
+                )
+                assert [h.outcome for h in host.history] == [common_pb2.TARGET_OUTCOME_OK]
+            for d in daemons:
+                await d.close()
 
     asyncio.run(scenario())
 

@@ -10,7 +10,7 @@ import pytest
 
 from aegis_edge_core.cluster import RelayLease
 from aegis_edge_core.health import DaemonStatus
-from aegis_edge_relay.store import Store, open_store
+from aegis_edge_relay.store import RoutedCommand, Store, open_store
 
 
 @pytest.fixture
@@ -54,3 +54,28 @@ def test_dropping_a_lease_releases_the_relays_streams(store: Store) -> None:
     store.renew_lease(RelayLease(relay_id="a", endpoint="", expires_at=5.0))
     assert store.drop_lease("a") == 2
     assert [h.node_id for h in store.load_holders()] == ["n3"]
+
+
+def test_a_routed_command_is_delivered_once_and_its_end_collected_once(store: Store) -> None:
+    row = RoutedCommand(
+        command_id="c-1",
+        node_id="n1",
+        tenant_id="t1",
+        holder="b",
+        coordinator="a",
+        tool="cmd.run",
+        args_json="{}",
+        created_at=1.0,
+    )
+    store.route_command(row)
+    store.route_command(row)  # a retry of the same command id: still one row
+    assert [r.command_id for r in store.take_routed("b")] == ["c-1"]
+    assert store.take_routed("b") == []  # never handed over twice
+    store.cancel_routed("c-1", "operator")
+    assert store.take_cancels("b") == [("c-1", "operator")]
+    assert store.take_cancels("b") == []
+    assert store.take_routed_results("a") == []
+    store.finish_routed("c-1")
+    store.finish_routed("c-1")
+    assert store.take_routed_results("a") == ["c-1"]
+    assert store.take_routed_results("a") == []
