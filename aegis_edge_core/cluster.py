@@ -116,8 +116,15 @@ def shown_status(
 
 
 def run_takeover_due(
-    coordinator: str, lease_expires_at: float, live: Collection[str], now: float
+    coordinator: str,
+    lease_expires_at: float,
+    live: Collection[str],
+    now: float,
+    *,
+    this_relay: str,
 ) -> bool:
-    """Whether an unfinished fleet run's coordination may be taken over: its coordinator
-    lease lapsed, or the relay that holds it has no live lease any more (it died)."""
-    return now >= lease_expires_at or coordinator not in live
+    """Whether ``this_relay``, which does not drive the unfinished fleet run, may take its
+    coordination over: its coordinator lease lapsed, the relay that holds it has no live
+    lease any more (it died), or the lease names this very relay (left by its previous
+    life, killed before it could hand the run over)."""
+    return coordinator == this_relay or now >= lease_expires_at or coordinator not in live

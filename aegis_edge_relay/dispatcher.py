@@ -87,6 +87,8 @@ class PendingCommand:
     stderr: bytearray = attrs.field(factory=bytearray)
     routed_to: str = ""
     """The relay holding the node's stream when the command went through the store."""
+    adopted: bool = False
+    """Sent by a run's previous coordinator: its end is looked for in ``commands`` too."""
 
 
 R = TypeVar("R")
@@ -146,7 +148,11 @@ class Dispatcher:
 
     async def recover(self) -> None:
         """After a crash: commands the previous process left without an end are
-        ``edge_disconnected`` (a late result still lands in history)."""
+        ``edge_disconnected`` (a late result still lands in history). Not on a shared
+        store: the other relays' commands are in flight there, and a run's commands are
+        its next coordinator's to settle."""
+        if self.fleet.cluster.shared:
+            return
         lost = await self._db.call(
             self._db.store.finish_orphaned_commands,
             now=self.now(),
@@ -309,7 +315,8 @@ class Dispatcher:
 
     async def pump_routed(self) -> None:
         """Deliver the commands routed to this relay, pass on their cancels, and collect
-        the results of the commands this relay routed elsewhere."""
+        the results of the commands this relay routed elsewhere (and of adopted ones,
+        which may have ended where no notification reaches this relay)."""
         db, me = self._db, self.fleet.cluster.relay_id
         for row in await db.call(db.store.take_routed, me):
             await self._deliver(row)
@@ -317,6 +324,46 @@ class Dispatcher:
             self.cancel_command(command_id, reason)
         for command_id in await db.call(db.store.take_routed_results, me):
             await self._collect(command_id)
+        for pending in [p for p in self.pending.values() if p.adopted]:
+            await self._collect(pending.command_id)
+
+    def adopt(
+        self,
+        *,
+        command_id: str,
+        node_id: str,
+        tenant_id: str,
+        tool: str,
+        fleet_command_id: str,
+        dispatched_at: float,
+        holder: str,
+        listener: Listener,
+    ) -> None:
+        """Wait for a command a run's previous coordinator sent (this relay took the run
+        over): its end reaches ``listener`` as if this relay had sent it."""
+        mine = self.pending.get(command_id)
+        if mine is not None:
+            # This relay holds the node's stream and delivered it: end both ways.
+            routed_back = mine.listener
+
+            async def both(end: CommandEnd) -> None:
+                if routed_back is not None:
+                    await routed_back(end)
+                await listener(end)
+
+            mine.listener = both
+            return
+        self.pending[command_id] = PendingCommand(
+            command_id=command_id,
+            node_id=node_id,
+            tenant_id=tenant_id,
+            tool=tool,
+            fleet_command_id=fleet_command_id,
+            dispatched_at=dispatched_at,
+            listener=listener,
+            routed_to=holder,
+            adopted=True,
+        )
 
     async def _deliver(self, row: RoutedCommand) -> None:
         """A command another relay routed here, for a node whose stream this relay holds.

@@ -137,6 +137,12 @@ class Loops:
             for node, reason in fleet.merge(records):
                 self.identity.revoked_elsewhere(node, reason)
             self.dispatcher.holders_lost(cluster.live)
+            try:
+                now = self.now()
+                await self.runs.renew_leases(now + cluster.ttl)
+                await self.runs.take_over_due(now)
+            except Exception as err:
+                jsonlog.log("error", "cluster.runs_failed", error=str(err))
 
     async def _route_loop(self) -> None:
         """Commands routed to this relay and results routed back: at once on a wake-up,

@@ -282,6 +282,8 @@ class Relay:
         jsonlog.log("info", "relay.started", daemons=len(self.fleet.nodes))
 
     async def drain(self) -> None:
+        if self.cluster.shared:
+            await self.runs.hand_over()  # before the streams go: another relay resumes them
         await self.streams.drain()
 
     async def stop(self) -> None:

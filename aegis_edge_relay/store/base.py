@@ -278,6 +278,26 @@ class Store(Protocol):
         """Ids of routed commands of ``coordinator`` whose result is now in ``commands``."""
         ...
 
+    # fleet runs' coordinator leases
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        """Create or renew the leases of the runs ``coordinator`` drives."""
+        ...
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        """(fleet_command_id, coordinator, expires_at) of every run lease."""
+        ...
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        """Take a run's lease over if its coordinator is still ``expected`` ('' for a run
+        without one), and point its routed commands at the new coordinator, in one
+        transaction. The routed commands (command_id -> holder), or None when another
+        relay claimed it first."""
+        ...
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None: ...
+
     def listen(self, channels: Sequence[str]) -> Listener | None:
         """A listener for ``channels``; None where no other relay can signal (SQLite)."""
         ...

@@ -760,6 +760,49 @@ class PostgresStore:
         )
         return [r["command_id"] for r in rows]
 
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        if not ids:
+            return
+        self._update(
+            "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+            " SELECT id, %s, %s FROM UNNEST(%s::text[]) AS id"
+            " ON CONFLICT (fleet_command_id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
+            " WHERE run_leases.coordinator = EXCLUDED.coordinator",
+            (coordinator, expires_at, list(ids)),
+        )
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        rows = self._read(lambda cur: cur.execute("SELECT * FROM run_leases"))
+        return [(r["fleet_command_id"], r["coordinator"], r["expires_at"]) for r in rows]
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        def tx(cur: Cursor) -> dict[str, str] | None:
+            won = cur.execute(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (%s, %s, %s) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET coordinator = EXCLUDED.coordinator, expires_at = EXCLUDED.expires_at"
+                " WHERE run_leases.coordinator = %s RETURNING fleet_command_id",
+                (fleet_command_id, coordinator, expires_at, expected),
+            ).fetchone()
+            if won is None:
+                return None
+            rows = cur.execute(
+                "UPDATE routed_commands SET coordinator = %s WHERE fleet_command_id = %s"
+                " RETURNING command_id, holder",
+                (coordinator, fleet_command_id),
+            ).fetchall()
+            return {r["command_id"]: r["holder"] for r in rows}
+
+        return self._write(tx)
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        self._update(
+            "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
+            (fleet_command_id, coordinator),
+        )
+
     def listen(self, channels: Sequence[str]) -> PostgresListener:
         conn = self._connect()
         try:

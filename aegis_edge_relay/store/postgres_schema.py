@@ -132,5 +132,10 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     );
     CREATE INDEX routed_commands_holder ON routed_commands (holder, state);
     CREATE INDEX routed_commands_coordinator ON routed_commands (coordinator, state);
+    CREATE TABLE run_leases (
+        fleet_command_id TEXT PRIMARY KEY,
+        coordinator      TEXT NOT NULL,
+        expires_at       DOUBLE PRECISION NOT NULL
+    );
     """,
 }

@@ -562,6 +562,47 @@ class SQLiteStore:
             ).fetchall()
         return [r["command_id"] for r in rows]
 
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET expires_at = excluded.expires_at"
+                " WHERE run_leases.coordinator = excluded.coordinator",
+                [(i, coordinator, expires_at) for i in ids],
+            )
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        rows = self._db.execute("SELECT * FROM run_leases")
+        return [(r["fleet_command_id"], r["coordinator"], r["expires_at"]) for r in rows]
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        with self._tx() as db:
+            won = db.execute(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET coordinator = excluded.coordinator, expires_at = excluded.expires_at"
+                " WHERE run_leases.coordinator = ? RETURNING fleet_command_id",
+                (fleet_command_id, coordinator, expires_at, expected),
+            ).fetchone()
+            if won is None:
+                return None
+            rows = db.execute(
+                "UPDATE routed_commands SET coordinator = ? WHERE fleet_command_id = ?"
+                " RETURNING command_id, holder",
+                (coordinator, fleet_command_id),
+            ).fetchall()
+            return {r["command_id"]: r["holder"] for r in rows}
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM run_leases WHERE fleet_command_id = ? AND coordinator = ?",
+                (fleet_command_id, coordinator),
+            )
+
     def listen(self, channels: Sequence[str]) -> None:
         return None  # one relay: nobody else changes the file
 

@@ -100,7 +100,8 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     """,
     # Issue 18: the cluster. Each relay's lease; which relay holds each node's stream
     # (relay_id '' once released; the row stays, so generations only grow); commands for a
-    # node held by another relay, queued for it (the result goes to `commands` as ever).
+    # node held by another relay, queued for it (the result goes to `commands` as ever);
+    # the coordinator lease of each unfinished fleet run.
     5: """
     CREATE TABLE relay_leases (
         relay_id   TEXT PRIMARY KEY,
@@ -133,6 +134,11 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         created_at       REAL NOT NULL
     );
     CREATE INDEX routed_commands_holder ON routed_commands (holder, state);
-    CREATE INDEX routed_commands_coordinator ON routed_commands (coordinator, state)
+    CREATE INDEX routed_commands_coordinator ON routed_commands (coordinator, state);
+    CREATE TABLE run_leases (
+        fleet_command_id TEXT PRIMARY KEY,
+        coordinator      TEXT NOT NULL,
+        expires_at       REAL NOT NULL
+    )
     """,
 }

@@ -19,7 +19,9 @@ import pytest
 
 from aegis_edge_core.session import Refused
 from aegis_edge_core.wire import admin_pb2, common_pb2
+from tests.agent import harness
 from tests.cluster.conftest import STALE, relay_cluster
+from tests.pg import fresh_database
 from tests.relay.daemon_driver import DaemonDriver, RelayProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.integration
 CONNECTED = common_pb2.DAEMON_STATUS_CONNECTED
 DISCONNECTED = common_pb2.DAEMON_STATUS_DISCONNECTED
 REVOKED = common_pb2.DAEMON_STATUS_REVOKED
+TAKEOVER_DAEMONS = 12
 
 
 async def _daemons_at(
@@ -232,3 +235,107 @@ def test_revoke_and_tenant_delete_through_one_relay_cut_streams_held_by_another(
 
     with relay_cluster(tmp_path, stale=SLOW_SYNC_STALE) as relays:
         asyncio.run(scenario(relays))
+
+
+def test_kill_9_of_the_coordinating_relay_mid_run_another_relay_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``rolling=5 --on-error stop-after=3`` run started on relay A over real daemon
+    processes held by B and C; A is killed mid-run. The run finishes on B or C with the
+    outcome it would have had, each command ran once (a marker line per run, written by
+    the daemon), and every result is in history."""
+    with fresh_database() as url:
+        monkeypatch.setenv("AEGIS_STORE_URL", url)
+        relays = [harness.RelayProcess.start(tmp_path / f"relay{i}") for i in range(3)]
+        daemons: list[harness.DaemonProcess] = []
+        try:
+            a, b, c = relays
+            hosts = []
+            for i in range(TAKEOVER_DAEMONS):
+                holder = (b, c)[i % 2]
+                host = harness.enroll_host(holder, tmp_path / f"h{i}", allow_tools=["cmd.run"])
+                cwd = tmp_path / f"h{i}-cwd"
+                cwd.mkdir()
+                hosts.append((host, cwd))
+            # The last three targets (sorted by node id) fail: the third failure halts the
+            # run at its very end, so the outcome does not depend on timing.
+            ordered = sorted(hosts, key=lambda hc: hc[0].node_id)
+            for _, cwd in ordered[-3:]:
+                (cwd / "fail-here").touch()
+            for host, cwd in hosts:
+                daemons.append(harness.DaemonProcess.start(host.state_dir, cwd=cwd))
+            for d in daemons:
+                d.wait_event("connected", timeout=60)
+            ids = {h.node_id for h, _ in hosts}
+            stub, md = a.admin()
+
+            def a_sees_all() -> bool:
+                listed = stub.ListHosts(admin_pb2.ListHostsRequest(), metadata=md, timeout=10)
+                return {h.node_id for h in listed.hosts if h.status == CONNECTED} == ids
+
+            harness.wait_until(a_sees_all, 30, what="A shows every daemon Connected")
+            stream = stub.StartFleetRun(
+                admin_pb2.FleetRunSpec(
+                    selector="all",
+                    tool="cmd.run",
+                    args_json=json.dumps(
+                        {"cmd": "echo ran >> marker; sleep 4; test ! -e fail-here"}
+                    ),
+                    mode="rolling=5",
+                    on_error="stop-after=3",
+                    deadline_secs=120,
+                    tenant_id="acme",
+                ),
+                metadata=md,
+                timeout=120,
+            )
+            started = next(iter(stream))
+            fid = started.started.fleet_command_id
+
+            def markers() -> int:
+                return sum((cwd / "marker").exists() for _, cwd in hosts)
+
+            # mid-run: the first window came back and A sent the next commands
+            harness.wait_until(lambda: markers() >= 7, 60, what="the run's second wave")
+            a.proc.kill()
+            a.proc.wait(10)
+            stub_b, md_b = b.admin()
+
+            def finished() -> admin_pb2.FleetRun | None:
+                run = stub_b.GetFleetRun(
+                    admin_pb2.GetFleetRunRequest(fleet_command_id=fid), metadata=md_b, timeout=10
+                )
+                return run if run.outcome != common_pb2.RUN_OUTCOME_RUNNING else None
+
+            run = harness.wait_until(finished, 90, what="the run finished on another relay")
+            takeovers = [
+                e
+                for r in (b, c)
+                for e in r.output.events()
+                if e.get("event") == "fleet.run_taken_over" and e.get("fleet_command_id") == fid
+            ]
+            assert len(takeovers) == 1, takeovers
+            print("takeover:", takeovers[0])
+            assert run.outcome == common_pb2.RUN_OUTCOME_HALTED, run
+            assert dict(run.counts) == {"ok": TAKEOVER_DAEMONS - 3, "error": 3}, run
+            assert {t.node_id for t in run.targets} == ids
+            # daemon-side evidence: every command ran exactly once
+            for _, cwd in hosts:
+                assert (cwd / "marker").read_text() == "ran\n"
+            # every result in history, read through C
+            stub_c, md_c = c.admin()
+            for host, _ in hosts:
+                got = stub_c.GetHost(
+                    admin_pb2.GetHostRequest(node_id=host.node_id), metadata=md_c, timeout=10
+                )
+                assert len(got.history) == 1
+                assert got.history[0].fleet_command_id == fid
+                assert got.history[0].outcome in (
+                    common_pb2.TARGET_OUTCOME_OK,
+                    common_pb2.TARGET_OUTCOME_ERROR,
+                )
+        finally:
+            for d in daemons:
+                d.stop()
+            for r in relays:
+                r.stop()

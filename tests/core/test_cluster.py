@@ -48,9 +48,11 @@ def test_shown_status_follows_the_holders_lease() -> None:
 
 
 def test_run_takeover_when_coordinator_lease_lapses_or_relay_dies() -> None:
-    assert not run_takeover_due("a", 10.0, {"a"}, 5.0)
-    assert run_takeover_due("a", 10.0, {"a"}, 10.0)
-    assert run_takeover_due("a", 10.0, {"b"}, 5.0)
+    assert not run_takeover_due("a", 10.0, {"a", "b"}, 5.0, this_relay="b")
+    assert run_takeover_due("a", 10.0, {"a", "b"}, 10.0, this_relay="b")
+    assert run_takeover_due("a", 10.0, {"b"}, 5.0, this_relay="b")
+    # a lease naming this relay that it does not drive: left by its killed previous life
+    assert run_takeover_due("b", 10.0, {"a", "b"}, 5.0, this_relay="b")
 
 
 class HolderMachine(RuleBasedStateMachine):

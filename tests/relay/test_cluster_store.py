@@ -79,3 +79,29 @@ def test_a_routed_command_is_delivered_once_and_its_end_collected_once(store: St
     store.finish_routed("c-1")
     assert store.take_routed_results("a") == ["c-1"]
     assert store.take_routed_results("a") == []
+
+
+def test_a_run_is_claimed_by_one_relay_and_its_routed_commands_follow(store: Store) -> None:
+    store.lease_runs("a", ["f-1"], 10.0)
+    store.lease_runs("a", ["f-1"], 20.0)
+    store.lease_runs("b", ["f-1"], 99.0)  # not b's: no change
+    assert store.load_run_leases() == [("f-1", "a", 20.0)]
+    store.route_command(
+        RoutedCommand(
+            command_id="c-1",
+            node_id="n1",
+            tenant_id="t1",
+            holder="c",
+            coordinator="a",
+            tool="cmd.run",
+            args_json="{}",
+            fleet_command_id="f-1",
+        )
+    )
+    assert store.claim_run("f-1", "b", "a", 30.0) == {"c-1": "c"}
+    assert store.claim_run("f-1", "c", "a", 30.0) is None  # b was first
+    assert store.load_run_leases() == [("f-1", "b", 30.0)]
+    assert store.claim_run("f-2", "c", "", 30.0) == {}  # a run that had no lease
+    store.drop_run_lease("f-1", "a")  # not a's any more
+    store.drop_run_lease("f-1", "b")
+    assert store.load_run_leases() == [("f-2", "c", 30.0)]
