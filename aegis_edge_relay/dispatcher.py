@@ -429,22 +429,25 @@ class Dispatcher:
         )
 
     def holders_lost(self, live: Collection[str]) -> None:
-        """Commands routed to a relay whose lease lapsed end ``edge_disconnected`` (a late
-        result, through any relay, still lands in history)."""
-        now = self.now()
+        """Commands routed to a relay whose lease lapsed end ``edge_disconnected``, unless
+        their end reached ``commands`` before it went (a relay that stopped gracefully
+        let its daemons finish); a later result, through any relay, still lands in
+        history."""
         for pending in list(self.pending.values()):
             if pending.routed_to and pending.routed_to not in live:
-                self._spawn(
-                    self._finish(
-                        pending,
-                        TargetOutcome.EDGE_DISCONNECTED,
-                        now,
-                        exit_code=None,
-                        error_message="the relay holding the daemon's stream went away",
-                        stdout=b"",
-                        stderr=b"",
-                    )
-                )
+                self._spawn(self._holder_lost(pending))
+
+    async def _holder_lost(self, pending: PendingCommand) -> None:
+        await self._collect(pending.command_id)
+        await self._finish(
+            pending,
+            TargetOutcome.EDGE_DISCONNECTED,
+            self.now(),
+            exit_code=None,
+            error_message="the relay holding the daemon's stream went away",
+            stdout=b"",
+            stderr=b"",
+        )
 
     # ------------------------------------------------------------------ what comes back
 

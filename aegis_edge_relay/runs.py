@@ -245,15 +245,15 @@ class FleetRuns:
         await self._apply(active, list(resumed.actions))
 
     async def hand_over(self) -> None:
-        """Stopping on a shared store: stop driving the runs and give their leases up, so
-        another relay resumes them at once (results of what is in flight here still reach
-        ``commands``, where the new coordinator finds them)."""
+        """Stopping on a shared store: stop driving the runs and let their leases lapse
+        now, so another relay resumes them at its next sync (results of what is in flight
+        here still reach ``commands``, where the new coordinator finds them)."""
         db, me = self._db, self.fleet.cluster.relay_id
         for fid, active in list(self.runs.items()):
             active.detached = True
             del self.runs[fid]
             with contextlib.suppress(Exception):
-                await db.call(db.store.drop_run_lease, fid, me)
+                await db.call(db.store.lease_runs, me, [fid], 0.0)
             active.publish(None)
             jsonlog.log("info", "fleet.run_handed_over", fleet_command_id=fid)
 

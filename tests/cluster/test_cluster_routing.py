@@ -237,13 +237,14 @@ def test_revoke_and_tenant_delete_through_one_relay_cut_streams_held_by_another(
         asyncio.run(scenario(relays))
 
 
-def test_kill_9_of_the_coordinating_relay_mid_run_another_relay_finishes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+def test_the_coordinating_relay_goes_mid_run_and_another_relay_finishes_it(
+    stop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ``rolling=5 --on-error stop-after=3`` run started on relay A over real daemon
-    processes held by B and C; A is killed mid-run. The run finishes on B or C with the
-    outcome it would have had, each command ran once (a marker line per run, written by
-    the daemon), and every result is in history."""
+    processes held by B and C; A is killed (or stopped gracefully) mid-run. The run
+    finishes on B or C with the outcome it would have had, each command ran once (a marker
+    line per run, written by the daemon), and every result is in history."""
     with fresh_database() as url:
         monkeypatch.setenv("AEGIS_STORE_URL", url)
         relays = [harness.RelayProcess.start(tmp_path / f"relay{i}") for i in range(3)]
@@ -279,7 +280,7 @@ def test_kill_9_of_the_coordinating_relay_mid_run_another_relay_finishes_it(
                     selector="all",
                     tool="cmd.run",
                     args_json=json.dumps(
-                        {"cmd": "echo ran >> marker; sleep 4; test ! -e fail-here"}
+                        {"cmd": "echo ran >> marker; sleep 3; test ! -e fail-here"}
                     ),
                     mode="rolling=5",
                     on_error="stop-after=3",
@@ -297,8 +298,13 @@ def test_kill_9_of_the_coordinating_relay_mid_run_another_relay_finishes_it(
 
             # mid-run: the first window came back and A sent the next commands
             harness.wait_until(lambda: markers() >= 7, 60, what="the run's second wave")
-            a.proc.kill()
-            a.proc.wait(10)
+            if stop == "kill -9":
+                a.proc.kill()
+                a.proc.wait(10)
+            else:
+                assert a.stop() == 0
+                handed = [e for e in a.output.events() if e.get("event") == "fleet.run_handed_over"]
+                assert [e["fleet_command_id"] for e in handed] == [fid]
             stub_b, md_b = b.admin()
 
             def finished() -> admin_pb2.FleetRun | None:
