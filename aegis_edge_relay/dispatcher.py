@@ -382,14 +382,8 @@ class Dispatcher:
         self.pending[row.command_id] = pending
         handle = self.fleet.streams.get(row.node_id)
         if handle is None or handle.closing:
-            await self._finish(
-                pending,
-                TargetOutcome.EDGE_DISCONNECTED,
-                self.now(),
-                exit_code=None,
-                error_message="the daemon's stream moved away before the command reached it",
-                stdout=b"",
-                stderr=b"",
+            await self._disconnected(
+                pending, "the daemon's stream moved away before the command reached it"
             )
             return
         handle.session.send_command(
@@ -439,14 +433,17 @@ class Dispatcher:
 
     async def _holder_lost(self, pending: PendingCommand) -> None:
         await self._collect(pending.command_id)
+        await self._disconnected(pending, "the relay holding the daemon's stream went away")
+
+    async def _disconnected(self, pending: PendingCommand, message: str) -> None:
         await self._finish(
             pending,
             TargetOutcome.EDGE_DISCONNECTED,
             self.now(),
             exit_code=None,
-            error_message="the relay holding the daemon's stream went away",
-            stdout=b"",
-            stderr=b"",
+            error_message=message,
+            stdout=bytes(pending.stdout),
+            stderr=bytes(pending.stderr),
         )
 
     # ------------------------------------------------------------------ what comes back
@@ -532,21 +529,12 @@ class Dispatcher:
 
     def connection_lost(self, node_id: str, lost: Iterable[str]) -> None:
         """The node's stream is gone: its in-flight commands end ``edge_disconnected``."""
-        now = self.now()
         for command_id in lost:
             pending = self.pending.get(command_id)
             if pending is None or pending.node_id != node_id:
                 continue
             self._spawn(
-                self._finish(
-                    pending,
-                    TargetOutcome.EDGE_DISCONNECTED,
-                    now,
-                    exit_code=None,
-                    error_message="the daemon's stream dropped while the command ran",
-                    stdout=bytes(pending.stdout),
-                    stderr=bytes(pending.stderr),
-                )
+                self._disconnected(pending, "the daemon's stream dropped while the command ran")
             )
 
     async def _finish(

@@ -127,11 +127,14 @@ def test_a_fleet_run_on_one_relay_reaches_daemons_held_by_all_three(
             a = cluster[0]
             admin = a.admin(channels[0])
 
-            async def a_sees_all() -> bool:
-                seen = await _statuses(a, channels[0])
-                return all(seen.get(d.node_id) == CONNECTED for d in daemons)
+            async def all_see_all() -> bool:
+                for relay, channel in zip(cluster, channels, strict=True):
+                    seen = await _statuses(relay, channel)
+                    if not all(seen.get(d.node_id) == CONNECTED for d in daemons):
+                        return False
+                return True
 
-            await wait_until(a_sees_all, timeout=15, what="A shows every daemon Connected")
+            await wait_until(all_see_all, timeout=15, what="every relay shows every daemon")
             events = [
                 event
                 async for event in admin.StartFleetRun(
