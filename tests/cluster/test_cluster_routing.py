@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 CONNECTED = common_pb2.DAEMON_STATUS_CONNECTED
 DISCONNECTED = common_pb2.DAEMON_STATUS_DISCONNECTED
 REVOKED = common_pb2.DAEMON_STATUS_REVOKED
-TAKEOVER_DAEMONS = 12
+TAKEOVER_DAEMONS = 30
 
 
 async def _daemons_at(
