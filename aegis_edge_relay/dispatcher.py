@@ -145,6 +145,7 @@ class Dispatcher:
             db, db.store.record_dispatches
         )
         self._result_log: GroupCommit[CommandRow, bool] = GroupCommit(db, db.store.record_results)
+        self._route_log: GroupCommit[RoutedCommand, None] = GroupCommit(db, db.store.route_commands)
 
     async def recover(self) -> None:
         """After a crash: commands the previous process left without an end are
@@ -228,22 +229,23 @@ class Dispatcher:
             span=span,
             log_level=log_level,
         )
-        await self._dispatch_log.submit(
-            CommandRow(
-                command_id=command_id,
-                node_id=node_id,
-                tenant_id=node.tenant_id,
-                tool=tool,
-                dispatched_at=now,
-                fleet_command_id=fleet_command_id,
-            )
-        )
         timeout = (
             timeout_secs
             if timeout_secs is not None
             else (max(0.0, deadline - now) if deadline else 0.0)
         )
-        if holder is not None:
+        if holder is None:
+            await self._dispatch_log.submit(
+                CommandRow(
+                    command_id=command_id,
+                    node_id=node_id,
+                    tenant_id=node.tenant_id,
+                    tool=tool,
+                    dispatched_at=now,
+                    fleet_command_id=fleet_command_id,
+                )
+            )
+        else:
             pending.routed_to = holder
             self.pending[command_id] = pending
             routed = RoutedCommand(
@@ -260,7 +262,7 @@ class Dispatcher:
                 created_at=now,
             )
             try:
-                await self._db.call(self._db.store.route_command, routed)
+                await self._route_log.submit(routed)  # the dispatch row and the queue row
             except Exception:
                 self.pending.pop(command_id, None)
                 tracing.end_span(span, "edge_disconnected")

@@ -134,6 +134,17 @@ class RoutedCommand:
     holder), which delivers it once and marks it done; the coordinator (the relay that
     dispatched it and waits) then reads the result from ``commands``."""
 
+    def dispatch_row(self) -> CommandRow:
+        """Its ``commands`` row as dispatched."""
+        return CommandRow(
+            command_id=self.command_id,
+            node_id=self.node_id,
+            tenant_id=self.tenant_id,
+            tool=self.tool,
+            dispatched_at=self.created_at,
+            fleet_command_id=self.fleet_command_id,
+        )
+
     command_id: str
     node_id: str
     tenant_id: str
@@ -263,7 +274,12 @@ class Store(Protocol):
     def load_holders(self) -> list[Holder]: ...
 
     # commands routed through the store (delivered at most once: state queued -> sent)
-    def route_command(self, row: RoutedCommand) -> None: ...
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
+        """Record each command's dispatch in ``commands`` *and* queue it for its holder, in
+        one transaction: a run's next coordinator never finds a dispatch it cannot tell
+        the holder of."""
+        ...
+
     def take_routed(self, holder: str) -> list[RoutedCommand]:
         """The commands queued for ``holder``, marked sent in the same statement."""
         ...

@@ -693,16 +693,25 @@ class PostgresStore:
             ),
         )
 
-    def route_command(self, row: RoutedCommand) -> None:
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
+        if not rows:
+            return
+
         def tx(cur: Cursor) -> None:
-            cur.execute(
+            cur.executemany(
+                "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id, tool,"
+                " dispatched_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [dispatch_values(row.dispatch_row()) for row in rows],
+            )
+            cur.executemany(
                 "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
                 " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (command_id) DO NOTHING",
-                routed_values(row),
+                [routed_values(row) for row in rows],
             )
-            cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(row.holder),))
+            for holder in sorted({row.holder for row in rows}):
+                cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(holder),))
 
         self._write(tx)
 

@@ -510,13 +510,18 @@ class SQLiteStore:
                 [(status, node_id, gen, relay_id) for node_id, gen, status in statuses],
             )
 
-    def route_command(self, row: RoutedCommand) -> None:
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
         with self._tx() as db:
-            db.execute(
+            db.executemany(
+                "INSERT OR IGNORE INTO commands (command_id, node_id, tenant_id,"
+                " fleet_command_id, tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [dispatch_values(row.dispatch_row()) for row in rows],
+            )
+            db.executemany(
                 "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
                 " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
-                routed_values(row),
+                [routed_values(row) for row in rows],
             )
 
     def take_routed(self, holder: str) -> list[RoutedCommand]:

@@ -250,7 +250,10 @@ def test_the_coordinating_relay_goes_mid_run_and_another_relay_finishes_it(
     line per run, written by the daemon), and every result is in history."""
     with fresh_database() as url:
         monkeypatch.setenv("AEGIS_STORE_URL", url)
-        relays = [harness.RelayProcess.start(tmp_path / f"relay{i}") for i in range(3)]
+        relays = [
+            harness.RelayProcess.start(tmp_path / f"relay{i}", stale_threshold="10s")
+            for i in range(3)
+        ]
         daemons: list[harness.DaemonProcess] = []
         try:
             a, b, c = relays

@@ -67,8 +67,10 @@ def test_a_routed_command_is_delivered_once_and_its_end_collected_once(store: St
         args_json="{}",
         created_at=1.0,
     )
-    store.route_command(row)
-    store.route_command(row)  # a retry of the same command id: still one row
+    store.route_commands([row])
+    store.route_commands([row])  # a retry of the same command id: still one row
+    dispatched = store.get_command("c-1")  # the dispatch row came in the same transaction
+    assert dispatched is not None and dispatched.node_id == "n1" and not dispatched.outcome
     assert [r.command_id for r in store.take_routed("b")] == ["c-1"]
     assert store.take_routed("b") == []  # never handed over twice
     store.cancel_routed("c-1", "operator")
@@ -86,17 +88,19 @@ def test_a_run_is_claimed_by_one_relay_and_its_routed_commands_follow(store: Sto
     store.lease_runs("a", ["f-1"], 20.0)
     store.lease_runs("b", ["f-1"], 99.0)  # not b's: no change
     assert store.load_run_leases() == [("f-1", "a", 20.0)]
-    store.route_command(
-        RoutedCommand(
-            command_id="c-1",
-            node_id="n1",
-            tenant_id="t1",
-            holder="c",
-            coordinator="a",
-            tool="cmd.run",
-            args_json="{}",
-            fleet_command_id="f-1",
-        )
+    store.route_commands(
+        [
+            RoutedCommand(
+                command_id="c-1",
+                node_id="n1",
+                tenant_id="t1",
+                holder="c",
+                coordinator="a",
+                tool="cmd.run",
+                args_json="{}",
+                fleet_command_id="f-1",
+            )
+        ]
     )
     assert store.claim_run("f-1", "b", "a", 30.0) == {"c-1": "c"}
     assert store.claim_run("f-1", "c", "a", 30.0) is None  # b was first
