@@ -2,8 +2,11 @@
 
 Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.send`
 records the dispatch in command history, hands the invocation to the node's
-:class:`RelaySession` and remembers who is waiting. Results (:meth:`Dispatcher.on_result`,
-called by the stream reader *before* it acks), lost streams
+:class:`RelaySession` and remembers who is waiting. A node whose stream another relay of the
+cluster holds gets the command through the store instead (a ``routed_commands`` row that
+relay delivers once, :meth:`Dispatcher.pump_routed`); its result comes back as the
+``commands`` row the holder writes, collected here by the same pump. Results
+(:meth:`Dispatcher.on_result`, called by the stream reader *before* it acks), lost streams
 (:meth:`Dispatcher.connection_lost`, with the ids :meth:`RelaySession.connection_lost`
 returned) and late results all end up in :meth:`Dispatcher._finish`, which persists, counts
 and tells the waiter. Fleet runs (:mod:`.runs`) are such waiters; the dispatcher knows no
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 import attrs
@@ -28,7 +31,7 @@ from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import Clock
-from aegis_edge_relay.store import CommandRow, StoreWorker
+from aegis_edge_relay.store import CommandRow, RoutedCommand, StoreWorker
 
 __all__ = [
     "CommandEnd",
@@ -82,6 +85,10 @@ class PendingCommand:
     log_level: str = "info"
     stdout: bytearray = attrs.field(factory=bytearray)
     stderr: bytearray = attrs.field(factory=bytearray)
+    routed_to: str = ""
+    """The relay holding the node's stream when the command went through the store."""
+    adopted: bool = False
+    """Sent by a run's previous coordinator: its end is looked for in ``commands`` too."""
 
 
 R = TypeVar("R")
@@ -138,10 +145,15 @@ class Dispatcher:
             db, db.store.record_dispatches
         )
         self._result_log: GroupCommit[CommandRow, bool] = GroupCommit(db, db.store.record_results)
+        self._route_log: GroupCommit[RoutedCommand, None] = GroupCommit(db, db.store.route_commands)
 
     async def recover(self) -> None:
         """After a crash: commands the previous process left without an end are
-        ``edge_disconnected`` (a late result still lands in history)."""
+        ``edge_disconnected`` (a late result still lands in history). Not on a shared
+        store: the other relays' commands are in flight there, and a run's commands are
+        its next coordinator's to settle."""
+        if self.fleet.cluster.shared:
+            return
         lost = await self._db.call(
             self._db.store.finish_orphaned_commands,
             now=self.now(),
@@ -190,8 +202,11 @@ class Dispatcher:
         """
         fleet = self.fleet
         handle = fleet.streams.get(node_id)
+        holder = None
         if handle is None or handle.closing:
-            raise NotConnected(f"daemon {node_id} has no live stream")
+            holder = fleet.cluster.holder_of(node_id)
+            if holder is None:
+                raise NotConnected(f"daemon {node_id} has no live stream")
         node = fleet.nodes[node_id]
         now = self.now()
         command_id = "c-" + os.urandom(10).hex()
@@ -214,16 +229,46 @@ class Dispatcher:
             span=span,
             log_level=log_level,
         )
-        await self._dispatch_log.submit(
-            CommandRow(
+        timeout = (
+            timeout_secs
+            if timeout_secs is not None
+            else (max(0.0, deadline - now) if deadline else 0.0)
+        )
+        if holder is None:
+            await self._dispatch_log.submit(
+                CommandRow(
+                    command_id=command_id,
+                    node_id=node_id,
+                    tenant_id=node.tenant_id,
+                    tool=tool,
+                    dispatched_at=now,
+                    fleet_command_id=fleet_command_id,
+                )
+            )
+        else:
+            pending.routed_to = holder
+            self.pending[command_id] = pending
+            routed = RoutedCommand(
                 command_id=command_id,
                 node_id=node_id,
                 tenant_id=node.tenant_id,
+                holder=holder,
+                coordinator=fleet.cluster.relay_id,
                 tool=tool,
-                dispatched_at=now,
+                args_json=args_json or "{}",
                 fleet_command_id=fleet_command_id,
+                deadline=deadline,
+                timeout_secs=timeout,
+                created_at=now,
             )
-        )
+            try:
+                await self._route_log.submit(routed)  # the dispatch row and the queue row
+            except Exception:
+                self.pending.pop(command_id, None)
+                tracing.end_span(span, "edge_disconnected")
+                raise
+            return self._dispatched(pending)
+        assert handle is not None
         if handle.closing or fleet.streams.get(node_id) is not handle:
             tracing.end_span(span, "edge_disconnected")
             raise NotConnected(f"daemon {node_id} disconnected")
@@ -234,23 +279,23 @@ class Dispatcher:
             args_json=args_json or "{}",
             fleet_command_id=fleet_command_id,
             deadline=deadline,
-            timeout_secs=(
-                timeout_secs
-                if timeout_secs is not None
-                else (max(0.0, deadline - now) if deadline else 0.0)
-            ),
+            timeout_secs=timeout,
             traceparent=traceparent,
             tracestate=tracestate,
         )
         handle.flush()
+        return self._dispatched(pending)
+
+    def _dispatched(self, pending: PendingCommand) -> PendingCommand:
         jsonlog.log(
-            log_level,
+            pending.log_level,
             "command.dispatched",
-            node_id=node_id,
-            tenant_id=node.tenant_id,
-            command_id=command_id,
-            fleet_command_id=fleet_command_id or None,
-            tool=tool,
+            node_id=pending.node_id,
+            tenant_id=pending.tenant_id,
+            command_id=pending.command_id,
+            fleet_command_id=pending.fleet_command_id or None,
+            tool=pending.tool,
+            routed_to=pending.routed_to or None,
         )
         return pending
 
@@ -258,11 +303,150 @@ class Dispatcher:
         pending = self.pending.get(command_id)
         if pending is None:
             return
+        if pending.routed_to:
+            db = self._db
+            self._spawn(db.call(db.store.cancel_routed, command_id, reason))
+            return
         handle = self.fleet.streams.get(pending.node_id)
         if handle is not None and not handle.closing:
             with contextlib.suppress(Exception):
                 handle.session.cancel(command_id, reason)
                 handle.flush()
+
+    # ------------------------------------------------------------------ through the store
+
+    async def pump_routed(self) -> None:
+        """Deliver the commands routed to this relay, pass on their cancels, and collect
+        the results of the commands this relay routed elsewhere (and of adopted ones,
+        which may have ended where no notification reaches this relay)."""
+        db, me = self._db, self.fleet.cluster.relay_id
+        for row in await db.call(db.store.take_routed, me):
+            await self._deliver(row)
+        for command_id, reason in await db.call(db.store.take_cancels, me):
+            self.cancel_command(command_id, reason)
+        for command_id in await db.call(db.store.take_routed_results, me):
+            await self._collect(command_id)
+        for pending in [p for p in self.pending.values() if p.adopted]:
+            await self._collect(pending.command_id)
+
+    def adopt(
+        self,
+        *,
+        command_id: str,
+        node_id: str,
+        tenant_id: str,
+        tool: str,
+        fleet_command_id: str,
+        dispatched_at: float,
+        holder: str,
+        listener: Listener,
+    ) -> None:
+        """Wait for a command a run's previous coordinator sent (this relay took the run
+        over): its end reaches ``listener`` as if this relay had sent it."""
+        mine = self.pending.get(command_id)
+        if mine is not None:
+            # This relay holds the node's stream and delivered it: end both ways.
+            routed_back = mine.listener
+
+            async def both(end: CommandEnd) -> None:
+                if routed_back is not None:
+                    await routed_back(end)
+                await listener(end)
+
+            mine.listener = both
+            return
+        self.pending[command_id] = PendingCommand(
+            command_id=command_id,
+            node_id=node_id,
+            tenant_id=tenant_id,
+            tool=tool,
+            fleet_command_id=fleet_command_id,
+            dispatched_at=dispatched_at,
+            listener=listener,
+            routed_to=holder,
+            adopted=True,
+        )
+
+    async def _deliver(self, row: RoutedCommand) -> None:
+        """A command another relay routed here, for a node whose stream this relay holds.
+        The store handed it over once (queued -> sent), and the daemon answers a repeated
+        ``command_id`` without running it again: a tool never runs twice."""
+        pending = PendingCommand(
+            command_id=row.command_id,
+            node_id=row.node_id,
+            tenant_id=row.tenant_id,
+            tool=row.tool,
+            fleet_command_id=row.fleet_command_id,
+            dispatched_at=row.created_at,
+            listener=self._routed_back,
+            log_level="debug",
+        )
+        self.pending[row.command_id] = pending
+        handle = self.fleet.streams.get(row.node_id)
+        if handle is None or handle.closing:
+            await self._disconnected(
+                pending, "the daemon's stream moved away before the command reached it"
+            )
+            return
+        handle.session.send_command(
+            command_id=row.command_id,
+            tool=row.tool,
+            args_json=row.args_json,
+            fleet_command_id=row.fleet_command_id,
+            deadline=row.deadline,
+            timeout_secs=row.timeout_secs,
+            traceparent="",
+            tracestate="",
+        )
+        handle.flush()
+        if row.cancel:
+            self.cancel_command(row.command_id, row.cancel)
+
+    async def _routed_back(self, end: CommandEnd) -> None:
+        """The end of a routed command is in ``commands``: tell its coordinator."""
+        await self._db.call(self._db.store.finish_routed, end.command_id)
+
+    async def _collect(self, command_id: str) -> None:
+        pending = self.pending.get(command_id)
+        if pending is None or not pending.routed_to:
+            return  # already ended here (its holder was lost): history has the result
+        row = await self._db.call(self._db.store.get_command, command_id)
+        if row is None or not row.outcome:
+            return
+        await self._finish(
+            pending,
+            TargetOutcome(row.outcome),
+            row.finished_at or self.now(),
+            exit_code=row.exit_code,
+            error_message=row.error,
+            stdout=row.stdout_tail,
+            stderr=row.stderr_tail,
+            result_json=row.result_json,
+        )
+
+    def holders_lost(self, live: Collection[str]) -> None:
+        """Commands routed to a relay whose lease lapsed end ``edge_disconnected``, unless
+        their end reached ``commands`` before it went (a relay that stopped gracefully
+        let its daemons finish); a later result, through any relay, still lands in
+        history."""
+        for pending in list(self.pending.values()):
+            if pending.routed_to and pending.routed_to not in live:
+                self._spawn(self._holder_lost(pending))
+
+    async def _holder_lost(self, pending: PendingCommand) -> None:
+        await self._collect(pending.command_id)
+        await self._disconnected(pending, "the relay holding the daemon's stream went away")
+
+    async def _disconnected(self, pending: PendingCommand, message: str) -> None:
+        await self._finish(
+            pending,
+            TargetOutcome.EDGE_DISCONNECTED,
+            self.now(),
+            exit_code=None,
+            error_message=message,
+            stdout=bytes(pending.stdout),
+            stderr=bytes(pending.stderr),
+        )
 
     # ------------------------------------------------------------------ what comes back
 
@@ -347,21 +531,12 @@ class Dispatcher:
 
     def connection_lost(self, node_id: str, lost: Iterable[str]) -> None:
         """The node's stream is gone: its in-flight commands end ``edge_disconnected``."""
-        now = self.now()
         for command_id in lost:
             pending = self.pending.get(command_id)
             if pending is None or pending.node_id != node_id:
                 continue
             self._spawn(
-                self._finish(
-                    pending,
-                    TargetOutcome.EDGE_DISCONNECTED,
-                    now,
-                    exit_code=None,
-                    error_message="the daemon's stream dropped while the command ran",
-                    stdout=bytes(pending.stdout),
-                    stderr=bytes(pending.stderr),
-                )
+                self._disconnected(pending, "the daemon's stream dropped while the command ran")
             )
 
     async def _finish(

@@ -19,6 +19,7 @@ from typing import Final
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
 from aegis_edge_relay import jsonlog
+from aegis_edge_relay.cluster import ClusterView
 from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import Clock, NodeState, StreamHandle
 from aegis_edge_relay.store import NodeRecord, StoreWorker
@@ -32,11 +33,19 @@ class FleetView:
     """Nodes, live streams and health of one relay process."""
 
     def __init__(
-        self, *, health: HealthTracker, metrics: RelayMetrics, db: StoreWorker, clock: Clock
+        self,
+        *,
+        health: HealthTracker,
+        metrics: RelayMetrics,
+        db: StoreWorker,
+        clock: Clock,
+        cluster: ClusterView,
     ) -> None:
         self.health = health
+        self.cluster = cluster
         self.metrics = metrics
         self._db = db
+        self.db = db
         self.now = clock
         self.nodes: dict[str, NodeState] = {}
         self.streams: dict[str, StreamHandle] = {}
@@ -65,6 +74,32 @@ class FleetView:
             )
         self._reset_daemon_gauge()
 
+    def merge(self, records: Iterable[NodeRecord]) -> list[tuple[NodeState, str]]:
+        """Take in the store's rows as another relay changed them: daemons enrolled there
+        join the view, tags and capabilities follow. Returns the nodes revoked elsewhere
+        that this view has not seen revoked yet, with the reason (the caller cuts their streams)."""
+        revoked: list[tuple[NodeState, str]] = []
+        for rec in records:
+            node = self.nodes.get(rec.node_id)
+            if node is None:
+                node = NodeState.from_record(rec)
+                if rec.revoked:
+                    self.nodes[rec.node_id] = node
+                    self.health.load(rec.node_id, DaemonStatus.REVOKED, rec.last_heartbeat_at)
+                    self.metrics.daemon_moved(node.tenant_id, None, DaemonStatus.REVOKED.value)
+                else:
+                    self.enrolled(node)
+                continue
+            if rec.revoked and not node.revoked:
+                revoked.append((node, rec.revoked_reason or "revoked"))
+            elif rec.node_id not in self.streams:
+                # Held elsewhere: that relay is the writer of what its daemon reports.
+                node.capabilities = dict(rec.capabilities)
+                node.public_key = rec.public_key
+                node.key_thumbprint = rec.key_thumbprint
+            node.tags = set(rec.tags)
+        return revoked
+
     def enrolled(self, node: NodeState) -> None:
         """A daemon the store has just enrolled joins the fleet, Disconnected."""
         self.nodes[node.node_id] = node
@@ -91,7 +126,12 @@ class FleetView:
         self.metrics.set_daemon_counts(pairs)
 
     def status_of(self, node_id: str) -> DaemonStatus:
-        return self.health.status(node_id) or _NO_STATUS
+        """This relay's own status for the nodes it holds (and Revoked ones); for a node
+        another relay holds, the cluster's."""
+        local = self.health.status(node_id) or _NO_STATUS
+        if node_id in self.streams or local is DaemonStatus.REVOKED:
+            return local
+        return self.cluster.status_elsewhere(node_id) or local
 
     def snapshots(self, tenants: frozenset[str] | None) -> list[DaemonSnapshot]:
         """What target resolution sees of the daemons of ``tenants`` (None: all)."""
@@ -111,6 +151,7 @@ class FleetView:
 
     def apply_transitions(self, transitions: Iterable[Transition]) -> None:
         for t in transitions:
+            self.cluster.status_changed(t.node_id, t.new)
             node = self.nodes.get(t.node_id)
             tenant = node.tenant_id if node else ""
             self.metrics.daemon_moved(

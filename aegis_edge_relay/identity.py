@@ -343,6 +343,10 @@ class IdentityService:
         jsonlog.log("warning", "tenant.deleted", tenant_id=tenant_id, revoked=len(revoked))
         return len(revoked)
 
+    def revoked_elsewhere(self, node: NodeState, reason: str) -> None:
+        """Another relay of the cluster committed this node's revocation: mirror it."""
+        self._after_revoke(node, reason, self.now())
+
     def _after_revoke(self, node: NodeState, reason: str, now: float) -> None:
         """Mirror a committed revocation: memory, revocation list, then the live side."""
         node.revoked = True

@@ -6,7 +6,9 @@
   all of them; idle while no stream is mid-handshake);
 * the heartbeat flush: heartbeats noted in memory reach the store in one call;
 * fleet runs' deadlines and cancel graces (:meth:`.runs.FleetRuns.tick`);
-* maintenance: stream-seconds accounting, token refresh pushes, revocation pruning.
+* maintenance: stream-seconds accounting, token refresh pushes, revocation pruning;
+* the cluster (a shared store only): renew the lease, reread the other relays' leases,
+  holders and node rows, and mirror revocations committed by another relay.
 
 Every loop survives a failing store: it logs, and tries again at its next turn.
 """
@@ -20,15 +22,19 @@ from typing import Any, Final
 
 from aegis_edge_core.identity.rotation import needs_refresh
 from aegis_edge_relay import jsonlog
+from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.runs import FleetRuns
+from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
 from aegis_edge_relay.streams import StreamHandler
 
 __all__ = ["Loops"]
 
 PRUNE_EVERY: Final = 3600.0
 PRUNE_RETRY: Final = 60.0
+LISTEN_WAIT: Final = 1.0
+"""Seconds one wait for store notifications lasts (what stopping the relay may wait)."""
 
 
 class Loops:
@@ -41,6 +47,7 @@ class Loops:
         identity: IdentityService,
         streams: StreamHandler,
         runs: FleetRuns,
+        dispatcher: Dispatcher,
         stale_threshold: float,
         heartbeat_flush_interval: float,
         fleet_tick_interval: float,
@@ -49,6 +56,7 @@ class Loops:
         self.identity = identity
         self.streams = streams
         self.runs = runs
+        self.dispatcher = dispatcher
         self.now = fleet.now
         self._sweep_step = max(0.05, min(1.0, stale_threshold / 4))
         self._flush_interval = heartbeat_flush_interval
@@ -64,6 +72,8 @@ class Loops:
             self._maintenance_loop(),
             self._handshake_loop(),
         )
+        if self.fleet.cluster.shared:
+            coros = (*coros, self._cluster_loop(), self._listen_loop(), self._route_loop())
         for coro in coros:
             self._tasks.append(loop.create_task(coro))
 
@@ -108,6 +118,75 @@ class Loops:
                 await self.fleet.flush_heartbeats()
             except Exception as err:  # the loop must survive a busy disk
                 jsonlog.log("error", "store.flush_failed", error=str(err))
+
+    async def _cluster_loop(self) -> None:
+        fleet, cluster = self.fleet, self.fleet.cluster
+        db = fleet.db
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.wake.wait(), cluster.interval)
+            cluster.wake.clear()
+            try:
+                await cluster.sync()
+                # Every row, every turn: simple and right for a modest fleet; a change feed
+                # (NOTIFY with the changed ids) is what a 100k fleet needs instead.
+                records = await db.call(db.store.load_nodes)
+            except Exception as err:  # the lease lapses if this keeps failing: that is right
+                jsonlog.log("error", "cluster.sync_failed", error=str(err))
+                continue
+            for node, reason in fleet.merge(records):
+                self.identity.revoked_elsewhere(node, reason)
+            self.dispatcher.holders_lost(cluster.live)
+            try:
+                now = self.now()
+                await self.runs.renew_leases(now + cluster.ttl)
+                await self.runs.take_over_due(now)
+            except Exception as err:
+                jsonlog.log("error", "cluster.runs_failed", error=str(err))
+
+    async def _route_loop(self) -> None:
+        """Commands routed to this relay and results routed back: at once on a wake-up,
+        and every sync interval as the sweep that catches a missed notification."""
+        cluster = self.fleet.cluster
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cluster.route_wake.wait(), cluster.interval)
+            cluster.route_wake.clear()
+            try:
+                await self.dispatcher.pump_routed()
+            except Exception as err:  # the next sweep tries again
+                jsonlog.log("error", "cluster.route_failed", error=str(err))
+
+    async def _listen_loop(self) -> None:
+        """Wake the cluster loop on the store's notifications (a revocation by another
+        relay reaches its streams in a round trip, not a sync interval). The wait runs in a
+        thread of its own: the store worker's thread must never block on it."""
+        store, cluster = self.fleet.db.store, self.fleet.cluster
+        listener: Listener | None = None
+        try:
+            while True:
+                try:
+                    if listener is None:
+                        channels = [NODES_CHANGED, relay_channel(cluster.relay_id)]
+                        listener = await asyncio.to_thread(store.listen, channels)
+                        if listener is None:
+                            return
+                    for payload in await asyncio.to_thread(listener.wait, LISTEN_WAIT):
+                        if payload == "revoked":
+                            cluster.wake.set()
+                        else:
+                            cluster.route_wake.set()
+                except Exception as err:  # reconnect after a pause; the sync still runs
+                    jsonlog.log("warning", "cluster.listen_failed", error=str(err))
+                    if listener is not None:
+                        with contextlib.suppress(Exception):
+                            listener.close()
+                        listener = None
+                    await asyncio.sleep(1.0)
+        finally:
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    listener.close()
 
     async def _maintenance_loop(self) -> None:
         """Slow chores: stream-seconds accounting, token refresh pushes, pruning."""

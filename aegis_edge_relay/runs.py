@@ -5,6 +5,12 @@ module: ``start``/``on_result``/``on_tick``/``cancel`` go in, ``Dispatch``/``Can
 actions come out and are carried out here, through the :class:`~.dispatcher.Dispatcher`.
 The planner decides; this module does. Each run's events go to its watchers
 (:class:`~.runstate.Watcher`), and its record to the store at start and at the end.
+
+On a shared store each unfinished run has a coordinator lease, renewed with the relay's
+own. When a run's coordinator dies (or stops), another relay claims the lease and resumes
+the run from the store through the core's :func:`~aegis_edge_core.fleet.recovery.resume_run`:
+nothing already sent is sent again, the commands in flight are waited for, and the run ends
+as it would have.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 from typing import Any
 
+from aegis_edge_core.cluster import run_takeover_due
 from aegis_edge_core.fleet import (
     Cancel,
     Dispatch,
@@ -24,8 +31,10 @@ from aegis_edge_core.fleet import (
     FleetSpec,
     Resolution,
     TargetOutcome,
+    parse_selector,
 )
 from aegis_edge_core.fleet.output import host_label
+from aegis_edge_core.fleet.recovery import resume_run
 from aegis_edge_core.fleet.wire_values import PROTO_OUTCOME
 from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import admin_pb2
@@ -33,15 +42,25 @@ from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.dispatcher import (
     CommandEnd,
     Dispatcher,
+    Listener,
     NotConnected,
     OutputSink,
     PendingCommand,
 )
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.runstate import DETAIL_LIMIT, ActiveRun, Watcher, recovered_run
+from aegis_edge_relay.runstate import (
+    DETAIL_LIMIT,
+    ActiveRun,
+    Watcher,
+    end_of,
+    record_of,
+    recovered_run,
+    spec_from_dict,
+    stored_command,
+)
 from aegis_edge_relay.state import Clock
-from aegis_edge_relay.store import StoreWorker
+from aegis_edge_relay.store import FleetRunRow, StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]
 
@@ -64,6 +83,7 @@ class FleetRuns:
         self.metrics = metrics
         self.now = clock
         self.runs: dict[str, ActiveRun] = {}
+        self._leases_checked = False
 
     async def recover(self) -> None:
         """After a crash (kill -9, power loss): end what the previous process left open.
@@ -71,30 +91,171 @@ class FleetRuns:
         Each run still ``running`` in the store is finished from its command rows --
         finished targets keep their results, in-flight ones end ``edge_disconnected``,
         undispatched ones ``not_started`` (``cancelled``). Nothing is dispatched again: a
-        command may already have run on its daemon.
+        command may already have run on its daemon. On a shared store, runs are taken over
+        instead (:meth:`take_over_due`), and only those whose coordinator is gone.
         """
+        if self.fleet.cluster.shared:
+            await self.take_over_due(self.now())
+            return
         db = self._db
         now = self.now()
         for row in await db.call(db.store.unfinished_fleet_runs):
-            try:
-                commands = await db.call(db.store.fleet_run_commands, row.fleet_command_id)
-                finished = recovered_run(row, commands, now)
-            except Exception as err:  # one unreadable record must not stop the relay
-                jsonlog.log(
-                    "error",
-                    "fleet.recover_failed",
-                    fleet_command_id=row.fleet_command_id,
-                    error=repr(err),
-                )
-                continue
-            await db.call(db.store.save_fleet_run, finished)
-            self.metrics.fleet_runs.labels(outcome=finished.outcome).inc()
+            await self._finish_recovered(row, now)
+
+    async def _finish_recovered(self, row: FleetRunRow, now: float) -> None:
+        db = self._db
+        try:
+            commands = await db.call(db.store.fleet_run_commands, row.fleet_command_id)
+            finished = recovered_run(row, commands, now)
+        except Exception as err:  # one unreadable record must not stop the relay
             jsonlog.log(
-                "warning",
-                "fleet.run_recovered",
+                "error",
+                "fleet.recover_failed",
                 fleet_command_id=row.fleet_command_id,
-                outcome=finished.outcome,
+                error=repr(err),
             )
+            return
+        await db.call(db.store.save_fleet_run, finished)
+        self.metrics.fleet_runs.labels(outcome=finished.outcome).inc()
+        jsonlog.log(
+            "warning",
+            "fleet.run_recovered",
+            fleet_command_id=row.fleet_command_id,
+            outcome=finished.outcome,
+        )
+
+    # ------------------------------------------------------------------ the cluster
+
+    async def renew_leases(self, expires_at: float) -> None:
+        if self.runs:
+            db, me = self._db, self.fleet.cluster.relay_id
+            await db.call(db.store.lease_runs, me, list(self.runs), expires_at)
+
+    async def take_over_due(self, now: float) -> None:
+        """Claim and resume each unfinished run whose coordinator lease lapsed or whose
+        coordinating relay is gone (the rule is the core's ``run_takeover_due``)."""
+        db, cluster = self._db, self.fleet.cluster
+        leases = {fid: (coord, exp) for fid, coord, exp in await db.call(db.store.load_run_leases)}
+        due = {
+            fid: coord
+            for fid, (coord, exp) in leases.items()
+            if fid not in self.runs
+            and run_takeover_due(coord, exp, cluster.live, now, this_relay=cluster.relay_id)
+        }
+        if not due and self._leases_checked:
+            return
+        first_look = not self._leases_checked
+        self._leases_checked = True
+        for row in await db.call(db.store.unfinished_fleet_runs):
+            fid = row.fleet_command_id
+            if fid in self.runs:
+                continue
+            if fid in due:
+                expected = due[fid]
+            elif fid not in leases and first_look:
+                expected = ""  # a run from before the cluster, or never leased
+            else:
+                continue
+            routed = await db.call(
+                db.store.claim_run, fid, cluster.relay_id, expected, now + cluster.ttl
+            )
+            if routed is None:
+                continue  # another relay claimed it first
+            try:
+                await self._resume(row, routed, previous=expected, now=now)
+            except Exception as err:  # finish it from the store rather than leave it open
+                jsonlog.log("error", "fleet.takeover_failed", fleet_command_id=fid, error=repr(err))
+                await self._finish_recovered(row, now)
+                await db.call(db.store.drop_run_lease, fid, cluster.relay_id)
+
+    async def _resume(
+        self, row: FleetRunRow, routed: dict[str, str], *, previous: str, now: float
+    ) -> None:
+        db = self._db
+        if row.args_json is None or row.secret_keys:
+            # Secret arguments are never stored: what was not sent cannot be sent now.
+            await self._finish_recovered(row, now)
+            await db.call(
+                db.store.drop_run_lease, row.fleet_command_id, self.fleet.cluster.relay_id
+            )
+            return
+        record = record_of(row)
+        extra = dict(row.record.get("relay", {}) or {})
+        spec_proto = spec_from_dict(dict(row.spec))
+        spec = FleetSpec(
+            selector=parse_selector(record.selector),
+            tool=record.tool,
+            args=json.loads(row.args_json),
+            mode=spec_proto.mode or "all",
+            on_error=spec_proto.on_error or "continue",
+            deadline_secs=spec_proto.deadline_secs or None,
+            canary=spec_proto.canary,
+        )
+        resolution = Resolution(
+            selector=spec.selector,
+            tool=spec.tool,
+            targets=tuple(t.node_id for t in record.targets),
+            skipped=record.skipped,
+        )
+        run = FleetRun(spec, resolution, fleet_command_id=row.fleet_command_id)
+        rows = await db.call(db.store.fleet_run_commands, row.fleet_command_id)
+        resumed = resume_run(run, record, [stored_command(c) for c in rows], now=now)
+        active = ActiveRun(
+            run=run,
+            spec=spec_proto,
+            args_json=row.args_json,
+            stored_args_json=row.args_json,
+            rerun_of=row.rerun_of,
+            created_by=row.created_by,
+            created_at=row.created_at,
+            scope=row.scope,
+            tenants=dict(extra.get("tenants", {})),
+            trace_id=row.trace_id,
+            large=len(resolution.targets) > DETAIL_LIMIT,
+            started_at=record.started_at or row.created_at,
+        )
+        by_id = {c.command_id: c for c in rows}
+        for stored in (*resumed.replayed, *resumed.awaiting):
+            active.command_ids[stored.node_id] = stored.command_id
+            active.dispatched_at[stored.node_id] = stored.dispatched_at
+        for stored in resumed.replayed:
+            active.ends[stored.node_id] = end_of(by_id[stored.command_id])
+        self.runs[row.fleet_command_id] = active
+        for stored in resumed.awaiting:
+            self.dispatcher.adopt(
+                command_id=stored.command_id,
+                node_id=stored.node_id,
+                tenant_id=active.tenants.get(stored.node_id, ""),
+                tool=spec.tool,
+                fleet_command_id=row.fleet_command_id,
+                dispatched_at=stored.dispatched_at,
+                # sent on the previous coordinator's own stream unless it was routed
+                holder=routed.get(stored.command_id, previous),
+                listener=self._listener(active, stored.node_id),
+            )
+        jsonlog.log(
+            "warning",
+            "fleet.run_taken_over",
+            fleet_command_id=row.fleet_command_id,
+            previous_coordinator=previous or None,
+            replayed=len(resumed.replayed),
+            awaiting=len(resumed.awaiting),
+            to_dispatch=sum(isinstance(a, Dispatch) for a in resumed.actions),
+        )
+        await self._apply(active, list(resumed.actions))
+
+    async def hand_over(self) -> None:
+        """Stopping on a shared store: stop driving the runs and let their leases lapse
+        now, so another relay resumes them at its next sync (results of what is in flight
+        here still reach ``commands``, where the new coordinator finds them)."""
+        db, me = self._db, self.fleet.cluster.relay_id
+        for fid, active in list(self.runs.items()):
+            active.detached = True
+            del self.runs[fid]
+            with contextlib.suppress(Exception):
+                await db.call(db.store.lease_runs, me, [fid], 0.0)
+            active.publish(None)
+            jsonlog.log("info", "fleet.run_handed_over", fleet_command_id=fid)
 
     async def cancel_all(self, message: str) -> None:
         for active in list(self.runs.values()):
@@ -145,9 +306,15 @@ class FleetRuns:
         )
         queue = active.subscribe(output=follow_output)
         active.started_at = now
-        # Stored first: a run the store refused (disk full) must not linger in memory.
+        db, cluster = self._db, self.fleet.cluster
+        # Stored first: a run the store refused (disk full) must not linger in memory. On a
+        # shared store its lease comes before its row, so no relay ever sees it unleased.
         try:
-            await self._db.call(self._db.store.save_fleet_run, active.to_row())
+            if cluster.shared:
+                await db.call(
+                    db.store.lease_runs, cluster.relay_id, [fleet_command_id], now + cluster.ttl
+                )
+            await db.call(db.store.save_fleet_run, active.to_row())
         except BaseException:
             tracing.end_span(span, "store_unavailable")
             raise
@@ -242,22 +409,7 @@ class FleetRuns:
         run = active.run
         node_id = dispatch.node_id
         active.dispatched_at[node_id] = self.now()
-
-        async def listener(end: CommandEnd) -> None:
-            active.ends[end.node_id] = end
-            actions = run.on_result(
-                end.node_id,
-                end.outcome,
-                self.now(),
-                exit_code=end.exit_code,
-                error_message=end.error_message or None,
-            )
-            active.end_output(node_id)
-            active.publish(
-                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
-            )
-            await self._apply(active, actions)
-
+        listener = self._listener(active, node_id)
         try:
             pending = await self.dispatcher.send(
                 node_id,
@@ -302,6 +454,28 @@ class FleetRuns:
             active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
         return []
 
+    def _listener(self, active: ActiveRun, node_id: str) -> Listener:
+        run = active.run
+
+        async def listener(end: CommandEnd) -> None:
+            if active.detached:
+                return  # handed over: the new coordinator reads this end from the store
+            active.ends[end.node_id] = end
+            actions = run.on_result(
+                end.node_id,
+                end.outcome,
+                self.now(),
+                exit_code=end.exit_code,
+                error_message=end.error_message or None,
+            )
+            active.end_output(node_id)
+            active.publish(
+                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+            )
+            await self._apply(active, actions)
+
+        return listener
+
     def _target(self, active: ActiveRun, node_id: str) -> admin_pb2.TargetResult:
         """One target's progress for an event; O(1), so a 10k-target run stays linear."""
         out = admin_pb2.TargetResult(
@@ -336,6 +510,12 @@ class FleetRuns:
         tracing.end_span(active.span, outcome)
         await self._db.persist(self._db.store.save_fleet_run, active.to_row())
         self.runs.pop(active.fleet_command_id, None)
+        cluster = self.fleet.cluster
+        if cluster.shared:
+            with contextlib.suppress(Exception):  # a lease of a finished run is never due
+                await self._db.call(
+                    self._db.store.drop_run_lease, active.fleet_command_id, cluster.relay_id
+                )
         jsonlog.log(
             "info",
             "fleet.run_finished",

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import attrs
 
-from aegis_edge_core.fleet import FleetRun, RunRecord
+from aegis_edge_core.fleet import FleetRun, RunRecord, TargetOutcome
 from aegis_edge_core.fleet.output import Delivery, OutputGate, WatcherBuffer
 from aegis_edge_core.fleet.recovery import StoredCommand, recover_run
 from aegis_edge_core.fleet.wire_values import (
@@ -34,11 +34,13 @@ __all__ = [
     "ActiveRun",
     "Watcher",
     "command_record",
+    "end_of",
     "record_of",
     "recovered_run",
     "row_to_proto",
     "run_to_proto",
     "spec_from_dict",
+    "stored_command",
 ]
 
 DETAIL_LIMIT: Final = 256
@@ -108,6 +110,8 @@ class ActiveRun:
     dispatched_at: dict[str, float] = attrs.field(factory=dict)
     large: bool = False
     """More than :data:`DETAIL_LIMIT` targets: no ``dispatched`` events, debug command logs."""
+    detached: bool = False
+    """Handed over to another relay (this one stops): results here no longer drive it."""
 
     @property
     def fleet_command_id(self) -> str:
@@ -311,26 +315,44 @@ def run_to_proto(
     return out
 
 
+def stored_command(c: CommandRow) -> StoredCommand:
+    """A command row as the core's recovery rules read it."""
+    return StoredCommand(
+        node_id=c.node_id,
+        command_id=c.command_id,
+        dispatched_at=c.dispatched_at,
+        outcome=c.outcome or None,
+        exit_code=c.exit_code,
+        error_message=c.error or None,
+        finished_at=c.finished_at,
+    )
+
+
+def end_of(c: CommandRow) -> CommandEnd:
+    """A finished command row as the end a run's target reports (tails included)."""
+    return CommandEnd(
+        command_id=c.command_id,
+        node_id=c.node_id,
+        tenant_id=c.tenant_id,
+        tool=c.tool,
+        fleet_command_id=c.fleet_command_id,
+        outcome=TargetOutcome(c.outcome),
+        exit_code=c.exit_code,
+        error_message=c.error,
+        dispatched_at=c.dispatched_at,
+        finished_at=c.finished_at or c.dispatched_at,
+        stdout_tail=c.stdout_tail,
+        stderr_tail=c.stderr_tail,
+        result_json=c.result_json,
+    )
+
+
 def recovered_run(row: FleetRunRow, commands: Iterable[CommandRow], now: float) -> FleetRunRow:
     """The finished form of a run a crashed relay left ``running`` (see
     :meth:`.runs.FleetRuns.recover` and :mod:`aegis_edge_core.fleet.recovery` for the rules)."""
     record, extra = _split(row)
     done, first = recover_run(
-        record,
-        (
-            StoredCommand(
-                node_id=c.node_id,
-                command_id=c.command_id,
-                dispatched_at=c.dispatched_at,
-                outcome=c.outcome or None,
-                exit_code=c.exit_code,
-                error_message=c.error or None,
-                finished_at=c.finished_at,
-            )
-            for c in commands
-        ),
-        now=now,
-        created_at=row.created_at,
+        record, (stored_command(c) for c in commands), now=now, created_at=row.created_at
     )
     out = done.to_dict()
     command_ids = {**dict(extra.get("command_ids", {})), **first}

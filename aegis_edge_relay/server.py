@@ -62,6 +62,7 @@ from aegis_edge_core.session import MAX_MESSAGE_BYTES
 from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.admin import AdminService
+from aegis_edge_relay.cluster import ClusterView
 from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.durations import parse_hostport
 from aegis_edge_relay.enrollment import EnrollmentService
@@ -106,6 +107,10 @@ __all__ = [
 ]
 
 RELAY_JSON: Final = "relay.json"
+COARSE_HEARTBEAT_FLUSH: Final = 300.0
+"""On a shared store, how often heartbeats noted in memory are written: one row write per
+idle daemon per five minutes, DESIGN.md's budget (measured: no other per-daemon write while
+a daemon is idle; the leases cost each relay one write per renewal, whatever its fleet)."""
 
 SERVICES: Final = (
     "aegis.edge.v1.EdgeStream",
@@ -200,12 +205,22 @@ class Relay:
         self._ca_der = ca_der
         self.metrics = metrics = RelayMetrics()
         self.db = db = StoreWorker(open_store(config.store_url, config.data_dir))
+        shared = db.store.shared
+        self.cluster = cluster = ClusterView(
+            relay_id=signing_key.kid,
+            db=db,
+            clock=clock,
+            stale_threshold=config.stale_threshold,
+            shared=shared,
+        )
 
         health = HealthTracker(
             stale_threshold_secs=config.stale_threshold,
             heartbeat_interval_secs=config.heartbeat_interval,
         )
-        self.fleet = fleet = FleetView(health=health, metrics=metrics, db=db, clock=clock)
+        self.fleet = fleet = FleetView(
+            health=health, metrics=metrics, db=db, clock=clock, cluster=cluster
+        )
         self.identity = identity = IdentityService(
             signing_key=signing_key,
             ca_der=ca_der,
@@ -258,8 +273,13 @@ class Relay:
             identity=identity,
             streams=streams,
             runs=runs,
+            dispatcher=dispatcher,
             stale_threshold=config.stale_threshold,
-            heartbeat_flush_interval=config.heartbeat_flush_interval,
+            # Shared: heartbeats stay in memory (the holder answers for its nodes) and reach
+            # the store coarsely, so an idle daemon costs one row write per few minutes.
+            heartbeat_flush_interval=max(config.heartbeat_flush_interval, COARSE_HEARTBEAT_FLUSH)
+            if shared
+            else config.heartbeat_flush_interval,
             fleet_tick_interval=config.fleet_tick_interval,
         )
 
@@ -274,6 +294,7 @@ class Relay:
         await self.identity.load()
         await self.identity.publish_endpoint()
         self.fleet.load(records)
+        await self.cluster.start()
         await self.dispatcher.recover()
         await self.runs.recover()
         self.loops.start()
@@ -285,12 +306,15 @@ class Relay:
         return self.identity.relay_id
 
     async def drain(self) -> None:
+        if self.cluster.shared:
+            await self.runs.hand_over()  # before the streams go: another relay resumes them
         await self.streams.drain()
 
     async def stop(self) -> None:
         await self.runs.cancel_all("relay shutting down")
         await self.loops.stop()
         await self.dispatcher.stop()
+        await self.cluster.stop()
         await self.fleet.flush_heartbeats()
         self.fleet.account_stream_seconds(self.fleet.now())
         self.db.close()
@@ -415,6 +439,7 @@ async def serve(opts: ServeOptions) -> int:
         relay.db.close()
         raise
     relay.identity.relay_endpoint = _advertised(host, bound, opts.advertise)
+    relay.cluster.endpoint = relay.identity.relay_endpoint
 
     try:
         await relay.start()

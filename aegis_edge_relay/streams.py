@@ -188,6 +188,7 @@ class StreamHandler:
         lost = handle.session.connection_lost()
         if lost:
             self.dispatcher.connection_lost(handle.node_id, lost)
+        fleet.cluster.stream_closed(handle.node_id, handle.id)
         if fleet.streams.get(handle.node_id) is handle:
             del fleet.streams[handle.node_id]
             fleet.connected_since.pop(handle.node_id, None)
@@ -400,6 +401,7 @@ class StreamHandler:
             if lost:
                 self.dispatcher.connection_lost(node_id, lost)
         fleet.apply_transitions(fleet.health.attested(node_id, now, stream_id=handle.id))
+        await fleet.cluster.hold(node_id, handle.id, fleet.status_of(node_id))
         if handle.hello_capabilities is not None:
             await self._set_capabilities(handle, handle.hello_capabilities)
 

@@ -6,15 +6,19 @@ store the relay has.
 """
 
 from aegis_edge_relay.store.base import (
+    NODES_CHANGED,
     CommandRow,
     FleetRunRow,
     GroupExists,
     GroupRow,
+    Listener,
     NodeRecord,
+    RoutedCommand,
     Store,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    relay_channel,
 )
 from aegis_edge_relay.store.factory import STORE_FILE, open_store
 from aegis_edge_relay.store.postgres import PostgresStore, redact_url
@@ -22,14 +26,17 @@ from aegis_edge_relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from aegis_edge_relay.store.worker import StoreWorker
 
 __all__ = [
+    "NODES_CHANGED",
     "SCHEMA_VERSION",
     "STORE_FILE",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
+    "Listener",
     "NodeRecord",
     "PostgresStore",
+    "RoutedCommand",
     "SQLiteStore",
     "Store",
     "StoreError",
@@ -38,4 +45,5 @@ __all__ = [
     "TokenAlreadyRedeemed",
     "open_store",
     "redact_url",
+    "relay_channel",
 ]

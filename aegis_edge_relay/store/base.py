@@ -18,23 +18,39 @@ transaction each: the relay keeps ``last_heartbeat_at`` in memory and calls
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 
+from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_core.errors import AegisError
 
 __all__ = [
+    "NODES_CHANGED",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
+    "Listener",
     "NodeRecord",
+    "RoutedCommand",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "TokenAlreadyRedeemed",
+    "relay_channel",
 ]
+
+
+NODES_CHANGED: Final = "aegis_nodes"
+"""The wake-up channel a shared store signals when a transaction revoked nodes: the other
+relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
+next periodic sync."""
+
+
+def relay_channel(relay_id: str) -> str:
+    """The wake-up channel of one relay: commands routed to it, results routed back."""
+    return f"aegis_relay_{relay_id}"
 
 
 class StoreError(AegisError):
@@ -113,6 +129,38 @@ class FleetRunRow:
 
 
 @attrs.frozen(kw_only=True)
+class RoutedCommand:
+    """A command for a node whose stream another relay holds: queued for that relay (the
+    holder), which delivers it once and marks it done; the coordinator (the relay that
+    dispatched it and waits) then reads the result from ``commands``."""
+
+    def dispatch_row(self) -> CommandRow:
+        """Its ``commands`` row as dispatched."""
+        return CommandRow(
+            command_id=self.command_id,
+            node_id=self.node_id,
+            tenant_id=self.tenant_id,
+            tool=self.tool,
+            dispatched_at=self.created_at,
+            fleet_command_id=self.fleet_command_id,
+        )
+
+    command_id: str
+    node_id: str
+    tenant_id: str
+    holder: str
+    coordinator: str
+    tool: str
+    args_json: str
+    fleet_command_id: str = ""
+    deadline: float = 0.0
+    timeout_secs: float = 0.0
+    created_at: float = 0.0
+    cancel: str = ""
+    """A cancel asked for by the coordinator (its reason); empty when none."""
+
+
+@attrs.frozen(kw_only=True)
 class GroupRow:
     """A saved group as stored; the core's ``Group`` validates it when it is used."""
 
@@ -124,11 +172,23 @@ class GroupRow:
     created_by: str = ""
 
 
+class Listener(Protocol):
+    """Wake-ups from a shared store (PostgreSQL ``LISTEN``), on a connection of its own."""
+
+    def wait(self, timeout: float) -> list[str]:
+        """Block up to ``timeout`` seconds for notifications; their payloads (empty: none)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Store(Protocol):
     """What the relay needs from persistent storage. Methods are synchronous."""
 
     schema_migrated: tuple[int, int]
     """The schema version found at open and the one migrated to (equal: nothing to do)."""
+    shared: bool
+    """Whether several relays may share this store (a cluster): PostgreSQL yes, SQLite no."""
 
     def close(self) -> None: ...
     def unavailable(self, err: BaseException) -> StoreUnavailable | None:
@@ -212,3 +272,70 @@ class Store(Protocol):
     def list_groups(self, tenants: Collection[str] | None) -> list[GroupRow]: ...
     def get_group(self, tenant_id: str, name: str) -> GroupRow | None: ...
     def delete_group(self, tenant_id: str, name: str) -> bool: ...
+
+    # the cluster: relay leases and stream holders (``aegis_edge_core.cluster``'s rules)
+    def renew_lease(self, lease: RelayLease) -> None: ...
+    def load_leases(self) -> list[RelayLease]: ...
+    def drop_lease(self, relay_id: str) -> int:
+        """Remove the relay's lease and release every stream it holds, in one transaction
+        (a relay stopping, or starting again with nothing held); the streams released."""
+        ...
+
+    def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        """Record ``relay_id`` as the holder of the node's stream; the new generation."""
+        ...
+
+    def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
+        """Clear the holder only if it is still (``relay_id``, ``generation``)."""
+        ...
+
+    def set_held_statuses(self, relay_id: str, statuses: Sequence[tuple[str, int, str]]) -> None:
+        """(node_id, generation, status) of streams ``relay_id`` still holds."""
+        ...
+
+    def load_holders(self) -> list[Holder]: ...
+
+    # commands routed through the store (delivered at most once: state queued -> sent)
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
+        """Record each command's dispatch in ``commands`` *and* queue it for its holder, in
+        one transaction: a run's next coordinator never finds a dispatch it cannot tell
+        the holder of."""
+        ...
+
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        """The commands queued for ``holder``, marked sent in the same statement."""
+        ...
+
+    def cancel_routed(self, command_id: str, reason: str) -> None: ...
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        """(command_id, reason) of cancels for delivered commands not yet passed on."""
+        ...
+
+    def finish_routed(self, command_id: str) -> None: ...
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        """Ids of routed commands of ``coordinator`` whose result is now in ``commands``."""
+        ...
+
+    # fleet runs' coordinator leases
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        """Create or renew the leases of the runs ``coordinator`` drives."""
+        ...
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        """(fleet_command_id, coordinator, expires_at) of every run lease."""
+        ...
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        """Take a run's lease over if its coordinator is still ``expected`` ('' for a run
+        without one), and point its routed commands at the new coordinator, in one
+        transaction. The routed commands (command_id -> holder), or None when another
+        relay claimed it first."""
+        ...
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None: ...
+
+    def listen(self, channels: Sequence[str]) -> Listener | None:
+        """A listener for ``channels``; None where no other relay can signal (SQLite)."""
+        ...

@@ -21,19 +21,24 @@ from typing import Any, Final, LiteralString, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
+from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.store.base import (
+    NODES_CHANGED,
     CommandRow,
     FleetRunRow,
     GroupExists,
     GroupRow,
     NodeRecord,
+    RoutedCommand,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    relay_channel,
 )
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS, MIGRATION_LOCK
 from aegis_edge_relay.store.rows import (
@@ -43,15 +48,19 @@ from aegis_edge_relay.store.rows import (
     end_values,
     group_from,
     group_values,
+    holder_from,
+    lease_from,
     node_from,
     node_values,
+    routed_from,
+    routed_values,
     run_from,
     run_values,
     tags_json,
 )
 from aegis_edge_relay.store.sqlite_schema import SCHEMA_VERSION
 
-__all__ = ["PostgresStore", "redact_url"]
+__all__ = ["PostgresListener", "PostgresStore", "redact_url"]
 
 T = TypeVar("T")
 Cursor = psycopg.Cursor[DictRow]
@@ -110,6 +119,7 @@ class PostgresStore:
         pool_wait: float = POOL_WAIT,
     ) -> None:
         self.url = url
+        self.shared = True
         self.name = redact_url(url)
         """The URL as every message shows it (no password)."""
         self._host, self._port, database = _target(url)
@@ -355,6 +365,8 @@ class PostgresStore:
             (reason, now, row["node_id"]),
         )
         _revoke_id(cur, "key", row["key_thumbprint"], None, now)
+        # Delivered at commit, once per transaction however many nodes it revoked.
+        cur.execute("SELECT pg_notify(%s, 'revoked')", (NODES_CHANGED,))
         if row["token_jti"]:
             _revoke_id(
                 cur, "token", row["token_jti"], max(prune, row["token_expires_at"] + 3600.0), now
@@ -661,6 +673,223 @@ class PostgresStore:
             "DELETE FROM groups WHERE tenant_id = %s AND name = %s", (tenant_id, name)
         )
         return deleted > 0
+
+    # -- the cluster
+
+    def renew_lease(self, lease: RelayLease) -> None:
+        self._update(
+            "INSERT INTO relay_leases (relay_id, endpoint, expires_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (relay_id) DO UPDATE"
+            " SET endpoint = EXCLUDED.endpoint, expires_at = EXCLUDED.expires_at",
+            (lease.relay_id, lease.endpoint, lease.expires_at),
+        )
+
+    def load_leases(self) -> list[RelayLease]:
+        rows = self._read(lambda cur: cur.execute("SELECT * FROM relay_leases"))
+        return [lease_from(r) for r in rows]
+
+    def drop_lease(self, relay_id: str) -> int:
+        def tx(cur: Cursor) -> int:
+            cur.execute("DELETE FROM relay_leases WHERE relay_id = %s", (relay_id,))
+            return cur.execute(
+                "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                " WHERE relay_id = %s",
+                (relay_id,),
+            ).rowcount
+
+        return self._write(tx)
+
+    def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        def tx(cur: Cursor) -> int:
+            row = cur.execute(
+                "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
+                " VALUES (%s, %s, 1, %s, %s) ON CONFLICT (node_id) DO UPDATE"
+                " SET relay_id = EXCLUDED.relay_id, status = EXCLUDED.status,"
+                " since = EXCLUDED.since, generation = stream_holders.generation + 1"
+                " RETURNING generation",
+                (node_id, relay_id, status, now),
+            ).fetchone()
+            assert row is not None
+            return int(row["generation"])
+
+        return self._write(tx)
+
+    def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
+        return bool(
+            self._update(
+                "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                " WHERE node_id = %s AND relay_id = %s AND generation = %s",
+                (node_id, relay_id, generation),
+            )
+        )
+
+    def set_held_statuses(self, relay_id: str, statuses: Sequence[tuple[str, int, str]]) -> None:
+        if not statuses:
+            return
+        self._update(
+            "UPDATE stream_holders AS h SET status = s.status"
+            " FROM UNNEST(%s::text[], %s::bigint[], %s::text[]) AS s(node_id, gen, status)"
+            " WHERE h.node_id = s.node_id AND h.generation = s.gen AND h.relay_id = %s",
+            (
+                [n for n, _, _ in statuses],
+                [g for _, g, _ in statuses],
+                [st for _, _, st in statuses],
+                relay_id,
+            ),
+        )
+
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
+        if not rows:
+            return
+
+        def tx(cur: Cursor) -> None:
+            cur.executemany(
+                "INSERT INTO commands (command_id, node_id, tenant_id, fleet_command_id, tool,"
+                " dispatched_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [dispatch_values(row.dispatch_row()) for row in rows],
+            )
+            cur.executemany(
+                "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
+                " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (command_id) DO NOTHING",
+                [routed_values(row) for row in rows],
+            )
+            for holder in sorted({row.holder for row in rows}):
+                cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(holder),))
+
+        self._write(tx)
+
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET state = 'sent'"
+                " WHERE holder = %s AND state = 'queued' RETURNING *",
+                (holder,),
+            ).fetchall()
+        )
+        return sorted((routed_from(r) for r in rows), key=lambda r: r.created_at)
+
+    def cancel_routed(self, command_id: str, reason: str) -> None:
+        def tx(cur: Cursor) -> None:
+            row = cur.execute(
+                "UPDATE routed_commands SET cancel = %s WHERE command_id = %s AND cancel = ''"
+                " AND state IN ('queued', 'sent') RETURNING holder",
+                (reason or "cancelled", command_id),
+            ).fetchone()
+            if row is not None:
+                cur.execute("SELECT pg_notify(%s, 'route')", (relay_channel(row["holder"]),))
+
+        self._write(tx)
+
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET cancel_sent = 1 WHERE holder = %s AND state = 'sent'"
+                " AND cancel <> '' AND cancel_sent = 0 RETURNING command_id, cancel",
+                (holder,),
+            ).fetchall()
+        )
+        return [(r["command_id"], r["cancel"]) for r in rows]
+
+    def finish_routed(self, command_id: str) -> None:
+        def tx(cur: Cursor) -> None:
+            row = cur.execute(
+                "UPDATE routed_commands SET state = 'done' WHERE command_id = %s"
+                " AND state IN ('queued', 'sent') RETURNING coordinator",
+                (command_id,),
+            ).fetchone()
+            if row is not None:
+                cur.execute("SELECT pg_notify(%s, 'result')", (relay_channel(row["coordinator"]),))
+
+        self._write(tx)
+
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE routed_commands SET state = 'collected'"
+                " WHERE coordinator = %s AND state = 'done' RETURNING command_id",
+                (coordinator,),
+            ).fetchall()
+        )
+        return [r["command_id"] for r in rows]
+
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        if not ids:
+            return
+        self._update(
+            "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+            " SELECT id, %s, %s FROM UNNEST(%s::text[]) AS id"
+            " ON CONFLICT (fleet_command_id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
+            " WHERE run_leases.coordinator = EXCLUDED.coordinator",
+            (coordinator, expires_at, list(ids)),
+        )
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        rows = self._read(lambda cur: cur.execute("SELECT * FROM run_leases"))
+        return [(r["fleet_command_id"], r["coordinator"], r["expires_at"]) for r in rows]
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        def tx(cur: Cursor) -> dict[str, str] | None:
+            won = cur.execute(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (%s, %s, %s) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET coordinator = EXCLUDED.coordinator, expires_at = EXCLUDED.expires_at"
+                " WHERE run_leases.coordinator = %s RETURNING fleet_command_id",
+                (fleet_command_id, coordinator, expires_at, expected),
+            ).fetchone()
+            if won is None:
+                return None
+            rows = cur.execute(
+                "UPDATE routed_commands SET coordinator = %s WHERE fleet_command_id = %s"
+                " RETURNING command_id, holder",
+                (coordinator, fleet_command_id),
+            ).fetchall()
+            return {r["command_id"]: r["holder"] for r in rows}
+
+        return self._write(tx)
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        self._update(
+            "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
+            (fleet_command_id, coordinator),
+        )
+
+    def listen(self, channels: Sequence[str]) -> PostgresListener:
+        conn = self._connect()
+        try:
+            for channel in channels:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except psycopg.Error as err:
+            conn.close()
+            raise self._error(err) from err
+        return PostgresListener(conn, self._error)
+
+    def load_holders(self) -> list[Holder]:
+        rows = self._read(
+            lambda cur: cur.execute("SELECT * FROM stream_holders WHERE relay_id <> ''")
+        )
+        return [holder_from(r) for r in rows]
+
+
+class PostgresListener:
+    """``LISTEN`` on a dedicated connection (never the pool's: a pooled connection goes
+    back to other work and would miss notifications)."""
+
+    def __init__(self, conn: Connection, error: Callable[[psycopg.Error], StoreUnavailable]):
+        self._conn = conn
+        self._error = error
+
+    def wait(self, timeout: float) -> list[str]:
+        try:
+            return [n.payload for n in self._conn.notifies(timeout=timeout, stop_after=1)]
+        except psycopg.Error as err:
+            raise self._error(err) from err
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def _configure(conn: Connection) -> None:

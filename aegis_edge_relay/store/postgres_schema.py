@@ -118,4 +118,43 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    5: """
+    CREATE TABLE relay_leases (
+        relay_id   TEXT PRIMARY KEY,
+        endpoint   TEXT NOT NULL DEFAULT '',
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE stream_holders (
+        node_id    TEXT PRIMARY KEY,
+        relay_id   TEXT NOT NULL DEFAULT '',
+        generation BIGINT NOT NULL,
+        status     TEXT NOT NULL,
+        since      DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX stream_holders_relay ON stream_holders (relay_id);
+    CREATE TABLE routed_commands (
+        command_id       TEXT PRIMARY KEY,
+        node_id          TEXT NOT NULL,
+        tenant_id        TEXT NOT NULL,
+        holder           TEXT NOT NULL,
+        coordinator      TEXT NOT NULL,
+        tool             TEXT NOT NULL,
+        args_json        TEXT NOT NULL,
+        fleet_command_id TEXT NOT NULL DEFAULT '',
+        deadline         DOUBLE PRECISION NOT NULL DEFAULT 0,
+        timeout_secs     DOUBLE PRECISION NOT NULL DEFAULT 0,
+        state            TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (state IN ('queued', 'sent', 'done', 'collected')),
+        cancel           TEXT NOT NULL DEFAULT '',
+        cancel_sent      INTEGER NOT NULL DEFAULT 0,
+        created_at       DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX routed_commands_holder ON routed_commands (holder, state);
+    CREATE INDEX routed_commands_coordinator ON routed_commands (coordinator, state);
+    CREATE TABLE run_leases (
+        fleet_command_id TEXT PRIMARY KEY,
+        coordinator      TEXT NOT NULL,
+        expires_at       DOUBLE PRECISION NOT NULL
+    );
+    """,
 }

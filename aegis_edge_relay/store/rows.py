@@ -7,7 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any, Final, Protocol
 
-from aegis_edge_relay.store.base import CommandRow, FleetRunRow, GroupRow, NodeRecord
+from aegis_edge_core.cluster import Holder, RelayLease
+from aegis_edge_core.health import DaemonStatus
+from aegis_edge_relay.store.base import (
+    CommandRow,
+    FleetRunRow,
+    GroupRow,
+    NodeRecord,
+    RoutedCommand,
+)
 
 TAIL_CAP: Final = 64 * 1024
 
@@ -79,6 +87,57 @@ def run_from(row: Row) -> FleetRunRow:
         args_json=row["args_json"],
         secret_keys=tuple(json.loads(row["secret_keys"])),
         rerun_of=row["rerun_of"],
+    )
+
+
+def holder_from(row: Row) -> Holder:
+    return Holder(
+        node_id=row["node_id"],
+        relay_id=row["relay_id"],
+        generation=int(row["generation"]),
+        status=DaemonStatus(row["status"]),
+        since=row["since"],
+    )
+
+
+def lease_from(row: Row) -> RelayLease:
+    return RelayLease(
+        relay_id=row["relay_id"], endpoint=row["endpoint"], expires_at=row["expires_at"]
+    )
+
+
+def routed_from(row: Row) -> RoutedCommand:
+    return RoutedCommand(
+        command_id=row["command_id"],
+        node_id=row["node_id"],
+        tenant_id=row["tenant_id"],
+        holder=row["holder"],
+        coordinator=row["coordinator"],
+        tool=row["tool"],
+        args_json=row["args_json"],
+        fleet_command_id=row["fleet_command_id"],
+        deadline=row["deadline"],
+        timeout_secs=row["timeout_secs"],
+        created_at=row["created_at"],
+        cancel=row["cancel"],
+    )
+
+
+def routed_values(row: RoutedCommand) -> tuple[Any, ...]:
+    """``routed_commands`` (command_id, node_id, tenant_id, holder, coordinator, tool,
+    args_json, fleet_command_id, deadline, timeout_secs, created_at)."""
+    return (
+        row.command_id,
+        row.node_id,
+        row.tenant_id,
+        row.holder,
+        row.coordinator,
+        row.tool,
+        row.args_json,
+        row.fleet_command_id,
+        row.deadline,
+        row.timeout_secs,
+        row.created_at,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.files import tighten_mode
 from aegis_edge_relay.store.base import (
     CommandRow,
@@ -21,6 +22,7 @@ from aegis_edge_relay.store.base import (
     GroupExists,
     GroupRow,
     NodeRecord,
+    RoutedCommand,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
@@ -32,8 +34,12 @@ from aegis_edge_relay.store.rows import (
     end_values,
     group_from,
     group_values,
+    holder_from,
+    lease_from,
     node_from,
     node_values,
+    routed_from,
+    routed_values,
     run_from,
     run_values,
     tags_json,
@@ -48,6 +54,7 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        self.shared = False
         self.tightened = _private_files(self.path)
         """``(path, old mode)`` of each store file found looser than 0600 and tightened."""
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -484,6 +491,166 @@ class SQLiteStore:
                 "DELETE FROM groups WHERE tenant_id = ? AND name = ?", (tenant_id, name)
             )
             return cur.rowcount > 0
+
+    # -- the cluster (of one relay, here)
+
+    def renew_lease(self, lease: RelayLease) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO relay_leases (relay_id, endpoint, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (relay_id) DO UPDATE"
+                " SET endpoint = excluded.endpoint, expires_at = excluded.expires_at",
+                (lease.relay_id, lease.endpoint, lease.expires_at),
+            )
+
+    def load_leases(self) -> list[RelayLease]:
+        return [lease_from(r) for r in self._db.execute("SELECT * FROM relay_leases")]
+
+    def drop_lease(self, relay_id: str) -> int:
+        with self._tx() as db:
+            db.execute("DELETE FROM relay_leases WHERE relay_id = ?", (relay_id,))
+            return db.execute(
+                "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                " WHERE relay_id = ?",
+                (relay_id,),
+            ).rowcount
+
+    def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        with self._tx() as db:
+            row = db.execute(
+                "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
+                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (node_id) DO UPDATE"
+                " SET relay_id = excluded.relay_id, status = excluded.status,"
+                " since = excluded.since, generation = stream_holders.generation + 1"
+                " RETURNING generation",
+                (node_id, relay_id, status, now),
+            ).fetchone()
+            return int(row["generation"])
+
+    def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
+        with self._tx() as db:
+            return bool(
+                db.execute(
+                    "UPDATE stream_holders SET relay_id = '', status = 'Disconnected'"
+                    " WHERE node_id = ? AND relay_id = ? AND generation = ?",
+                    (node_id, relay_id, generation),
+                ).rowcount
+            )
+
+    def set_held_statuses(self, relay_id: str, statuses: Sequence[tuple[str, int, str]]) -> None:
+        if not statuses:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE stream_holders SET status = ?"
+                " WHERE node_id = ? AND generation = ? AND relay_id = ?",
+                [(status, node_id, gen, relay_id) for node_id, gen, status in statuses],
+            )
+
+    def route_commands(self, rows: Sequence[RoutedCommand]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO commands (command_id, node_id, tenant_id,"
+                " fleet_command_id, tool, dispatched_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [dispatch_values(row.dispatch_row()) for row in rows],
+            )
+            db.executemany(
+                "INSERT INTO routed_commands (command_id, node_id, tenant_id, holder, coordinator,"
+                " tool, args_json, fleet_command_id, deadline, timeout_secs, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+                [routed_values(row) for row in rows],
+            )
+
+    def take_routed(self, holder: str) -> list[RoutedCommand]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET state = 'sent'"
+                " WHERE holder = ? AND state = 'queued' RETURNING *",
+                (holder,),
+            ).fetchall()
+        return sorted((routed_from(r) for r in rows), key=lambda r: r.created_at)
+
+    def cancel_routed(self, command_id: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE routed_commands SET cancel = ? WHERE command_id = ? AND cancel = ''"
+                " AND state IN ('queued', 'sent')",
+                (reason or "cancelled", command_id),
+            )
+
+    def take_cancels(self, holder: str) -> list[tuple[str, str]]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET cancel_sent = 1 WHERE holder = ? AND state = 'sent'"
+                " AND cancel <> '' AND cancel_sent = 0 RETURNING command_id, cancel",
+                (holder,),
+            ).fetchall()
+        return [(r["command_id"], r["cancel"]) for r in rows]
+
+    def finish_routed(self, command_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE routed_commands SET state = 'done' WHERE command_id = ?"
+                " AND state IN ('queued', 'sent')",
+                (command_id,),
+            )
+
+    def take_routed_results(self, coordinator: str) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE routed_commands SET state = 'collected'"
+                " WHERE coordinator = ? AND state = 'done' RETURNING command_id",
+                (coordinator,),
+            ).fetchall()
+        return [r["command_id"] for r in rows]
+
+    def lease_runs(self, coordinator: str, ids: Sequence[str], expires_at: float) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET expires_at = excluded.expires_at"
+                " WHERE run_leases.coordinator = excluded.coordinator",
+                [(i, coordinator, expires_at) for i in ids],
+            )
+
+    def load_run_leases(self) -> list[tuple[str, str, float]]:
+        rows = self._db.execute("SELECT * FROM run_leases")
+        return [(r["fleet_command_id"], r["coordinator"], r["expires_at"]) for r in rows]
+
+    def claim_run(
+        self, fleet_command_id: str, coordinator: str, expected: str, expires_at: float
+    ) -> dict[str, str] | None:
+        with self._tx() as db:
+            won = db.execute(
+                "INSERT INTO run_leases (fleet_command_id, coordinator, expires_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET coordinator = excluded.coordinator, expires_at = excluded.expires_at"
+                " WHERE run_leases.coordinator = ? RETURNING fleet_command_id",
+                (fleet_command_id, coordinator, expires_at, expected),
+            ).fetchone()
+            if won is None:
+                return None
+            rows = db.execute(
+                "UPDATE routed_commands SET coordinator = ? WHERE fleet_command_id = ?"
+                " RETURNING command_id, holder",
+                (coordinator, fleet_command_id),
+            ).fetchall()
+            return {r["command_id"]: r["holder"] for r in rows}
+
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM run_leases WHERE fleet_command_id = ? AND coordinator = ?",
+                (fleet_command_id, coordinator),
+            )
+
+    def listen(self, channels: Sequence[str]) -> None:
+        return None  # one relay: nobody else changes the file
+
+    def load_holders(self) -> list[Holder]:
+        rows = self._db.execute("SELECT * FROM stream_holders WHERE relay_id <> ''")
+        return [holder_from(r) for r in rows]
 
 
 _SIDECARS: Final = ("", "-wal", "-shm", "-journal")

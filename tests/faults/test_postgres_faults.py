@@ -57,10 +57,17 @@ def test_postgres_restart_mid_rolling_run(tmp_path: Path, tally: Tally) -> None:
             store_url=pg.url,
         )
         try:
-            asyncio.run(_restart_mid_run(relay, pg, tally))
+            down_at = asyncio.run(_restart_mid_run(relay, pg, tally))
         finally:
             assert relay.stop() == 0
         with psycopg.connect(pg.url) as db:
+            # Heartbeats that came in while the database was down reach it too: on
+            # PostgreSQL they are held in memory and written every five minutes (issue 18),
+            # and at the latest when the relay stops.
+            (beat,) = db.execute(
+                "SELECT MIN(last_heartbeat_at) FROM nodes WHERE tenant_id = 'pgr'"
+            ).fetchone() or (None,)
+            assert beat is not None and beat > down_at
             rows = db.execute(
                 "SELECT node_id, outcome FROM commands ORDER BY dispatched_at"
             ).fetchall()
@@ -71,7 +78,7 @@ def test_postgres_restart_mid_rolling_run(tmp_path: Path, tally: Tally) -> None:
             assert running == 0
 
 
-async def _restart_mid_run(relay: RelayProcess, pg: object, tally: Tally) -> None:
+async def _restart_mid_run(relay: RelayProcess, pg: object, tally: Tally) -> float:
     from tests.pg import PrivateServer
 
     assert isinstance(pg, PrivateServer)
@@ -147,17 +154,7 @@ async def _restart_mid_run(relay: RelayProcess, pg: object, tally: Tally) -> Non
                 admin_pb2.GetHostRequest(node_id=d.node_id, history_limit=10), metadata=relay.auth()
             )
             assert [c.outcome for c in history.history] == [OK], history
-        # heartbeats that came in while the database was down reach it too
-        with psycopg.connect(pg.url) as db:
-
-            def beats_stored() -> bool:
-                row = db.execute(
-                    "SELECT MIN(last_heartbeat_at) FROM nodes WHERE tenant_id = 'pgr'"
-                ).fetchone()
-                return row is not None and row[0] is not None and row[0] > down_at
-
-            await wait_until(beats_stored, what="heartbeats flushed after the restart")
-        # and the relay writes again
+        # the relay writes again
         host = await admin.AddTags(
             admin_pb2.TagsRequest(node_id=daemons[0].node_id, tags=["after"]),
             metadata=relay.auth(),
@@ -165,6 +162,7 @@ async def _restart_mid_run(relay: RelayProcess, pg: object, tally: Tally) -> Non
         assert list(host.capabilities.tags) == ["after"]
         for d in daemons:
             await d.close()
+    return down_at
 
 
 def test_unreachable_at_start_is_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,111 @@
+"""The cluster's rows on both stores: leases, and stream holders whose generation guards
+every release (``aegis_edge_core.cluster``'s rules, as the stores apply them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis_edge_core.cluster import RelayLease
+from aegis_edge_core.health import DaemonStatus
+from aegis_edge_relay.store import RoutedCommand, Store, open_store
+
+
+@pytest.fixture
+def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
+    opened = open_store(store_url, tmp_path)
+    yield opened
+    opened.close()
+
+
+def test_leases_renew_and_drop(store: Store) -> None:
+    store.renew_lease(RelayLease(relay_id="a", endpoint="h:1", expires_at=10.0))
+    store.renew_lease(RelayLease(relay_id="a", endpoint="h:2", expires_at=20.0))
+    store.renew_lease(RelayLease(relay_id="b", endpoint="h:3", expires_at=30.0))
+    assert sorted(store.load_leases(), key=lambda lease: lease.relay_id) == [
+        RelayLease(relay_id="a", endpoint="h:2", expires_at=20.0),
+        RelayLease(relay_id="b", endpoint="h:3", expires_at=30.0),
+    ]
+    store.drop_lease("a")
+    assert [lease.relay_id for lease in store.load_leases()] == ["b"]
+
+
+def test_a_late_release_never_clears_a_newer_stream(store: Store) -> None:
+    first = store.hold_stream("n1", "a", "Connected", 1.0)
+    second = store.hold_stream("n1", "b", "Connected", 2.0)
+    assert second == first + 1
+    assert not store.release_stream("n1", "a", first)  # the old stream at A hangs up late
+    (row,) = store.load_holders()
+    assert (row.relay_id, row.generation, row.status) == ("b", second, DaemonStatus.CONNECTED)
+    store.set_held_statuses("b", [("n1", second, "Unhealthy"), ("n1", first, "Connected")])
+    assert store.load_holders()[0].status is DaemonStatus.UNHEALTHY
+    assert store.release_stream("n1", "b", second)
+    assert store.load_holders() == []
+    # the row stays (released), so generations keep growing
+    assert store.hold_stream("n1", "a", "Connected", 3.0) == second + 1
+
+
+def test_dropping_a_lease_releases_the_relays_streams(store: Store) -> None:
+    store.hold_stream("n1", "a", "Connected", 1.0)
+    store.hold_stream("n2", "a", "Connected", 1.0)
+    store.hold_stream("n3", "b", "Connected", 1.0)
+    store.renew_lease(RelayLease(relay_id="a", endpoint="", expires_at=5.0))
+    assert store.drop_lease("a") == 2
+    assert [h.node_id for h in store.load_holders()] == ["n3"]
+
+
+def test_a_routed_command_is_delivered_once_and_its_end_collected_once(store: Store) -> None:
+    row = RoutedCommand(
+        command_id="c-1",
+        node_id="n1",
+        tenant_id="t1",
+        holder="b",
+        coordinator="a",
+        tool="cmd.run",
+        args_json="{}",
+        created_at=1.0,
+    )
+    store.route_commands([row])
+    store.route_commands([row])  # a retry of the same command id: still one row
+    dispatched = store.get_command("c-1")  # the dispatch row came in the same transaction
+    assert dispatched is not None and dispatched.node_id == "n1" and not dispatched.outcome
+    assert [r.command_id for r in store.take_routed("b")] == ["c-1"]
+    assert store.take_routed("b") == []  # never handed over twice
+    store.cancel_routed("c-1", "operator")
+    assert store.take_cancels("b") == [("c-1", "operator")]
+    assert store.take_cancels("b") == []
+    assert store.take_routed_results("a") == []
+    store.finish_routed("c-1")
+    store.finish_routed("c-1")
+    assert store.take_routed_results("a") == ["c-1"]
+    assert store.take_routed_results("a") == []
+
+
+def test_a_run_is_claimed_by_one_relay_and_its_routed_commands_follow(store: Store) -> None:
+    store.lease_runs("a", ["f-1"], 10.0)
+    store.lease_runs("a", ["f-1"], 20.0)
+    store.lease_runs("b", ["f-1"], 99.0)  # not b's: no change
+    assert store.load_run_leases() == [("f-1", "a", 20.0)]
+    store.route_commands(
+        [
+            RoutedCommand(
+                command_id="c-1",
+                node_id="n1",
+                tenant_id="t1",
+                holder="c",
+                coordinator="a",
+                tool="cmd.run",
+                args_json="{}",
+                fleet_command_id="f-1",
+            )
+        ]
+    )
+    assert store.claim_run("f-1", "b", "a", 30.0) == {"c-1": "c"}
+    assert store.claim_run("f-1", "c", "a", 30.0) is None  # b was first
+    assert store.load_run_leases() == [("f-1", "b", 30.0)]
+    assert store.claim_run("f-2", "c", "", 30.0) == {}  # a run that had no lease
+    store.drop_run_lease("f-1", "a")  # not a's any more
+    store.drop_run_lease("f-1", "b")
+    assert store.load_run_leases() == [("f-2", "c", 30.0)]
