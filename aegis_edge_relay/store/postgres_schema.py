@@ -118,7 +118,7 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
-    5: """
+    6: """
     CREATE TABLE relay_leases (
         relay_id   TEXT PRIMARY KEY,
         endpoint   TEXT NOT NULL DEFAULT '',

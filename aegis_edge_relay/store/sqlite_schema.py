@@ -9,7 +9,7 @@ from typing import Final
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -121,7 +121,7 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     # (relay_id '' once released; the row stays, so generations only grow); commands for a
     # node held by another relay, queued for it (the result goes to `commands` as ever);
     # the coordinator lease of each unfinished fleet run.
-    5: """
+    6: """
     CREATE TABLE relay_leases (
         relay_id   TEXT PRIMARY KEY,
         endpoint   TEXT NOT NULL DEFAULT '',
