@@ -181,8 +181,8 @@ class CmdRun:
         env = args.get("_env")
         if not isinstance(env, Mapping):
             env = policy.child_environment(os.environ, plan.env)
-        try:
-            proc = await asyncio.create_subprocess_exec(
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
                 *plan.argv,
                 executable=plan.executable,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -192,6 +192,18 @@ class CmdRun:
                 env=dict(env),
                 start_new_session=True,
             )
+        )
+        try:
+            # A cancel that lands while the process is being made must not reach asyncio's
+            # own clean-up: it kills only the direct child and then waits for pipes that the
+            # rest of the group still holds (a `sleep 60` kept the call for a minute). Let
+            # the spawn finish, then end the whole group as any cancel does.
+            proc = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                late = await spawn
+                await _terminate(late, context.kill_grace_secs)
+            raise
         except FileNotFoundError:
             # The plan's program and cwd existed when the policy looked; name neither here
             # (the text of a call stays out of results), only what happened.

@@ -150,6 +150,28 @@ def test_cancel_and_timeout_kill_the_process_group(tmp_path):
     asyncio.run(go())
 
 
+def test_cancel_while_the_process_is_being_made_ends_the_whole_group(tmp_path):
+    # A cancel right after the invocation used to reach asyncio's own spawn clean-up, which
+    # killed only the shell and then waited for pipes the shell's children still held.
+    marker = tmp_path / "marker"
+
+    async def go():
+        d = _daemon(tmp_path)
+        d._start_command(_inv("c", "cmd.run", {"cmd": f"(sleep 1; touch {marker}) & wait"}))
+        running = d.running["c"]
+        await asyncio.sleep(0)  # the tool has started making the process, not finished
+        running.cancel_reason = "cancel"
+        assert running.task is not None
+        running.task.cancel()
+        r = await _result(d, "c")
+        assert r.outcome == common_pb2.TARGET_OUTCOME_CANCELLED
+        assert d.state.load_children() == []
+        await asyncio.sleep(1.5)
+
+    asyncio.run(go())
+    assert not marker.exists(), "a child of the cancelled call outlived it"
+
+
 def test_concurrency_bound_answers_busy(tmp_path):
     async def go():
         d = _daemon(tmp_path)  # max_concurrent: 2
