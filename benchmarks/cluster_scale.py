@@ -232,7 +232,7 @@ def table(res: dict[str, Any]) -> str:
          ratio(two["storm_s"], one["storm_s"])),
     ]  # fmt: skip
     lines = [
-        f"| figure | one relay, {n} | two relays (A / B), {res['per_relay']} each | ratio |",
+        f"| figure | one relay, {n} | two relays (A / B), {n} over both | ratio |",
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
