@@ -161,10 +161,13 @@ def sample(pid: int, window: float) -> dict[str, float]:
 
 
 class Relay:
-    def __init__(self, procs: Procs, data_dir: Path, store_url: str = "") -> None:
+    def __init__(
+        self, procs: Procs, data_dir: Path, store_url: str = "", extra: tuple[str, ...] = ()
+    ) -> None:
         self.procs = procs
         self.data_dir = data_dir
         self.store_url = store_url
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.port = 0
@@ -194,6 +197,7 @@ class Relay:
                 "--stale-threshold",
                 f"{3 * heartbeat}s",
                 *(["--store", self.store_url] if self.store_url else []),
+                *self.extra,
             ],
             stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
@@ -622,12 +626,13 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_docs(res: dict[str, Any], text: str) -> None:
+def write_docs(res: dict[str, Any], text: str, section: str = "scale") -> None:
+    """Put ``text`` into docs/benchmarks.md between ``<!-- {section}:begin/end -->``."""
     doc = REPO / "docs" / "benchmarks.md"
     if not doc.exists():
         return
     body = doc.read_text()
-    begin, end = "<!-- scale:begin -->", "<!-- scale:end -->"
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     if begin not in body or end not in body:
         return
     head, rest = body.split(begin, 1)
@@ -692,8 +697,9 @@ def server_pids(url: str) -> list[int]:
 
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    status = Path(f"/proc/{row[0]}/status").read_text()
+        assert row is not None
+        # read while the backend lives: it exits with the connection
+        status = Path(f"/proc/{row[0]}/status").read_text()
     postmaster = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
     pids = [postmaster]
     for entry in Path("/proc").iterdir():

@@ -37,6 +37,7 @@ from aegis_edge_core import PROTOCOL_VERSION, tools_spec
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
 from aegis_edge_core.identity import NodeKey, sign_attestation
+from aegis_edge_core.identity.endpoints import dial_order
 from aegis_edge_core.identity.enrollment import sign_enrollment
 from aegis_edge_core.identity.tokens import peek_enrollment_token
 from aegis_edge_core.wire import (
@@ -96,11 +97,15 @@ class Daemon:
         self.backoff = Backoff()
         self.call: Any = None
         self.is_connected = False
+        self.last_good = ""
+        self.failures = 0
 
 
 class Worker:
     def __init__(self, address: str, ca: bytes, seed: int) -> None:
         self.address = address
+        # as the agent's node.json: a daemon whose relay is gone dials the next one
+        self.endpoints: tuple[str, ...] = (address,)
         self.creds = grpc.ssl_channel_credentials(root_certificates=ca)
         self.daemons: list[Daemon] = []
         self.stats = Stats()
@@ -173,6 +178,7 @@ class Worker:
                 self.stats.error(f"{err.code().name}: {err.details()}")
             except Exception as err:
                 self.stats.error(f"{type(err).__name__}: {err}")
+            d.failures += 1
             if not d.want:
                 return
             if delay is None:
@@ -184,9 +190,8 @@ class Worker:
 
     async def _connect_once(self, d: Daemon) -> float | None:
         self.stats.attempts += 1
-        async with grpc.aio.secure_channel(
-            self.address, self.creds, options=CHANNEL_OPTIONS
-        ) as channel:
+        address = dial_order(self.endpoints, d.last_good, d.failures)
+        async with grpc.aio.secure_channel(address, self.creds, options=CHANNEL_OPTIONS) as channel:
             call = channel.stream_stream(
                 CONNECT,
                 request_serializer=stream_pb2.DaemonMessage.SerializeToString,
@@ -229,6 +234,7 @@ class Worker:
                             accepted = ev
                     await flush()
                 d.backoff.connected(time.time())
+                d.last_good, d.failures = address, 0
                 if accepted.node_token:
                     d.token = accepted.node_token
                 self.stats.accepted += 1
@@ -392,6 +398,7 @@ async def main() -> None:
             elif cmd == "address":
                 assert worker is not None
                 worker.address = req["address"]
+                worker.endpoints = tuple(req.get("endpoints") or (req["address"],))
                 reply({"ok": True})
             elif cmd == "target":
                 assert worker is not None

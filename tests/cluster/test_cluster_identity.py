@@ -2,8 +2,9 @@
 
 Relay A creates cluster ``c1``; B and C join it with A's join bundle. Every relay signs
 with its own key and verifies the others' tokens by ``kid``; one CA pin covers all three;
-an enrollment token is redeemed once across them; a daemon whose relay is killed lands on
-another one.
+an enrollment token is redeemed once across them; daemons whose relay is killed land on
+the others with what they had in flight kept; a key rotated at one relay and a token
+refreshed at one relay hold at the others, and the old key is refused everywhere.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import grpc
 import psycopg
 import pytest
 
+from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.tls import fetch_pinned_ca
 from aegis_edge_core.identity import RelaySigningKey, TokenIssuer, new_jti, peek_enrollment_token
-from aegis_edge_core.identity.tokens import UNKNOWN_KEY_MESSAGE
-from aegis_edge_core.session import SessionAccepted
+from aegis_edge_core.identity.keys import load_node_key
+from aegis_edge_core.identity.tokens import UNKNOWN_KEY_MESSAGE, peek_kid
+from aegis_edge_core.session import Refused, SessionAccepted
 from aegis_edge_core.wire import admin_pb2, common_pb2
 from tests.agent.harness import DaemonProcess, cli
 from tests.pg import fresh_database
-from tests.relay.daemon_driver import REPO, DaemonDriver, RelayProcess
+from tests.relay.daemon_driver import REPO, DaemonDriver, RelayProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -241,3 +244,183 @@ def test_a_token_signed_by_an_unpublished_key_is_refused_and_writes_nothing(
     cluster: Cluster,
 ) -> None:
     asyncio.run(_a_token_signed_by_an_unpublished_key_is_refused_and_writes_nothing(cluster))
+
+
+MOVERS = 6
+"""Daemon processes held by the relay that is killed with commands in flight."""
+
+OK = common_pb2.TARGET_OUTCOME_OK
+EDGE_DISCONNECTED = common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED
+
+
+def _enroll_at(cluster: Cluster, relay: RelayProcess, state: Path) -> dict[str, object]:
+    token = asyncio.run(cluster.enrollment_token(relay))
+    cli("edge", "enroll", token, "--state-dir", str(state), "--allow-tool", "cmd.run")
+    node: dict[str, object] = json.loads((state / "node.json").read_text())
+    assert node["relay"] == relay.address
+    return node
+
+
+def test_a_relay_killed_with_commands_in_flight_its_daemons_move_and_nothing_is_lost(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Daemon processes held by B run a fleet command started on A; B is killed mid-command.
+    Each daemon is Connected to A or C after one backoff step, and its command ends
+    ``edge_disconnected`` or as a late ``ok`` (its result delivered through the new relay):
+    never lost, never run twice."""
+    a, b, c = cluster.relays
+    hosts: list[tuple[str, Path]] = []
+    for i in range(MOVERS):
+        node = _enroll_at(cluster, b, tmp_path / f"h{i}")
+        cwd = tmp_path / f"h{i}-cwd"
+        cwd.mkdir()
+        hosts.append((str(node["node_id"]), cwd))
+    daemons = [DaemonProcess.start(tmp_path / f"h{i}", cwd=cwd) for i, (_, cwd) in enumerate(hosts)]
+    try:
+        for d in daemons:
+            assert d.wait_event("connected", timeout=60)["relay"] == b.address
+        ids = {node_id for node_id, _ in hosts}
+
+        async def scenario() -> admin_pb2.FleetRun:
+            async with a.channel() as channel:
+                admin = a.admin(channel)
+
+                async def a_sees_all() -> bool:
+                    listed = await admin.ListHosts(
+                        admin_pb2.ListHostsRequest(), metadata=a.auth(), timeout=10
+                    )
+                    connected = common_pb2.DAEMON_STATUS_CONNECTED
+                    return {h.node_id for h in listed.hosts if h.status == connected} == ids
+
+                await wait_until(a_sees_all, timeout=30, what="A shows B's daemons Connected")
+                call = admin.StartFleetRun(
+                    admin_pb2.FleetRunSpec(
+                        selector="all",
+                        tool="cmd.run",
+                        args_json=json.dumps({"cmd": "echo ran >> marker; sleep 4"}),
+                        deadline_secs=90,
+                        tenant_id="acme",
+                    ),
+                    metadata=a.auth(),
+                    timeout=120,
+                )
+                events = aiter(call)
+                await anext(events)  # started
+                # every command is running on its daemon when B goes
+                await wait_until(
+                    lambda: all((cwd / "marker").exists() for _, cwd in hosts),
+                    timeout=30,
+                    what="every daemon running its command",
+                )
+                b.proc.kill()  # kill -9: no drain, no lease dropped, rows left behind
+                b.proc.wait(10)
+                last = None
+                async for event in events:
+                    last = event
+                assert last is not None and last.HasField("finished"), last
+                return last.finished
+
+        run = asyncio.run(scenario())
+        for d in daemons:
+            moved = d.wait_event("connected", count=2, timeout=30)
+            assert moved["relay"] in (a.address, c.address)
+            # the next dial after the break went to a live relay: one backoff step
+            assert len(d.events("connecting")) == 2, d.events("connecting")
+            assert len(d.events("reconnect_backoff")) == 1
+        outcomes = {t.node_id: t.outcome for t in run.targets}
+        assert set(outcomes) == ids
+        assert set(outcomes.values()) <= {OK, EDGE_DISCONNECTED}, run
+        print("after kill -9 of the holder:", dict(run.counts))
+        for _, cwd in hosts:
+            assert (cwd / "marker").read_text() == "ran\n"  # run once, not redelivered
+
+        async def history() -> dict[str, list[int]]:
+            async with c.channel() as channel:
+                out = {}
+                for node_id in ids:
+                    got = await c.admin(channel).GetHost(
+                        admin_pb2.GetHostRequest(node_id=node_id), metadata=c.auth(), timeout=10
+                    )
+                    out[node_id] = [h.outcome for h in got.history]
+                return out
+
+        # a late ok may land after the run's end: the history row ends as one or the other
+        rows = asyncio.run(history())
+        assert all(len(r) == 1 and r[0] in (OK, EDGE_DISCONNECTED) for r in rows.values()), rows
+        for node_id, r in rows.items():
+            if outcomes[node_id] == OK:
+                assert r == [OK], (node_id, r)
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+async def _attests(relay: RelayProcess, key_pem: bytes, node_id: str, token: str) -> object:
+    async with relay.channel() as channel:
+        driver = DaemonDriver(channel, key=load_node_key(key_pem, source="test"))
+        driver.node_id, driver.tenant_id, driver.token = node_id, "acme", token
+        answer = await driver.connect()
+        await driver.close()
+    return answer
+
+
+def test_a_key_rotated_at_one_relay_attests_at_another_and_the_old_key_nowhere(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    a, b, c = cluster.relays
+    state = tmp_path / "host"
+    node = _enroll_at(cluster, b, state)
+    node_id = str(node["node_id"])
+    old_key, old_token = StateDir(state).load_key(), StateDir(state).load_token()
+    old_pem = (state / "node.key").read_bytes()
+    daemon = DaemonProcess.start(state)
+    try:
+        assert daemon.wait_event("connected", timeout=30)["relay"] == b.address
+        out = cli("edge", "keys", "rotate", "--state-dir", str(state))
+        assert "rotated" in out.stdout
+        # B drains the daemon's old-key stream; it comes back with the new key from disk
+        daemon.wait_event("connected", count=2, timeout=30)
+    finally:
+        daemon.stop()
+    new = StateDir(state)
+    new_pem, new_token = (state / "node.key").read_bytes(), new.load_token()
+    assert new.load_key().thumbprint != old_key.thumbprint
+    hosts = asyncio.run(cluster.hosts(a))
+    assert next(h for h in hosts if h.node_id == node_id).key_thumbprint == (
+        new.load_key().thumbprint
+    )
+    assert isinstance(asyncio.run(_attests(c, new_pem, node_id, new_token)), SessionAccepted)
+    for relay in cluster.relays:
+        for token in (old_token, new_token):
+            refused = asyncio.run(_attests(relay, old_pem, node_id, token))
+            assert isinstance(refused, Refused), (relay.address, refused)
+
+
+def test_a_token_refreshed_at_one_relay_holds_at_the_others(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        a, b, c = cluster.relays
+        token = await cluster.enrollment_token(a)
+        async with a.channel() as channel:
+            daemon = DaemonDriver(channel)
+            await daemon.enroll(token)
+            key, first = daemon.key, daemon.token
+            await daemon.close()
+        assert peek_kid(first) == a.info["relay_id"]
+        async with b.channel() as channel:
+            moved = DaemonDriver(channel, key=key)
+            moved.node_id, moved.tenant_id, moved.token = daemon.node_id, "acme", first
+            assert isinstance(await moved.connect(), SessionAccepted)
+            await moved.request_token_refresh()
+            await wait_until(lambda: moved.token != first, timeout=10, what="a fresh token")
+            refreshed = moved.token
+            await moved.close()
+        # B signed it with its own key; A and C verify it by that kid
+        assert peek_kid(refreshed) == b.info["relay_id"]
+        for relay in (a, c):
+            async with relay.channel() as channel:
+                again = DaemonDriver(channel, key=key)
+                again.node_id, again.tenant_id, again.token = daemon.node_id, "acme", refreshed
+                assert isinstance(await again.connect(), SessionAccepted), relay.address
+                await again.close()
+
+    asyncio.run(scenario())
