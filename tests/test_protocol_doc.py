@@ -1,0 +1,90 @@
+"""docs/protocol.md's generator: comments land where they belong, and the document is current."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "gen_protocol_doc", ROOT / "scripts" / "gen_protocol_doc.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
+
+PROTO = """\
+// The file's introduction.
+syntax = "proto3";
+
+service Things {
+  // Hosts
+
+  rpc ListThings(A) returns (B);
+  rpc GetThing(A) returns (B);  // answers one thing
+  // Makes a thing.
+  rpc MakeThing(A) returns (B);
+
+  // Other things
+
+  rpc Other(A) returns (B);
+}
+
+// What a thing is.
+message A {
+  string name = 1;  // the thing's name
+  // Seconds since the epoch.
+  double at = 2;
+  oneof body {
+    B b = 3;  // in the oneof
+  }
+  map<string, string> labels = 4;
+}
+"""
+
+
+def test_section_comments_head_rpcs_and_describe_none(tmp_path: Path) -> None:
+    proto = tmp_path / "things.proto"
+    proto.write_text(PROTO)
+    notes = GEN._proto_comments(proto)
+    assert "rpc ListThings" not in notes
+    assert notes["section ListThings"] == "Hosts"
+    assert notes["section GetThing"] == "Hosts"
+    assert notes["rpc GetThing"] == "answers one thing"
+    assert notes["rpc MakeThing"] == "Makes a thing."
+    assert notes["section Other"] == "Other things"
+    assert "rpc Other" not in notes
+    assert notes["message A"] == "What a thing is."
+    assert notes["field A.name"] == "the thing's name"
+    assert notes["field A.at"] == "Seconds since the epoch."
+    assert notes["field A.b"] == "in the oneof"
+    assert "field A.labels" not in notes
+
+
+def test_admin_sections_are_headings_in_the_reference() -> None:
+    reference = GEN.render_reference()
+    assert "| `ListHosts` | `ListHostsRequest` | `ListHostsResponse` |  |" in reference
+    assert "| **Hosts** | | | |" in reference
+    assert "| **Fleet runs** | | | |" in reference
+    assert "`ListHosts`: Hosts" not in reference
+    assert "| `StartFleetRun` | `FleetRunSpec` | `stream FleetRunEvent` | Starts a run" in reference
+
+
+def test_protocol_md_is_current() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protocol_doc.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
