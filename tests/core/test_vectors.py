@@ -202,3 +202,16 @@ def test_the_vectors_file_is_current() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "case", VECTORS["token_rejections"], ids=[c["description"] for c in VECTORS["token_rejections"]]
+)
+def test_token_rejections_give_their_reason(case: dict[str, Any]) -> None:
+    verify = {
+        "node": _verifier().verify_node_token,
+        "enrollment": _verifier().verify_enrollment_token,
+    }[case["verify_as"]]
+    with pytest.raises(TokenError) as err:
+        verify(case["token"], now=case["now"])
+    assert err.value.reason == case["reason"]
