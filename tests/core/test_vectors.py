@@ -164,6 +164,15 @@ def test_tokens_verify_and_say_what_the_vectors_say() -> None:
     assert operator.to_payload() == TOKENS["operator"]["payload"]
 
 
+def test_token_segments_are_the_compact_json_shown() -> None:
+    # docs/protocol.md prints header and payload as compact JSON: those are the signed bytes.
+    for entry in VECTORS["tokens"]:
+        header, payload, _signature = entry["token"].split(".")
+        for segment, value in ((header, entry["header"]), (payload, entry["payload"])):
+            compact = json.dumps(value, separators=(",", ":")).encode()
+            assert base64.urlsafe_b64encode(compact).rstrip(b"=").decode() == segment
+
+
 def test_tokens_are_what_the_issuer_signs() -> None:
     verifier = _verifier()
     issuer = TokenIssuer(
