@@ -169,22 +169,30 @@ def _hex_lines(data: str, width: int = 64) -> list[str]:
     return [data[i : i + width] for i in range(0, len(data), width)] or [""]
 
 
+def _block(heading: str, lines: list[str]) -> list[str]:
+    return [heading, "", "```text", *lines, "```", ""]
+
+
+def _wrapped(label: str, text: str) -> list[str]:
+    return [label, *(f"  {line}" for line in _hex_lines(text))]
+
+
 def render_examples(vectors: dict[str, object]) -> str:
     """The transcript examples: each field as the vectors file lists it, then the bytes."""
     out: list[str] = []
     transcripts = vectors["transcripts"]
     assert isinstance(transcripts, list)
     for vector in transcripts:
-        out += [f"#### `{vector['label']}`: {vector['description']}", "", "```text"]
+        lines = []
         for field in vector["fields"]:
             shown = f" = {json.dumps(field['value'])}" if "value" in field else ""
-            out.append(f"{field['name']} ({field['encoding']}{shown}): {field['hex'] or '(empty)'}")
-        out.append("transcript (hex):")
-        out += [f"  {line}" for line in _hex_lines(vector["transcript_hex"])]
+            lines.append(
+                f"{field['name']} ({field['encoding']}{shown}): {field['hex'] or '(empty)'}"
+            )
+        lines += _wrapped("transcript (hex):", vector["transcript_hex"])
         for signer in vector["signatures"]:
-            out.append(f"signature by {signer['key']} (hex):")
-            out += [f"  {line}" for line in _hex_lines(signer["signature_hex"])]
-        out += ["```", ""]
+            lines += _wrapped(f"signature by {signer['key']} (hex):", signer["signature_hex"])
+        out += _block(f"#### `{vector['label']}`: {vector['description']}", lines)
     return "\n".join(out).strip() + "\n"
 
 
@@ -194,12 +202,12 @@ def render_tokens(vectors: dict[str, object]) -> str:
     tokens = vectors["tokens"]
     assert isinstance(tokens, list)
     for vector in tokens:
-        out += [f"#### {vector['kind']} token", "", "```text"]
-        out.append("header:  " + json.dumps(vector["header"], separators=(",", ":")))
-        out.append("payload: " + json.dumps(vector["payload"], separators=(",", ":")))
-        out.append("token:")
-        out += [f"  {line}" for line in _hex_lines(vector["token"])]
-        out += ["```", ""]
+        lines = [
+            "header:  " + json.dumps(vector["header"], separators=(",", ":")),
+            "payload: " + json.dumps(vector["payload"], separators=(",", ":")),
+            *_wrapped("token:", vector["token"]),
+        ]
+        out += _block(f"#### {vector['kind']} token", lines)
     return "\n".join(out).strip() + "\n"
 
 
