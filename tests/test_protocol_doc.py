@@ -1,15 +1,22 @@
-"""docs/protocol.md's generator: comments land where they belong; it and the test vectors are
-current."""
+"""docs/protocol.md: its generator puts comments where they belong, it and the test vectors
+are current, and its state tables and refusal reasons are the code's."""
 
 from __future__ import annotations
 
+import enum
 import importlib.util
+import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+
+from aegis_edge_core import session
+from aegis_edge_core.wire import common_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +100,45 @@ def test_generated_files_are_current(script: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+SPEC = (ROOT / "docs" / "protocol.md").read_text()
+
+
+def _legal_table(heading: str) -> dict[str, set[str]]:
+    """The 'legal ... messages' table under ``heading``: state name -> message kinds."""
+    section = SPEC.split(heading, 1)[1].split("\n### ", 1)[0]
+    table: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        kinds = set(re.findall(r"`(\w+)`", cells[1]))
+        for state in re.findall(r"`(\w+)`", cells[0]):
+            table[state] = kinds
+    return table
+
+
+@pytest.mark.parametrize(
+    ("heading", "receive", "states"),
+    [
+        ("### 10.1 The daemon's end", session._DAEMON_RECEIVE, session.DaemonState),
+        ("### 10.2 The relay's end", session._RELAY_RECEIVE, session.RelayState),
+    ],
+)
+def test_the_legal_message_tables_are_the_sessions(
+    heading: str, receive: Mapping[tuple[Any, str], Any], states: type[enum.Enum]
+) -> None:
+    documented = _legal_table(heading)
+    assert documented, f"no table under {heading}"
+    for state in states:
+        legal = {kind for (s, kind) in receive if s is state}
+        assert documented.get(state.name, set()) == legal, state.name
+
+
+def test_every_refusal_reason_is_specified() -> None:
+    section = SPEC.split("### 11.1 Reasons", 1)[1].split("### 11.2", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
+    for value in common_pb2.RefusalReason.DESCRIPTOR.values:
+        if value.number:
+            assert value.name.removeprefix("REFUSAL_REASON_").lower() in documented, value.name
