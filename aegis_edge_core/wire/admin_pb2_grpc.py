@@ -132,6 +132,7 @@ class AdminServicer:
 
     def ListHosts(self, request, context):
         """Hosts
+
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +164,7 @@ class AdminServicer:
 
     def IssueEnrollmentToken(self, request, context):
         """Tenants and enrollment
+
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +178,7 @@ class AdminServicer:
 
     def PreviewFleetRun(self, request, context):
         """Fleet runs
+
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +219,7 @@ class AdminServicer:
     def CreateGroup(self, request, context):
         """Saved groups (`group=NAME` in a selector). Tenant-scoped: a group of another tenant
         answers NOT_FOUND, as if it did not exist.
+
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -4,7 +4,7 @@
 isort:skip_file
 The daemon stream: the one bidirectional gRPC stream a daemon opens to its relay.
 
-Order of a session (aegis_edge_core.session has the full state table):
+Order of a session (docs/protocol.md section 10 has the full state machines):
 
   daemon                                   relay
   Hello(node id, token, capabilities) -->
@@ -22,8 +22,8 @@ disconnected are sent again after Accepted; the relay answers each with ResultAc
 then does the daemon forget it.
 
 Compatibility rules: see common.proto. A peer that receives a oneof case it does not know
-(a newer peer) treats it as a protocol error only if it is a message it must act on; new
-optional messages are therefore added as new fields of existing cases where possible.
+(from a newer peer) treats it as a protocol error and closes the stream; a new message is
+therefore sent only to a peer that announced a feature covering it (docs/protocol.md 3).
 """
 
 from . import common_pb2 as _common_pb2
