@@ -37,10 +37,12 @@ def _proto(session: nox.Session) -> None:
         session.run("python", "scripts/gen_proto.py")
         session.run("python", "scripts/gen_protocol_doc.py")
         session.run("python", "scripts/gen_openapi.py")
+        session.run("python", "scripts/gen_tool_docs.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
         session.run("python", "scripts/gen_protocol_doc.py", "--check")
         session.run("python", "scripts/gen_openapi.py", "--check")
+        session.run("python", "scripts/gen_tool_docs.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -70,9 +72,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire, docs/protocol.md or the OpenAPI document is stale.
+    """Fail if aegis_edge_core/wire, docs/protocol.md, the OpenAPI document or
+    docs/tools.md is stale.
 
-    `nox -s proto -- --write` regenerates both.
+    `nox -s proto -- --write` regenerates them.
     """
     _install(session)
     _proto(session)

@@ -25,6 +25,7 @@ from aegis_edge_core.fleet.rerun import (
 )
 from aegis_edge_core.fleet.resolve import Resolution
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
+from aegis_edge_core.tools_spec import validate_args
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_relay.admin.auth import Context, abort, guard
 from aegis_edge_relay.admin.groups import GroupsAdmin
@@ -320,6 +321,10 @@ def _fleet_spec(
         deadline_secs=source.deadline_secs or None,
         canary=source.canary,
     )
+    # A built-in tool's arguments against its contract, before anything is dispatched:
+    # bad ones are the operator's to fix (INVALID_ARGUMENT naming the argument), not a
+    # fleet of BAD_ARGUMENTS results. Plug-in tools' arguments pass through.
+    validate_args(spec.tool, spec.args)
     return spec, plain, tuple(sorted(secrets))
 
 
