@@ -53,6 +53,15 @@ def test_bad_arguments_are_refused_before_dispatch(
     assert not [r for r in runs.runs if r.spec.tool == tool]  # nothing was recorded
 
 
+def test_a_preview_without_arguments_asks_only_for_targets(relay: RelayProcess) -> None:
+    stub, md = relay.admin()
+    assert stub.PreviewFleetRun(_spec("cmd.run", {}), metadata=md, timeout=10).matched == 0
+    with pytest.raises(grpc.RpcError) as start:
+        list(stub.StartFleetRun(_spec("cmd.run", {}), metadata=md, timeout=10))
+    assert start.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "exactly one of 'cmd'" in start.value.details()  # type: ignore[attr-defined]
+
+
 def test_plugin_tool_arguments_pass_through(relay: RelayProcess) -> None:
     stub, md = relay.admin()
     preview = stub.PreviewFleetRun(
