@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,16 @@ def _host(relay: RelayProcess) -> tuple[NodeKey, str, str]:
     return key, answer.node_id, answer.node_token
 
 
-def _hello(node_id: str, token: str, version: int = PROTOCOL_VERSION) -> stream_pb2.DaemonMessage:
+def _hello(
+    node_id: str, token: str, version: int = PROTOCOL_VERSION, host_time: float = 0.0
+) -> stream_pb2.DaemonMessage:
     return stream_pb2.DaemonMessage(
         hello=stream_pb2.Hello(
             protocol_version=version,
             node_id=node_id,
             node_token=token,
             capabilities=common_pb2.Capabilities(os="linux", arch="x86_64", tools=["edge.ping"]),
+            host_time=host_time,
         )
     )
 
@@ -179,7 +183,7 @@ def _stream_scenario(relay: RelayProcess, body: Callable[[grpc.aio.Channel], Any
 
 
 def test_stream_refusals_carry_their_reason(relay: RelayProcess) -> None:
-    _key, node_id, token = _host(relay)
+    key, node_id, token = _host(relay)
     revoked_key, revoked_id, revoked_token = _host(relay)
     relay.revoke(revoked_id)
 
@@ -199,6 +203,11 @@ def test_stream_refusals_carry_their_reason(relay: RelayProcess) -> None:
         refusal = await call.ended(_attest(NodeKey.from_seed(os.urandom(32)), node_id))
         assert refusal.reason in {"bad_signature", "key_mismatch"}
         assert reason_name(call.got[-1].refused.reason) == refusal.reason
+
+        # a host clock an hour behind
+        call = Call(channel)
+        await call.call.write(_hello(node_id, token, host_time=time.time() - 3600))
+        assert (await call.ended(_attest(key, node_id))).reason == "clock_skew"
 
         # another protocol version; a message out of order
         call = Call(channel)
@@ -277,3 +286,30 @@ def test_the_daemon_stops_on_revoked_from_the_details(relay: RelayProcess, tmp_p
     finally:
         daemon.proc.kill()
     assert any(e.get("event") == "revoked" for e in daemon.events()), daemon.output.lines
+
+
+def test_rate_limited_refusals_say_when_to_retry(tmp_path: Path) -> None:
+    relay = RelayProcess.start(
+        tmp_path / "relay",
+        extra=["--enroll-limit-per-source", "1/1h", "--attest-limit-per-node", "1/1h"],
+    )
+    try:
+        key, node_id, token = _host(relay)
+        refusal = _refused_enrollment(relay, relay.enrollment_token("acme"))
+        assert refusal.reason == "rate_limited"
+        assert refusal.retry_after_secs > 0
+
+        async def body(channel: grpc.aio.Channel) -> None:
+            first = Call(channel)
+            await first.call.write(_hello(node_id, token))
+            await first.until("accepted", _attest(key, node_id))
+            first.call.cancel()
+            again = Call(channel)
+            await again.call.write(_hello(node_id, token))
+            refusal = await again.ended(_attest(key, node_id))
+            assert refusal.reason == "rate_limited"
+            assert refusal.retry_after_secs == again.got[-1].refused.retry_after_secs > 0
+
+        _stream_scenario(relay, body)
+    finally:
+        relay.stop()
