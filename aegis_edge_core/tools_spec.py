@@ -24,13 +24,15 @@ import importlib.resources
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
-import jsonschema
 
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.wire import common_pb2, stream_pb2
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -207,9 +209,13 @@ SchemaPart = Literal["args", "result"]
 
 
 @functools.cache
-def _schema_validator(tool: str, part: SchemaPart) -> jsonschema.Draft202012Validator | None:
+def _schema_validator(tool: str, part: SchemaPart) -> Draft202012Validator | None:
     if tool not in BUILTIN_TOOLS:
         return None
+    # Imported on first use: it is most of this module's import time, and the CLI's
+    # commands that never check a tool call should not pay for it.
+    import jsonschema
+
     # Package data shipped beside this module, read once like the code itself: not the
     # outside-world I/O the sans-I/O rule keeps out of the core.
     text = (
@@ -237,7 +243,9 @@ def _schema_error(tool: str, part: SchemaPart, value: Any) -> ToolArgumentError 
     validator = _schema_validator(tool, part)
     if validator is None:
         return None
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
     if error is None:
         return None
     field = ".".join(str(p) for p in error.absolute_path)
