@@ -32,9 +32,10 @@ Schema (draft 2020-12) shipped in the `aegis_edge_core` package as
 from those files.
 
 - **The relay** checks a run's arguments against the tool's schema when a fleet run is
-  started or previewed (`StartFleetRun`, `PreviewFleetRun`, and their HTTP mirrors): bad
+  started (`StartFleetRun`) or previewed with arguments (`PreviewFleetRun`; a preview
+  without any asks only which hosts would run the tool), and in their HTTP mirrors: bad
   arguments end the call with `INVALID_ARGUMENT` and a message naming the argument, before
-  anything is dispatched.
+  anything is dispatched or recorded.
 - **A daemon** checks the arguments again before it runs anything (it may be talking to an
   older relay): bad arguments answer `ERROR_KIND_BAD_ARGUMENTS` (target outcome `error`) and
   nothing runs. A tool the daemon does not have answers `ERROR_KIND_UNKNOWN_TOOL`; one its
