@@ -38,11 +38,13 @@ def _proto(session: nox.Session) -> None:
         session.run("python", "scripts/gen_vectors.py")
         session.run("python", "scripts/gen_protocol_doc.py")
         session.run("python", "scripts/gen_openapi.py")
+        session.run("python", "scripts/gen_tool_docs.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
         session.run("python", "scripts/gen_vectors.py", "--check")
         session.run("python", "scripts/gen_protocol_doc.py", "--check")
         session.run("python", "scripts/gen_openapi.py", "--check")
+        session.run("python", "scripts/gen_tool_docs.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -72,8 +74,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire, the test vectors, docs/protocol.md or the OpenAPI
-    document is stale.
+    """Fail if aegis_edge_core/wire, the test vectors, docs/protocol.md, the OpenAPI
+    document or docs/tools.md is stale.
 
     `nox -s proto -- --write` regenerates them all.
     """

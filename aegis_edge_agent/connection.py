@@ -19,7 +19,7 @@ import attrs
 import grpc
 import grpc.aio
 
-from aegis_edge_agent.errors import EXIT_OK, ConnectFailed, Fatal, Revoked
+from aegis_edge_agent.errors import EXIT_OK, ConnectFailed, Fatal, Revoked, refusal_of, refused
 from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.status import StatusBoard
@@ -31,9 +31,19 @@ from aegis_edge_core.backoff import Backoff
 from aegis_edge_core.errors import AegisError, LocalProtocolError, ProtocolError
 from aegis_edge_core.identity import NodeKey, dial_order, peek_node_token, sign_attestation
 from aegis_edge_core.identity.rotation import RotationProof
+from aegis_edge_core.refusals import Refusal
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
 
-__all__ = ["EOF", "Commands", "RelayLink", "Results", "Stream", "answer_challenge", "rpc_error"]
+__all__ = [
+    "EOF",
+    "Commands",
+    "RelayLink",
+    "Results",
+    "Stream",
+    "answer_challenge",
+    "handshake_failed",
+    "rpc_error",
+]
 
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - the stubs do not declare it
 
@@ -45,6 +55,26 @@ def rpc_error(err: grpc.aio.AioRpcError) -> str:
     name = code.name if code is not None else "UNKNOWN"
     details = err.details() or ""
     return f"{name}: {details}".strip().rstrip(":")
+
+
+def handshake_failed(err: grpc.aio.AioRpcError, in_band: s.Refused | None) -> Exception:
+    """Why the handshake's call ended: the status details first, else the in-band
+    ``Refused`` an older relay sent, else the status itself."""
+    refusal = refusal_of(err)
+    if refusal is None and in_band is not None:
+        refusal = _from_in_band(in_band)
+    if refusal is None:
+        return ConnectFailed(rpc_error(err))
+    return refused(refusal)
+
+
+def _from_in_band(event: s.Refused) -> Refusal:
+    return Refusal(
+        reason=event.reason,
+        message=event.message,
+        relay_time=event.relay_time,
+        retry_after_secs=event.retry_after_secs,
+    )
 
 
 def answer_challenge(session: s.DaemonSession, key: NodeKey, node_id: str, nonce: bytes) -> None:
@@ -88,6 +118,8 @@ class Stream:
         self.refresh_requested = False
         self.rotation: asyncio.Future[s.KeyRotated] | None = None
         self.end_reason = ""
+        self.refused: s.Refused | None = None
+        """The in-band refusal, read while waiting for the status that ends the call."""
 
     def kick(self) -> None:
         self.wake.set()
@@ -236,7 +268,7 @@ class RelayLink:
                 except TimeoutError:
                     raise ConnectFailed("the relay did not finish the handshake in time") from None
                 except grpc.aio.AioRpcError as err:
-                    raise ConnectFailed(rpc_error(err)) from None
+                    raise handshake_failed(err, conn.refused) from None
                 except ProtocolError as err:
                     raise ConnectFailed(f"protocol error during handshake: {err}") from None
                 self.relay, self._failures = relay, 0
@@ -269,18 +301,17 @@ class RelayLink:
         while conn.accepted is None:
             msg = await self._read(conn)
             if msg is None:
+                if conn.refused is not None:  # a relay too old to end the call with details
+                    raise refused(_from_in_band(conn.refused))
                 raise ConnectFailed("the relay closed the stream during the handshake")
             for event in session.receive(msg, time.time()):
                 if isinstance(event, s.ChallengeReceived):
                     answer_challenge(session, key, node.node_id, event.nonce)
                     await conn.flush()
                 elif isinstance(event, s.Refused):
-                    if event.reason == "revoked":
-                        raise Revoked(event.message or "revoked")
-                    raise ConnectFailed(
-                        f"refused ({event.reason}): {event.message}",
-                        retry_after=event.retry_after_secs,
-                    )
+                    # The status that ends the call carries the reason as well, in its
+                    # details; that is what the loop above reads next.
+                    conn.refused = event
                 elif isinstance(event, s.SessionAccepted):
                     conn.accepted = event
 
@@ -331,7 +362,12 @@ class RelayLink:
                     msg = await self._read(conn)
                 except grpc.aio.AioRpcError as err:
                     if not conn.closed:
+                        refusal = refusal_of(err)
                         conn.end_reason = rpc_error(err)
+                        if refusal is not None and refusal.reason == "revoked":
+                            conn.end_reason = "revoked"
+                        elif refusal is not None and refusal.retry_after_secs > 0:
+                            delay = refusal.retry_after_secs
                     break
                 if msg is None:
                     conn.end_reason = conn.end_reason or "the relay closed the stream"

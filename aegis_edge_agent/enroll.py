@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from aegis_edge_agent.errors import refusal_of
 from aegis_edge_agent.settings import render_settings
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.tls import fetch_pinned_ca, verify_pin
@@ -105,11 +106,8 @@ def enroll(
                     f"cannot reach the relay at {claims.relay_endpoint}: {details}",
                     hint="check the network path to the relay and retry",
                 ) from None
-            reason = ""
-            if isinstance(err, grpc.Call):
-                for key, value in err.trailing_metadata() or ():
-                    if key == "aegis-refusal-reason":
-                        reason = value if isinstance(value, str) else value.decode()
+            refusal = refusal_of(err)
+            reason = refusal.reason if refusal is not None else _legacy_reason(err)
             message, hint = enrollment_refusal(reason, details or "")
             raise EnrollError(message, hint=hint) from None
 
@@ -132,3 +130,12 @@ def enroll(
     # node.json last: its presence with node.key is what "enrolled" means.
     state.write(hs.NODE_JSON, node.to_json())
     return node
+
+
+def _legacy_reason(err: grpc.RpcError) -> str:
+    """The reason a relay older than the rich status put in its own trailing metadata."""
+    if isinstance(err, grpc.Call):
+        for key, value in err.trailing_metadata() or ():
+            if key == "aegis-refusal-reason":
+                return value if isinstance(value, str) else value.decode()
+    return ""

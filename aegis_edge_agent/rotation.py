@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from aegis_edge_agent.connection import EOF, answer_challenge, rpc_error
+from aegis_edge_agent.errors import refusal_of
 from aegis_edge_agent.logs import EventLog
 from aegis_edge_agent.statedir import StateDir
 from aegis_edge_agent.status import StatusBoard
@@ -193,7 +194,10 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
         try:
             return await asyncio.wait_for(exchange(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            raise AegisError(f"key rotation failed: {rpc_error(err)}") from None
+            refusal = refusal_of(err)
+            if refusal is None:
+                raise AegisError(f"key rotation failed: {rpc_error(err)}") from None
+            raise AegisError(refusal.message, hint=default_hint(refusal.reason)) from None
         except TimeoutError:
             raise AegisError("the relay did not confirm the key rotation in time") from None
         finally:

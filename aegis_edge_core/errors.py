@@ -73,7 +73,24 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol: close its stream with ``grpc_status`` and count it."""
+    """The peer broke the protocol: close its stream with ``grpc_status`` and count it.
+
+    ``reason`` is the refusal reason the close carries (``aegis_edge_core.refusals``):
+    ``protocol_error``, or ``unsupported_version`` for a peer of another protocol version.
+    """
+
+    reason: str
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str = "",
+        grpc_status: str = "INVALID_ARGUMENT",
+        reason: str = "protocol_error",
+    ) -> None:
+        super().__init__(message, hint=hint, grpc_status=grpc_status)
+        self.reason = reason
 
 
 class ConfigError(AegisError):

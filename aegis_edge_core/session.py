@@ -68,6 +68,7 @@ from aegis_edge_core.capability_limits import (
 )
 from aegis_edge_core.errors import LocalProtocolError, RemoteProtocolError
 from aegis_edge_core.identity.attestation import VerifiedAttestation
+from aegis_edge_core.refusals import reason_name, reason_value
 from aegis_edge_core.wire import common_pb2, stream_pb2
 
 __all__ = [
@@ -276,24 +277,6 @@ class Revoked(Event):
 # --------------------------------------------------------------------------- helpers
 
 
-def _refusal_name(value: int) -> str:
-    try:
-        name = common_pb2.RefusalReason.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        return "unspecified"
-    return name.removeprefix("REFUSAL_REASON_").lower()
-
-
-def _refusal_value(reason: str) -> common_pb2.RefusalReason.ValueType:
-    try:
-        return common_pb2.RefusalReason.Value("REFUSAL_REASON_" + reason.upper())
-    except ValueError:
-        raise LocalProtocolError(
-            f"unknown refusal reason {reason!r}",
-            hint="use one of the RefusalReason names in common.proto, lower-case",
-        ) from None
-
-
 _State = TypeVar("_State", RelayState, DaemonState)
 _In = TypeVar("_In", stream_pb2.DaemonMessage, stream_pb2.RelayMessage)
 _Out = TypeVar("_Out", stream_pb2.DaemonMessage, stream_pb2.RelayMessage)
@@ -362,10 +345,15 @@ class _Session(Generic[_State, _In, _Out]):
         return out
 
     def _violation(
-        self, message: str, *, hint: str = "", status: str = "INVALID_ARGUMENT"
+        self,
+        message: str,
+        *,
+        hint: str = "",
+        status: str = "INVALID_ARGUMENT",
+        reason: str = "protocol_error",
     ) -> RemoteProtocolError:
         self.state = self._closed
-        return RemoteProtocolError(message, hint=hint, grpc_status=status)
+        return RemoteProtocolError(message, hint=hint, grpc_status=status, reason=reason)
 
     def _require_open(self) -> None:
         if self.state is self._closed:
@@ -455,6 +443,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
                     f"daemon speaks protocol v{hello.protocol_version}, "
                     f"this relay v{PROTOCOL_VERSION}",
                     hint="upgrade the daemon or the relay to the same major version",
+                    reason="unsupported_version",
                 )
             if not hello.node_id or not hello.node_token:
                 raise self._violation(
@@ -599,7 +588,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         self, reason: str, message: str, now: float, *, retry_after_secs: float = 0.0
     ) -> None:
         msg = stream_pb2.RelayMessage()
-        msg.refused.reason = _refusal_value(reason)
+        msg.refused.reason = reason_value(reason)
         msg.refused.message = message
         msg.refused.relay_time = now
         msg.refused.retry_after_secs = retry_after_secs
@@ -788,7 +777,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             ref = msg.refused
             return [
                 Refused(
-                    reason=_refusal_name(ref.reason),
+                    reason=reason_name(ref.reason),
                     message=ref.message,
                     relay_time=ref.relay_time,
                     retry_after_secs=ref.retry_after_secs,

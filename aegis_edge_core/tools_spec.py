@@ -4,7 +4,9 @@ A daemon receives a tool call as a tool name and a JSON object of arguments
 (``CommandInvocation.args_json``). Before anything runs, the daemon
 
 1. parses and validates the arguments here (:func:`validate_args`): a bad call answers
-   ``BAD_ARGUMENTS`` and runs nothing;
+   ``BAD_ARGUMENTS`` and runs nothing. A built-in tool's arguments must also satisfy its
+   JSON Schema (:func:`tool_schema`), the published contract (docs/tools.md); the relay
+   runs the same check when a fleet run starts, so bad arguments never reach a daemon;
 2. asks the host's policy whether the call may run (``aegis_edge_core.policy``);
 3. runs it, feeding output into an :class:`OutputCapture`, which decides what is
    streamed back and keeps the capped tails for the final result;
@@ -17,15 +19,20 @@ Nothing here spawns a process or reads the host: the agent does that and passes 
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
 from aegis_edge_core.errors import AegisError
 from aegis_edge_core.wire import common_pb2, stream_pb2
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -47,7 +54,9 @@ __all__ = [
     "own_timeout",
     "parse_args_json",
     "sys_info_json",
+    "tool_schema",
     "validate_args",
+    "validate_result",
 ]
 
 CMD_RUN: Final = "cmd.run"
@@ -194,6 +203,76 @@ def _validate_cmd_run(args: Mapping[str, Any]) -> CmdRunArgs:
     )
 
 
+# --------------------------------------------------------------------------- contracts
+
+SchemaPart = Literal["args", "result"]
+
+
+@functools.cache
+def _schema_validator(tool: str, part: SchemaPart) -> Draft202012Validator | None:
+    if tool not in BUILTIN_TOOLS:
+        return None
+    # Imported on first use: it is most of this module's import time, and the CLI's
+    # commands that never check a tool call should not pay for it.
+    import jsonschema
+
+    # Package data shipped beside this module, read once like the code itself: not the
+    # outside-world I/O the sans-I/O rule keeps out of the core.
+    text = (
+        importlib.resources.files("aegis_edge_core.tool_schemas")
+        .joinpath(f"{tool}.{part}.json")
+        .read_text(encoding="utf-8")
+    )
+    schema = json.loads(text)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def tool_schema(tool: str, part: SchemaPart) -> Mapping[str, Any] | None:
+    """The JSON Schema (draft 2020-12) of a built-in tool's arguments (``args_json``) or
+    result (``result_json``); None for a tool that is not built in (plug-ins have none)."""
+    validator = _schema_validator(tool, part)
+    if validator is None:
+        return None
+    schema = validator.schema
+    assert isinstance(schema, Mapping)  # every shipped schema is an object
+    return schema
+
+
+def _schema_error(tool: str, part: SchemaPart, value: Any) -> ToolArgumentError | None:
+    validator = _schema_validator(tool, part)
+    if validator is None:
+        return None
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    field = ".".join(str(p) for p in error.absolute_path)
+    # The rule's name, not jsonschema's sentence: that one quotes the value, and an
+    # argument may be a secret one.
+    return ToolArgumentError(
+        f"fails the {part} schema's {error.validator!r} rule",
+        tool=tool,
+        field=field,
+        hint=f"see {tool}.{part}.json in docs/tools.md",
+    )
+
+
+def validate_result(tool: str, result_json: str) -> None:
+    """Check a built-in tool's ``result_json`` (empty reads as ``{}``) against its result
+    schema; raises :class:`ToolArgumentError`. Other tools' results are not checked."""
+    if _schema_validator(tool, "result") is None:
+        return
+    try:
+        value = json.loads(result_json) if result_json.strip() else {}
+    except ValueError as err:
+        raise ToolArgumentError(f"result is not valid JSON ({err})", tool=tool) from None
+    error = _schema_error(tool, "result", value)
+    if error is not None:
+        raise error
+
+
 def validate_args(tool: str, args: Mapping[str, Any]) -> object:
     """Validate a built-in tool's arguments; returns its typed form.
 
@@ -201,7 +280,18 @@ def validate_args(tool: str, args: Mapping[str, Any]) -> object:
     string; ``sys.info`` and ``keys.rotate`` take no arguments and give None. A tool that
     is not built in is not validated here (plugins validate their own arguments) and its
     arguments come back unchanged.
+
+    The checks below speak the host owner's language; the tool's JSON Schema is checked
+    after them, so that a call the published contract refuses is refused here too.
     """
+    typed = _validate_typed(tool, args)
+    error = _schema_error(tool, "args", dict(args))
+    if error is not None:
+        raise error
+    return typed
+
+
+def _validate_typed(tool: str, args: Mapping[str, Any]) -> object:
     if tool == CMD_RUN:
         return _validate_cmd_run(args)
     if tool == EDGE_PING:

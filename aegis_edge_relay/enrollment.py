@@ -23,6 +23,7 @@ from aegis_edge_relay import jsonlog
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.refusals import abort_refused
 from aegis_edge_relay.state import NodeState, capabilities_from_proto
 from aegis_edge_relay.store import (
     NodeRecord,
@@ -36,14 +37,8 @@ __all__ = ["EnrollmentService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-_ENROLL_CODES: Final = {
-    "replayed": grpc.StatusCode.ALREADY_EXISTS,
-    "malformed": grpc.StatusCode.INVALID_ARGUMENT,
-    "expired": grpc.StatusCode.UNAUTHENTICATED,
-    "not_yet_valid": grpc.StatusCode.UNAUTHENTICATED,
-    "bad_signature": grpc.StatusCode.UNAUTHENTICATED,
-    "wrong_audience": grpc.StatusCode.UNAUTHENTICATED,
-}
+# Old daemons read the reason from this trailing metadata key; kept beside the rich status.
+_LEGACY_REASON_KEY: Final = "aegis-refusal-reason"
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
@@ -73,25 +68,30 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             retry = round(max(decision.retry_after, 0.001), 3)
             self.metrics.enrollment_refusals.labels(reason="rate_limited").inc()
             jsonlog.log("warning", "enrollment.refused", reason="rate_limited", peer=context.peer())
-            context.set_trailing_metadata(
-                (("aegis-refusal-reason", "rate_limited"), ("retry-after", f"{retry:g}"))
-            )
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await abort_refused(
+                context,
+                "rate_limited",
                 f"enrollment refused (rate_limited): too many attempts from this address; "
                 f"retry in {retry:g}s",
+                self.now(),
+                retry_after_secs=retry,
+                extra_metadata=(
+                    (_LEGACY_REASON_KEY, "rate_limited"),
+                    ("retry-after", f"{retry:g}"),
+                ),
             )
         try:
             return await self.enroll(request)
         except EnrollmentError as err:
             self.metrics.enrollment_refusals.labels(reason=err.reason).inc()
             jsonlog.log("warning", "enrollment.refused", reason=err.reason, error=err.message)
-            context.set_trailing_metadata((("aegis-refusal-reason", err.reason),))
-            await context.abort(
-                _ENROLL_CODES.get(err.reason, grpc.StatusCode.PERMISSION_DENIED),
-                str(err),  # the reason travels in the trailing metadata above
+            await abort_refused(
+                context,
+                err.reason,
+                str(err),
+                self.now(),
+                extra_metadata=((_LEGACY_REASON_KEY, err.reason),),
             )
-            raise  # unreachable: abort raises
 
     async def enroll(self, req: enrollment_pb2.EnrollRequest) -> enrollment_pb2.EnrollResponse:
         """Redeem an enrollment token; raises ``EnrollmentError`` or ``StoreError``."""

@@ -21,6 +21,7 @@ from aegis_edge_core.identity.attestation import NodeRecord as CoreNodeRecord
 from aegis_edge_core.identity.rotation import TokenSuccession
 from aegis_edge_core.session import RelaySession
 from aegis_edge_core.wire import common_pb2, stream_pb2
+from aegis_edge_relay.refusals import Metadata, refusal_status
 from aegis_edge_relay.store import NodeRecord
 
 __all__ = [
@@ -127,6 +128,7 @@ class CloseStream:
 
     code: grpc.StatusCode | None = None
     details: str = ""
+    trailing_metadata: Metadata = ()
 
 
 _stream_ids = itertools.count(1)
@@ -157,10 +159,26 @@ class StreamHandle:
         for msg in self.session.messages_to_send():
             self.outbox.put_nowait(msg)
 
-    def close(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
+    def close(
+        self, code: grpc.StatusCode | None = None, details: str = "", metadata: Metadata = ()
+    ) -> None:
         """Write what is queued, then end the call. Idempotent."""
         if self.closing:
             return
         self.closing = True
         self.flush()
-        self.outbox.put_nowait(CloseStream(code, details))
+        self.outbox.put_nowait(CloseStream(code, details, metadata))
+
+    def refuse(
+        self,
+        reason: str,
+        message: str,
+        now: float,
+        *,
+        retry_after_secs: float = 0.0,
+        code: str | None = None,
+    ) -> None:
+        """Write what is queued, then end the call with the refusal's status: the code
+        from the core's table (or ``code``) and the reason in the status details."""
+        st = refusal_status(reason, message, now, retry_after_secs=retry_after_secs, code=code)
+        self.close(st.code, st.details, st.trailing_metadata)

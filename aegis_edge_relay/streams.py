@@ -42,6 +42,7 @@ from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.refusals import abort_refused
 from aegis_edge_relay.state import CloseStream, NodeState, StreamHandle, capabilities_from_proto
 from aegis_edge_relay.store import StoreUnavailable, StoreWorker
 
@@ -56,11 +57,6 @@ _PROTOCOL_REASONS: Final = {
     "FAILED_PRECONDITION": "out_of_order",
     "RESOURCE_EXHAUSTED": "oversized",
 }
-
-
-def _status_code(name: str) -> grpc.StatusCode:
-    code: grpc.StatusCode = getattr(grpc.StatusCode, name, grpc.StatusCode.INVALID_ARGUMENT)
-    return code
 
 
 @attrs.frozen(kw_only=True)
@@ -111,11 +107,12 @@ class StreamHandler:
             peer=context.peer(), max_message_bytes=self.settings.max_message_bytes
         )
         if self.fleet.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "relay is shutting down")
-        refusal = self.handshakes.admit(handle.id, source=source_of(handle.peer), now=self.now())
+            await abort_refused(context, "unavailable", "relay is shutting down", self.now())
+        now = self.now()
+        refusal = self.handshakes.admit(handle.id, source=source_of(handle.peer), now=now)
         if refusal is not None:
             self._count_handshake_refusal(refusal, handle.peer, None)
-            await context.abort(_status_code(refusal.grpc_status), refusal.message)
+            await abort_refused(context, refusal.reason, refusal.message, now)
         self._unattested[handle.id] = handle
         self.handshake_pending.set()
         self.fleet.all_streams.add(handle)
@@ -134,7 +131,7 @@ class StreamHandler:
                 await reader
             self._stream_gone(handle)
         if close is not None and close.code is not None:
-            await context.abort(close.code, close.details)
+            await context.abort(close.code, close.details, close.trailing_metadata)
 
     async def _read_loop(self, handle: StreamHandle, context: Context) -> None:
         try:
@@ -164,10 +161,11 @@ class StreamHandler:
                 error=str(err),
                 peer=handle.peer,
             )
-            handle.close(_status_code(err.grpc_status), str(err))
+            # The session's finer code (out of order, oversized) stands.
+            handle.refuse(err.reason, str(err), self.now(), code=err.grpc_status)
         except StoreUnavailable as err:
             jsonlog.log("error", "stream.store_unavailable", node_id=handle.node_id, error=str(err))
-            handle.close(grpc.StatusCode.UNAVAILABLE, "relay store unavailable; retry later")
+            handle.refuse("unavailable", "relay store unavailable; retry later", self.now())
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -277,7 +275,7 @@ class StreamHandler:
             if handle is None or handle.closing:
                 continue
             self._count_handshake_refusal(refusal, handle.peer, handle.node_id)
-            handle.close(_status_code(refusal.grpc_status), refusal.message)
+            handle.refuse(refusal.reason, refusal.message, now)
 
     def _refuse_rate_limited(
         self, handle: StreamHandle, node_id: str, decision: Decision, now: float
@@ -292,13 +290,9 @@ class StreamHandler:
             retry_after_secs=retry,
             peer=handle.peer,
         )
-        handle.session.refuse(
-            "rate_limited",
-            f"too many connection attempts; retry in {retry:g}s",
-            now,
-            retry_after_secs=retry,
-        )
-        handle.close()
+        message = f"too many connection attempts; retry in {retry:g}s"
+        handle.session.refuse("rate_limited", message, now, retry_after_secs=retry)
+        handle.refuse("rate_limited", message, now, retry_after_secs=retry)
 
     def _refresh_limited(self, handle: StreamHandle, node: NodeState, decision: Decision) -> None:
         """Over the per-node refresh limit: issue nothing and keep the stream.
@@ -350,7 +344,7 @@ class StreamHandler:
                 peer=handle.peer,
             )
             handle.session.refuse(err.reason, str(err), now)
-            handle.close()
+            handle.refuse(err.reason, str(err), now)
             return
         assert node is not None
         # The daemon has done its part: what follows (a token written to the store) is the
@@ -397,7 +391,7 @@ class StreamHandler:
         fleet.connected_since[node_id] = now
         if old is not None and old is not handle:
             lost = old.session.connection_lost()
-            old.close(grpc.StatusCode.ABORTED, "replaced by a newer stream of this node")
+            old.refuse("replaced", "replaced by a newer stream of this node", now)
             if lost:
                 self.dispatcher.connection_lost(node_id, lost)
         fleet.apply_transitions(fleet.health.attested(node_id, now, stream_id=handle.id))
@@ -432,7 +426,7 @@ class StreamHandler:
                 reason=err.reason,
                 error=err.message,
             )
-            handle.close(grpc.StatusCode.PERMISSION_DENIED, f"key rotation refused: {err}")
+            handle.refuse(err.reason, f"key rotation refused: {err}", now)
             return
         issued, thumbprint = rotated.issued, rotated.verified.new_key_thumbprint
         handle.session.key_rotated(issued.token, issued.claims.expires_at, thumbprint)
@@ -465,12 +459,12 @@ class StreamHandler:
             lost: list[str] = []
             with contextlib.suppress(Exception):
                 lost = handle.session.revoke(reason or "revoked")
-            handle.close()
+            handle.refuse("revoked", "node revoked", now)
             self.dispatcher.connection_lost(node.node_id, lost)
         # Control sessions of a revoked node go too.
         for other in list(fleet.all_streams):
             if other.node_id == node.node_id and other is not handle:
-                other.close(grpc.StatusCode.PERMISSION_DENIED, "node revoked")
+                other.refuse("revoked", "node revoked", now)
 
     async def drain(self) -> None:
         """Tell every daemon to go away and come back, and wait (bounded) for them.
@@ -495,8 +489,9 @@ class StreamHandler:
         while fleet.all_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = list(fleet.all_streams)
+        now = self.now()
         for handle in cut:
-            handle.close(grpc.StatusCode.UNAVAILABLE, "relay shutting down")
+            handle.refuse("unavailable", "relay shutting down", now)
         jsonlog.log(
             "info",
             "relay.drained",

@@ -316,3 +316,109 @@ def test_plugin_script_runs_standalone() -> None:
     proc = run_example("examples/custom_tool_plugin/aegis_example_disk_tool.py", str(REPO))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["path"] == str(REPO)
+
+
+# --------------------------------------------------------------------------- spec-only daemon
+
+MINIMAL = EXAMPLES / "minimal_daemon" / "daemon.py"
+# Runs the example with every aegis_edge* import refused, so the proof that it needs none of
+# this repository's packages is made by running it, not only by reading it.
+NO_AEGIS = (
+    "import importlib.abc, runpy, sys\n"
+    "class NoAegis(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.startswith('aegis_edge'):\n"
+    "            raise ImportError(f'the spec-only daemon imported {name}')\n"
+    "sys.meta_path.insert(0, NoAegis())\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def _minimal(*argv: str) -> list[str]:
+    return [sys.executable, "-c", NO_AEGIS, str(MINIMAL), *argv]
+
+
+def test_the_minimal_daemon_imports_nothing_of_ours() -> None:
+    import ast
+
+    allowed = {"grpc", "jwt", "cryptography"}
+    for script in (EXAMPLES / "minimal_daemon").rglob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert not top.startswith("aegis"), f"{script}: imports {name}"
+                assert top in allowed or top in sys.stdlib_module_names, f"{script}: {name}"
+
+
+def test_the_minimal_daemon_enrolls_heartbeats_and_answers_a_fleet_run(tmp_path: Path) -> None:
+    import threading
+
+    from tests.agent.harness import RelayProcess as LiveRelay
+
+    relay = LiveRelay.start(tmp_path / "relay", heartbeat_interval="0.5s", stale_threshold="3s")
+    daemon: subprocess.Popen[str] | None = None
+    try:
+        state = tmp_path / "mini"
+        enrolled = subprocess.run(
+            _minimal("enroll", relay.enrollment_token("acme"), "--state-dir", str(state)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert enrolled.returncode == 0, enrolled.stderr
+        node_id = json.loads(enrolled.stdout.splitlines()[-1])["node_id"]
+        assert {p.name for p in state.iterdir()} >= {"node.key", "node.token", "ca.pem"}
+
+        daemon = subprocess.Popen(
+            _minimal("run", "--state-dir", str(state)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        events: list[dict[str, Any]] = []
+        acked = threading.Event()
+
+        def read() -> None:
+            assert daemon is not None and daemon.stdout is not None
+            for line in daemon.stdout:
+                events.append(json.loads(line))
+                if events[-1]["event"] == "heartbeat_ack" and events[-1]["seq"] >= 2:
+                    acked.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert acked.wait(60), (events, daemon.poll())
+        assert relay.host(node_id).status == common_pb2.DAEMON_STATUS_CONNECTED
+
+        run = relay.run(node_id, "edge.ping", {"echo": "from the spec"})
+        assert run.outcome == common_pb2.RUN_OUTCOME_COMPLETED, run
+        (target,) = run.targets
+        assert target.outcome == common_pb2.TARGET_OUTCOME_OK
+        tools_spec.validate_result("edge.ping", target.result_json)
+        assert json.loads(target.result_json)["echo"] == "from the spec"
+
+        # it stops for good once revoked (the in-band Revoked) ...
+        relay.revoke(node_id)
+        assert daemon.wait(timeout=30) == 3
+        assert events[-1]["event"] == "revoked", events
+        # ... and started again it is refused, and stops on the reason in the status details
+        again = subprocess.run(
+            _minimal("run", "--state-dir", str(state)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert again.returncode == 3, again.stderr
+        lines = [json.loads(line) for line in again.stdout.splitlines()]
+        assert [e["event"] for e in lines] == ["refused", "revoked"], lines
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+        relay.stop()

@@ -93,7 +93,7 @@ def default_hint(reason: str) -> str:
 
 
 # What a host owner reads when the relay refused `aegis edge enroll`, by the refusal reason
-# the relay sent (trailing metadata ``aegis-refusal-reason``). The relay's own sentence is
+# the relay sent (its status details; see aegis_edge_core.refusals). The relay's own sentence is
 # used for every other reason; it already carries its hint.
 _ENROLLMENT_REFUSALS: Final[dict[str, tuple[str, str]]] = {
     "replayed": (

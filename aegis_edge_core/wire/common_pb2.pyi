@@ -124,10 +124,28 @@ class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Refusal
     REFUSAL_REASON_UNSUPPORTED_VERSION: _RefusalReason.ValueType  # 12
     REFUSAL_REASON_RATE_LIMITED: _RefusalReason.ValueType  # 13
     REFUSAL_REASON_PROTOCOL_ERROR: _RefusalReason.ValueType  # 14
+    REFUSAL_REASON_HANDSHAKE_TIMEOUT: _RefusalReason.ValueType  # 15
+    """Added in v1: stream ends that were status-only before (the reason was in the text).
+    no hello/attestation within the deadline
+    """
+    REFUSAL_REASON_TOO_MANY_UNATTESTED: _RefusalReason.ValueType  # 16
+    """this address holds too many unattested streams"""
+    REFUSAL_REASON_UNAVAILABLE: _RefusalReason.ValueType  # 17
+    """relay shutting down or its store unreachable"""
+    REFUSAL_REASON_REPLACED: _RefusalReason.ValueType  # 18
+    """a newer stream of the same node took over"""
 
 class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
-    """Why the relay refused a daemon (enrollment or attestation). The daemon prints it and,
-    for REVOKED, stops retrying.
+    """Why the relay refused a daemon (enrollment, attestation, or a stream it ends). The
+    daemon prints it and, for REVOKED, stops retrying.
+
+    Every enrollment and stream refusal that ends the RPC with a non-OK status carries the
+    reason machine-readably, in the gRPC rich error model: trailing metadata
+    `grpc-status-details-bin` holds a serialized `google.rpc.Status` (the same code and
+    message as the RPC's status) whose details[0] is a `google.protobuf.Any` packing
+    `aegis.edge.v1.Refused`. Which status code each reason ends with is one table,
+    aegis_edge_core.refusals.REFUSAL_STATUS (and docs/protocol.md). A stream refused during
+    the handshake also gets the in-band `Refused` message first, as before.
     """
 
 REFUSAL_REASON_UNSPECIFIED: RefusalReason.ValueType  # 0
@@ -145,6 +163,16 @@ REFUSAL_REASON_CLOCK_SKEW: RefusalReason.ValueType  # 11
 REFUSAL_REASON_UNSUPPORTED_VERSION: RefusalReason.ValueType  # 12
 REFUSAL_REASON_RATE_LIMITED: RefusalReason.ValueType  # 13
 REFUSAL_REASON_PROTOCOL_ERROR: RefusalReason.ValueType  # 14
+REFUSAL_REASON_HANDSHAKE_TIMEOUT: RefusalReason.ValueType  # 15
+"""Added in v1: stream ends that were status-only before (the reason was in the text).
+no hello/attestation within the deadline
+"""
+REFUSAL_REASON_TOO_MANY_UNATTESTED: RefusalReason.ValueType  # 16
+"""this address holds too many unattested streams"""
+REFUSAL_REASON_UNAVAILABLE: RefusalReason.ValueType  # 17
+"""relay shutting down or its store unreachable"""
+REFUSAL_REASON_REPLACED: RefusalReason.ValueType  # 18
+"""a newer stream of the same node took over"""
 Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
 
 @_typing.final

@@ -25,6 +25,7 @@ from aegis_edge_core.fleet.rerun import (
 )
 from aegis_edge_core.fleet.resolve import Resolution
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
+from aegis_edge_core.tools_spec import validate_args
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_relay.admin.auth import Context, abort, guard
 from aegis_edge_relay.admin.groups import GroupsAdmin
@@ -41,7 +42,7 @@ __all__ = ["FleetAdmin"]
 
 class FleetAdmin(GroupsAdmin):
     async def _spec(
-        self, context: Context, request: admin_pb2.FleetRunSpec
+        self, context: Context, request: admin_pb2.FleetRunSpec, *, preview: bool = False
     ) -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
         """The parsed spec (its ``args`` include the secret ones), the plain arguments to
         store and the secret arguments' names."""
@@ -49,7 +50,14 @@ class FleetAdmin(GroupsAdmin):
         def parse() -> tuple[FleetSpec, dict[str, Any], tuple[str, ...]]:
             plain = _json_object(request.args_json, "args_json", "args")
             secrets = _json_object(request.secret_args_json, "secret_args_json", "secret_args")
-            return _fleet_spec(request.selector or "all", request, plain, secrets)
+            parsed = _fleet_spec(request.selector or "all", request, plain, secrets)
+            # A built-in tool's arguments against its contract, before anything is
+            # dispatched: bad ones are the operator's to fix (INVALID_ARGUMENT naming the
+            # argument), not a fleet of BAD_ARGUMENTS results. A preview without arguments
+            # asks only which hosts would run the tool. Plug-in tools' arguments pass.
+            if not preview or plain or secrets:
+                validate_args(parsed[0].tool, parsed[0].args)
+            return parsed
 
         parsed: tuple[FleetSpec, dict[str, Any], tuple[str, ...]] = await guard(context, parse)
         return parsed
@@ -59,7 +67,7 @@ class FleetAdmin(GroupsAdmin):
     ) -> admin_pb2.FleetPreview:
         principal = await self._auth(context, "PreviewFleetRun")
         tenants = await guard(context, lambda: scope_tenants(principal, request.tenant_id))
-        spec, _, _ = await self._spec(context, request)
+        spec, _, _ = await self._spec(context, request, preview=True)
         groups = await self._group_index(context, request.selector, spec.selector, tenants)
         res = resolve_targets(
             self.fleet.snapshots(tenants), spec.selector, spec.tool, groups=groups

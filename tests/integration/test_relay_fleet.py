@@ -181,7 +181,10 @@ async def _scenario(relay: RelayProcess, other_token: str) -> str:
         async def run_lost() -> None:
             async for event in admin.StartFleetRun(
                 admin_pb2.FleetRunSpec(
-                    selector=f"node={slow.node_id}", tool="cmd.run", tenant_id="fleet"
+                    selector=f"node={slow.node_id}",
+                    tool="cmd.run",
+                    args_json=json.dumps({"cmd": "true"}),
+                    tenant_id="fleet",
                 ),
                 metadata=relay.auth(),
                 timeout=20,
