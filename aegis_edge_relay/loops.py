@@ -22,9 +22,9 @@ from typing import Any, Final
 
 from aegis_edge_core.identity.rotation import needs_refresh
 from aegis_edge_relay import jsonlog
-from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
+from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
 from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
 from aegis_edge_relay.streams import StreamHandler
@@ -47,7 +47,7 @@ class Loops:
         identity: IdentityService,
         streams: StreamHandler,
         runs: FleetRuns,
-        dispatcher: Dispatcher,
+        router: Router,
         stale_threshold: float,
         heartbeat_flush_interval: float,
         fleet_tick_interval: float,
@@ -56,7 +56,7 @@ class Loops:
         self.identity = identity
         self.streams = streams
         self.runs = runs
-        self.dispatcher = dispatcher
+        self.router = router
         self.now = fleet.now
         self._sweep_step = max(0.05, min(1.0, stale_threshold / 4))
         self._flush_interval = heartbeat_flush_interval
@@ -136,7 +136,7 @@ class Loops:
                 continue
             for node, reason in fleet.merge(records):
                 self.identity.revoked_elsewhere(node, reason)
-            self.dispatcher.holders_lost(cluster.live)
+            self.router.holders_lost(cluster.live)
             try:
                 now = self.now()
                 await self.runs.renew_leases(now + cluster.ttl)
@@ -153,7 +153,7 @@ class Loops:
                 await asyncio.wait_for(cluster.route_wake.wait(), cluster.interval)
             cluster.route_wake.clear()
             try:
-                await self.dispatcher.pump_routed()
+                await self.router.pump()
             except Exception as err:  # the next sweep tries again
                 jsonlog.log("error", "cluster.route_failed", error=str(err))
 

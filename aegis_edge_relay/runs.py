@@ -49,6 +49,7 @@ from aegis_edge_relay.dispatcher import (
 )
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runstate import (
     DETAIL_LIMIT,
     ActiveRun,
@@ -72,12 +73,14 @@ class FleetRuns:
         self,
         *,
         dispatcher: Dispatcher,
+        router: Router,
         fleet: FleetView,
         db: StoreWorker,
         metrics: RelayMetrics,
         clock: Clock,
     ) -> None:
         self.dispatcher = dispatcher
+        self.router = router
         self.fleet = fleet
         self._db = db
         self.metrics = metrics
@@ -222,7 +225,7 @@ class FleetRuns:
             active.ends[stored.node_id] = end_of(by_id[stored.command_id])
         self.runs[row.fleet_command_id] = active
         for stored in resumed.awaiting:
-            self.dispatcher.adopt(
+            self.router.adopt(
                 command_id=stored.command_id,
                 node_id=stored.node_id,
                 tenant_id=active.tenants.get(stored.node_id, ""),
