@@ -66,8 +66,9 @@ class CommandEnd:
 
 
 Listener = Callable[[CommandEnd], Awaitable[None]]
-OutputSink = Callable[["PendingCommand", OutputReceived], None]
-"""Told of each chunk of live output of a command, after the dispatcher kept its tail."""
+OutputSink = Callable[["PendingCommand", OutputReceived, int], None]
+"""Told of each chunk of live output of a command, after the dispatcher kept its tail, with
+the bytes of it lost just before the chunk on its way from another relay."""
 
 
 @attrs.define(kw_only=True)
@@ -166,7 +167,9 @@ class Dispatcher:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
 
-    def spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background (its failure logged); :meth:`stop` waits for it."""
+
         async def run() -> None:
             try:
                 await coro
@@ -176,6 +179,7 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ commands out
 
@@ -325,7 +329,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ what comes back
 
-    def on_output(self, node_id: str, event: OutputReceived) -> None:
+    def on_output(self, node_id: str, event: OutputReceived, *, lost_before: int = 0) -> None:
         pending = self.pending.get(event.command_id)
         if pending is None or pending.node_id != node_id:
             return
@@ -336,7 +340,7 @@ class Dispatcher:
             pending.stderr += event.stderr
             del pending.stderr[:-_TAIL]
         if pending.output is not None:
-            pending.output(pending, event)
+            pending.output(pending, event, lost_before)
 
     async def on_result(
         self, node_id: str, result: stream_pb2.CommandResult, *, known: bool

@@ -5,20 +5,30 @@ The dispatcher sends a command for a node another relay holds as a ``routed_comm
 the rows queued for it and delivers them on its streams, passes their cancels on, and
 reports each end back; the coordinator collects those ends (from ``commands``, where the
 holder wrote them) and finishes its pending commands through the dispatcher, as if the
-result had come over its own stream. :meth:`Router.pump` does one round of all of it, on a
-store notification or at the periodic sweep; :meth:`Router.holders_lost` ends what a relay
-that went away still owed.
+result had come over its own stream. Live output of a routed run command takes the same
+way back (``routed_output`` rows, capped per command: the oldest go first, and the bytes
+lost are reported to the watchers as the single relay reports its own drops).
+:meth:`Router.pump` does one round of all of it, on a store notification or at the
+periodic sweep; :meth:`Router.holders_lost` ends what a relay that went away still owed.
 
 On a store that is not shared nothing is ever routed, and this part idles.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 
 from aegis_edge_core.fleet import TargetOutcome
-from aegis_edge_relay.dispatcher import CommandEnd, Dispatcher, Listener, PendingCommand
-from aegis_edge_relay.store import RoutedCommand
+from aegis_edge_core.session import OutputReceived
+from aegis_edge_relay.dispatcher import (
+    CommandEnd,
+    Dispatcher,
+    GroupCommit,
+    Listener,
+    PendingCommand,
+)
+from aegis_edge_relay.store import RoutedCommand, RoutedOutput
 
 __all__ = ["Router"]
 
@@ -30,6 +40,13 @@ class Router:
         self.dispatcher = dispatcher
         self._db = dispatcher.db
         self.fleet = dispatcher.fleet
+        self._output_log: GroupCommit[RoutedOutput, None] = GroupCommit(
+            self._db, self._db.store.route_output
+        )
+        self._output_seq: dict[str, int] = {}
+        self._output_written: dict[str, asyncio.Task[None]] = {}
+        """The last output write of each routed command delivered here: its end waits for
+        it (writes commit in order), so the end never overtakes its output."""
 
     async def pump(self) -> None:
         """Deliver the commands routed to this relay, pass on their cancels, and collect
@@ -40,7 +57,12 @@ class Router:
             await self._deliver(row)
         for command_id, reason in await db.call(db.store.take_cancels, me):
             self.dispatcher.cancel_command(command_id, reason)
-        for command_id in await db.call(db.store.take_routed_results, me):
+        ended = await db.call(db.store.take_routed_results, me)
+        # After the ends: a command's output was written before its end, so all of it is
+        # here now, and it reaches the watchers before the command's end does.
+        for chunk in await db.call(db.store.take_routed_output, me):
+            self._output_arrived(chunk)
+        for command_id in ended:
             await self._collect(command_id)
         for pending in [p for p in self.dispatcher.pending.values() if p.adopted]:
             await self._collect(pending.command_id)
@@ -97,6 +119,7 @@ class Router:
             fleet_command_id=row.fleet_command_id,
             dispatched_at=row.created_at,
             listener=self._routed_back,
+            output=self._output_back if row.fleet_command_id else None,
             log_level="debug",
         )
         dispatcher.pending[row.command_id] = pending
@@ -122,7 +145,37 @@ class Router:
 
     async def _routed_back(self, end: CommandEnd) -> None:
         """The end of a routed command is in ``commands``: tell its coordinator."""
+        self._output_seq.pop(end.command_id, None)
+        written = self._output_written.pop(end.command_id, None)
+        if written is not None:
+            await asyncio.wait([written])
         await self._db.call(self._db.store.finish_routed, end.command_id)
+
+    def _output_back(self, pending: PendingCommand, event: OutputReceived, lost: int) -> None:
+        """Live output of a run's command delivered here: to its coordinator, through the
+        store (chunks that arrive while a batch is written go in the next one)."""
+        seq = self._output_seq.get(pending.command_id, 0) + 1
+        self._output_seq[pending.command_id] = seq
+        chunk = RoutedOutput(
+            command_id=pending.command_id, seq=seq, stdout=event.stdout, stderr=event.stderr
+        )
+        self._output_written[pending.command_id] = self.dispatcher.spawn(
+            self._output_log.submit(chunk)
+        )
+
+    def _output_arrived(self, chunk: RoutedOutput) -> None:
+        """Output of a command this relay routed elsewhere, as if its stream were here."""
+        pending = self.dispatcher.pending.get(chunk.command_id)
+        if pending is None or not pending.routed_to:
+            return  # ended already (its holder was lost): nobody watches it any more
+        event = OutputReceived(
+            command_id=chunk.command_id,
+            seq=chunk.seq,
+            stdout=chunk.stdout,
+            stderr=chunk.stderr,
+            known=True,
+        )
+        self.dispatcher.on_output(pending.node_id, event, lost_before=chunk.dropped_before)
 
     async def _collect(self, command_id: str) -> None:
         pending = self.dispatcher.pending.get(command_id)

@@ -260,6 +260,19 @@ class FleetRuns:
             active.publish(None)
             jsonlog.log("info", "fleet.run_handed_over", fleet_command_id=fid)
 
+    async def take_cancels(self) -> None:
+        """Cancels of the runs this relay coordinates, asked for through another relay
+        (``CancelFleetRun`` there): each is applied as if asked here, and the run as it
+        stands then is the answer that relay waits for."""
+        db, me = self._db, self.fleet.cluster.relay_id
+        for fid, reason in await db.call(db.store.take_run_cancels, me):
+            active = self.runs.get(fid)
+            if active is None:
+                continue  # finished meanwhile, or handed over: the asker reads the store
+            await self.cancel_run(active, reason)
+            jsonlog.log("info", "fleet.run_cancel_taken", fleet_command_id=fid, reason=reason)
+            await db.call(db.store.answer_run_cancel, fid, active.to_proto().SerializeToString())
+
     async def cancel_all(self, message: str) -> None:
         for active in list(self.runs.values()):
             with contextlib.suppress(Exception):
@@ -390,7 +403,7 @@ class FleetRuns:
     def _output_of(self, active: ActiveRun) -> OutputSink:
         """The sink a run's commands report live output to: its watchers, while it runs."""
 
-        def sink(pending: PendingCommand, event: OutputReceived) -> None:
+        def sink(pending: PendingCommand, event: OutputReceived, lost_before: int) -> None:
             if self.runs.get(active.fleet_command_id) is not active or not active.watchers:
                 return
             node_id = pending.node_id
@@ -404,6 +417,7 @@ class FleetRuns:
                 stdout=event.stdout,
                 stderr=event.stderr,
                 now=self.now(),
+                lost_before=lost_before,
             )
 
         return sink
