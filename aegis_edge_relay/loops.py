@@ -161,7 +161,9 @@ class Loops:
         while True:
             now = self.now()
             if not cluster.lapsed(now):
-                await asyncio.sleep(max(0.05, cluster.lease_expires_at - now))
+                left = cluster.lease_expires_at - now
+                # past expiry but not lapsed: it was alone, so look again at the next sync
+                await asyncio.sleep(left if left > 0 else cluster.interval)
                 continue
             dropped = streams.drop_all(LEASE_LAPSED)
             if dropped:
