@@ -153,10 +153,10 @@ class Loops:
                 jsonlog.log("error", "cluster.runs_failed", error=str(err))
 
     async def _lease_loop(self) -> None:
-        """Drop every stream once this relay's own lease lapsed (cut off from the store
-        while the others were live: they hold this fleet now), and keep dropping those that
-        come back while it stays lapsed. Its own timer, so a sync stuck on an unreachable
-        store does not hold the drop back."""
+        """Drop every stream and let every run go once this relay's own lease lapsed (cut
+        off from the store while the others were live: they hold this fleet now), and keep
+        dropping streams that come back while it stays lapsed. Its own timer, so a sync
+        stuck on an unreachable store does not hold the drop back."""
         cluster, streams = self.fleet.cluster, self.streams
         while True:
             now = self.now()
@@ -165,6 +165,8 @@ class Loops:
                 # past expiry but not lapsed: it was alone, so look again at the next sync
                 await asyncio.sleep(left if left > 0 else cluster.interval)
                 continue
+            # Its runs' leases lapsed with its own: another relay resumes them.
+            self.runs.let_go("warning", "fleet.run_let_go")
             dropped = streams.drop_all(LEASE_LAPSED)
             if dropped:
                 jsonlog.log(

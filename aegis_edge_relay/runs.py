@@ -252,13 +252,20 @@ class FleetRuns:
         now, so another relay resumes them at its next sync (results of what is in flight
         here still reach ``commands``, where the new coordinator finds them)."""
         db, me = self._db, self.fleet.cluster.relay_id
-        for fid, active in list(self.runs.items()):
-            active.detached = True
-            del self.runs[fid]
+        for fid in self.let_go("info", "fleet.run_handed_over"):
             with contextlib.suppress(Exception):
                 await db.call(db.store.lease_runs, me, [fid], 0.0)
+
+    def let_go(self, level: str, event: str) -> list[str]:
+        """Stop driving every run (this relay stops, or its lease lapsed and the others
+        take its runs over): their watchers here are let go too. The runs' ids."""
+        gone = list(self.runs)
+        for fid in gone:
+            active = self.runs.pop(fid)
+            active.detached = True
             active.publish(None)
-            jsonlog.log("info", "fleet.run_handed_over", fleet_command_id=fid)
+            jsonlog.log(level, event, fleet_command_id=fid)
+        return gone
 
     async def take_cancels(self) -> None:
         """Cancels of the runs this relay coordinates, asked for through another relay

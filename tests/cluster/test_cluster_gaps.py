@@ -205,9 +205,10 @@ def test_a_relay_cut_off_from_postgresql_lets_its_daemons_go_once_its_lease_laps
     daemons: list[DaemonProcess],
     tmp_path: Path,
 ) -> None:
-    """Relay A reaches PostgreSQL through a proxy process, relay B directly. The proxy is
-    killed: A can no longer renew its lease, and once it lapsed A drops its streams, so its
-    daemons dial the next relay and are Connected at B."""
+    """Relay A reaches PostgreSQL through a proxy process, relay B directly; A coordinates
+    a run over its own daemons. The proxy is killed: A can no longer renew its lease, and
+    once it lapsed A drops its streams and lets its run go, so its daemons dial the next
+    relay and are Connected at B, and B takes the run over and finishes it."""
     proxy, url, proxied = pg_proxy
     flags = ("--stale-threshold", f"{STALE:g}s", "--heartbeat-interval", "0.5s")
     relays: list[RelayProcess] = []
@@ -228,6 +229,25 @@ def test_a_relay_cut_off_from_postgresql_lets_its_daemons_go_once_its_lease_laps
                 await _until_connected(b, channel, ids)
 
         asyncio.run(b_shows_them_connected())  # held by A, and A live to the others
+
+        async def start_run() -> str:
+            async with a.channel() as channel:
+                call = a.admin(channel).StartFleetRun(
+                    admin_pb2.FleetRunSpec(
+                        selector="all",
+                        tool="cmd.run",
+                        args_json=json.dumps({"cmd": "sleep 2"}),
+                        deadline_secs=60,
+                        tenant_id="split",
+                    ),
+                    metadata=a.auth(),
+                    timeout=60,
+                )
+                started = await anext(aiter(call))  # its commands are out
+                call.cancel()  # the watcher goes, the run goes on
+                return str(started.started.fleet_command_id)
+
+        fid = asyncio.run(start_run())
         proxy.kill()
         proxy.wait(10)
         for d in daemons:
@@ -237,6 +257,37 @@ def test_a_relay_cut_off_from_postgresql_lets_its_daemons_go_once_its_lease_laps
         lapsed = [e for e in a.logs() if e.get("event") == "cluster.lease_lapsed"]
         assert lapsed and lapsed[0]["streams_dropped"] >= len(ids), lapsed
         print("A dropped its streams", lapsed[0]["lapsed_for"], "s after its lease lapsed")
+
+        # A let its run go; B took it over and finished it, nothing lost
+        async def finished_at_b() -> admin_pb2.FleetRun:
+            async with b.channel() as channel:
+
+                async def get() -> admin_pb2.FleetRun:
+                    return await b.admin(channel).GetFleetRun(
+                        admin_pb2.GetFleetRunRequest(fleet_command_id=fid),
+                        metadata=b.auth(),
+                        timeout=10,
+                    )
+
+                async def done() -> bool:
+                    return (await get()).outcome != common_pb2.RUN_OUTCOME_RUNNING
+
+                await wait_until(done, timeout=30, what="the run finished at B")
+                return await get()
+
+        run = asyncio.run(finished_at_b())
+        assert {t.node_id for t in run.targets} == ids
+        assert {t.outcome for t in run.targets} <= {
+            common_pb2.TARGET_OUTCOME_OK,
+            common_pb2.TARGET_OUTCOME_EDGE_DISCONNECTED,
+        }, run
+        assert [
+            e["fleet_command_id"] for e in a.logs() if e.get("event") == "fleet.run_let_go"
+        ] == [fid]
+        assert any(
+            e.get("event") == "fleet.run_taken_over" and e.get("fleet_command_id") == fid
+            for e in b.logs()
+        )
     finally:
         for relay in relays:
             relay.stop()
