@@ -285,6 +285,10 @@ class FleetAdmin(GroupsAdmin):
             answer = await self.db.call(self.store.run_cancel_answer, fid)
             if answer is not None:
                 return admin_pb2.FleetRun.FromString(answer)
+            row = await self.db.call(self.store.get_fleet_run, fid)
+            if row is not None and row.outcome != "running":
+                # ended already (the cancel's answer went with its lease)
+                return await self._stored_run(context, principal, fid)
         run.halt_reason = (
             f"{reason}: handed to the run's coordinator, which has not taken it yet; "
             f"`aegis edge fleet show {fid}` tells when it has"

@@ -355,7 +355,10 @@ class Store(Protocol):
         relay claimed it first."""
         ...
 
-    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None: ...
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        """The run finished: its lease goes, and with it any cancel asked for through
+        another relay (that relay reads the finished run instead)."""
+        ...
 
     # live output of routed commands, on its way back to their coordinators
     def route_output(self, rows: Sequence[RoutedOutput]) -> None:

@@ -855,10 +855,16 @@ class PostgresStore:
         return self._write(tx)
 
     def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
-        self._update(
-            "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
-            (fleet_command_id, coordinator),
-        )
+        def tx(cur: Cursor) -> None:
+            if cur.execute(
+                "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
+                (fleet_command_id, coordinator),
+            ).rowcount:
+                cur.execute(
+                    "DELETE FROM run_cancels WHERE fleet_command_id = %s", (fleet_command_id,)
+                )
+
+        self._write(tx)
 
     def route_output(self, rows: Sequence[RoutedOutput]) -> None:
         if not rows:

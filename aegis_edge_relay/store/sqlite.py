@@ -643,10 +643,13 @@ class SQLiteStore:
 
     def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
         with self._tx() as db:
-            db.execute(
+            if db.execute(
                 "DELETE FROM run_leases WHERE fleet_command_id = ? AND coordinator = ?",
                 (fleet_command_id, coordinator),
-            )
+            ).rowcount:
+                db.execute(
+                    "DELETE FROM run_cancels WHERE fleet_command_id = ?", (fleet_command_id,)
+                )
 
     def route_output(self, rows: Sequence[RoutedOutput]) -> None:
         with self._tx() as db:

@@ -195,3 +195,9 @@ def test_a_run_cancel_reaches_its_coordinator_and_a_new_one_after_a_takeover(
     store.request_run_cancel("f-1", "cancelled by bob", 2.0)
     assert store.run_cancel_answer("f-1") is None
     assert store.take_run_cancels("b") == [("f-1", "cancelled by bob")]
+    store.answer_run_cancel("f-1", b"run-as-b-saw-it")
+    store.drop_run_lease("f-1", "a")  # not a's lease: nothing goes
+    assert store.run_cancel_answer("f-1") == b"run-as-b-saw-it"
+    store.drop_run_lease("f-1", "b")  # the run finished: its cancel goes with its lease
+    assert store.run_cancel_answer("f-1") is None
+    assert store.take_run_cancels("b") == []
