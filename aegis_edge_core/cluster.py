@@ -14,6 +14,10 @@ stream, so every status it shows is its own health tracker's.
   newer stream held elsewhere.
 * A node held by another relay shows that relay's recorded status while its lease is live,
   and Disconnected once it lapses (unless the node reconnected and a live relay holds it).
+* A relay whose own lease lapsed (it could not renew it: cut off from the store) drops its
+  streams if other relays were live: they already show its nodes Disconnected and route
+  nothing to it, and it can no longer record that it holds them. Its daemons dial the
+  next relay and land there.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "lease_live",
     "lease_ttl",
     "live_relays",
+    "must_drop_streams",
     "release_applies",
     "renew_every",
     "run_takeover_due",
@@ -84,6 +89,20 @@ def lease_live(lease: RelayLease | None, now: float) -> bool:
 
 def live_relays(leases: Iterable[RelayLease], now: float) -> frozenset[str]:
     return frozenset(lease.relay_id for lease in leases if lease_live(lease, now))
+
+
+def must_drop_streams(
+    own_lease_expires_at: float, now: float, other_relays: Collection[str]
+) -> bool:
+    """Whether a relay must drop every daemon stream it holds: its own lease, as it last
+    renewed it, expired at ``own_lease_expires_at``, ``now`` is at or past that, and
+    ``other_relays`` (the other relays live at its last look at the leases) is not empty.
+
+    A relay cut off from the store keeps serving until its lease lapses (a short outage
+    costs nothing), and not a moment longer: from then on the others treat its nodes as
+    held by nobody. A relay that was alone keeps its streams: its daemons have nowhere
+    else to go, and it picks up where it was when the store is back."""
+    return bool(other_relays) and now >= own_lease_expires_at
 
 
 def succeeding_generation(current: Holder | None) -> int:

@@ -21,6 +21,7 @@ from aegis_edge_core.cluster import (
     RelayLease,
     lease_ttl,
     live_relays,
+    must_drop_streams,
     renew_every,
     shown_status,
 )
@@ -55,6 +56,8 @@ class ClusterView:
         self.interval = renew_every(self.ttl)
         self.now = clock
         self._db = db
+        self.lease_expires_at = 0.0
+        """When this relay's own lease expires, as it last renewed it."""
         self.live: frozenset[str] = frozenset()
         self.holders: dict[str, Holder] = {}
         """The holder rows of the other relays (as of the last :meth:`sync`)."""
@@ -76,6 +79,13 @@ class ClusterView:
         if holder is None or holder.relay_id == self.relay_id:
             return None
         return shown_status(holder, self.live)
+
+    def lapsed(self, now: float) -> bool:
+        """Whether this relay must hold no stream now: cut off from the store, its lease
+        lapsed while others were live (the core's ``must_drop_streams``)."""
+        return self.shared and must_drop_streams(
+            self.lease_expires_at, now, self.live - {self.relay_id}
+        )
 
     def holder_of(self, node_id: str) -> str | None:
         """The live relay other than this one that holds the node's stream, if any."""
@@ -106,6 +116,7 @@ class ClusterView:
             relay_id=self.relay_id, endpoint=self.endpoint, expires_at=now + self.ttl
         )
         await db.call(db.store.renew_lease, lease)
+        self.lease_expires_at = lease.expires_at
         await self.flush_statuses()
         leases = await db.call(db.store.load_leases)
         holders = await db.call(db.store.load_holders)
@@ -170,6 +181,9 @@ class ClusterView:
             raise
 
     def _release(self, node_id: str, generation: int) -> None:
+        if self.lapsed(self.now()):
+            return  # the lapsed lease released it for the others; the store is out of reach
+
         async def release() -> None:
             db = self._db
             try:

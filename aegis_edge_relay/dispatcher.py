@@ -4,13 +4,12 @@ Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.s
 records the dispatch in command history, hands the invocation to the node's
 :class:`RelaySession` and remembers who is waiting. A node whose stream another relay of the
 cluster holds gets the command through the store instead (a ``routed_commands`` row that
-relay delivers once, :meth:`Dispatcher.pump_routed`); its result comes back as the
-``commands`` row the holder writes, collected here by the same pump. Results
-(:meth:`Dispatcher.on_result`, called by the stream reader *before* it acks), lost streams
-(:meth:`Dispatcher.connection_lost`, with the ids :meth:`RelaySession.connection_lost`
-returned) and late results all end up in :meth:`Dispatcher._finish`, which persists, counts
-and tells the waiter. Fleet runs (:mod:`.runs`) are such waiters; the dispatcher knows no
-run.
+relay delivers once); the rest of that trip -- delivery at the holder, the end coming
+back -- is :mod:`.routing`'s. Results (:meth:`Dispatcher.on_result`, called by the stream
+reader *before* it acks), lost streams (:meth:`Dispatcher.connection_lost`, with the ids
+:meth:`RelaySession.connection_lost` returned), late results and routed ends all end up in
+:meth:`Dispatcher.finish`, which persists, counts and tells the waiter. Fleet runs
+(:mod:`.runs`) are such waiters; the dispatcher knows no run.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 import attrs
@@ -67,8 +66,9 @@ class CommandEnd:
 
 
 Listener = Callable[[CommandEnd], Awaitable[None]]
-OutputSink = Callable[["PendingCommand", OutputReceived], None]
-"""Told of each chunk of live output of a command, after the dispatcher kept its tail."""
+OutputSink = Callable[["PendingCommand", OutputReceived, int], None]
+"""Told of each chunk of live output of a command, after the dispatcher kept its tail, with
+the bytes of it lost just before the chunk on its way from another relay."""
 
 
 @attrs.define(kw_only=True)
@@ -101,7 +101,7 @@ class GroupCommit(Generic[R, W]):
     still awaits *its* row being committed, so "persist, then send/ack" holds."""
 
     def __init__(self, db: StoreWorker, write_many: Callable[[list[R]], list[W] | None]) -> None:
-        self._db = db
+        self.db = db
         self._write_many = write_many
         self._queue: list[tuple[R, asyncio.Future[W | None]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -118,7 +118,7 @@ class GroupCommit(Generic[R, W]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                out = await self._db.persist(self._write_many, [row for row, _ in batch])
+                out = await self.db.persist(self._write_many, [row for row, _ in batch])
             except Exception as err:
                 for _, fut in batch:
                     if not fut.done():
@@ -136,7 +136,7 @@ class Dispatcher:
         self, *, fleet: FleetView, db: StoreWorker, metrics: RelayMetrics, clock: Clock
     ) -> None:
         self.fleet = fleet
-        self._db = db
+        self.db = db
         self.metrics = metrics
         self.now = clock
         self.pending: dict[str, PendingCommand] = {}
@@ -154,8 +154,8 @@ class Dispatcher:
         its next coordinator's to settle."""
         if self.fleet.cluster.shared:
             return
-        lost = await self._db.call(
-            self._db.store.finish_orphaned_commands,
+        lost = await self.db.call(
+            self.db.store.finish_orphaned_commands,
             now=self.now(),
             error="the relay restarted while the command ran",
         )
@@ -167,7 +167,9 @@ class Dispatcher:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background (its failure logged); :meth:`stop` waits for it."""
+
         async def run() -> None:
             try:
                 await coro
@@ -177,6 +179,7 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ commands out
 
@@ -304,8 +307,8 @@ class Dispatcher:
         if pending is None:
             return
         if pending.routed_to:
-            db = self._db
-            self._spawn(db.call(db.store.cancel_routed, command_id, reason))
+            db = self.db
+            self.spawn(db.call(db.store.cancel_routed, command_id, reason))
             return
         handle = self.fleet.streams.get(pending.node_id)
         if handle is not None and not handle.closing:
@@ -313,132 +316,8 @@ class Dispatcher:
                 handle.session.cancel(command_id, reason)
                 handle.flush()
 
-    # ------------------------------------------------------------------ through the store
-
-    async def pump_routed(self) -> None:
-        """Deliver the commands routed to this relay, pass on their cancels, and collect
-        the results of the commands this relay routed elsewhere (and of adopted ones,
-        which may have ended where no notification reaches this relay)."""
-        db, me = self._db, self.fleet.cluster.relay_id
-        for row in await db.call(db.store.take_routed, me):
-            await self._deliver(row)
-        for command_id, reason in await db.call(db.store.take_cancels, me):
-            self.cancel_command(command_id, reason)
-        for command_id in await db.call(db.store.take_routed_results, me):
-            await self._collect(command_id)
-        for pending in [p for p in self.pending.values() if p.adopted]:
-            await self._collect(pending.command_id)
-
-    def adopt(
-        self,
-        *,
-        command_id: str,
-        node_id: str,
-        tenant_id: str,
-        tool: str,
-        fleet_command_id: str,
-        dispatched_at: float,
-        holder: str,
-        listener: Listener,
-    ) -> None:
-        """Wait for a command a run's previous coordinator sent (this relay took the run
-        over): its end reaches ``listener`` as if this relay had sent it."""
-        mine = self.pending.get(command_id)
-        if mine is not None:
-            # This relay holds the node's stream and delivered it: end both ways.
-            routed_back = mine.listener
-
-            async def both(end: CommandEnd) -> None:
-                if routed_back is not None:
-                    await routed_back(end)
-                await listener(end)
-
-            mine.listener = both
-            return
-        self.pending[command_id] = PendingCommand(
-            command_id=command_id,
-            node_id=node_id,
-            tenant_id=tenant_id,
-            tool=tool,
-            fleet_command_id=fleet_command_id,
-            dispatched_at=dispatched_at,
-            listener=listener,
-            routed_to=holder,
-            adopted=True,
-        )
-
-    async def _deliver(self, row: RoutedCommand) -> None:
-        """A command another relay routed here, for a node whose stream this relay holds.
-        The store handed it over once (queued -> sent), and the daemon answers a repeated
-        ``command_id`` without running it again: a tool never runs twice."""
-        pending = PendingCommand(
-            command_id=row.command_id,
-            node_id=row.node_id,
-            tenant_id=row.tenant_id,
-            tool=row.tool,
-            fleet_command_id=row.fleet_command_id,
-            dispatched_at=row.created_at,
-            listener=self._routed_back,
-            log_level="debug",
-        )
-        self.pending[row.command_id] = pending
-        handle = self.fleet.streams.get(row.node_id)
-        if handle is None or handle.closing:
-            await self._disconnected(
-                pending, "the daemon's stream moved away before the command reached it"
-            )
-            return
-        handle.session.send_command(
-            command_id=row.command_id,
-            tool=row.tool,
-            args_json=row.args_json,
-            fleet_command_id=row.fleet_command_id,
-            deadline=row.deadline,
-            timeout_secs=row.timeout_secs,
-            traceparent="",
-            tracestate="",
-        )
-        handle.flush()
-        if row.cancel:
-            self.cancel_command(row.command_id, row.cancel)
-
-    async def _routed_back(self, end: CommandEnd) -> None:
-        """The end of a routed command is in ``commands``: tell its coordinator."""
-        await self._db.call(self._db.store.finish_routed, end.command_id)
-
-    async def _collect(self, command_id: str) -> None:
-        pending = self.pending.get(command_id)
-        if pending is None or not pending.routed_to:
-            return  # already ended here (its holder was lost): history has the result
-        row = await self._db.call(self._db.store.get_command, command_id)
-        if row is None or not row.outcome:
-            return
-        await self._finish(
-            pending,
-            TargetOutcome(row.outcome),
-            row.finished_at or self.now(),
-            exit_code=row.exit_code,
-            error_message=row.error,
-            stdout=row.stdout_tail,
-            stderr=row.stderr_tail,
-            result_json=row.result_json,
-        )
-
-    def holders_lost(self, live: Collection[str]) -> None:
-        """Commands routed to a relay whose lease lapsed end ``edge_disconnected``, unless
-        their end reached ``commands`` before it went (a relay that stopped gracefully
-        let its daemons finish); a later result, through any relay, still lands in
-        history."""
-        for pending in list(self.pending.values()):
-            if pending.routed_to and pending.routed_to not in live:
-                self._spawn(self._holder_lost(pending))
-
-    async def _holder_lost(self, pending: PendingCommand) -> None:
-        await self._collect(pending.command_id)
-        await self._disconnected(pending, "the relay holding the daemon's stream went away")
-
-    async def _disconnected(self, pending: PendingCommand, message: str) -> None:
-        await self._finish(
+    async def disconnected(self, pending: PendingCommand, message: str) -> None:
+        await self.finish(
             pending,
             TargetOutcome.EDGE_DISCONNECTED,
             self.now(),
@@ -450,7 +329,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ what comes back
 
-    def on_output(self, node_id: str, event: OutputReceived) -> None:
+    def on_output(self, node_id: str, event: OutputReceived, *, lost_before: int = 0) -> None:
         pending = self.pending.get(event.command_id)
         if pending is None or pending.node_id != node_id:
             return
@@ -461,7 +340,7 @@ class Dispatcher:
             pending.stderr += event.stderr
             del pending.stderr[:-_TAIL]
         if pending.output is not None:
-            pending.output(pending, event)
+            pending.output(pending, event, lost_before)
 
     async def on_result(
         self, node_id: str, result: stream_pb2.CommandResult, *, known: bool
@@ -478,7 +357,7 @@ class Dispatcher:
             return
         stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
         stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
-        await self._finish(
+        await self.finish(
             pending,
             outcome,
             now,
@@ -499,7 +378,7 @@ class Dispatcher:
     ) -> None:
         """Dispatched on an earlier stream (maybe before a relay restart): keep it in
         history; its run (if any) already counted it edge_disconnected."""
-        existing = await self._db.call(self._db.store.get_command, result.command_id)
+        existing = await self.db.call(self.db.store.get_command, result.command_id)
         if existing is None or existing.node_id != node_id:
             jsonlog.log(
                 "warning",
@@ -508,8 +387,8 @@ class Dispatcher:
                 command_id=result.command_id,
             )
             return
-        await self._db.call(
-            self._db.store.record_result,
+        await self.db.call(
+            self.db.store.record_result,
             attrs.evolve(
                 existing,
                 finished_at=result.finished_at or now,
@@ -535,11 +414,11 @@ class Dispatcher:
             pending = self.pending.get(command_id)
             if pending is None or pending.node_id != node_id:
                 continue
-            self._spawn(
-                self._disconnected(pending, "the daemon's stream dropped while the command ran")
+            self.spawn(
+                self.disconnected(pending, "the daemon's stream dropped while the command ran")
             )
 
-    async def _finish(
+    async def finish(
         self,
         pending: PendingCommand,
         outcome: TargetOutcome,

@@ -8,7 +8,9 @@
 * fleet runs' deadlines and cancel graces (:meth:`.runs.FleetRuns.tick`);
 * maintenance: stream-seconds accounting, token refresh pushes, revocation pruning;
 * the cluster (a shared store only): renew the lease, reread the other relays' leases,
-  holders and node rows, and mirror revocations committed by another relay.
+  holders and node rows, and mirror revocations committed by another relay; route
+  commands, results, output and run cancels through the store; drop every stream once
+  this relay's own lease lapsed.
 
 Every loop survives a failing store: it logs, and tries again at its next turn.
 """
@@ -22,12 +24,12 @@ from typing import Any, Final
 
 from aegis_edge_core.identity.rotation import needs_refresh
 from aegis_edge_relay import jsonlog
-from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
+from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
 from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
-from aegis_edge_relay.streams import StreamHandler
+from aegis_edge_relay.streams import LEASE_LAPSED, StreamHandler
 
 __all__ = ["Loops"]
 
@@ -47,7 +49,7 @@ class Loops:
         identity: IdentityService,
         streams: StreamHandler,
         runs: FleetRuns,
-        dispatcher: Dispatcher,
+        router: Router,
         stale_threshold: float,
         heartbeat_flush_interval: float,
         fleet_tick_interval: float,
@@ -56,7 +58,7 @@ class Loops:
         self.identity = identity
         self.streams = streams
         self.runs = runs
-        self.dispatcher = dispatcher
+        self.router = router
         self.now = fleet.now
         self._sweep_step = max(0.05, min(1.0, stale_threshold / 4))
         self._flush_interval = heartbeat_flush_interval
@@ -73,7 +75,13 @@ class Loops:
             self._handshake_loop(),
         )
         if self.fleet.cluster.shared:
-            coros = (*coros, self._cluster_loop(), self._listen_loop(), self._route_loop())
+            coros = (
+                *coros,
+                self._cluster_loop(),
+                self._listen_loop(),
+                self._route_loop(),
+                self._lease_loop(),
+            )
         for coro in coros:
             self._tasks.append(loop.create_task(coro))
 
@@ -136,7 +144,7 @@ class Loops:
                 continue
             for node, reason in fleet.merge(records):
                 self.identity.revoked_elsewhere(node, reason)
-            self.dispatcher.holders_lost(cluster.live)
+            self.router.holders_lost(cluster.live)
             try:
                 now = self.now()
                 await self.runs.renew_leases(now + cluster.ttl)
@@ -144,16 +152,44 @@ class Loops:
             except Exception as err:
                 jsonlog.log("error", "cluster.runs_failed", error=str(err))
 
+    async def _lease_loop(self) -> None:
+        """Drop every stream and let every run go once this relay's own lease lapsed (cut
+        off from the store while the others were live: they hold this fleet now), and keep
+        dropping streams that come back while it stays lapsed. Its own timer, so a sync
+        stuck on an unreachable store does not hold the drop back."""
+        cluster, streams = self.fleet.cluster, self.streams
+        while True:
+            now = self.now()
+            if not cluster.lapsed(now):
+                left = cluster.lease_expires_at - now
+                # past expiry but not lapsed: it was alone, so look again at the next sync
+                await asyncio.sleep(left if left > 0 else cluster.interval)
+                continue
+            # Its runs' leases lapsed with its own: another relay resumes them.
+            self.runs.let_go("warning", "fleet.run_let_go")
+            dropped = streams.drop_all(LEASE_LAPSED)
+            if dropped:
+                jsonlog.log(
+                    "warning",
+                    "cluster.lease_lapsed",
+                    relay_id=cluster.relay_id,
+                    lapsed_for=round(now - cluster.lease_expires_at, 3),
+                    streams_dropped=dropped,
+                )
+            await asyncio.sleep(cluster.interval)
+
     async def _route_loop(self) -> None:
-        """Commands routed to this relay and results routed back: at once on a wake-up,
-        and every sync interval as the sweep that catches a missed notification."""
+        """Commands routed to this relay, results and output routed back, and cancels of
+        runs this relay coordinates: at once on a wake-up, and every sync interval as the
+        sweep that catches a missed notification."""
         cluster = self.fleet.cluster
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cluster.route_wake.wait(), cluster.interval)
             cluster.route_wake.clear()
             try:
-                await self.dispatcher.pump_routed()
+                await self.router.pump()
+                await self.runs.take_cancels()
             except Exception as err:  # the next sweep tries again
                 jsonlog.log("error", "cluster.route_failed", error=str(err))
 

@@ -49,6 +49,7 @@ from aegis_edge_relay.dispatcher import (
 )
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runstate import (
     DETAIL_LIMIT,
     ActiveRun,
@@ -72,12 +73,14 @@ class FleetRuns:
         self,
         *,
         dispatcher: Dispatcher,
+        router: Router,
         fleet: FleetView,
         db: StoreWorker,
         metrics: RelayMetrics,
         clock: Clock,
     ) -> None:
         self.dispatcher = dispatcher
+        self.router = router
         self.fleet = fleet
         self._db = db
         self.metrics = metrics
@@ -222,7 +225,7 @@ class FleetRuns:
             active.ends[stored.node_id] = end_of(by_id[stored.command_id])
         self.runs[row.fleet_command_id] = active
         for stored in resumed.awaiting:
-            self.dispatcher.adopt(
+            self.router.adopt(
                 command_id=stored.command_id,
                 node_id=stored.node_id,
                 tenant_id=active.tenants.get(stored.node_id, ""),
@@ -249,13 +252,33 @@ class FleetRuns:
         now, so another relay resumes them at its next sync (results of what is in flight
         here still reach ``commands``, where the new coordinator finds them)."""
         db, me = self._db, self.fleet.cluster.relay_id
-        for fid, active in list(self.runs.items()):
-            active.detached = True
-            del self.runs[fid]
+        for fid in self.let_go("info", "fleet.run_handed_over"):
             with contextlib.suppress(Exception):
                 await db.call(db.store.lease_runs, me, [fid], 0.0)
+
+    def let_go(self, level: str, event: str) -> list[str]:
+        """Stop driving every run (this relay stops, or its lease lapsed and the others
+        take its runs over): their watchers here are let go too. The runs' ids."""
+        gone = list(self.runs)
+        for fid in gone:
+            active = self.runs.pop(fid)
+            active.detached = True
             active.publish(None)
-            jsonlog.log("info", "fleet.run_handed_over", fleet_command_id=fid)
+            jsonlog.log(level, event, fleet_command_id=fid)
+        return gone
+
+    async def take_cancels(self) -> None:
+        """Cancels of the runs this relay coordinates, asked for through another relay
+        (``CancelFleetRun`` there): each is applied as if asked here, and the run as it
+        stands then is the answer that relay waits for."""
+        db, me = self._db, self.fleet.cluster.relay_id
+        for fid, reason in await db.call(db.store.take_run_cancels, me):
+            active = self.runs.get(fid)
+            if active is None:
+                continue  # finished meanwhile, or handed over: the asker reads the store
+            await self.cancel_run(active, reason)
+            jsonlog.log("info", "fleet.run_cancel_taken", fleet_command_id=fid, reason=reason)
+            await db.call(db.store.answer_run_cancel, fid, active.to_proto().SerializeToString())
 
     async def cancel_all(self, message: str) -> None:
         for active in list(self.runs.values()):
@@ -387,7 +410,7 @@ class FleetRuns:
     def _output_of(self, active: ActiveRun) -> OutputSink:
         """The sink a run's commands report live output to: its watchers, while it runs."""
 
-        def sink(pending: PendingCommand, event: OutputReceived) -> None:
+        def sink(pending: PendingCommand, event: OutputReceived, lost_before: int) -> None:
             if self.runs.get(active.fleet_command_id) is not active or not active.watchers:
                 return
             node_id = pending.node_id
@@ -401,6 +424,7 @@ class FleetRuns:
                 stdout=event.stdout,
                 stderr=event.stderr,
                 now=self.now(),
+                lost_before=lost_before,
             )
 
         return sink

@@ -138,14 +138,18 @@ class ActiveRun:
         stdout: bytes,
         stderr: bytes,
         now: float,
+        lost_before: int = 0,
     ) -> None:
-        """A chunk of live output: through the run's gate, then to each output watcher."""
+        """A chunk of live output: through the run's gate, then to each output watcher.
+        ``lost_before``: bytes of it lost on the way here (see ``OutputGate.admit``)."""
         watchers = [w for w in self.watchers if w.output]
         if not watchers:
             return  # nobody follows: nothing is kept, nothing is counted
         if self.gate is None:
             self.gate = OutputGate(now=now)
-        admitted = self.gate.admit(node_id, now, stdout=stdout, stderr=stderr)
+        admitted = self.gate.admit(
+            node_id, now, stdout=stdout, stderr=stderr, lost_before=lost_before
+        )
         if admitted is None:
             return
         self.hosts[node_id] = host

@@ -73,6 +73,7 @@ from aegis_edge_relay.identity import IdentityService, load_or_create_signing_ke
 from aegis_edge_relay.loops import Loops
 from aegis_edge_relay.membership import check_cluster_store, join_cluster, write_cluster_json
 from aegis_edge_relay.metrics import RelayMetrics
+from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
 from aegis_edge_relay.startup import (
     GC_THRESHOLDS,
@@ -231,8 +232,9 @@ class Relay:
             refresh_limit=config.refresh_limit_per_node,
         )
         self.dispatcher = dispatcher = Dispatcher(fleet=fleet, db=db, metrics=metrics, clock=clock)
+        self.router = router = Router(dispatcher)
         self.runs = runs = FleetRuns(
-            dispatcher=dispatcher, fleet=fleet, db=db, metrics=metrics, clock=clock
+            dispatcher=dispatcher, router=router, fleet=fleet, db=db, metrics=metrics, clock=clock
         )
         self.streams = streams = StreamHandler(
             settings=StreamSettings(
@@ -273,7 +275,7 @@ class Relay:
             identity=identity,
             streams=streams,
             runs=runs,
-            dispatcher=dispatcher,
+            router=router,
             stale_threshold=config.stale_threshold,
             # Shared: heartbeats stay in memory (the holder answers for its nodes) and reach
             # the store coarsely, so an idle daemon costs one row write per few minutes.

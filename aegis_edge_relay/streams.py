@@ -46,7 +46,11 @@ from aegis_edge_relay.refusals import abort_refused
 from aegis_edge_relay.state import CloseStream, NodeState, StreamHandle, capabilities_from_proto
 from aegis_edge_relay.store import StoreUnavailable, StoreWorker
 
-__all__ = ["StreamHandler", "StreamSettings"]
+__all__ = ["LEASE_LAPSED", "StreamHandler", "StreamSettings"]
+
+LEASE_LAPSED: Final = (
+    "this relay lost its store and its lease lapsed; the other relays hold this fleet now"
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -317,6 +321,9 @@ class StreamHandler:
         node_id = handle.node_id
         assert node_id is not None
         fleet, identity = self.fleet, self.identity
+        if fleet.cluster.lapsed(now):
+            handle.close(grpc.StatusCode.UNAVAILABLE, LEASE_LAPSED)
+            return
         node = await fleet.find(node_id)
         await identity.know_signer(handle.hello_token)
         try:
@@ -465,6 +472,15 @@ class StreamHandler:
         for other in list(fleet.all_streams):
             if other.node_id == node.node_id and other is not handle:
                 other.refuse("revoked", "node revoked", now)
+
+    def drop_all(self, message: str) -> int:
+        """End every stream with UNAVAILABLE, so each daemon dials its next relay (this one
+        lost its lease); what was in flight ends ``edge_disconnected`` or as a late result
+        through the relay the daemon lands on. Returns how many streams there were."""
+        streams = list(self.fleet.all_streams)
+        for handle in streams:
+            handle.close(grpc.StatusCode.UNAVAILABLE, message)
+        return len(streams)
 
     async def drain(self) -> None:
         """Tell every daemon to go away and come back, and wait (bounded) for them.

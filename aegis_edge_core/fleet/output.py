@@ -190,14 +190,24 @@ class OutputGate:
         return pos
 
     def admit(
-        self, node_id: str, now: float, *, stdout: bytes = b"", stderr: bytes = b""
+        self,
+        node_id: str,
+        now: float,
+        *,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        lost_before: int = 0,
     ) -> Admitted | None:
         """Admit what fits of one chunk; ``None`` when nothing is to be forwarded now (the
-        chunk was dropped whole: its bytes wait in the count for the next item)."""
+        chunk was dropped whole: its bytes wait in the count for the next item).
+        ``lost_before``: bytes of this target lost before the chunk reached the gate (on
+        its way from another relay), counted and reported as the gate's own drops are."""
+        if lost_before < 0:
+            raise ValueError("lost_before counts bytes: it cannot be negative")
         target = self._target(node_id, now)
         out_n = self._prefix(stdout, target, now) if stdout else 0
         err_n = self._prefix(stderr, target, now) if stderr else 0
-        dropped = (len(stdout) - out_n) + (len(stderr) - err_n)
+        dropped = (len(stdout) - out_n) + (len(stderr) - err_n) + lost_before
         self.dropped_bytes += dropped
         self.forwarded_bytes += out_n + err_n
         target.dropped += dropped

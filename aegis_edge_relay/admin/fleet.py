@@ -7,9 +7,10 @@ events back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -38,6 +39,12 @@ from aegis_edge_relay.runstate import (
 from aegis_edge_relay.store import FleetRunRow
 
 __all__ = ["FleetAdmin"]
+
+CANCEL_ANSWER_POLL: Final = 0.1
+CANCEL_ANSWER_POLLS: Final = 50
+"""How long (polls of the store, 0.1 s apart) a cancel through a relay that does not
+coordinate the run waits for the coordinator's answer: the coordinator's wake-up takes a
+round trip, and its sweep (every 5 s at the default stale threshold) covers a lost one."""
 
 
 class FleetAdmin(GroupsAdmin):
@@ -268,12 +275,32 @@ class FleetAdmin(GroupsAdmin):
             await guard(context, active.run.check_cancellable)
             await self.runs.cancel_run(active, f"cancelled by {principal.subject}")
             return active.to_proto()
-        run = await self._stored_run(context, principal, request.fleet_command_id)
-        row = await self.db.call(self.store.get_fleet_run, request.fleet_command_id)
+        fid = request.fleet_command_id
+        run = await self._stored_run(context, principal, fid)
+        row = await self.db.call(self.store.get_fleet_run, fid)
         if row is not None:
             await guard(context, record_of(row).check_cancellable)
-        # Stored but unfinished and not ours to drive (a crashed relay's, before recovery):
-        # nothing here can stop it; say where it stands.
+        if not self.fleet.cluster.shared:
+            # Stored but unfinished and not ours to drive (a crashed relay's, before its
+            # recovery): nothing here can stop it; say where it stands.
+            return run
+        # Another relay coordinates it (or will, once it takes it over): the cancel goes
+        # through the store, and its coordinator answers with the run as it stands then.
+        reason = f"cancelled by {principal.subject}"
+        await self.db.call(self.store.request_run_cancel, fid, reason, self.now())
+        for _ in range(CANCEL_ANSWER_POLLS):
+            await asyncio.sleep(CANCEL_ANSWER_POLL)
+            answer = await self.db.call(self.store.run_cancel_answer, fid)
+            if answer is not None:
+                return admin_pb2.FleetRun.FromString(answer)
+            row = await self.db.call(self.store.get_fleet_run, fid)
+            if row is not None and row.outcome != "running":
+                # ended already (the cancel's answer went with its lease)
+                return await self._stored_run(context, principal, fid)
+        run.halt_reason = (
+            f"{reason}: handed to the run's coordinator, which has not taken it yet; "
+            f"`aegis edge fleet show {fid}` tells when it has"
+        )
         return run
 
     async def _stored_row(

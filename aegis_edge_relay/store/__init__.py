@@ -7,6 +7,7 @@ store the relay has.
 
 from aegis_edge_relay.store.base import (
     NODES_CHANGED,
+    ROUTED_OUTPUT_ROWS,
     CommandRow,
     FleetRunRow,
     GroupExists,
@@ -14,6 +15,7 @@ from aegis_edge_relay.store.base import (
     Listener,
     NodeRecord,
     RoutedCommand,
+    RoutedOutput,
     Store,
     StoreError,
     StoreUnavailable,
@@ -27,6 +29,7 @@ from aegis_edge_relay.store.worker import StoreWorker
 
 __all__ = [
     "NODES_CHANGED",
+    "ROUTED_OUTPUT_ROWS",
     "SCHEMA_VERSION",
     "STORE_FILE",
     "CommandRow",
@@ -37,6 +40,7 @@ __all__ = [
     "NodeRecord",
     "PostgresStore",
     "RoutedCommand",
+    "RoutedOutput",
     "SQLiteStore",
     "Store",
     "StoreError",

@@ -27,6 +27,7 @@ from aegis_edge_core.errors import AegisError
 
 __all__ = [
     "NODES_CHANGED",
+    "ROUTED_OUTPUT_ROWS",
     "CommandRow",
     "FleetRunRow",
     "GroupExists",
@@ -34,6 +35,7 @@ __all__ = [
     "Listener",
     "NodeRecord",
     "RoutedCommand",
+    "RoutedOutput",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -46,6 +48,11 @@ NODES_CHANGED: Final = "aegis_nodes"
 """The wake-up channel a shared store signals when a transaction revoked nodes: the other
 relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
 next periodic sync."""
+
+
+ROUTED_OUTPUT_ROWS: Final = 64
+"""Output chunks of one routed command the store keeps waiting for its coordinator; a
+coordinator that falls behind loses the oldest (and is told how many bytes)."""
 
 
 def relay_channel(relay_id: str) -> str:
@@ -158,6 +165,20 @@ class RoutedCommand:
     created_at: float = 0.0
     cancel: str = ""
     """A cancel asked for by the coordinator (its reason); empty when none."""
+
+
+@attrs.frozen(kw_only=True)
+class RoutedOutput:
+    """A chunk of a routed command's live output, on its way from the relay holding the
+    node's stream to the command's coordinator. ``dropped_before``: bytes of this command's
+    output lost just before this chunk (older chunks the store let go, see
+    :data:`ROUTED_OUTPUT_ROWS`)."""
+
+    command_id: str
+    seq: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    dropped_before: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -334,7 +355,39 @@ class Store(Protocol):
         relay claimed it first."""
         ...
 
-    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None: ...
+    def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
+        """The run finished: its lease goes, and with it any cancel asked for through
+        another relay (that relay reads the finished run instead)."""
+        ...
+
+    # live output of routed commands, on its way back to their coordinators
+    def route_output(self, rows: Sequence[RoutedOutput]) -> None:
+        """Append chunks and wake each command's coordinator. A command with more than
+        :data:`ROUTED_OUTPUT_ROWS` waiting loses its oldest; their bytes are added to the
+        ``dropped_before`` of the oldest one kept, so the drop is reported, never silent."""
+        ...
+
+    def take_routed_output(self, coordinator: str) -> list[RoutedOutput]:
+        """The chunks waiting for ``coordinator``'s routed commands, removed, in order per
+        command."""
+        ...
+
+    # cancels of fleet runs asked for through a relay that does not coordinate them
+    def request_run_cancel(self, fleet_command_id: str, reason: str, now: float) -> None:
+        """Record the cancel (a repeated one asks again) and wake the run's coordinator."""
+        ...
+
+    def take_run_cancels(self, coordinator: str) -> list[tuple[str, str]]:
+        """(fleet_command_id, reason) of the cancels of runs ``coordinator`` holds the lease
+        of and has not taken yet (a run taken over is cancelled again by its new
+        coordinator); marked taken by it."""
+        ...
+
+    def answer_run_cancel(self, fleet_command_id: str, answer: bytes) -> None:
+        """The run (a serialized ``FleetRun``) as its coordinator saw it on taking the cancel."""
+        ...
+
+    def run_cancel_answer(self, fleet_command_id: str) -> bytes | None: ...
 
     def listen(self, channels: Sequence[str]) -> Listener | None:
         """A listener for ``channels``; None where no other relay can signal (SQLite)."""

@@ -29,12 +29,14 @@ from psycopg_pool import ConnectionPool
 from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.store.base import (
     NODES_CHANGED,
+    ROUTED_OUTPUT_ROWS,
     CommandRow,
     FleetRunRow,
     GroupExists,
     GroupRow,
     NodeRecord,
     RoutedCommand,
+    RoutedOutput,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
@@ -52,6 +54,7 @@ from aegis_edge_relay.store.rows import (
     lease_from,
     node_from,
     node_values,
+    output_from,
     routed_from,
     routed_values,
     run_from,
@@ -852,10 +855,104 @@ class PostgresStore:
         return self._write(tx)
 
     def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
-        self._update(
-            "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
-            (fleet_command_id, coordinator),
+        def tx(cur: Cursor) -> None:
+            if cur.execute(
+                "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
+                (fleet_command_id, coordinator),
+            ).rowcount:
+                cur.execute(
+                    "DELETE FROM run_cancels WHERE fleet_command_id = %s", (fleet_command_id,)
+                )
+
+        self._write(tx)
+
+    def route_output(self, rows: Sequence[RoutedOutput]) -> None:
+        if not rows:
+            return
+
+        def tx(cur: Cursor) -> None:
+            cur.executemany(
+                "INSERT INTO routed_output (command_id, seq, stdout, stderr)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [(r.command_id, r.seq, r.stdout, r.stderr) for r in rows],
+            )
+            ids = sorted({r.command_id for r in rows})
+            for command_id in ids:
+                gone = cur.execute(
+                    "DELETE FROM routed_output WHERE command_id = %s AND seq IN"
+                    " (SELECT seq FROM routed_output WHERE command_id = %s"
+                    "  ORDER BY seq DESC OFFSET %s)"
+                    " RETURNING octet_length(stdout) + octet_length(stderr) + dropped_before"
+                    " AS size",
+                    (command_id, command_id, ROUTED_OUTPUT_ROWS),
+                ).fetchall()
+                if gone:
+                    cur.execute(
+                        "UPDATE routed_output SET dropped_before = dropped_before + %s"
+                        " WHERE command_id = %s AND seq ="
+                        " (SELECT min(seq) FROM routed_output WHERE command_id = %s)",
+                        (sum(int(g["size"]) for g in gone), command_id, command_id),
+                    )
+            for row in cur.execute(
+                "SELECT DISTINCT coordinator FROM routed_commands WHERE command_id = ANY(%s)",
+                (ids,),
+            ).fetchall():
+                cur.execute("SELECT pg_notify(%s, 'output')", (relay_channel(row["coordinator"]),))
+
+        self._write(tx)
+
+    def take_routed_output(self, coordinator: str) -> list[RoutedOutput]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "DELETE FROM routed_output AS o USING routed_commands AS r"
+                " WHERE r.command_id = o.command_id AND r.coordinator = %s RETURNING o.*",
+                (coordinator,),
+            ).fetchall()
         )
+        return sorted((output_from(r) for r in rows), key=lambda o: (o.command_id, o.seq))
+
+    def request_run_cancel(self, fleet_command_id: str, reason: str, now: float) -> None:
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "INSERT INTO run_cancels (fleet_command_id, reason, requested_at)"
+                " VALUES (%s, %s, %s) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET reason = EXCLUDED.reason, requested_at = EXCLUDED.requested_at,"
+                " taken_by = '', answer = NULL",
+                (fleet_command_id, reason, now),
+            )
+            row = cur.execute(
+                "SELECT coordinator FROM run_leases WHERE fleet_command_id = %s",
+                (fleet_command_id,),
+            ).fetchone()
+            if row is not None:
+                cur.execute("SELECT pg_notify(%s, 'cancel')", (relay_channel(row["coordinator"]),))
+
+        self._write(tx)
+
+    def take_run_cancels(self, coordinator: str) -> list[tuple[str, str]]:
+        rows = self._write(
+            lambda cur: cur.execute(
+                "UPDATE run_cancels AS c SET taken_by = l.coordinator FROM run_leases AS l"
+                " WHERE l.fleet_command_id = c.fleet_command_id AND l.coordinator = %s"
+                " AND c.taken_by <> l.coordinator RETURNING c.fleet_command_id, c.reason",
+                (coordinator,),
+            ).fetchall()
+        )
+        return [(r["fleet_command_id"], r["reason"]) for r in rows]
+
+    def answer_run_cancel(self, fleet_command_id: str, answer: bytes) -> None:
+        self._update(
+            "UPDATE run_cancels SET answer = %s WHERE fleet_command_id = %s",
+            (answer, fleet_command_id),
+        )
+
+    def run_cancel_answer(self, fleet_command_id: str) -> bytes | None:
+        rows = self._read(
+            lambda cur: cur.execute(
+                "SELECT answer FROM run_cancels WHERE fleet_command_id = %s", (fleet_command_id,)
+            )
+        )
+        return bytes(rows[0]["answer"]) if rows and rows[0]["answer"] is not None else None
 
     def listen(self, channels: Sequence[str]) -> PostgresListener:
         conn = self._connect()

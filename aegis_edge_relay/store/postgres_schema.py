@@ -157,4 +157,25 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         expires_at       DOUBLE PRECISION NOT NULL
     );
     """,
+    # Issue 18, routing gaps: live output of routed commands waiting for their coordinator
+    # (capped per command), and cancels of fleet runs asked for through a
+    # relay that does not coordinate them (``taken_by``: the coordinator that acted on it;
+    # ``answer``: the run as it saw it then, a serialized FleetRun).
+    7: """
+    CREATE TABLE routed_output (
+        command_id     TEXT NOT NULL,
+        seq            BIGINT NOT NULL,
+        stdout         BYTEA NOT NULL,
+        stderr         BYTEA NOT NULL,
+        dropped_before BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (command_id, seq)
+    );
+    CREATE TABLE run_cancels (
+        fleet_command_id TEXT PRIMARY KEY,
+        reason           TEXT NOT NULL,
+        requested_at     DOUBLE PRECISION NOT NULL,
+        taken_by         TEXT NOT NULL DEFAULT '',
+        answer           BYTEA
+    );
+    """,
 }

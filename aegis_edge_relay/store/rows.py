@@ -15,6 +15,7 @@ from aegis_edge_relay.store.base import (
     GroupRow,
     NodeRecord,
     RoutedCommand,
+    RoutedOutput,
 )
 
 TAIL_CAP: Final = 64 * 1024
@@ -120,6 +121,16 @@ def routed_from(row: Row) -> RoutedCommand:
         timeout_secs=row["timeout_secs"],
         created_at=row["created_at"],
         cancel=row["cancel"],
+    )
+
+
+def output_from(row: Row) -> RoutedOutput:
+    return RoutedOutput(
+        command_id=row["command_id"],
+        seq=row["seq"],
+        stdout=bytes(row["stdout"]),
+        stderr=bytes(row["stderr"]),
+        dropped_before=row["dropped_before"],
     )
 
 

@@ -17,12 +17,14 @@ from typing import Any, Final
 from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.files import tighten_mode
 from aegis_edge_relay.store.base import (
+    ROUTED_OUTPUT_ROWS,
     CommandRow,
     FleetRunRow,
     GroupExists,
     GroupRow,
     NodeRecord,
     RoutedCommand,
+    RoutedOutput,
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
@@ -38,6 +40,7 @@ from aegis_edge_relay.store.rows import (
     lease_from,
     node_from,
     node_values,
+    output_from,
     routed_from,
     routed_values,
     run_from,
@@ -640,10 +643,78 @@ class SQLiteStore:
 
     def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
         with self._tx() as db:
-            db.execute(
+            if db.execute(
                 "DELETE FROM run_leases WHERE fleet_command_id = ? AND coordinator = ?",
                 (fleet_command_id, coordinator),
+            ).rowcount:
+                db.execute(
+                    "DELETE FROM run_cancels WHERE fleet_command_id = ?", (fleet_command_id,)
+                )
+
+    def route_output(self, rows: Sequence[RoutedOutput]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO routed_output (command_id, seq, stdout, stderr)"
+                " VALUES (?, ?, ?, ?)",
+                [(r.command_id, r.seq, r.stdout, r.stderr) for r in rows],
             )
+            for command_id in sorted({r.command_id for r in rows}):
+                gone = db.execute(
+                    "DELETE FROM routed_output WHERE command_id = ? AND seq IN"
+                    " (SELECT seq FROM routed_output WHERE command_id = ?"
+                    "  ORDER BY seq DESC LIMIT -1 OFFSET ?)"
+                    " RETURNING length(stdout) + length(stderr) + dropped_before AS size",
+                    (command_id, command_id, ROUTED_OUTPUT_ROWS),
+                ).fetchall()
+                if gone:
+                    db.execute(
+                        "UPDATE routed_output SET dropped_before = dropped_before + ?"
+                        " WHERE command_id = ? AND seq ="
+                        " (SELECT min(seq) FROM routed_output WHERE command_id = ?)",
+                        (sum(int(g["size"]) for g in gone), command_id, command_id),
+                    )
+
+    def take_routed_output(self, coordinator: str) -> list[RoutedOutput]:
+        with self._tx() as db:
+            rows = db.execute(
+                "DELETE FROM routed_output WHERE (SELECT coordinator FROM routed_commands AS r"
+                " WHERE r.command_id = routed_output.command_id) = ? RETURNING *",
+                (coordinator,),
+            ).fetchall()
+        return sorted((output_from(r) for r in rows), key=lambda o: (o.command_id, o.seq))
+
+    def request_run_cancel(self, fleet_command_id: str, reason: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO run_cancels (fleet_command_id, reason, requested_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (fleet_command_id) DO UPDATE"
+                " SET reason = excluded.reason, requested_at = excluded.requested_at,"
+                " taken_by = '', answer = NULL",
+                (fleet_command_id, reason, now),
+            )
+
+    def take_run_cancels(self, coordinator: str) -> list[tuple[str, str]]:
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE run_cancels SET taken_by = ? WHERE taken_by <> ? AND fleet_command_id IN"
+                " (SELECT fleet_command_id FROM run_leases WHERE coordinator = ?)"
+                " RETURNING fleet_command_id, reason",
+                (coordinator, coordinator, coordinator),
+            ).fetchall()
+        return [(r["fleet_command_id"], r["reason"]) for r in rows]
+
+    def answer_run_cancel(self, fleet_command_id: str, answer: bytes) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE run_cancels SET answer = ? WHERE fleet_command_id = ?",
+                (answer, fleet_command_id),
+            )
+
+    def run_cancel_answer(self, fleet_command_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT answer FROM run_cancels WHERE fleet_command_id = ?", (fleet_command_id,)
+        ).fetchone()
+        return bytes(row["answer"]) if row is not None and row["answer"] is not None else None
 
     def listen(self, channels: Sequence[str]) -> None:
         return None  # one relay: nobody else changes the file

@@ -9,7 +9,7 @@ from typing import Final
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -158,6 +158,27 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         fleet_command_id TEXT PRIMARY KEY,
         coordinator      TEXT NOT NULL,
         expires_at       REAL NOT NULL
+    )
+    """,
+    # Issue 18, routing gaps: live output of routed commands waiting for their coordinator
+    # (capped per command), and cancels of fleet runs asked for through a
+    # relay that does not coordinate them (``taken_by``: the coordinator that acted on it;
+    # ``answer``: the run as it saw it then, a serialized FleetRun).
+    7: """
+    CREATE TABLE routed_output (
+        command_id     TEXT NOT NULL,
+        seq            INTEGER NOT NULL,
+        stdout         BLOB NOT NULL,
+        stderr         BLOB NOT NULL,
+        dropped_before INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (command_id, seq)
+    );
+    CREATE TABLE run_cancels (
+        fleet_command_id TEXT PRIMARY KEY,
+        reason           TEXT NOT NULL,
+        requested_at     REAL NOT NULL,
+        taken_by         TEXT NOT NULL DEFAULT '',
+        answer           BLOB
     )
     """,
 }

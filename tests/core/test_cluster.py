@@ -13,6 +13,7 @@ from aegis_edge_core.cluster import (
     lease_live,
     lease_ttl,
     live_relays,
+    must_drop_streams,
     release_applies,
     renew_every,
     run_takeover_due,
@@ -53,6 +54,32 @@ def test_run_takeover_when_coordinator_lease_lapses_or_relay_dies() -> None:
     assert run_takeover_due("a", 10.0, {"b"}, 5.0, this_relay="b")
     # a lease naming this relay that it does not drive: left by its killed previous life
     assert run_takeover_due("b", 10.0, {"a", "b"}, 5.0, this_relay="b")
+
+
+def test_a_relay_drops_its_streams_once_its_own_lease_lapsed() -> None:
+    ttl = lease_ttl(3.0)
+    renewed_at = 100.0
+    expires = renewed_at + ttl
+    others = {"b", "c"}
+    # a store outage shorter than the lease costs nothing
+    assert not must_drop_streams(expires, renewed_at, others)
+    assert not must_drop_streams(expires, expires - 0.001, others)
+    # from the moment the others may read its lease as lapsed, it holds nothing
+    assert must_drop_streams(expires, expires, others)
+    assert must_drop_streams(expires, expires + 60.0, others)
+    # a renewal that got through pushes the moment back
+    assert not must_drop_streams(expires + renew_every(ttl), expires, others)
+
+
+def test_a_relay_that_was_alone_keeps_its_streams() -> None:
+    # nowhere else to go: its daemons stay until the store is back
+    assert not must_drop_streams(10.0, 60.0, set())
+
+
+@pytest.mark.parametrize("now", [0.0, 9.0, 9.999, 10.0, 10.001, 50.0])
+def test_dropping_streams_and_being_seen_dead_happen_together(now: float) -> None:
+    own = RelayLease(relay_id="a", endpoint="h:1", expires_at=10.0)
+    assert must_drop_streams(own.expires_at, now, {"b"}) == ("a" not in live_relays([own], now))
 
 
 class HolderMachine(RuleBasedStateMachine):

@@ -10,7 +10,13 @@ import pytest
 
 from aegis_edge_core.cluster import RelayLease
 from aegis_edge_core.health import DaemonStatus
-from aegis_edge_relay.store import RoutedCommand, Store, open_store
+from aegis_edge_relay.store import (
+    ROUTED_OUTPUT_ROWS,
+    RoutedCommand,
+    RoutedOutput,
+    Store,
+    open_store,
+)
 
 
 @pytest.fixture
@@ -109,3 +115,89 @@ def test_a_run_is_claimed_by_one_relay_and_its_routed_commands_follow(store: Sto
     store.drop_run_lease("f-1", "a")  # not a's any more
     store.drop_run_lease("f-1", "b")
     assert store.load_run_leases() == [("f-2", "c", 30.0)]
+
+
+def _routed(store: Store, command_id: str, coordinator: str, fid: str = "f-1") -> None:
+    store.route_commands(
+        [
+            RoutedCommand(
+                command_id=command_id,
+                node_id="n1",
+                tenant_id="t1",
+                holder="b",
+                coordinator=coordinator,
+                tool="cmd.run",
+                args_json="{}",
+                fleet_command_id=fid,
+            )
+        ]
+    )
+
+
+def test_routed_output_reaches_its_coordinator_once_in_order(store: Store) -> None:
+    _routed(store, "c-1", "a")
+    _routed(store, "c-2", "z", fid="f-2")
+    store.route_output(
+        [
+            RoutedOutput(command_id="c-1", seq=2, stdout=b"two\n"),
+            RoutedOutput(command_id="c-1", seq=1, stdout=b"one\n", stderr=b"e\n"),
+            RoutedOutput(command_id="c-2", seq=1, stdout=b"other\n"),
+        ]
+    )
+    got = store.take_routed_output("a")
+    assert [(o.seq, o.stdout, o.stderr, o.dropped_before) for o in got] == [
+        (1, b"one\n", b"e\n", 0),
+        (2, b"two\n", b"", 0),
+    ]
+    assert store.take_routed_output("a") == []  # taken once
+    # a run taken over: its commands' output follows the new coordinator
+    store.claim_run("f-1", "y", "", 5.0)
+    store.route_output([RoutedOutput(command_id="c-1", seq=3, stdout=b"three\n")])
+    assert [o.seq for o in store.take_routed_output("y")] == [3]
+    assert [o.command_id for o in store.take_routed_output("z")] == ["c-2"]
+
+
+def test_routed_output_past_the_cap_loses_its_oldest_and_says_how_much(store: Store) -> None:
+    _routed(store, "c-1", "a")
+    extra = 5
+    chunks = [
+        RoutedOutput(command_id="c-1", seq=i, stdout=b"x" * i, stderr=b"!")
+        for i in range(1, ROUTED_OUTPUT_ROWS + extra + 1)
+    ]
+    store.route_output(chunks[:10])
+    store.route_output(chunks[10:])
+    got = store.take_routed_output("a")
+    assert [o.seq for o in got] == [c.seq for c in chunks[extra:]]
+    lost = sum(len(c.stdout) + len(c.stderr) for c in chunks[:extra])
+    assert [o.dropped_before for o in got] == [lost] + [0] * (ROUTED_OUTPUT_ROWS - 1)
+    # dropped again later: what was reported dropped is counted once more, not lost
+    store.route_output(chunks[:1])  # an old seq again: below the kept ones, trimmed
+    assert store.take_routed_output("a") == [
+        RoutedOutput(command_id="c-1", seq=1, stdout=b"x", stderr=b"!")
+    ]
+
+
+def test_a_run_cancel_reaches_its_coordinator_and_a_new_one_after_a_takeover(
+    store: Store,
+) -> None:
+    store.lease_runs("a", ["f-1"], 10.0)
+    assert store.run_cancel_answer("f-1") is None
+    store.request_run_cancel("f-1", "cancelled by alice", 1.0)
+    assert store.take_run_cancels("b") == []  # not b's run
+    assert store.take_run_cancels("a") == [("f-1", "cancelled by alice")]
+    assert store.take_run_cancels("a") == []  # taken once
+    store.answer_run_cancel("f-1", b"run-as-a-saw-it")
+    assert store.run_cancel_answer("f-1") == b"run-as-a-saw-it"
+    # a takes no more; b takes the run over and cancels it again
+    store.claim_run("f-1", "b", "a", 20.0)
+    assert store.take_run_cancels("b") == [("f-1", "cancelled by alice")]
+    # asked again: the answer is renewed
+    store.request_run_cancel("f-1", "cancelled by bob", 2.0)
+    assert store.run_cancel_answer("f-1") is None
+    assert store.take_run_cancels("b") == [("f-1", "cancelled by bob")]
+    store.answer_run_cancel("f-1", b"run-as-b-saw-it")
+    store.drop_run_lease("f-1", "a")  # not a's lease: nothing goes
+    assert store.run_cancel_answer("f-1") == b"run-as-b-saw-it"
+    store.drop_run_lease("f-1", "b")  # the run finished: its cancel goes with its lease
+    assert store.run_cancel_answer("f-1") is None
+    assert store.take_run_cancels("b") == []

@@ -71,6 +71,18 @@ def test_drops_unreported_at_the_end_come_from_finish() -> None:
     assert gate.finish("n1") == 0  # forgotten
 
 
+def test_bytes_lost_on_the_way_are_reported_like_the_gates_own() -> None:
+    gate = OutputGate(SMALL, now=0.0)
+    got = gate.admit("n1", 0.0, stdout=b"kept\n", lost_before=300)
+    assert got is not None and got.stdout == b"kept\n" and got.dropped_before == 300
+    # lost with nothing forwarded: it waits for the next item, or for the end
+    assert gate.admit("n1", 0.0, lost_before=7) is None
+    assert gate.finish("n1") == 7
+    assert gate.dropped_bytes == 307
+    with pytest.raises(ValueError, match="negative"):
+        gate.admit("n1", 0.0, stdout=b"x\n", lost_before=-1)
+
+
 def test_limits_validate() -> None:
     with pytest.raises(ValueError, match="max_line_bytes"):
         OutputLimits(target_bytes=Limit(burst=10, rate=1), max_line_bytes=100)
