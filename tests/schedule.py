@@ -12,6 +12,8 @@ relay serves its tests in the same order as in a serial run. Two things differ:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from xdist.remote import Producer
 from xdist.scheduler import LoadScopeScheduling
@@ -32,9 +34,10 @@ def heavy_first(items: list[pytest.Item]) -> None:
 
 
 def store_of(nodeid: str) -> str:
-    """The store in a test id (``test_x[postgresql]``, ``test_y[sqlite-3]``), or ``""``."""
+    """The store in a test id (``test_x[postgresql]``, ``test_y[sqlite-3]``,
+    ``test_z[GET /api][sqlite]``), or ``""``."""
     _, _, params = nodeid.partition("[")
-    return next((p for p in params.rstrip("]").split("-") if p in STORES), "")
+    return next((p for p in re.split(r"[][-]", params) if p in STORES), "")
 
 
 class ModuleAndStoreScheduling(LoadScopeScheduling):
