@@ -19,14 +19,8 @@ def _install(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
 
 
-PYTEST = ("pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope")
-"""Two workers, a test module to a worker at a time (tests/schedule.py): most of the suite
-waits on relay and daemon processes, so two cores run it in about half the time. ``-n 0``
-after ``--`` runs it in one process."""
-
-
 def _tests(session: nox.Session) -> None:
-    session.run(*PYTEST, *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 def _lint(session: nox.Session) -> None:
@@ -41,12 +35,16 @@ def _typecheck(session: nox.Session) -> None:
 def _proto(session: nox.Session) -> None:
     if "--write" in session.posargs:
         session.run("python", "scripts/gen_proto.py")
+        session.run("python", "scripts/gen_vectors.py")
         session.run("python", "scripts/gen_protocol_doc.py")
         session.run("python", "scripts/gen_openapi.py")
+        session.run("python", "scripts/gen_tool_docs.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
+        session.run("python", "scripts/gen_vectors.py", "--check")
         session.run("python", "scripts/gen_protocol_doc.py", "--check")
         session.run("python", "scripts/gen_openapi.py", "--check")
+        session.run("python", "scripts/gen_tool_docs.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -76,9 +74,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire, docs/protocol.md or the OpenAPI document is stale.
+    """Fail if aegis_edge_core/wire, the test vectors, docs/protocol.md, the OpenAPI
+    document or docs/tools.md is stale.
 
-    `nox -s proto -- --write` regenerates both.
+    `nox -s proto -- --write` regenerates them all.
     """
     _install(session)
     _proto(session)
@@ -95,7 +94,7 @@ def arch(session: nox.Session) -> None:
 def faults(session: nox.Session) -> None:
     """The fault, bad-input and tenant-isolation suite alone."""
     _install(session)
-    session.run(*PYTEST, "-m", "faults", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "faults", *session.posargs)
 
 
 @nox.session(python=PYTHON)

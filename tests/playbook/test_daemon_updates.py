@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.agent.harness import DaemonProcess
-
 from .conftest import Playbook
 
 # The seed's line, flag for flag (`/opt/aegis/upgrade.sh` does not exist on test hosts).
@@ -51,17 +49,12 @@ def test_in_flight_tool_reported_edge_disconnected(playbook: Playbook) -> None:
 
 
 def _managed_fleet(playbook: Playbook, n: int) -> list[str]:
-    hosts = []
+    ids = []
     for i in range(n):
-        host, _ = playbook.host(f"m{i}", tenant="updates", start=False)
+        host, _ = playbook.host(f"m{i}", tenant="updates")
         playbook.aegis("edge", "tag", "add", host.node_id, "managed-fleet")
-        hosts.append(host)
-    # the daemons start side by side (each start is mostly the interpreter's imports)
-    started = [DaemonProcess.start(host.state_dir) for host in hosts]
-    playbook.daemons.extend(started)
-    for daemon in started:
-        daemon.wait_event("connected")
-    return [host.node_id for host in hosts]
+        ids.append(host.node_id)
+    return ids
 
 
 def test_fleet_wide_update_seed_line_halts_on_first_failure(playbook: Playbook) -> None:
