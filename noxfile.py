@@ -35,16 +35,12 @@ def _typecheck(session: nox.Session) -> None:
 def _proto(session: nox.Session) -> None:
     if "--write" in session.posargs:
         session.run("python", "scripts/gen_proto.py")
-        session.run("python", "scripts/gen_vectors.py")
         session.run("python", "scripts/gen_protocol_doc.py")
         session.run("python", "scripts/gen_openapi.py")
-        session.run("python", "scripts/gen_tool_docs.py")
     else:
         session.run("python", "scripts/gen_proto.py", "--check")
-        session.run("python", "scripts/gen_vectors.py", "--check")
         session.run("python", "scripts/gen_protocol_doc.py", "--check")
         session.run("python", "scripts/gen_openapi.py", "--check")
-        session.run("python", "scripts/gen_tool_docs.py", "--check")
 
 
 def _arch(session: nox.Session) -> None:
@@ -74,10 +70,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Fail if aegis_edge_core/wire, the test vectors, docs/protocol.md, the OpenAPI
-    document or docs/tools.md is stale.
+    """Fail if aegis_edge_core/wire, docs/protocol.md or the OpenAPI document is stale.
 
-    `nox -s proto -- --write` regenerates them all.
+    `nox -s proto -- --write` regenerates both.
     """
     _install(session)
     _proto(session)
