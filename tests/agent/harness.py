@@ -28,6 +28,7 @@ import attrs
 import grpc
 
 from aegis_edge_core.wire import admin_pb2, admin_pb2_grpc
+from tests.relay.daemon_driver import STARTUP_TIMEOUT
 
 PY = sys.executable
 CLI = [PY, "-m", "aegis_edge_cli"]
@@ -98,7 +99,7 @@ class RelayProcess:
         heartbeat_interval: str = "1s",
         stale_threshold: str = "3s",
         extra: Sequence[str] = (),
-        timeout: float = 20.0,
+        timeout: float = STARTUP_TIMEOUT,
     ) -> RelayProcess:
         data_dir.mkdir(parents=True, exist_ok=True)
         relay_json = data_dir / "relay.json"

@@ -5,7 +5,8 @@ them alone). Each one records what it tried in the session-wide :class:`Tally` (
 ``tally`` fixture): faults injected (processes killed, stopped, disks filled, locks held),
 bad inputs tried (frames, tokens, files, admin calls across tenants), and the two figures
 that must stay zero -- bad inputs that were *accepted* and data that was *lost*. The
-suite ends with one line::
+suite ends with one line (tests/conftest.py prints it, adding up the workers' tallies under
+pytest-xdist)::
 
     faults injected: N, bad inputs tried: M, accepted when it should refuse: 0, data lost: 0
 """
@@ -13,6 +14,7 @@ suite ends with one line::
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -46,6 +48,17 @@ class Tally:
             self.data_lost += n
             self.notes.append(f"lost: {what}")
 
+    def add(self, other: dict[str, Any] | None) -> None:
+        """Fold in another process's tally (``attrs.asdict`` of one)."""
+        if not other:
+            return
+        self.faults_injected += other["faults_injected"]
+        self.bad_inputs += other["bad_inputs"]
+        self.accepted += other["accepted"]
+        self.data_lost += other["data_lost"]
+        self.tests_ran += other["tests_ran"]
+        self.notes.extend(other["notes"])
+
     def line(self) -> str:
         return (
             f"faults injected: {self.faults_injected}, bad inputs tried: {self.bad_inputs}, "
@@ -67,10 +80,9 @@ def _count_faults_test() -> Iterator[None]:
     yield
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not TALLY.tests_ran:
-        return
-    terminalreporter.write_sep("-", "fault suite")
-    for note in TALLY.notes:
-        terminalreporter.write_line(note)
-    terminalreporter.write_line(TALLY.line())
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # an xdist worker hands its tally to the controller, which prints the summary line
+    # (tests/conftest.py: under xdist this conftest is never loaded there)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_tally"] = attrs.asdict(TALLY)

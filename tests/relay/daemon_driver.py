@@ -69,6 +69,11 @@ __all__ = ["CommandReply", "DaemonDriver", "RelayProcess", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[2]
 
+STARTUP_TIMEOUT = 60.0
+"""How long a relay may take to write relay.json. Idle, it takes a second or two; on two
+busy xdist workers most of it is the interpreter's imports, and a bound that only says
+"it never came up" costs nothing while it is generous."""
+
 
 async def wait_until(
     pred: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02, what: str = ""
@@ -96,7 +101,11 @@ class RelayProcess:
 
     @classmethod
     def start(
-        cls, data_dir: Path, *extra: str, timeout: float = 20.0, store_url: str | None = None
+        cls,
+        data_dir: Path,
+        *extra: str,
+        timeout: float = STARTUP_TIMEOUT,
+        store_url: str | None = None,
     ) -> RelayProcess:
         """``store_url``: the relay's ``--store`` (None: ``AEGIS_STORE_URL`` if the test set
         it, else SQLite in ``data_dir``)."""
