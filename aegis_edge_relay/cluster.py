@@ -56,6 +56,8 @@ class ClusterView:
         self.now = clock
         self._db = db
         self.live: frozenset[str] = frozenset()
+        self.endpoints: dict[str, str] = {}
+        """relay id -> endpoint of every live relay (as of the last :meth:`sync`)."""
         self.holders: dict[str, Holder] = {}
         """The holder rows of the other relays (as of the last :meth:`sync`)."""
         self._held: dict[str, tuple[int, int]] = {}
@@ -76,6 +78,18 @@ class ClusterView:
         if holder is None or holder.relay_id == self.relay_id:
             return None
         return shown_status(holder, self.live)
+
+    def other_endpoints(self) -> tuple[str, ...]:
+        """Where the other live relays take daemons (sorted): a drain sends them there."""
+        return tuple(
+            sorted(
+                {
+                    endpoint
+                    for relay_id, endpoint in self.endpoints.items()
+                    if relay_id != self.relay_id and endpoint and endpoint != self.endpoint
+                }
+            )
+        )
 
     def holder_of(self, node_id: str) -> str | None:
         """The live relay other than this one that holds the node's stream, if any."""
@@ -110,6 +124,9 @@ class ClusterView:
         leases = await db.call(db.store.load_leases)
         holders = await db.call(db.store.load_holders)
         self.live = live_relays(leases, self.now())
+        self.endpoints = {
+            lease.relay_id: lease.endpoint for lease in leases if lease.relay_id in self.live
+        }
         self.holders = {h.node_id: h for h in holders}
 
     async def stop(self) -> None:
