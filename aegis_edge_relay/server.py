@@ -326,6 +326,10 @@ class Relay:
             self.dispatcher.handing_over = True  # what runs now ends at the successor
         if self.cluster.shared or hand_over:
             await self.runs.hand_over()  # before the streams go: another relay resumes them
+        if self.cluster.shared:
+            # The live relays as of now: each Drain names one of them to go to.
+            with contextlib.suppress(Exception):
+                await self.cluster.sync()
         await self.streams.drain()
 
     async def stop(self) -> None:
