@@ -370,6 +370,11 @@ async def serve(opts: ServeOptions) -> int:
     old = running_relay(data_dir) if opts.take_over else None
     if old is not None and port == 0:
         port = old.port  # taking over: the port the daemons know
+    if old is not None and port != old.port:
+        raise StartupError(
+            f"--take-over: the running relay (pid {old.pid}) listens on port {old.port}, not "
+            f"{port}; its daemons dial that port: pass the same --listen"
+        )
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     listen_shown = listen
     # Taking over, the running relay holds the port: bind beside it (SO_REUSEPORT, which

@@ -158,3 +158,32 @@ def test_take_over_mid_rolling_run_ends_the_run_as_without_it(tmp_path: Path) ->
         if successor is not None:
             successor.stop()
         relay.stop()
+
+
+def test_take_over_on_another_port_is_refused_and_leaves_the_relay_alone(tmp_path: Path) -> None:
+    relay = RelayProcess.start(tmp_path / "relay", extra=FLAGS)
+    try:
+        proc = subprocess.run(
+            [
+                *CLI,
+                "relay",
+                "serve",
+                "--data-dir",
+                str(relay.data_dir),
+                "--listen",
+                "127.0.0.1:1",  # not the port the daemons dial
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--take-over",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode != 0
+        assert f"listens on port {relay.info['port']}, not 1" in proc.stderr, proc.stderr
+        assert relay.proc.poll() is None  # not signalled
+        assert json.loads((relay.data_dir / "relay.json").read_text())["pid"] == relay.proc.pid
+    finally:
+        relay.stop()
