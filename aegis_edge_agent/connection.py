@@ -216,6 +216,8 @@ class RelayLink:
         """The endpoint dialled last; after it attested, the one to come back to."""
         self._failures = 0
         """Connections that ended or failed since the last attestation (see dial_order)."""
+        self._drained_to = ""
+        """The relay a ``Drain`` named: the next attempt dials it (once)."""
 
     def _read_credentials(self) -> tuple[NodeKey, str, hs.NodeInfo, bytes]:
         state = self._state
@@ -239,6 +241,9 @@ class RelayLink:
         key, token, node, ca = self._read_credentials()
         self._reload_settings()
         relay = dial_order(node.endpoints, self.relay or node.relay, self._failures)
+        if self._drained_to in node.endpoints:
+            relay = self._drained_to  # the draining relay named who takes this daemon now
+        self._drained_to = ""
         try:
             return await self._connect(relay, key, token, node, ca)
         finally:
@@ -422,7 +427,8 @@ class RelayLink:
             if conn.rotation is not None and not conn.rotation.done():
                 conn.rotation.set_result(event)
         elif isinstance(event, s.Drained):
-            self._log.info("drain", reason=event.reason)
+            self._log.info("drain", reason=event.reason, relay=event.relay_endpoint or None)
+            self._drained_to = event.relay_endpoint
             conn.close(f"drained: {event.reason}")
             # jittered: every daemon of a restarting relay hears the same hint at once
             # now: the relay is restarting, not the network broken -- the schedule starts

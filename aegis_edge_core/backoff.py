@@ -17,11 +17,14 @@ on -- each round spreads the herd wider in absolute time. ``jitter=0`` gives the
 (useful in tests); ``jitter=1`` is "full jitter" over ``[0, step]``.
 
 Drain. A relay that shuts down or hands a daemon off sends ``Drain`` with
-``reconnect_after_secs``: "come back after X". Every daemon of that relay gets the same X in
+``reconnect_after_secs``: "come back after X". An older relay gives every daemon the same X in
 the same instant, so X alone would bring the whole fleet back in one burst -- exactly what the
 jitter above exists to prevent. :meth:`Backoff.after_drain` draws the wait from
-``[X, X * (1 + jitter)]`` instead: never earlier than the relay asked, spread by the same
-fraction. X of 0 (no hint) means "use the schedule". A drain is a polite disconnect, not a
+``[X, X + jitter * min(X, step0)]`` instead (``step0`` the schedule's first step): never
+earlier than the relay asked, spread by up to half a first step. A relay that spreads its
+fleet itself gives each stream its own X (:mod:`aegis_edge_core.drain`); the added jitter is
+then small beside the relay's spacing, where a multiple of X would widen the spread the relay
+chose. X of 0 (no hint) means "use the schedule". A drain is a polite disconnect, not a
 failure: it does not climb the schedule.
 
 Drain window. A drained daemon knows its relay is restarting (or handing it off), not that the
@@ -215,12 +218,13 @@ class BackoffPolicy:
 
     def drain_delay(self, reconnect_after: float, rng: random.Random) -> float | None:
         """The wait after a relay's ``Drain`` asking to come back after ``reconnect_after``
-        seconds: drawn from ``[after, after * (1 + jitter)]``; ``None`` when the relay gave no
-        positive hint (use :meth:`Backoff.next_delay`). Consumes one ``rng.random()`` value
-        when it returns a number."""
+        seconds: drawn from ``[after, after + jitter * min(after, step0)]``; ``None`` when the
+        relay gave no positive hint (use :meth:`Backoff.next_delay`). Consumes one
+        ``rng.random()`` value when it returns a number."""
         if not math.isfinite(reconnect_after) or reconnect_after <= 0:
             return None
-        low, high = reconnect_after, reconnect_after * (1 + self.jitter)
+        low = reconnect_after
+        high = low + self.jitter * min(low, self.schedule[0])
         return min(high, max(low, low + (high - low) * rng.random()))
 
 

@@ -267,6 +267,8 @@ class KeyRotated(Event):
 class Drained(Event):
     reason: str
     reconnect_after_secs: float
+    relay_endpoint: str = ""
+    """Where the relay asks this daemon to come back (empty: where it knows)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -648,10 +650,13 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         msg.key_rotated.key_thumbprint = key_thumbprint
         self._emit("key_rotated", msg)
 
-    def drain(self, reason: str, reconnect_after_secs: float = 0.0) -> None:
+    def drain(
+        self, reason: str, reconnect_after_secs: float = 0.0, relay_endpoint: str = ""
+    ) -> None:
         msg = stream_pb2.RelayMessage()
         msg.drain.reason = reason
         msg.drain.reconnect_after_secs = reconnect_after_secs
+        msg.drain.relay_endpoint = relay_endpoint
         self._emit("drain", msg)
 
     def revoke(self, reason: str) -> list[str]:
@@ -824,7 +829,9 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         if kind == "drain":
             return [
                 Drained(
-                    reason=msg.drain.reason, reconnect_after_secs=msg.drain.reconnect_after_secs
+                    reason=msg.drain.reason,
+                    reconnect_after_secs=msg.drain.reconnect_after_secs,
+                    relay_endpoint=msg.drain.relay_endpoint,
                 )
             ]
         assert kind == "revoked"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import time
 from pathlib import Path
 
 from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
+from aegis_edge_core.drain import DEFAULT_ATTEST_RATE
 from aegis_edge_core.errors import AegisError, ConfigError
 from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE, DEFAULT_MAX_UNATTESTED_PER_SOURCE
 from aegis_edge_core.identity.tokens import check_tenant_id
@@ -59,6 +61,16 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of attestations per second, e.g. 400")
+    return value
+
+
 def _hostport(text: str) -> str:
     try:
         parse_hostport(text)
@@ -97,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         advertise=args.advertise,
         drain_grace=args.drain_grace,
+        drain_rate=args.drain_rate,
+        take_over=args.take_over,
         fleet_tick_interval=args.fleet_tick_interval,
         otlp_endpoint=args.otlp_endpoint,
         log_level=args.log_level,
@@ -322,6 +336,20 @@ def register(tree: CommandTree) -> None:
         default=5.0,
         metavar="DURATION",
         help="how long shutdown waits for drained daemons to leave",
+    )
+    p.add_argument(
+        "--drain-rate",
+        type=_rate,
+        default=DEFAULT_ATTEST_RATE,
+        metavar="N",
+        help="attestations per second the relay that takes the daemons back manages; a drain "
+        f"spreads their returns over it (default {DEFAULT_ATTEST_RATE:g})",
+    )
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="restart without a storm: listen beside the relay running on --data-dir (same "
+        "port), stop it, and serve once it has closed its store",
     )
     p.add_argument(
         "--handshake-timeout",

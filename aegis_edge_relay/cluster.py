@@ -59,6 +59,8 @@ class ClusterView:
         self.lease_expires_at = 0.0
         """When this relay's own lease expires, as it last renewed it."""
         self.live: frozenset[str] = frozenset()
+        self.endpoints: dict[str, str] = {}
+        """relay id -> endpoint of every live relay (as of the last :meth:`sync`)."""
         self.holders: dict[str, Holder] = {}
         """The holder rows of the other relays (as of the last :meth:`sync`)."""
         self._held: dict[str, tuple[int, int]] = {}
@@ -85,6 +87,18 @@ class ClusterView:
         lapsed while others were live (the core's ``must_drop_streams``)."""
         return self.shared and must_drop_streams(
             self.lease_expires_at, now, self.live - {self.relay_id}
+        )
+
+    def other_endpoints(self) -> tuple[str, ...]:
+        """Where the other live relays take daemons (sorted): a drain sends them there."""
+        return tuple(
+            sorted(
+                {
+                    endpoint
+                    for relay_id, endpoint in self.endpoints.items()
+                    if relay_id != self.relay_id and endpoint and endpoint != self.endpoint
+                }
+            )
         )
 
     def holder_of(self, node_id: str) -> str | None:
@@ -121,6 +135,9 @@ class ClusterView:
         leases = await db.call(db.store.load_leases)
         holders = await db.call(db.store.load_holders)
         self.live = live_relays(leases, self.now())
+        self.endpoints = {
+            lease.relay_id: lease.endpoint for lease in leases if lease.relay_id in self.live
+        }
         self.holders = {h.node_id: h for h in holders}
 
     async def stop(self) -> None:

@@ -140,6 +140,8 @@ class Dispatcher:
         self.metrics = metrics
         self.now = clock
         self.pending: dict[str, PendingCommand] = {}
+        self.handing_over = False
+        """Set while the relay hands its runs to a successor (``serve --take-over``)."""
         self._background: set[asyncio.Task[None]] = set()
         self._dispatch_log: GroupCommit[CommandRow, None] = GroupCommit(
             db, db.store.record_dispatches
@@ -409,7 +411,13 @@ class Dispatcher:
         )
 
     def connection_lost(self, node_id: str, lost: Iterable[str]) -> None:
-        """The node's stream is gone: its in-flight commands end ``edge_disconnected``."""
+        """The node's stream is gone: its in-flight commands end ``edge_disconnected``.
+
+        Not while handing over to a successor (:attr:`handing_over`): the successor adopts
+        them from the store, and the daemon sends their results again from its spool once
+        it is back, so the run ends as it would have without the restart."""
+        if self.handing_over:
+            return
         for command_id in lost:
             pending = self.pending.get(command_id)
             if pending is None or pending.node_id != node_id:

@@ -91,7 +91,8 @@ class FleetRuns:
     async def recover(self) -> None:
         """After a crash (kill -9, power loss): end what the previous process left open.
 
-        Each run still ``running`` in the store is finished from its command rows --
+        Each run still ``running`` in the store is finished from its command rows (unless
+        the previous process handed it over: then it is resumed, as on a shared store) --
         finished targets keep their results, in-flight ones end ``edge_disconnected``,
         undispatched ones ``not_started`` (``cancelled``). Nothing is dispatched again: a
         command may already have run on its daemon. On a shared store, runs are taken over
@@ -102,8 +103,22 @@ class FleetRuns:
             return
         db = self._db
         now = self.now()
+        # Runs the previous process handed over to its successor (`serve --take-over`:
+        # their lease set to 0, :meth:`hand_over`) go on here; the rest it left by crashing.
+        leases = await db.call(db.store.load_run_leases)
+        handed = {fid: coord for fid, coord, expires_at in leases if expires_at <= 0}
         for row in await db.call(db.store.unfinished_fleet_runs):
-            await self._finish_recovered(row, now)
+            fid = row.fleet_command_id
+            if fid not in handed:
+                await self._finish_recovered(row, now)
+                continue
+            me, ttl = self.fleet.cluster.relay_id, self.fleet.cluster.ttl
+            routed = await db.call(db.store.claim_run, fid, me, handed[fid], now + ttl)
+            try:
+                await self._resume(row, routed or {}, previous=handed[fid], now=now)
+            except Exception as err:  # finish it from the store rather than leave it open
+                jsonlog.log("error", "fleet.takeover_failed", fleet_command_id=fid, error=repr(err))
+                await self._finish_recovered(row, now)
 
     async def _finish_recovered(self, row: FleetRunRow, now: float) -> None:
         db = self._db

@@ -41,6 +41,7 @@ import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
+from aegis_edge_core.drain import DEFAULT_ATTEST_RATE
 from aegis_edge_core.handshake import (
     DEFAULT_HANDSHAKE_DEADLINE,
     DEFAULT_MAX_UNATTESTED_PER_SOURCE,
@@ -77,6 +78,8 @@ from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
 from aegis_edge_relay.startup import (
     GC_THRESHOLDS,
+    HAND_OVER_SIGNAL,
+    TAKE_OVER_SLACK,
     StartupError,
     StoreErrorInterceptor,
     _advertised,
@@ -89,6 +92,8 @@ from aegis_edge_relay.startup import (
     issue_operator_token,
     load_metrics_token,
     raise_nofile_limit,
+    running_relay,
+    take_over,
 )
 from aegis_edge_relay.store import StoreWorker, open_store
 from aegis_edge_relay.streams import StreamHandler, StreamSettings
@@ -135,6 +140,12 @@ class ServeOptions:
     tls_key: Path | None = None
     advertise: str | None = None
     drain_grace: float = 5.0
+    drain_rate: float = DEFAULT_ATTEST_RATE
+    """``--drain-rate``: attestations per second the relay that takes the fleet back
+    manages; a drain spreads the daemons' returns over it."""
+    take_over: bool = False
+    """``--take-over``: listen beside the relay running on this data dir, stop it, and
+    serve once it has closed its store (see docs/operator-guide.md)."""
     fleet_tick_interval: float = 0.1
     otlp_endpoint: str | None = None
     log_level: str = "info"
@@ -164,6 +175,7 @@ class RelayConfig:
     max_concurrent_commands: int = 16
     heartbeat_flush_interval: float = 2.0
     drain_grace: float = 5.0
+    drain_rate: float = DEFAULT_ATTEST_RATE
     fleet_tick_interval: float = 0.1
     """How often fleet runs' deadlines and cancel graces are checked. Tests stretch it to
     make a daemon's kill at the deadline land before the relay's own tick."""
@@ -243,6 +255,7 @@ class Relay:
                 max_concurrent_commands=config.max_concurrent_commands,
                 max_message_bytes=config.max_message_bytes,
                 drain_grace=config.drain_grace,
+                drain_rate=config.drain_rate,
             ),
             fleet=fleet,
             identity=identity,
@@ -307,9 +320,18 @@ class Relay:
         """This relay's id in a cluster: its signing key's ``kid``."""
         return self.identity.relay_id
 
-    async def drain(self) -> None:
-        if self.cluster.shared:
+    async def drain(self, *, hand_over: bool = False) -> None:
+        """Drain every daemon stream. On a shared store, or with ``hand_over`` (a successor
+        takes over this data dir), the fleet runs are left to the next relay first instead
+        of being cancelled at :meth:`stop`."""
+        if hand_over:
+            self.dispatcher.handing_over = True  # what runs now ends at the successor
+        if self.cluster.shared or hand_over:
             await self.runs.hand_over()  # before the streams go: another relay resumes them
+        if self.cluster.shared:
+            # The live relays as of now: each Drain names one of them to go to.
+            with contextlib.suppress(Exception):
+                await self.cluster.sync()
         await self.streams.drain()
 
     async def stop(self) -> None:
@@ -347,8 +369,19 @@ async def serve(opts: ServeOptions) -> int:
         if opts.insecure:
             raise StartupError(f"--cluster {opts.cluster}: a cluster needs TLS, not --insecure")
     host, port = parse_hostport(opts.listen)
-    listen_shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    busy = _probe_bind(host, port)
+    old = running_relay(data_dir) if opts.take_over else None
+    if old is not None and port == 0:
+        port = old.port  # taking over: the port the daemons know
+    if old is not None and port != old.port:
+        raise StartupError(
+            f"--take-over: the running relay (pid {old.pid}) listens on port {old.port}, not "
+            f"{port}; its daemons dial that port: pass the same --listen"
+        )
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listen_shown = listen
+    # Taking over, the running relay holds the port: bind beside it (SO_REUSEPORT, which
+    # every relay sets), not instead of it. Otherwise a busy port is an error.
+    busy = _probe_bind(host, port, share=old is not None)
     if busy is not None:
         raise _cannot_listen(listen_shown, "--listen", busy)
     metrics_token = load_metrics_token(opts.metrics_token_file) if opts.metrics_token_file else None
@@ -370,12 +403,35 @@ async def serve(opts: ServeOptions) -> int:
     tracing_mode = tracing.setup(opts.otlp_endpoint)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
+    server = grpc.aio.server(
+        options=_grpc_options(opts.handshake_timeout),
+        maximum_concurrent_rpcs=None,
+        interceptors=[StoreErrorInterceptor()],
+    )
+    # Bound (listening) before the store opens: when taking over, connections that arrive
+    # from here on wait in this socket's backlog, not on a refused port, while the running
+    # relay drains and closes the store; they are served as soon as this relay starts.
+    try:
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+            bound = server.add_secure_port(listen, creds)
+        else:
+            bound = server.add_insecure_port(listen)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise _cannot_listen(listen_shown, "--listen", _probe_bind(host, port, share=bool(old)))
+    if old is not None:
+        waited = await take_over(old, data_dir, timeout=opts.drain_grace + TAKE_OVER_SLACK)
+        jsonlog.log("info", "relay.took_over", pid=old.pid, port=bound, seconds=round(waited, 3))
+
     config = RelayConfig(
         data_dir=data_dir,
         store_url=opts.store_url,
         heartbeat_interval=opts.heartbeat_interval,
         stale_threshold=opts.stale_threshold,
         drain_grace=opts.drain_grace,
+        drain_rate=opts.drain_rate,
         fleet_tick_interval=opts.fleet_tick_interval,
         attest_limit_per_node=opts.attest_limit_per_node,
         attest_limit_per_source=opts.attest_limit_per_source,
@@ -388,11 +444,6 @@ async def serve(opts: ServeOptions) -> int:
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())
 
-    server = grpc.aio.server(
-        options=_grpc_options(opts.handshake_timeout),
-        maximum_concurrent_rpcs=None,
-        interceptors=[StoreErrorInterceptor()],
-    )
     server.add_generic_rpc_handlers((stream_handler(relay.streams),))
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(relay.enrollment, server)
     admin_pb2_grpc.add_AdminServicer_to_server(relay.admin, server)
@@ -411,16 +462,6 @@ async def serve(opts: ServeOptions) -> int:
 
     http_listener: HttpListener | None = None
     try:
-        try:
-            if tls is not None:
-                creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
-                bound = server.add_secure_port(opts.listen, creds)
-            else:
-                bound = server.add_insecure_port(opts.listen)
-        except RuntimeError:
-            bound = 0
-        if not bound:
-            raise _cannot_listen(listen_shown, "--listen", _probe_bind(host, port))
         if opts.http_listen:
             h_host, h_port = parse_hostport(opts.http_listen)
             h_shown = f"[{h_host}]:{h_port}" if ":" in h_host else f"{h_host}:{h_port}"
@@ -518,12 +559,20 @@ async def serve(opts: ServeOptions) -> int:
     )
 
     stop = asyncio.Event()
+    successor = False
+
+    def hand_over() -> None:
+        nonlocal successor
+        successor = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(HAND_OVER_SIGNAL, hand_over)
     await stop.wait()
 
-    jsonlog.log("info", "relay.draining")
+    jsonlog.log("info", "relay.draining", hand_over=successor)
     if opts.fast_exit:
         # The process ends in seconds: no cyclic-GC passes over a 1 GB heap of 10k streams
         # while it drains (a full collection there costs ~1 s, and draining allocates).
@@ -534,7 +583,7 @@ async def serve(opts: ServeOptions) -> int:
     # that reconnect early are refused by the kernel instead of costing a TLS handshake and
     # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
     stopping = asyncio.ensure_future(server.stop(grace=opts.drain_grace + 2.0))
-    await relay.drain()
+    await relay.drain(hand_over=successor)
     if opts.fast_exit:
         # Every stream has had its Drain and been ended by the relay (or cut at the end of
         # the grace). What server.stop() still waits for is grpc tearing down 10k finished

@@ -5,16 +5,20 @@ Nothing here holds fleet state; :mod:`.server` calls these while it assembles th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
+import json
 import os
 import resource
+import signal
 import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import grpc
 
 from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE
@@ -33,13 +37,18 @@ from aegis_edge_relay.store import StoreUnavailable
 
 __all__ = [
     "GC_THRESHOLDS",
+    "HAND_OVER_SIGNAL",
     "OPERATOR_TOKEN",
+    "TAKE_OVER_SLACK",
+    "RunningRelay",
     "StartupError",
     "StoreErrorInterceptor",
     "ensure_admin_token",
     "issue_operator_token",
     "load_metrics_token",
     "raise_nofile_limit",
+    "running_relay",
+    "take_over",
 ]
 
 OPERATOR_TOKEN: Final = "operator.token"  # noqa: S105 - a file name
@@ -91,9 +100,14 @@ def _cannot_listen(shown: str, flag: str, err: OSError | None) -> StartupError:
     return StartupError(f"cannot listen on {shown}: {why} ({hint})")
 
 
-def _probe_bind(host: str, port: int) -> OSError | None:
+def _probe_bind(host: str, port: int, *, share: bool = False) -> OSError | None:
     """Bind ``host:port`` the way gRPC will (SO_REUSEADDR), and let go: gRPC itself says
-    only "failed to bind", and logs a line of its own."""
+    only "failed to bind", and logs a line of its own.
+
+    Without ``share`` the probe leaves SO_REUSEPORT off, so a port any relay listens on is
+    busy even though gRPC (with ``grpc.so_reuseport``) would bind beside it: two relays
+    sharing a port by mistake would split the daemons between them. ``share`` (taking over)
+    probes with it."""
     if port == 0:
         return None
     try:
@@ -104,6 +118,8 @@ def _probe_bind(host: str, port: int) -> OSError | None:
         try:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if share:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 probe.bind(addr)
         except OSError as err:
             return err
@@ -251,7 +267,10 @@ def _grpc_options(handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE) -> list
         ("grpc.max_concurrent_streams", 1_000_000),
         ("grpc.server.max_pending_requests", 1_000_000),
         ("grpc.server.max_pending_requests_hard_limit", 2_000_000),
-        ("grpc.so_reuseport", 0),
+        # Every relay lets a successor bind its port beside it (`serve --take-over`), so the
+        # port never refuses a daemon during a restart; `_probe_bind` keeps an accidental
+        # second relay out.
+        ("grpc.so_reuseport", 1),
         # BDP probing pings the peer as data arrives, to size flow-control windows for bulk
         # transfers; 10k streams of small heartbeats gain nothing from it and pay a ping
         # round trip per burst (measured: -35% CPU on the bare floor at 10k streams).
@@ -265,3 +284,83 @@ def _advertised(host: str, port: int, advertise: str | None) -> str:
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
         host = socket.gethostname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+TAKE_OVER_SLACK: Final = 60.0
+"""Seconds beyond the running relay's drain grace that ``--take-over`` waits for it to close
+its store (it flushes heartbeats and hands runs over after the grace)."""
+
+
+HAND_OVER_SIGNAL: Final = signal.SIGUSR2
+"""What ``--take-over`` sends the running relay: drain like SIGTERM, but hand the fleet runs
+over to the successor (which resumes them) instead of cancelling them."""
+
+
+@attrs.frozen
+class RunningRelay:
+    """The ``aegis relay serve`` process named by ``D/relay.json``, alive."""
+
+    pid: int
+    port: int
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _is_relay_process(pid: int) -> bool:
+    """Guard against a recycled pid: the process must be an ``aegis relay serve``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust relay.json
+    return b"relay" in argv and b"serve" in argv
+
+
+def running_relay(data_dir: Path) -> RunningRelay | None:
+    """The relay serving from ``data_dir`` now, or None (nothing to take over)."""
+    try:
+        info = json.loads((data_dir / "relay.json").read_text())
+        pid, port = int(info["pid"]), int(info["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid() or not _alive(pid) or not _is_relay_process(pid):
+        return None
+    return RunningRelay(pid=pid, port=port)
+
+
+async def take_over(old: RunningRelay, data_dir: Path, *, timeout: float) -> float:
+    """Signal the running relay to hand over (:data:`HAND_OVER_SIGNAL`) and wait until it
+    has closed its store; returns seconds.
+
+    The old relay removes ``relay.json`` only after its store is closed (every heartbeat
+    flushed, runs handed over), so that, or its exit, is the signal that this relay may
+    open the store: two writers never overlap."""
+    started = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(old.pid, HAND_OVER_SIGNAL)
+    info = data_dir / "relay.json"
+    while _alive(old.pid):
+        try:
+            named = json.loads(info.read_text()).get("pid")
+        except (OSError, ValueError):
+            named = None
+        if named != old.pid:
+            break
+        if time.monotonic() - started > timeout:
+            raise StartupError(
+                f"--take-over: the relay running on {data_dir} (pid {old.pid}) did not stop "
+                f"within {timeout:g}s; nothing was changed here (stop it, then start again)"
+            )
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started

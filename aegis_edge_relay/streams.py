@@ -20,6 +20,7 @@ from typing import Any, Final
 import attrs
 import grpc
 
+from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, drain_plan
 from aegis_edge_core.errors import RemoteProtocolError
 from aegis_edge_core.handshake import HandshakeGuard, HandshakeRefusal
 from aegis_edge_core.identity import AttestationError, RotationError, verify_attestation
@@ -72,6 +73,9 @@ class StreamSettings:
     max_concurrent_commands: int
     max_message_bytes: int
     drain_grace: float
+    drain_rate: float = DEFAULT_ATTEST_RATE
+    """Attestations per second the relay that takes the fleet back manages (the drain plan's
+    rate, :mod:`aegis_edge_core.drain`)."""
 
 
 class StreamHandler:
@@ -491,16 +495,24 @@ class StreamHandler:
         fleet.draining = True
         started = time.monotonic()
         total = len(fleet.all_streams)
-        for handle in list(fleet.all_streams):
+        daemons = [h for h in fleet.all_streams if h.attested and not h.control]
+        # Each stream its own time to come back (and, in a cluster, another relay to come
+        # back to), so the taker sees them at the rate it attests instead of all at once.
+        targets = fleet.cluster.other_endpoints()
+        plan = drain_plan(len(daemons), attest_rate=self.settings.drain_rate, targets=targets)
+        for handle, slot in zip(daemons, plan, strict=True):
             with contextlib.suppress(Exception):
-                if handle.attested and not handle.control:
-                    handle.session.drain("relay shutting down", reconnect_after_secs=1.0)
-                    handle.flush()
-                    if not handle.session.in_flight:
-                        # Nothing to wait for: end the call after the Drain (status OK)
-                        # rather than wait for the daemon to hang up; 10k streams then
-                        # close at the relay's pace, not at their hosts'.
-                        handle.close()
+                handle.session.drain(
+                    "relay shutting down",
+                    reconnect_after_secs=slot.reconnect_after_secs,
+                    relay_endpoint=slot.relay_endpoint,
+                )
+                handle.flush()
+                if not handle.session.in_flight:
+                    # Nothing to wait for: end the call after the Drain (status OK)
+                    # rather than wait for the daemon to hang up; 10k streams then
+                    # close at the relay's pace, not at their hosts'.
+                    handle.close()
         deadline = time.monotonic() + self.settings.drain_grace
         while fleet.all_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -512,6 +524,10 @@ class StreamHandler:
             "info",
             "relay.drained",
             streams=total,
+            spread_secs=round(plan[-1].reconnect_after_secs - plan[0].reconnect_after_secs, 3)
+            if plan
+            else 0.0,
+            to=list(targets),
             cut_at_grace=len(cut),
             seconds=round(time.monotonic() - started, 3),
         )

@@ -56,7 +56,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -179,6 +179,24 @@ class Relay:
             info.unlink()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
+        self._spawn(heartbeat)
+        assert self.proc is not None
+        while True:
+            if info.exists():
+                with contextlib.suppress(ValueError):
+                    data = json.loads(info.read_text())
+                    if data.get("pid") == self.proc.pid:
+                        self.info = data
+                        self.port = int(data["port"])
+                        return time.monotonic() - t0
+            if self.proc.poll() is not None:
+                tail = (self.data_dir / "stderr.log").read_text()[-2000:]
+                raise RuntimeError(f"relay exited with {self.proc.returncode}: {tail}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError("relay did not write relay.json in time")
+            time.sleep(0.02)
+
+    def _spawn(self, heartbeat: float) -> None:
         self.proc = self.procs.spawn(
             [
                 sys.executable,
@@ -202,24 +220,53 @@ class Relay:
             stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
         )
+
+    def stop(self) -> float:
+        assert self.proc is not None
+        return self.procs.stop(self.proc, timeout=60)
+
+    def take_over(self, heartbeat: float, timeout: float = 120.0) -> tuple[float, float]:
+        """``serve --take-over`` on the same data dir and port: the successor binds beside
+        this relay, signals it, and serves once it has closed its store. Returns seconds
+        until the successor's relay.json and until the old process exited."""
+        assert self.proc is not None
+        old, old_extra = self.proc, self.extra
+        self.extra = (*old_extra, "--take-over")
+        info = self.data_dir / "relay.json"
+        t0 = time.monotonic()
+        try:
+            self._spawn(heartbeat)
+        finally:
+            self.extra = old_extra
+        old_exit = 0.0
         while True:
+            if not old_exit and old.poll() is not None:
+                old_exit = time.monotonic() - t0
             if info.exists():
                 with contextlib.suppress(ValueError):
                     data = json.loads(info.read_text())
                     if data.get("pid") == self.proc.pid:
                         self.info = data
-                        self.port = int(data["port"])
-                        return time.monotonic() - t0
+                        break
             if self.proc.poll() is not None:
                 tail = (self.data_dir / "stderr.log").read_text()[-2000:]
-                raise RuntimeError(f"relay exited with {self.proc.returncode}: {tail}")
+                raise RuntimeError(f"successor exited with {self.proc.returncode}: {tail}")
             if time.monotonic() - t0 > timeout:
-                raise RuntimeError("relay did not write relay.json in time")
+                raise RuntimeError("the successor did not write relay.json in time")
             time.sleep(0.02)
+        ready = time.monotonic() - t0
+        old.wait(60)
+        return ready, old_exit or time.monotonic() - t0
 
-    def stop(self) -> float:
-        assert self.proc is not None
-        return self.procs.stop(self.proc, timeout=60)
+    def last_draining_at(self) -> float:
+        """Wall time of the last ``relay.draining`` line: when the old relay got its signal."""
+        at = 0.0
+        for line in (self.data_dir / "stderr.log").read_text().splitlines():
+            if '"relay.draining"' in line:
+                with contextlib.suppress(ValueError, KeyError):
+                    stamp = json.loads(line)["timestamp"]
+                    at = datetime.datetime.fromisoformat(stamp).timestamp()
+        return at
 
     @property
     def pid(self) -> int:
@@ -442,11 +489,25 @@ def fleet_run(relay: Relay, mode: str, timeout: float) -> dict[str, Any]:
     }
 
 
-def storm(relay: Relay, workers: Workers, n: int, hb: float, timeout: float) -> dict[str, Any]:
-    # The clock starts at the SIGTERM: the old relay's shutdown is part of the storm.
+UNIFORM_DRAIN: Final = ("--drain-rate", "1e9")
+"""The relay's drain before per-stream slots: every daemon told "come back after 1 s" (a rate
+this high makes the plan's spread ~0). The storm "before" runs with it."""
+
+
+def storm(
+    relay: Relay, workers: Workers, n: int, hb: float, timeout: float, *, take_over: bool = False
+) -> dict[str, Any]:
+    """Restart the relay holding ``n`` and time until all are Connected again. Plain: SIGTERM,
+    wait for the exit, start again on the port. ``take_over``: ``serve --take-over`` (the
+    successor binds beside the old relay and signals it); its clock starts at the spawn."""
+    before = workers.stats()
+    # The clock starts at the signal: the old relay's shutdown is part of the storm.
     t0 = time.monotonic()
-    stop_s = relay.stop()
-    listen_s = relay.start(hb)
+    if take_over:
+        listen_s, stop_s = relay.take_over(hb)
+    else:
+        stop_s = relay.stop()
+        listen_s = relay.start(hb)
     t_listen = time.monotonic()
     c0 = cpu_secs(relay.pid)
     first = None
@@ -460,20 +521,46 @@ def storm(relay: Relay, workers: Workers, n: int, hb: float, timeout: float) -> 
 
     wait_for(all_connected, timeout, f"{n} daemons reconnected", interval=0.1)
     t_all = time.monotonic()
+    # From the old relay's signal (SIGTERM, or the successor's SIGUSR2 once it is bound):
+    # a successor's own start-up happens while the old relay still serves every daemon.
+    from_signal = time.time() - relay.last_draining_at()
     cpu = cpu_secs(relay.pid) - c0
     st = workers.stats()
     return {
         "relay_stop_s": round(stop_s, 2),
         "relay_start_s": round(listen_s, 2),
         "storm_s": round(t_all - t0, 2),
+        "from_signal_s": round(from_signal, 2),
         "storm_from_listen_s": round(t_all - t_listen, 2),
         "first_connected_after_listen_s": round((first or t_all) - t_listen, 2),
         "attestations_per_s": round(n / max(1e-6, t_all - (first or t_listen)), 1),
         "relay_cpu_cores_during": round(cpu / max(1e-6, t_all - t_listen), 2),
         "relay_rss_mb_after": round(rss_mb(relay.pid), 1),
         "client_attempts_total": st["attempts"],
-        "client_errors": st["errors"],
+        "client_attempts_failed": st["attempts"] - before["attempts"] - n,
+        "client_errors": {
+            k: v - before["errors"].get(k, 0)
+            for k, v in st["errors"].items()
+            if v > before["errors"].get(k, 0)
+        },
     }
+
+
+def restart_storms(relay: Relay, workers: Workers, n: int) -> dict[str, Any]:
+    """The restart before and after, one after the other on the same fleet: a plain restart
+    of a relay draining with the uniform 1 s hint, then ``--take-over`` of a relay draining
+    with per-stream slots (the default ``--drain-rate``)."""
+    timeout = max(120.0, n / 40)
+    assert relay.extra[-2:] == UNIFORM_DRAIN, "the relay must hold the fleet with the old drain"
+    relay.extra = relay.extra[:-2]
+    log(f"reconnect storm: restarting the relay with {n} daemons attached (uniform drain)")
+    before = storm(relay, workers, n, 30.0, timeout=timeout)
+    log(f"  {before}")
+    log(f"graceful restart: --take-over with {n} daemons attached (per-stream slots)")
+    after = storm(relay, workers, n, 30.0, timeout=timeout, take_over=True)
+    log(f"  {after}")
+    after["ratio_to_plain"] = round(after["from_signal_s"] / before["from_signal_s"], 2)
+    return {"plain": before, "take_over": after}
 
 
 def daemon_idle(seconds: float) -> dict[str, Any]:
@@ -599,6 +686,14 @@ def table(res: dict[str, Any]) -> str:
             f"| - | <= 30 s | {verdict(st['storm_s'], TARGET['storm_seconds'])} |"
         )
         rows.append(f"| storm: attestations per second | {st['attestations_per_s']} | - | - | | |")
+    tk = res.get("storm_take_over")
+    if tk:
+        rows.append(
+            f"| graceful restart, {lab}, `--take-over` (s from the old relay's signal to all "
+            f"Connected; ratio to the plain restart, same run, {st['from_signal_s']} s) "
+            f"| {tk['from_signal_s']} ({tk['ratio_to_plain']}x) | - | - "
+            f"| <= 15 s | {verdict(tk['from_signal_s'], 15.0)} |"
+        )
     for fr in res.get("fleet", []):
         tgt = "<= 5 s" if fr["mode"] == "all" else ""
         ok = verdict(fr["wall_s"], TARGET["fleet_all_seconds"]) if fr["mode"] == "all" else ""
@@ -669,6 +764,8 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     log(f"enrolling {n} daemons ({nworkers} load generators)")
     enroll(relay, workers, n)
     relay.stop()
+    if "storm" in only:
+        relay.extra = (*relay.extra, *UNIFORM_DRAIN)
     relay.start(30.0)
     workers.all({"cmd": "address", "address": relay.address})
     r = hold(relay, workers, n, 3.0, max(60.0, n / 50))
@@ -682,9 +779,8 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
         res["fleet"].append(fr)
         log(f"  {fr}")
     if "storm" in only:
-        log(f"reconnect storm: restarting the relay with {n} daemons attached")
-        res["storm"] = storm(relay, workers, n, 30.0, timeout=max(120.0, n / 40))
-        log(f"  {res['storm']}")
+        storms = restart_storms(relay, workers, n)
+        res["storm"], res["storm_take_over"] = storms["plain"], storms["take_over"]
     workers.target(0)
     relay.stop()
     return res
@@ -851,6 +947,7 @@ def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
     log(f"  enrolled in {secs:.1f}s ({n / secs:.0f}/s)")
     # The enrollment left its mark on the heap: restart so step figures start clean.
     relay.stop()
+    relay.extra = (*relay.extra, *UNIFORM_DRAIN)  # for the storm's "before" (restart_storms)
     relay.start(30.0)
     workers.all({"cmd": "address", "address": relay.address})
 
@@ -868,10 +965,9 @@ def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
         res["fleet"].append(fr)
         log(f"  {fr}")
 
-    log(f"reconnect storm: restarting the relay with {n} daemons attached")
-    st = storm(relay, workers, n, 30.0, timeout=max(120.0, n / 40))
-    res["storm"] = st
-    log(f"  {st}")
+    storms = restart_storms(relay, workers, n)
+    st = res["storm"] = storms["plain"]
+    res["storm_take_over"] = storms["take_over"]
 
     if not args.skip_stress:
         workers.target(0)

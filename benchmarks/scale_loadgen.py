@@ -99,6 +99,7 @@ class Daemon:
         self.is_connected = False
         self.last_good = ""
         self.failures = 0
+        self.drained_to = ""
 
 
 class Worker:
@@ -191,6 +192,9 @@ class Worker:
     async def _connect_once(self, d: Daemon) -> float | None:
         self.stats.attempts += 1
         address = dial_order(self.endpoints, d.last_good, d.failures)
+        if d.drained_to in self.endpoints:
+            address = d.drained_to  # as the agent: where the Drain said
+        d.drained_to = ""
         async with grpc.aio.secure_channel(address, self.creds, options=CHANNEL_OPTIONS) as channel:
             call = channel.stream_stream(
                 CONNECT,
@@ -257,6 +261,7 @@ class Worker:
                             delay = d.backoff.after_drain(
                                 ev.reconnect_after_secs, self.rng, time.time()
                             )
+                            d.drained_to = ev.relay_endpoint
                         elif isinstance(ev, s.TokenRefreshed | s.KeyRotated):
                             d.token = ev.node_token
                         elif isinstance(ev, s.Revoked):

@@ -733,17 +733,30 @@ class Drain(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     RECONNECT_AFTER_SECS_FIELD_NUMBER: _builtins.int
+    RELAY_ENDPOINT_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     reconnect_after_secs: _builtins.float
+    """Come back after this many seconds. Each stream gets its own value (the relay spreads a
+    fleet's returns over the attestation rate of the relay that takes them back); a daemon
+    adds at most half its first backoff step of jitter. 0: use the backoff schedule.
+    """
+    relay_endpoint: _builtins.str
+    """Added in v1 (compatible both ways). Where to come back (host:port): one of the
+    cluster's other relays, which takes this daemon now rather than after the draining
+    relay returns. Empty: the relay it knows. A daemon follows it only when it is one of the
+    relay endpoints it learnt (Accepted); an older daemon ignores it and walks its endpoint
+    list as before.
+    """
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         reconnect_after_secs: _builtins.float = ...,
+        relay_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reconnect_after_secs", b"reconnect_after_secs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reconnect_after_secs", b"reconnect_after_secs", "relay_endpoint", b"relay_endpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

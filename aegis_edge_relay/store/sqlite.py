@@ -406,11 +406,14 @@ class SQLiteStore:
 
     def finish_orphaned_commands(self, *, now: float, error: str) -> int:
         """At start: every command still without an end was lost with the previous relay
-        process; end it ``edge_disconnected`` (a late result still overwrites it)."""
+        process; end it ``edge_disconnected`` (a late result still overwrites it). Not the
+        commands of runs the previous process handed over (their lease set to 0): their
+        results are still coming, to the successor that resumes the run."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE commands SET finished_at = ?, outcome = 'edge_disconnected', error = ?"
-                " WHERE outcome = ''",
+                " WHERE outcome = '' AND fleet_command_id NOT IN"
+                " (SELECT fleet_command_id FROM run_leases WHERE expires_at <= 0)",
                 (now, error),
             )
             return cur.rowcount

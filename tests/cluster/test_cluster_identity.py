@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -424,3 +425,33 @@ def test_a_token_refreshed_at_one_relay_holds_at_the_others(cluster: Cluster) ->
                 await again.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_relay_drains_its_daemons_to_the_others_at_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SIGTERM (not kill -9) of A: its Drain names B or C for each daemon (round-robin), and
+    each daemon is Connected there on its first dial, while A stays down."""
+    a, b, c = cluster.relays
+    states = [tmp_path / f"d{i}" for i in range(2)]
+    for state in states:
+        _enroll_at(cluster, a, state)
+    daemons = [DaemonProcess.start(state) for state in states]
+    try:
+        for d in daemons:
+            assert d.wait_event("connected", timeout=60)["relay"] == a.address
+        a.proc.send_signal(signal.SIGTERM)
+        landed = []
+        for d in daemons:
+            second = d.wait_event("connected", count=2, timeout=30)
+            [drain] = d.events("drain")
+            assert drain["relay"] in (b.address, c.address)
+            assert second["relay"] == drain["relay"]  # where the Drain said
+            assert len(d.events("connecting")) == 2  # straight there: no walk, no failure
+            assert d.events("connect_failed") == []
+            landed.append(second["relay"])
+        assert sorted(landed) == sorted([b.address, c.address])  # one to each
+        assert a.proc.wait(15) == 0  # and A is gone, not back
+    finally:
+        for d in daemons:
+            d.stop()

@@ -281,3 +281,14 @@ def test_drain_window_property(
             lo, hi = policy.bounds(before)
             assert lo <= wait <= hi
             assert b.attempt == before + 1
+
+
+def test_a_spread_drain_hint_keeps_the_relays_spacing() -> None:
+    # A relay that gives each stream its own slot (aegis_edge_core.drain): the daemon's
+    # jitter adds at most half a first step, not half the slot, so slot 20 s stays
+    # within [20, 20.5] and does not smear into the next 10 s of slots.
+    for i in range(1000):
+        wait = Backoff().after_drain(20.0, random.Random(i))
+        assert wait is not None and 20.0 <= wait <= 20.5
+    small = Backoff().after_drain(0.2, random.Random(1))
+    assert small is not None and 0.2 <= small <= 0.3  # below the first step: in proportion

@@ -1,0 +1,97 @@
+"""The drain plan: a slot for every stream, spread over the takers' attestation rate."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aegis_edge_core.drain import DEFAULT_FIRST_AFTER, DrainSlot, drain_plan
+
+FAST = settings(max_examples=200, deadline=None)
+
+counts = st.integers(min_value=0, max_value=5000)
+rates = st.floats(min_value=0.5, max_value=1e5, allow_nan=False, allow_infinity=False)
+seconds = st.floats(min_value=0, max_value=600, allow_nan=False, allow_infinity=False)
+endpoints = st.lists(
+    st.from_regex(r"r[0-9]{1,3}\.example:[0-9]{2,5}", fullmatch=True), max_size=5, unique=True
+)
+
+
+def test_ten_thousand_streams_to_one_relay_come_back_at_its_rate() -> None:
+    plan = drain_plan(10_000, attest_rate=400.0)
+    assert len(plan) == 10_000
+    assert plan[0] == DrainSlot(DEFAULT_FIRST_AFTER, "")
+    # 10k at 400/s take 25 s: the last slot is 25 s after the first, less one arrival.
+    assert plan[-1].reconnect_after_secs == pytest.approx(1.0 + 25.0 - 1 / 400)
+    per_second = Counter(int(slot.reconnect_after_secs) for slot in plan)
+    assert max(per_second.values()) == 400  # never more than the rate in any second
+
+
+def test_in_a_cluster_the_streams_go_round_robin_to_the_other_relays() -> None:
+    plan = drain_plan(9, attest_rate=3.0, targets=("b:1", "c:1", "d:1"), first_after=0.5)
+    assert [s.relay_endpoint for s in plan] == ["b:1", "c:1", "d:1"] * 3
+    # three takers at 3/s each: 9 streams over one second, not three
+    assert [round(s.reconnect_after_secs, 3) for s in plan] == [
+        round(0.5 + i / 9, 3) for i in range(9)
+    ]
+
+
+def test_a_fleet_too_large_for_the_rate_is_capped_at_max_spread() -> None:
+    plan = drain_plan(1000, attest_rate=1.0, max_spread=10.0, first_after=2.0)
+    assert plan[-1].reconnect_after_secs == pytest.approx(2.0 + 10.0 * 999 / 1000)
+
+
+def test_nothing_to_drain_and_bad_arguments() -> None:
+    assert drain_plan(0) == []
+    for bad in ({"attest_rate": 0.0}, {"attest_rate": -1.0}, {"attest_rate": math.inf}):
+        with pytest.raises(ValueError, match="attest_rate"):
+            drain_plan(3, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="count"):
+        drain_plan(-1)
+    with pytest.raises(ValueError, match="first_after"):
+        drain_plan(3, first_after=math.nan)
+    with pytest.raises(ValueError, match="max_spread"):
+        drain_plan(3, max_spread=-1.0)
+    with pytest.raises(TypeError, match="not a string"):
+        drain_plan(3, targets="b:1")
+
+
+@FAST
+@given(count=counts, rate=rates, targets=endpoints, first=seconds, cap=seconds)
+def test_every_stream_gets_one_bounded_slot_deterministically(
+    count: int, rate: float, targets: list[str], first: float, cap: float
+) -> None:
+    plan = drain_plan(count, attest_rate=rate, targets=targets, first_after=first, max_spread=cap)
+    assert len(plan) == count  # every stream gets a slot
+    assert plan == drain_plan(
+        count, attest_rate=rate, targets=targets, first_after=first, max_spread=cap
+    )  # the same inputs, the same plan
+    afters = [s.reconnect_after_secs for s in plan]
+    assert all(first <= a <= first + cap for a in afters)  # the spread is bounded
+    assert afters == sorted(afters)
+    if count:
+        # never wider than the takers need at their rate
+        assert afters[-1] - afters[0] <= count / (rate * max(1, len(targets))) + 1e-9
+    where = Counter(s.relay_endpoint for s in plan)
+    if targets and count:
+        assert set(where) <= set(targets)
+        assert max(where.values()) - min(where.values()) <= 1 or len(where) < len(targets)
+    elif count:
+        assert set(where) == {""}
+
+
+@FAST
+@given(count=st.integers(1, 3000), rate=rates, targets=endpoints, first=seconds)
+def test_no_taker_gets_more_than_its_rate_when_uncapped(
+    count: int, rate: float, targets: list[str], first: float
+) -> None:
+    plan = drain_plan(count, attest_rate=rate, targets=targets, first_after=first, max_spread=1e9)
+    for target in set(s.relay_endpoint for s in plan):
+        mine = [s.reconnect_after_secs for s in plan if s.relay_endpoint == target]
+        gaps = [b - a for a, b in itertools.pairwise(mine)]
+        assert all(gap >= 1 / rate - 1e-9 for gap in gaps)  # float rounding, no more
