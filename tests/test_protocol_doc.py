@@ -139,9 +139,12 @@ def test_the_legal_message_tables_are_the_sessions(
 def test_every_refusal_reason_is_specified() -> None:
     section = SPEC.split("### 11.1 Reasons", 1)[1].split("### 11.2", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
-    for value in common_pb2.RefusalReason.DESCRIPTOR.values:
-        if value.number:
-            assert value.name.removeprefix("REFUSAL_REASON_").lower() in documented, value.name
+    reasons = {
+        value.name.removeprefix("REFUSAL_REASON_").lower()
+        for value in common_pb2.RefusalReason.DESCRIPTOR.values
+        if value.number
+    }
+    assert documented == reasons
 
 
 def _section(heading: str) -> str:
@@ -199,3 +202,13 @@ def test_the_status_code_table_is_refusal_status() -> None:
     assert documented == dict(refusals.REFUSAL_STATUS)
     # "(and any reason not listed)" in the PERMISSION_DENIED row
     assert refusals.status_code_for("unspecified") == "PERMISSION_DENIED"
+
+
+def test_statuses_named_with_a_reason_in_the_prose_are_the_tables() -> None:
+    # "ends ... with `DEADLINE_EXCEEDED`, reason `handshake_timeout`" and the like, anywhere
+    prose = " ".join(SPEC.split())
+    pairs = re.findall(r"`([A-Z_]{5,})`,? \(?reason `(\w+)`", prose)
+    assert len(pairs) >= 5, pairs
+    for code, reason in pairs:
+        assert reason in refusals.REFUSAL_STATUS, reason
+        assert refusals.REFUSAL_STATUS[reason] == code, (code, reason)
