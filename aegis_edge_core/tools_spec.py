@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
 __all__ = [
+    "ARCH_ALIASES",
     "BUILTIN_TOOLS",
     "CMD_RUN",
     "DEFAULT_CHUNK_BYTES",
@@ -420,7 +421,7 @@ def build_result(
 
 # --------------------------------------------------------------------------- host facts
 
-_ARCH: Final[Mapping[str, str]] = {
+ARCH_ALIASES: Final[Mapping[str, str]] = {
     "amd64": "x86_64",
     "x64": "x86_64",
     "x86-64": "x86_64",
@@ -429,12 +430,14 @@ _ARCH: Final[Mapping[str, str]] = {
     "i686": "x86",
     "i386": "x86",
 }
+"""Other spellings of an architecture (``platform.machine()`` differs by OS), each mapped to
+the one ``Capabilities.arch`` carries; docs/protocol.md §9.2 lists them."""
 
 
 def normalize_arch(machine: str) -> str:
     """``platform.machine()`` spelled the way selectors spell it (``x86_64``, ``aarch64``)."""
     m = machine.strip().lower()
-    return _ARCH.get(m, m or "unknown")
+    return ARCH_ALIASES.get(m, m or "unknown")
 
 
 def normalize_os(system: str) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -356,6 +357,19 @@ def test_the_minimal_daemon_imports_nothing_of_ours() -> None:
                 assert top in allowed or top in sys.stdlib_module_names, f"{script}: {name}"
 
 
+def test_the_minimal_daemon_spells_arch_as_the_agent_does() -> None:
+    # docs/protocol.md §9.2's table, which the agent follows (tools_spec.ARCH_ALIASES)
+    import ast
+
+    names: dict[str, str] = {}
+    for node in ast.walk(ast.parse(MINIMAL.read_text())):
+        if isinstance(node, ast.Assign | ast.AugAssign) and isinstance(node.value, ast.Dict):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            if isinstance(target, ast.Name) and target.id == "ARCH_NAMES":
+                names |= ast.literal_eval(node.value)
+    assert names == dict(tools_spec.ARCH_ALIASES)
+
+
 def test_the_minimal_daemon_enrolls_heartbeats_and_answers_a_fleet_run(tmp_path: Path) -> None:
     import threading
 
@@ -402,6 +416,13 @@ def test_the_minimal_daemon_enrolls_heartbeats_and_answers_a_fleet_run(tmp_path:
         assert target.outcome == common_pb2.TARGET_OUTCOME_OK
         tools_spec.validate_result("edge.ping", target.result_json)
         assert json.loads(target.result_json)["echo"] == "from the spec"
+        # §9.4: the result was spooled until the relay acknowledged it, then dropped
+        for _ in range(300):
+            if any(e["event"] == "result_acked" for e in events):
+                break
+            time.sleep(0.1)
+        assert [e for e in events if e["event"] == "result_acked"], events
+        assert not list(state.glob("result-*"))
 
         # it stops for good once revoked (the in-band Revoked) ...
         relay.revoke(node_id)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aegis_edge_core import session
+from aegis_edge_core import refusals, session, tools_spec
 from aegis_edge_core.wire import common_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,76 @@ def test_the_legal_message_tables_are_the_sessions(
 def test_every_refusal_reason_is_specified() -> None:
     section = SPEC.split("### 11.1 Reasons", 1)[1].split("### 11.2", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
-    for value in common_pb2.RefusalReason.DESCRIPTOR.values:
-        if value.number:
-            assert value.name.removeprefix("REFUSAL_REASON_").lower() in documented, value.name
+    reasons = {
+        value.name.removeprefix("REFUSAL_REASON_").lower()
+        for value in common_pb2.RefusalReason.DESCRIPTOR.values
+        if value.number
+    }
+    assert documented == reasons
+
+
+def _section(heading: str) -> str:
+    return SPEC.split(heading, 1)[1].split("\n### ", 1)[0]
+
+
+def _value_rows(section: str, column: str) -> dict[str, str]:
+    """Rows of the table headed ``column``: each spelling in the first cell -> the one
+    value of the second; rows whose second cell is prose (the catch-all) are left out."""
+    table = section.split(f"| {column} |", 1)[1].split("\n\n", 1)[0]
+    rows: dict[str, str] = {}
+    for line in table.splitlines()[2:]:
+        first, second = (c.strip() for c in line.strip().strip("|").split("|"))
+        value = re.fullmatch(r"`([^`]+)`", second)
+        if value is None:
+            continue
+        for spelling in re.findall(r"`([^`]+)`", first):
+            rows[spelling] = value.group(1)
+    return rows
+
+
+def _sent(*, os: str = "Linux", arch: str = "x86_64") -> common_pb2.Capabilities:
+    # What the agent's enroll and daemon send: tools_spec.capabilities of platform.system()
+    # and platform.machine().
+    return tools_spec.capabilities(
+        os=os, arch=arch, tools=[], labels={}, hostname="h", agent_version="1"
+    )
+
+
+def test_the_os_and_arch_tables_are_what_the_daemon_sends() -> None:
+    section = _section("### 9.2 Capabilities")
+    oses = _value_rows(section, "`Capabilities.os`")
+    arches = _value_rows(section, "`Capabilities.arch`")
+    assert {"Linux", "Darwin", "Windows"} <= set(oses)
+    for reported, value in oses.items():
+        assert _sent(os=reported).os == value, reported
+    for reported, value in arches.items():
+        assert _sent(arch=reported).arch == value, reported
+    # every alias the daemon knows is in the table, and so is every value it maps to
+    assert set(tools_spec.ARCH_ALIASES) <= set(arches)
+    assert set(tools_spec.ARCH_ALIASES.values()) <= set(arches)
+    # the catch-all rows: lower-cased as reported, "unknown" when empty
+    assert _sent(os="FreeBSD").os == "freebsd"
+    assert _sent(arch="armv7l").arch == "armv7l"
+    assert (_sent(os="").os, _sent(arch="").arch) == ("unknown", "unknown")
+
+
+def test_the_status_code_table_is_refusal_status() -> None:
+    documented: dict[str, str] = {}
+    for line in _section("### 11.2 Status codes").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and re.fullmatch(r"`[A-Z_]+`", cells[0]):
+            for reason in re.findall(r"`(\w+)`", cells[1]):
+                documented[reason] = cells[0].strip("`")
+    assert documented == dict(refusals.REFUSAL_STATUS)
+    # "(and any reason not listed)" in the PERMISSION_DENIED row
+    assert refusals.status_code_for("unspecified") == "PERMISSION_DENIED"
+
+
+def test_statuses_named_with_a_reason_in_the_prose_are_the_tables() -> None:
+    # "ends ... with `DEADLINE_EXCEEDED`, reason `handshake_timeout`" and the like, anywhere
+    prose = " ".join(SPEC.split())
+    pairs = re.findall(r"`([A-Z_]{5,})`,? \(?reason `(\w+)`", prose)
+    assert len(pairs) >= 5, pairs
+    for code, reason in pairs:
+        assert reason in refusals.REFUSAL_STATUS, reason
+        assert refusals.REFUSAL_STATUS[reason] == code, (code, reason)

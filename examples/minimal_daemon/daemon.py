@@ -3,7 +3,8 @@
 It uses grpcio (with its runtime loading of the ``.proto`` files in ``proto/``),
 cryptography and PyJWT -- none of this repository's Python packages -- to show that the
 documents are enough to build a daemon: it enrolls with an enrollment token, attests on
-every connect, heartbeats, keeps its node token fresh and answers ``edge.ping``. Section
+every connect, heartbeats, keeps its node token fresh and answers ``edge.ping``, spooling
+each result to disk until the relay acknowledges it. Section
 numbers in the comments are docs/protocol.md's.
 
 Run it (``grpcio-tools`` must be installed for the runtime proto loading)::
@@ -131,6 +132,32 @@ class State:
         return node
 
 
+class Spool:
+    """§9.4: every result stays on disk, one file each, until its ResultAck; a crash or a
+    dropped stream loses none, and §9.3's repeated command_id is answered from here."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def _name(self, command_id: str) -> str:
+        # any command id, whatever its characters, as a file name
+        return "result-" + hashlib.sha256(command_id.encode()).hexdigest()
+
+    def put(self, result: Any) -> None:
+        self.state.write(self._name(result.command_id), result.SerializeToString())
+
+    def get(self, command_id: str) -> Any:
+        path = self.state.path / self._name(command_id)
+        return stream_pb2.CommandResult.FromString(path.read_bytes()) if path.exists() else None
+
+    def ack(self, command_id: str) -> None:
+        (self.state.path / self._name(command_id)).unlink(missing_ok=True)
+
+    def pending(self) -> list[Any]:
+        paths = self.state.path.glob("result-*")
+        return [stream_pb2.CommandResult.FromString(p.read_bytes()) for p in sorted(paths)]
+
+
 # --------------------------------------------------------------------------- §2.2, §7 enroll
 
 
@@ -209,12 +236,16 @@ def enroll(token: str, state: State, ca_file: str | None) -> None:
     emit("enrolled", node_id=answer.node_id, tenant_id=answer.tenant_id)
 
 
+# §9.2: other spellings of an architecture, as selectors' arch= expects them
+ARCH_NAMES = {"amd64": "x86_64", "x64": "x86_64", "x86-64": "x86_64"}
+ARCH_NAMES |= {"arm64": "aarch64", "armv8": "aarch64", "i686": "x86", "i386": "x86"}
+
+
 def capabilities() -> Any:
+    machine = platform.machine().lower()
     return common_pb2.Capabilities(
-        os=platform.system().lower(),
-        arch={"amd64": "x86_64", "arm64": "aarch64"}.get(
-            platform.machine().lower(), platform.machine().lower()
-        ),
+        os=platform.system().lower() or "unknown",
+        arch=ARCH_NAMES.get(machine, machine or "unknown"),
         tools=TOOLS,
         hostname=socket.gethostname(),
         agent_version=AGENT_VERSION,
@@ -270,7 +301,7 @@ class Stream:
                 self.refresh_asked = True
                 await self.send(token_refresh=stream_pb2.TokenRefreshRequest())
 
-    async def run(self, pending: dict[str, Any]) -> float:
+    async def run(self, spool: Spool) -> float:
         """Serve until the call ends; returns the delay before reconnecting."""
         node_id = self.node["node_id"]
         await self.send(
@@ -308,7 +339,7 @@ class Stream:
                     emit("accepted", node_id=msg.accepted.node_id, seq_next=self.seq + 1)
                     if msg.accepted.node_token:
                         await self.store_token(msg.accepted.node_token)
-                    for result in pending.values():  # §9.4: unacknowledged, sent again
+                    for result in spool.pending():  # §9.4: unacknowledged, sent again
                         result.delivered_late = True
                         await self.send(result=result)
                     interval = msg.accepted.heartbeat_interval_secs or 30.0
@@ -316,12 +347,16 @@ class Stream:
                 elif kind == "heartbeat_ack":
                     emit("heartbeat_ack", seq=msg.heartbeat_ack.seq)
                 elif kind == "command":
-                    result = answer(msg.command)
-                    pending[result.command_id] = result
+                    # §9.3: a command_id runs once; a repeat gets the spooled result again
+                    result = spool.get(msg.command.command_id)
+                    if result is None:
+                        result = answer(msg.command)
+                        spool.put(result)  # on disk before the relay can hear of it
                     await self.send(result=result)
                     emit("command", tool=msg.command.tool, outcome=result.outcome)
                 elif kind == "result_ack":
-                    pending.pop(msg.result_ack.command_id, None)
+                    spool.ack(msg.result_ack.command_id)
+                    emit("result_acked", command_id=msg.result_ack.command_id)
                 elif kind == "token_refresh":
                     await self.store_token(msg.token_refresh.node_token)
                 elif kind == "drain":  # §9.9
@@ -376,14 +411,14 @@ def answer(cmd: Any) -> Any:
 async def run(state: State) -> int:
     node = state.node()
     creds = grpc.ssl_channel_credentials(root_certificates=state.read("ca.pem"))
-    pending: dict[str, Any] = {}  # results not yet acknowledged, across streams
+    spool = Spool(state)
     attempt = 0
     while True:
         endpoint = node["endpoints"][attempt % len(node["endpoints"])]
         async with grpc.aio.secure_channel(endpoint, creds) as channel:
             stream = Stream(state, stream_pb2_grpc.EdgeStreamStub(channel).Connect())
             try:
-                delay = await stream.run(pending)
+                delay = await stream.run(spool)
             except Revoked as err:
                 emit("revoked", message=str(err))
                 return EXIT_REVOKED
