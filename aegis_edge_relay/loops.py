@@ -8,7 +8,8 @@
 * fleet runs' deadlines and cancel graces (:meth:`.runs.FleetRuns.tick`);
 * maintenance: stream-seconds accounting, token refresh pushes, revocation pruning;
 * the cluster (a shared store only): renew the lease, reread the other relays' leases,
-  holders and node rows, and mirror revocations committed by another relay.
+  read the holder and node rows changed since the last turn (the change feed), and mirror
+  revocations committed by another relay.
 
 Every loop survives a failing store: it logs, and tries again at its next turn.
 """
@@ -121,16 +122,12 @@ class Loops:
 
     async def _cluster_loop(self) -> None:
         fleet, cluster = self.fleet, self.fleet.cluster
-        db = fleet.db
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cluster.wake.wait(), cluster.interval)
             cluster.wake.clear()
             try:
-                await cluster.sync()
-                # Every row, every turn: simple and right for a modest fleet; a change feed
-                # (NOTIFY with the changed ids) is what a 100k fleet needs instead.
-                records = await db.call(db.store.load_nodes)
+                records = await cluster.sync()
             except Exception as err:  # the lease lapses if this keeps failing: that is right
                 jsonlog.log("error", "cluster.sync_failed", error=str(err))
                 continue

@@ -212,6 +212,7 @@ class Relay:
             clock=clock,
             stale_threshold=config.stale_threshold,
             shared=shared,
+            metrics=metrics,
         )
 
         health = HealthTracker(
@@ -294,7 +295,9 @@ class Relay:
         await self.identity.load()
         await self.identity.publish_endpoint()
         self.fleet.load(records)
-        await self.cluster.start()
+        # what other relays changed between the load and the cluster's first (full) read
+        for node, reason in self.fleet.merge(await self.cluster.start()):
+            self.identity.revoked_elsewhere(node, reason)
         await self.dispatcher.recover()
         await self.runs.recover()
         self.loops.start()

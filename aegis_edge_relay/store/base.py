@@ -28,10 +28,12 @@ from aegis_edge_core.errors import AegisError
 __all__ = [
     "NODES_CHANGED",
     "CommandRow",
+    "ConsoleSecret",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
     "Listener",
+    "NodeFeed",
     "NodeRecord",
     "RoutedCommand",
     "Store",
@@ -158,6 +160,32 @@ class RoutedCommand:
     created_at: float = 0.0
     cancel: str = ""
     """A cancel asked for by the coordinator (its reason); empty when none."""
+
+
+@attrs.frozen(kw_only=True)
+class NodeFeed:
+    """One read of the cluster's change feed (``aegis_edge_core.cluster_feed``): the node
+    and holder rows changed after the number asked for (every row: a full read), from one
+    snapshot. Holder rows include released ones (``relay_id`` empty)."""
+
+    nodes: tuple[NodeRecord, ...]
+    holders: tuple[Holder, ...]
+    seqs: tuple[int, ...]
+    """The change numbers of the rows read (nodes' and holders')."""
+    head: int
+    """The sequence's last number drawn when read (committed or not)."""
+    full: bool
+
+
+@attrs.frozen(kw_only=True)
+class ConsoleSecret:
+    """A console session or one-time login link as stored: found by the SHA-256 of its
+    secret, the operator token sealed under a key derived from that secret."""
+
+    kind: str
+    """``session`` or ``link``."""
+    sealed: bytes = attrs.field(repr=False)
+    expires_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -338,4 +366,24 @@ class Store(Protocol):
 
     def listen(self, channels: Sequence[str]) -> Listener | None:
         """A listener for ``channels``; None where no other relay can signal (SQLite)."""
+        ...
+
+    # the change feed of node and holder rows (``aegis_edge_core.cluster_feed``)
+    def node_feed(self, since: int | None) -> NodeFeed:
+        """Node and holder rows changed after change number ``since`` (None: every row),
+        read from one snapshot."""
+        ...
+
+    # console sessions and one-time login links, shared by every relay of the store
+    def put_console_secret(self, secret_hash: str, secret: ConsoleSecret, now: float) -> None:
+        """Store a session or link (and drop every expired one: no timer needed)."""
+        ...
+
+    def get_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        """The live session or link of that hash and kind (None: unknown or expired)."""
+        ...
+
+    def take_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        """Delete it and return it if it was live: a second take finds nothing (a link is
+        used once, a logout ends a session everywhere)."""
         ...
