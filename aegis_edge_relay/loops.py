@@ -34,6 +34,8 @@ __all__ = ["Loops"]
 
 PRUNE_EVERY: Final = 3600.0
 PRUNE_RETRY: Final = 60.0
+WAKE_GAP: Final = 0.1
+"""Seconds the cluster sync waits after a wake-up, so the changes of one moment make one read."""
 LISTEN_WAIT: Final = 1.0
 """Seconds one wait for store notifications lasts (what stopping the relay may wait)."""
 
@@ -125,6 +127,9 @@ class Loops:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cluster.wake.wait(), cluster.interval)
+            # Woken by a change: a storm of them (a relay's daemons moving) coalesces into
+            # one sync per gap instead of a sync per transaction.
+            await asyncio.sleep(WAKE_GAP)
             cluster.wake.clear()
             try:
                 records = await cluster.sync()
@@ -169,7 +174,7 @@ class Loops:
                         if listener is None:
                             return
                     for payload in await asyncio.to_thread(listener.wait, LISTEN_WAIT):
-                        if payload == "revoked":
+                        if payload in ("revoked", "changed"):
                             cluster.wake.set()
                         else:
                             cluster.route_wake.set()

@@ -45,9 +45,9 @@ __all__ = [
 
 
 NODES_CHANGED: Final = "aegis_nodes"
-"""The wake-up channel a shared store signals when a transaction revoked nodes: the other
-relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
-next periodic sync."""
+"""The wake-up channel a shared store signals when a transaction revoked nodes (payload
+``revoked``) or changed any row of the change feed (``changed``): the other relays read
+the feed at once (and cut revoked nodes' streams) instead of at their next periodic sync."""
 
 
 def relay_channel(relay_id: str) -> str:

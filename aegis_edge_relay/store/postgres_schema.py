@@ -165,6 +165,8 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     # numbers every feed change; the trigger takes FEED_LOCK before drawing a number, so
     # feed writers commit in the order of their numbers and a reader that saw number n has
     # seen every change numbered below it (no change commits late under a smaller number).
+    # It also signals NODES_CHANGED ('changed', once per transaction however many rows):
+    # reading the feed is cheap, so the other relays read it at once, not at their next sync.
     7: """
     CREATE SEQUENCE change_feed;
     ALTER TABLE nodes ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0;
@@ -175,6 +177,7 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
     BEGIN
         PERFORM pg_advisory_xact_lock(7306924864791995672);
         NEW.change_seq := nextval('change_feed');
+        PERFORM pg_notify('aegis_nodes', 'changed');
         RETURN NEW;
     END
     $$;

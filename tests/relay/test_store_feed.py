@@ -11,7 +11,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from aegis_edge_relay.store import ConsoleSecret, NodeRecord, PostgresStore, Store, open_store
+from aegis_edge_relay.store import (
+    NODES_CHANGED,
+    ConsoleSecret,
+    NodeRecord,
+    PostgresStore,
+    Store,
+    open_store,
+)
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS as _PG_MIGRATIONS
 from aegis_edge_relay.store.postgres_schema import FEED_LOCK
 from tests.pg import fresh_database
@@ -114,8 +121,30 @@ def test_a_number_is_never_read_before_a_smaller_one_commits() -> None:
             store.close()
 
 
-def test_the_trigger_takes_the_lock_the_code_names() -> None:
+def test_the_trigger_takes_the_lock_and_signals_the_channel_the_code_names() -> None:
     assert f"pg_advisory_xact_lock({FEED_LOCK})" in _PG_MIGRATIONS[7]
+    assert f"pg_notify('{NODES_CHANGED}', 'changed')" in _PG_MIGRATIONS[7]
+
+
+def test_a_feed_change_wakes_the_other_relays_once_per_transaction() -> None:
+    with fresh_database() as url:
+        store = PostgresStore(url)
+        listener = store.listen([NODES_CHANGED])
+        try:
+            store.enroll(jti="e-n1", token_expires_at=1000.0, node=node("n1"))
+            assert listener.wait(5.0) == ["changed"]
+            store.flush_heartbeats({"n1": 5.0})  # no feed change: no wake-up
+            assert listener.wait(0.3) == []
+            store.hold_stream("n1", "relay-a", "Connected", 1.0)
+            store.drop_lease("relay-a")
+            got = listener.wait(5.0)
+            if len(got) < 2:
+                got += listener.wait(5.0)
+            assert got == ["changed", "changed"]  # two transactions
+            assert listener.wait(0.3) == []
+        finally:
+            listener.close()
+            store.close()
 
 
 def test_console_secrets_are_found_by_hash_and_kind_used_once_and_expire(store: Store) -> None:
