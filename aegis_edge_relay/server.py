@@ -430,6 +430,7 @@ async def serve(opts: ServeOptions) -> int:
                 ready=ready,
                 admin=relay.admin,
                 check_token=lambda token: _console_token_expiry(relay.identity, token),
+                db=relay.db,
                 metrics_token=metrics_token,
             )
             try:
