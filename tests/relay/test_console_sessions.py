@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
@@ -23,67 +25,65 @@ class Clock:
         return self.now
 
 
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[StoreWorker]:
+    worker = StoreWorker(SQLiteStore(tmp_path / "relay.db"))
+    yield worker
+    worker.close()
+
+
 def with_cookie(sid: str) -> web.Request:
     return make_mocked_request("GET", "/", headers={"Cookie": f"{COOKIE}={sid}"})
 
 
-def test_a_link_logs_in_once(tmp_path: Path) -> None:
+def test_a_link_logs_in_once(db: StoreWorker) -> None:
     async def scenario() -> None:
-        db = StoreWorker(SQLiteStore(tmp_path / "relay.db"))
-        try:
-            sessions = Sessions(db, clock=Clock())
-            code, expires_at = await sessions.new_link("the-token")
-            assert expires_at == 1000.0 + LINK_TTL
-            assert "the-token" not in code
-            assert await sessions.redeem_link(code) == "the-token"
-            assert await sessions.redeem_link(code) is None
-        finally:
-            db.close()
+        sessions = Sessions(db, clock=Clock())
+        code, expires_at = await sessions.new_link("the-token")
+        assert expires_at == 1000.0 + LINK_TTL
+        assert "the-token" not in code
+        assert await sessions.redeem_link(code) == "the-token"
+        assert await sessions.redeem_link(code) is None
 
     asyncio.run(scenario())
 
 
-def test_a_stale_link_is_refused_and_forgotten(tmp_path: Path) -> None:
+def test_a_stale_link_is_refused_and_forgotten(db: StoreWorker) -> None:
     async def scenario() -> None:
-        db = StoreWorker(SQLiteStore(tmp_path / "relay.db"))
-        try:
-            clock = Clock()
-            sessions = Sessions(db, clock=clock)
-            stale, _ = await sessions.new_link("old")
-            clock.now += LINK_TTL
-            assert await sessions.redeem_link(stale) is None
-            fresh, _ = await sessions.new_link("new")
-            assert await sessions.redeem_link(fresh) == "new"
-            assert await sessions.redeem_link("not-a-code") is None
-        finally:
-            db.close()
+        clock = Clock()
+        sessions = Sessions(db, clock=clock)
+        stale, _ = await sessions.new_link("old")
+        clock.now += LINK_TTL
+        assert await sessions.redeem_link(stale) is None
+        fresh, _ = await sessions.new_link("new")
+        assert await sessions.redeem_link(fresh) == "new"
+        assert await sessions.redeem_link("not-a-code") is None
 
     asyncio.run(scenario())
 
 
-def test_a_session_is_shared_through_the_store_and_ends_with_its_token(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        db = StoreWorker(SQLiteStore(tmp_path / "relay.db"))
-        try:
-            clock = Clock()
-            here, there = Sessions(db, clock=clock), Sessions(db, clock=clock)
-            sid, opened = await here.open("operator-token-xyz", 1500.0)
-            found = await there.find(sid)
-            assert found is not None and found.token == "operator-token-xyz"
-            assert found.csrf == opened.csrf and found.expires_at == 1500.0
-            assert await there.find(sid[:-1] + ("A" if sid[-1] != "A" else "B")) is None
-            clock.now = 1500.0  # the token expired: so did the session
-            assert await there.find(sid) is None
-            clock.now = 1000.0
-            assert await here.still_open(with_cookie(sid))
-            await there.close(with_cookie(sid))  # a logout at the other relay
-            assert not await here.still_open(with_cookie(sid))
-            await here.open("operator-token-xyz", 1500.0)
-            code, _ = await here.new_link("operator-token-xyz")
-        finally:
-            db.close()
-        dump = "\n".join(sqlite3.connect(tmp_path / "relay.db").iterdump())
-        for secret in (sid, code, "operator-token-xyz", opened.csrf):
-            assert secret not in dump
+def test_a_session_is_shared_through_the_store_and_ends_with_its_token(
+    db: StoreWorker, tmp_path: Path
+) -> None:
+    async def scenario() -> list[str]:
+        clock = Clock()
+        here, there = Sessions(db, clock=clock), Sessions(db, clock=clock)
+        sid, opened = await here.open("operator-token-xyz", 1500.0)
+        found = await there.find(sid)
+        assert found is not None and found.token == "operator-token-xyz"
+        assert found.csrf == opened.csrf and found.expires_at == 1500.0
+        assert await there.find(sid[:-1] + ("A" if sid[-1] != "A" else "B")) is None
+        clock.now = 1500.0  # the token expired: so did the session
+        assert await there.find(sid) is None
+        clock.now = 1000.0
+        assert await here.still_open(with_cookie(sid))
+        await there.close(with_cookie(sid))  # a logout at the other relay
+        assert not await here.still_open(with_cookie(sid))
+        await here.open("operator-token-xyz", 1500.0)
+        code, _ = await here.new_link("operator-token-xyz")
+        return [sid, code, opened.csrf, "operator-token-xyz"]
 
-    asyncio.run(scenario())
+    secrets = asyncio.run(scenario())
+    dump = "\n".join(sqlite3.connect(tmp_path / "relay.db").iterdump())
+    for secret in secrets:
+        assert secret not in dump

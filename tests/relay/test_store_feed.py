@@ -14,7 +14,6 @@ import pytest
 from aegis_edge_relay.store import (
     NODES_CHANGED,
     ConsoleSecret,
-    NodeRecord,
     PostgresStore,
     Store,
     open_store,
@@ -22,18 +21,7 @@ from aegis_edge_relay.store import (
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS as _PG_MIGRATIONS
 from aegis_edge_relay.store.postgres_schema import FEED_LOCK
 from tests.pg import fresh_database
-
-
-def node(node_id: str) -> NodeRecord:
-    return NodeRecord(
-        node_id=node_id,
-        tenant_id="t1",
-        public_key=b"\x01" * 32,
-        key_thumbprint=f"k-{node_id}",
-        enrolled_at=100.0,
-        token_jti=f"j-{node_id}",
-        token_expires_at=1000.0,
-    )
+from tests.relay.test_store import node
 
 
 @pytest.fixture
