@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import hmac
 import html
@@ -58,12 +59,11 @@ from aegis_edge_relay.http import representation as rep
 from aegis_edge_relay.http.api import BadRequest, host_page, list_hosts_request
 from aegis_edge_relay.http.context import Aborted, HttpContext
 from aegis_edge_relay.http.problems import problem
-from aegis_edge_relay.store import ConsoleSecret, StoreWorker
+from aegis_edge_relay.store import ConsoleSecret, StoreUnavailable, StoreWorker
 
 __all__ = ["COOKIE", "Sessions", "TokenCheck", "add_console"]
 
 COOKIE: Final = "aegis_session"
-_SESSION_KEY: Final = "aegis.console_session"
 EVENTS_PAGE: Final = 100
 """Hosts per page of the live table (counts cover every host)."""
 EVENTS_INTERVAL: Final = 1.0
@@ -85,6 +85,11 @@ _PAGES: Final = {
     "run.html": ("Fleet run {{run_id}}", "run", ("run_id",)),
 }
 
+
+_CURRENT: Final[contextvars.ContextVar[Session | None]] = contextvars.ContextVar(
+    "aegis_console_session", default=None
+)
+"""The session of the request being handled (set by the console's middleware)."""
 
 SEAL_NONCE: Final = bytes(12)
 """Every sealing key is derived from one fresh secret and seals one token once, so a fixed
@@ -154,14 +159,15 @@ class Sessions:
             return None
         return Session(token=token, csrf=_csrf(sid), expires_at=row.expires_at)
 
-    async def load(self, request: web.Request) -> None:
-        request[_SESSION_KEY] = await self.find(request.cookies.get(COOKIE, ""))
+    async def load(self, request: web.Request) -> contextvars.Token[Session | None]:
+        """Look the request's session up, for :meth:`get` while the request is handled (the
+        caller resets the returned token when it is done)."""
+        return _CURRENT.set(await self.find(request.cookies.get(COOKIE, "")))
 
     @staticmethod
-    def get(request: web.Request) -> Session | None:
-        """The request's session, as :meth:`load` found it."""
-        session: Session | None = request.get(_SESSION_KEY)
-        return session
+    def get(_request: web.Request) -> Session | None:
+        """The request's session, as :meth:`load` found it (one request is one task)."""
+        return _CURRENT.get()
 
     async def still_open(self, request: web.Request) -> bool:
         """Whether the request's session is still live now (a logout at any relay ends it)."""
@@ -230,8 +236,14 @@ def add_console(
 
     @web.middleware
     async def session_loader(request: web.Request, handler: Any) -> web.StreamResponse:
-        await sessions.load(request)
-        return await handler(request)  # type: ignore[no-any-return]
+        try:
+            loaded = await sessions.load(request)
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                _CURRENT.reset(loaded)
+        except StoreUnavailable as err:  # sessions live in the store: no store, no console
+            return problem(grpc.StatusCode.UNAVAILABLE, str(err))
 
     @web.middleware
     async def csrf_guard(request: web.Request, handler: Any) -> web.StreamResponse:

@@ -87,3 +87,35 @@ def test_a_session_is_shared_through_the_store_and_ends_with_its_token(
     dump = "\n".join(sqlite3.connect(tmp_path / "relay.db").iterdump())
     for secret in secrets:
         assert secret not in dump
+
+
+def test_without_its_store_the_console_answers_503_not_a_crash(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+    from prometheus_client import CollectorRegistry
+
+    from aegis_edge_relay.http.app import make_app
+
+    store = SQLiteStore(tmp_path / "relay.db")
+    worker = StoreWorker(store)
+    store.close()  # the database is gone: every store call is unavailable
+
+    async def ready() -> None:
+        return None
+
+    async def scenario() -> tuple[int, str, int]:
+        app = make_app(
+            registry=CollectorRegistry(),
+            ready=ready,
+            admin=None,  # type: ignore[arg-type]
+            check_token=lambda token: 2e9,
+            db=worker,
+        )
+        async with TestClient(TestServer(app)) as client:
+            page = await client.get("/", headers={"Cookie": f"{COOKIE}=some-session"})
+            login = await client.post("/login", data={"token": "t"}, allow_redirects=False)
+            return page.status, page.content_type, login.status
+
+    try:
+        assert asyncio.run(scenario()) == (503, "application/problem+json", 503)
+    finally:
+        worker.close()
