@@ -375,7 +375,13 @@ def add_console(
             if request.query.get(key):
                 values[key] = request.query[key]
         last = ""
-        while await sessions.still_open(request):
+        while True:
+            try:
+                if not await sessions.still_open(request):
+                    break
+            except StoreUnavailable as err:  # the page's EventSource comes back by itself
+                await response.write(_event("problem", {"detail": str(err)}))
+                return response
             try:
                 context: Any = HttpContext(token=session.token, peer="console")
                 listed = await admin.ListHosts(  # type: ignore[misc]
