@@ -153,3 +153,34 @@ def test_console_secrets_are_found_by_hash_and_kind_used_once_and_expire(store: 
     store.put_console_secret("h4", session, 100.0)
     store.put_console_secret("h5", session, 300.0)
     assert store.get_console_secret("h4", "session", 150.0) is None
+
+
+def test_a_feed_read_touches_only_the_rows_changed() -> None:
+    with fresh_database() as url:
+        store = PostgresStore(url)
+        try:
+            for i in range(300):
+                store.enroll(jti=f"e-{i}", token_expires_at=1000.0, node=node(f"n{i:03}"))
+                store.hold_stream(f"n{i:03}", "relay-a", "Connected", 1.0)
+            seq = max(store.node_feed(None).seqs)
+
+            def touched() -> int:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("SELECT pg_stat_force_next_flush()")
+                    row = conn.execute(
+                        "SELECT SUM(seq_tup_read + COALESCE(idx_tup_fetch, 0)) FROM"
+                        " pg_stat_user_tables WHERE relname IN ('nodes', 'stream_holders')"
+                    ).fetchone()
+                assert row is not None
+                return int(row[0])
+
+            store.close()  # its connections report what they read when they end
+            store = PostgresStore(url)
+            before = touched()
+            for _ in range(10):  # more than psycopg's prepare threshold: the generic plan too
+                assert store.node_feed(seq).seqs == ()
+            store.close()
+            store = PostgresStore(url)
+            assert touched() - before < 10
+        finally:
+            store.close()
