@@ -118,11 +118,20 @@ class ClusterView:
         await db.call(db.store.renew_lease, lease)
         await self.flush_statuses()
         leases = await db.call(db.store.load_leases)
+        records = await self.catch_up()
+        self.live = live_relays(leases, self.now())
+        return records
+
+    async def catch_up(self) -> list[NodeRecord]:
+        """Read the change feed (a full read when the core's rules say so) and apply its
+        holder rows; the node rows changed, for the fleet view."""
+        if not self.shared:
+            return []
+        db = self._db
         now = self.now()
         feed = await db.call(db.store.node_feed, read_from(self.feed, now))
         self.feed = advance(self.feed, seqs=feed.seqs, head=feed.head, full=feed.full, now=now)
         self.holders = apply_holders(self.holders, feed.holders, full=feed.full)
-        self.live = live_relays(leases, self.now())
         read = "full" if feed.full else "feed"
         self.metrics.cluster_syncs.labels(read=read).inc()
         self.metrics.cluster_sync_rows.labels(read=read).inc(len(feed.nodes) + len(feed.holders))

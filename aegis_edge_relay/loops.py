@@ -27,7 +27,7 @@ from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.runs import FleetRuns
-from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
+from aegis_edge_relay.store import NODES_CHANGED, Listener, NodeRecord, relay_channel
 from aegis_edge_relay.streams import StreamHandler
 
 __all__ = ["Loops"]
@@ -123,21 +123,34 @@ class Loops:
                 jsonlog.log("error", "store.flush_failed", error=str(err))
 
     async def _cluster_loop(self) -> None:
-        fleet, cluster = self.fleet, self.fleet.cluster
+        """A full turn (lease, holders, runs) every sync interval; between turns, a wake-up
+        (another relay changed a node or holder row) reads only the change feed."""
+        cluster = self.fleet.cluster
+        loop = asyncio.get_running_loop()
+        next_turn = loop.time() + cluster.interval  # the relay's start made the first turn
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cluster.wake.wait(), cluster.interval)
-            # Woken by a change: a storm of them (a relay's daemons moving) coalesces into
-            # one sync per gap instead of a sync per transaction.
-            await asyncio.sleep(WAKE_GAP)
+                await asyncio.wait_for(cluster.wake.wait(), max(0.0, next_turn - loop.time()))
+            if cluster.wake.is_set() and loop.time() < next_turn:
+                # A storm of changes (a relay's daemons moving) coalesces into one read per
+                # gap instead of one per transaction.
+                await asyncio.sleep(WAKE_GAP)
+                cluster.wake.clear()
+                try:
+                    records = await cluster.catch_up()
+                except Exception as err:  # the next turn reads it
+                    jsonlog.log("error", "cluster.sync_failed", error=str(err))
+                    continue
+                self._merge(records)
+                continue
             cluster.wake.clear()
+            next_turn = loop.time() + cluster.interval
             try:
                 records = await cluster.sync()
             except Exception as err:  # the lease lapses if this keeps failing: that is right
                 jsonlog.log("error", "cluster.sync_failed", error=str(err))
                 continue
-            for node, reason in fleet.merge(records):
-                self.identity.revoked_elsewhere(node, reason)
+            self._merge(records)
             self.dispatcher.holders_lost(cluster.live)
             try:
                 now = self.now()
@@ -145,6 +158,10 @@ class Loops:
                 await self.runs.take_over_due(now)
             except Exception as err:
                 jsonlog.log("error", "cluster.runs_failed", error=str(err))
+
+    def _merge(self, records: list[NodeRecord]) -> None:
+        for node, reason in self.fleet.merge(records):
+            self.identity.revoked_elsewhere(node, reason)
 
     async def _route_loop(self) -> None:
         """Commands routed to this relay and results routed back: at once on a wake-up,
