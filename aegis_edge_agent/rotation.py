@@ -27,7 +27,7 @@ from aegis_edge_core import __version__
 from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.errors import AegisError
-from aegis_edge_core.identity import NodeKey, load_node_key
+from aegis_edge_core.identity import NodeKey, dial_order, load_node_key
 from aegis_edge_core.identity.errors import default_hint
 from aegis_edge_core.identity.rotation import RotationProof, sign_rotation
 from aegis_edge_core.wire import common_pb2, stream_pb2, stream_pb2_grpc
@@ -136,13 +136,40 @@ class KeyRotator:
 
 
 async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
-    """``aegis edge keys rotate``: a CONTROL session that rotates the key and swaps files."""
+    """``aegis edge keys rotate``: a CONTROL session that rotates the key and swaps files.
+
+    It dials the cluster's endpoints as the daemon does (``node.json``'s relay first, then
+    the others, :func:`~aegis_edge_core.identity.dial_order`), moving on only while no relay
+    has been reached: once one answered, its word is final, and once the proof is sent a
+    failure is never retried elsewhere (the rotation may have happened there).
+    """
+    node = state.load_node()
+    endpoints = node.endpoints
+    missed: list[str] = []
+    for failures in range(len(endpoints)):
+        relay = dial_order(endpoints, node.relay, failures)
+        try:
+            return await _rotate_at(state, relay, timeout=timeout)
+        except _Unreachable as err:
+            missed.append(f"{relay}: {err}")
+    raise AegisError(
+        "key rotation failed: no relay could be reached (" + "; ".join(missed) + ")",
+        hint="check that a relay of this host's cluster runs, then rotate again",
+    )
+
+
+class _Unreachable(Exception):
+    """The relay was not reached (or refused the connection) before the proof was sent."""
+
+
+async def _rotate_at(state: StateDir, relay: str, *, timeout: float) -> str:
     key = state.load_key()
     token = state.load_token()
     node = state.load_node()
     ca = state.load_ca()
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
-    async with grpc.aio.secure_channel(node.relay, creds) as channel:
+    proof_sent = False
+    async with grpc.aio.secure_channel(relay, creds) as channel:
         stub: Any = stream_pb2_grpc.EdgeStreamStub(channel)
         call = stub.Connect()
         session = s.DaemonSession()
@@ -152,6 +179,7 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
                 await call.write(msg)
 
         async def exchange() -> str:
+            nonlocal proof_sent
             session.hello(
                 node_id=node.node_id,
                 node_token=token,
@@ -181,6 +209,7 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
                             old_key_signature=proof.old_key_signature,
                             new_key_signature=proof.new_key_signature,
                         )
+                        proof_sent = True
                     elif isinstance(event, s.KeyRotated):
                         assert new_key is not None
                         commit_rotation(state, new_key, event.node_token)
@@ -194,6 +223,8 @@ async def control_rotate(state: StateDir, *, timeout: float = 30.0) -> str:
         try:
             return await asyncio.wait_for(exchange(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
+            if not proof_sent and err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _Unreachable(rpc_error(err)) from None
             refusal = refusal_of(err)
             if refusal is None:
                 raise AegisError(f"key rotation failed: {rpc_error(err)}") from None

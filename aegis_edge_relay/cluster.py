@@ -2,10 +2,13 @@
 
 It renews this relay's lease row, records which streams this relay holds (one
 ``stream_holders`` row per node, with the stream's generation), writes a held node's status
-when it changes, and keeps a copy of the other relays' leases and holder rows, reread every
-:func:`~aegis_edge_core.cluster.renew_every` seconds, so that the fleet view can show a
-node held elsewhere with the status the core's :func:`~aegis_edge_core.cluster.shown_status`
-gives it. The rules are the core's; this part only moves rows.
+when it changes, and keeps a copy of the other relays' leases and holder rows, brought up to
+date every :func:`~aegis_edge_core.cluster.renew_every` seconds, so that the fleet view can
+show a node held elsewhere with the status the core's
+:func:`~aegis_edge_core.cluster.shown_status` gives it. Holder and node rows come by change
+feed (:mod:`aegis_edge_core.cluster_feed`): each sync reads only the rows changed since the
+last, with a full read at start and every few minutes. The rules are the core's; this part
+only moves rows.
 
 On a store that is not shared (SQLite: one relay) the part is inert -- no rows, no writes --
 so the single relay behaves exactly as before: it holds every stream there is.
@@ -25,10 +28,12 @@ from aegis_edge_core.cluster import (
     renew_every,
     shown_status,
 )
+from aegis_edge_core.cluster_feed import FeedCursor, advance, apply_holders, read_from
 from aegis_edge_core.health import DaemonStatus
 from aegis_edge_relay import jsonlog
+from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import Clock
-from aegis_edge_relay.store import StoreWorker
+from aegis_edge_relay.store import NodeRecord, StoreWorker
 
 __all__ = ["ClusterView"]
 
@@ -47,8 +52,10 @@ class ClusterView:
         clock: Clock,
         stale_threshold: float,
         shared: bool,
+        metrics: RelayMetrics,
     ) -> None:
         self.relay_id = relay_id
+        self.metrics = metrics
         self.shared = shared
         self.endpoint = ""
         """Where daemons reach this relay (``host:port``); set once it listens."""
@@ -63,6 +70,8 @@ class ClusterView:
         """relay id -> endpoint of every live relay (as of the last :meth:`sync`)."""
         self.holders: dict[str, Holder] = {}
         """The holder rows of the other relays (as of the last :meth:`sync`)."""
+        self.feed = FeedCursor()
+        """Where this relay stands in the change feed."""
         self._held: dict[str, tuple[int, int]] = {}
         """node_id -> (stream id, generation) of the streams this relay holds."""
         self._statuses: dict[str, DaemonStatus] = {}
@@ -108,22 +117,23 @@ class ClusterView:
             return None
         return holder.relay_id
 
-    async def start(self) -> None:
+    async def start(self) -> list[NodeRecord]:
         """Claim the lease, releasing what a previous run of this relay held (it was killed:
-        its streams are gone), and read the others' rows."""
+        its streams are gone), and read the others' rows (a full read: every node row)."""
         if not self.shared:
-            return
+            return []
         db = self._db
         released = await db.call(db.store.drop_lease, self.relay_id)
         if released:
             jsonlog.log("info", "cluster.released_stale", relay_id=self.relay_id, streams=released)
-        await self.sync()
+        return await self.sync()
 
-    async def sync(self) -> None:
-        """Renew this relay's lease, reread everyone's leases and holders, and write the held
-        statuses that changed."""
+    async def sync(self) -> list[NodeRecord]:
+        """Renew this relay's lease, reread everyone's leases, bring the holders up to date
+        from the change feed, and write the held statuses that changed. Returns the node
+        rows changed since the last sync (every one on a full read)."""
         if not self.shared:
-            return
+            return []
         db = self._db
         now = self.now()
         lease = RelayLease(
@@ -133,12 +143,27 @@ class ClusterView:
         self.lease_expires_at = lease.expires_at
         await self.flush_statuses()
         leases = await db.call(db.store.load_leases)
-        holders = await db.call(db.store.load_holders)
+        records = await self.catch_up()
         self.live = live_relays(leases, self.now())
         self.endpoints = {
             lease.relay_id: lease.endpoint for lease in leases if lease.relay_id in self.live
         }
-        self.holders = {h.node_id: h for h in holders}
+        return records
+
+    async def catch_up(self) -> list[NodeRecord]:
+        """Read the change feed (a full read when the core's rules say so) and apply its
+        holder rows; the node rows changed, for the fleet view."""
+        if not self.shared:
+            return []
+        db = self._db
+        now = self.now()
+        feed = await db.call(db.store.node_feed, read_from(self.feed, now))
+        self.feed = advance(self.feed, seqs=feed.seqs, head=feed.head, full=feed.full, now=now)
+        self.holders = apply_holders(self.holders, feed.holders, full=feed.full)
+        read = "full" if feed.full else "feed"
+        self.metrics.cluster_syncs.labels(read=read).inc()
+        self.metrics.cluster_sync_rows.labels(read=read).inc(len(feed.nodes) + len(feed.holders))
+        return list(feed.nodes)
 
     async def stop(self) -> None:
         """Leave the cluster: drop the lease and release every held stream at once, so the

@@ -101,7 +101,11 @@ class FleetView:
         return revoked
 
     def enrolled(self, node: NodeState) -> None:
-        """A daemon the store has just enrolled joins the fleet, Disconnected."""
+        """A daemon the store has just enrolled joins the fleet, Disconnected. One the view
+        has already (the change feed can bring a row while its writer still awaits the
+        store's answer) is kept as it is."""
+        if node.node_id in self.nodes:
+            return
         self.nodes[node.node_id] = node
         self.health.load(node.node_id, DaemonStatus.DISCONNECTED)
         self.metrics.daemon_moved(node.tenant_id, None, DaemonStatus.DISCONNECTED.value)

@@ -8,9 +8,9 @@
 * fleet runs' deadlines and cancel graces (:meth:`.runs.FleetRuns.tick`);
 * maintenance: stream-seconds accounting, token refresh pushes, revocation pruning;
 * the cluster (a shared store only): renew the lease, reread the other relays' leases,
-  holders and node rows, and mirror revocations committed by another relay; route
-  commands, results, output and run cancels through the store; drop every stream once
-  this relay's own lease lapsed.
+  read the holder and node rows changed since the last turn (the change feed), and
+  mirror revocations committed by another relay; route commands, results, output and
+  run cancels through the store; drop every stream once this relay's own lease lapsed.
 
 Every loop survives a failing store: it logs, and tries again at its next turn.
 """
@@ -28,13 +28,15 @@ from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
-from aegis_edge_relay.store import NODES_CHANGED, Listener, relay_channel
+from aegis_edge_relay.store import NODES_CHANGED, Listener, NodeRecord, relay_channel
 from aegis_edge_relay.streams import LEASE_LAPSED, StreamHandler
 
 __all__ = ["Loops"]
 
 PRUNE_EVERY: Final = 3600.0
 PRUNE_RETRY: Final = 60.0
+WAKE_GAP: Final = 0.1
+"""Seconds the cluster sync waits after a wake-up, so the changes of one moment make one read."""
 LISTEN_WAIT: Final = 1.0
 """Seconds one wait for store notifications lasts (what stopping the relay may wait)."""
 
@@ -128,22 +130,34 @@ class Loops:
                 jsonlog.log("error", "store.flush_failed", error=str(err))
 
     async def _cluster_loop(self) -> None:
-        fleet, cluster = self.fleet, self.fleet.cluster
-        db = fleet.db
+        """A full turn (lease, holders, runs) every sync interval; between turns, a wake-up
+        (another relay changed a node or holder row) reads only the change feed."""
+        cluster = self.fleet.cluster
+        loop = asyncio.get_running_loop()
+        next_turn = loop.time() + cluster.interval  # the relay's start made the first turn
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cluster.wake.wait(), cluster.interval)
+                await asyncio.wait_for(cluster.wake.wait(), max(0.0, next_turn - loop.time()))
+            if cluster.wake.is_set() and loop.time() < next_turn:
+                # A storm of changes (a relay's daemons moving) coalesces into one read per
+                # gap instead of one per transaction.
+                await asyncio.sleep(WAKE_GAP)
+                cluster.wake.clear()
+                try:
+                    records = await cluster.catch_up()
+                except Exception as err:  # the next turn reads it
+                    jsonlog.log("error", "cluster.sync_failed", error=str(err))
+                    continue
+                self._merge(records)
+                continue
             cluster.wake.clear()
+            next_turn = loop.time() + cluster.interval
             try:
-                await cluster.sync()
-                # Every row, every turn: simple and right for a modest fleet; a change feed
-                # (NOTIFY with the changed ids) is what a 100k fleet needs instead.
-                records = await db.call(db.store.load_nodes)
+                records = await cluster.sync()
             except Exception as err:  # the lease lapses if this keeps failing: that is right
                 jsonlog.log("error", "cluster.sync_failed", error=str(err))
                 continue
-            for node, reason in fleet.merge(records):
-                self.identity.revoked_elsewhere(node, reason)
+            self._merge(records)
             self.router.holders_lost(cluster.live)
             try:
                 now = self.now()
@@ -178,6 +192,10 @@ class Loops:
                 )
             await asyncio.sleep(cluster.interval)
 
+    def _merge(self, records: list[NodeRecord]) -> None:
+        for node, reason in self.fleet.merge(records):
+            self.identity.revoked_elsewhere(node, reason)
+
     async def _route_loop(self) -> None:
         """Commands routed to this relay, results and output routed back, and cancels of
         runs this relay coordinates: at once on a wake-up, and every sync interval as the
@@ -208,7 +226,7 @@ class Loops:
                         if listener is None:
                             return
                     for payload in await asyncio.to_thread(listener.wait, LISTEN_WAIT):
-                        if payload == "revoked":
+                        if payload in ("revoked", "changed"):
                             cluster.wake.set()
                         else:
                             cluster.route_wake.set()

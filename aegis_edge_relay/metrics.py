@@ -80,6 +80,19 @@ class RelayMetrics:
             ("reason",),
             registry=r,
         )
+        self.cluster_syncs = Counter(
+            "aegis_edge_cluster_syncs",
+            "Cluster syncs of this relay (a shared store only), by read: feed (the rows "
+            "changed since the last sync) or full (every row: at start and every few minutes).",
+            ("read",),
+            registry=r,
+        )
+        self.cluster_sync_rows = Counter(
+            "aegis_edge_cluster_sync_rows",
+            "Node and stream-holder rows cluster syncs read, by read (feed, full).",
+            ("read",),
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._daemon_counts: Tally[tuple[str, str]] = Tally()
         self._tenants: set[str] = set()

@@ -225,6 +225,7 @@ class Relay:
             clock=clock,
             stale_threshold=config.stale_threshold,
             shared=shared,
+            metrics=metrics,
         )
 
         health = HealthTracker(
@@ -309,7 +310,9 @@ class Relay:
         await self.identity.load()
         await self.identity.publish_endpoint()
         self.fleet.load(records)
-        await self.cluster.start()
+        # what other relays changed between the load and the cluster's first (full) read
+        for node, reason in self.fleet.merge(await self.cluster.start()):
+            self.identity.revoked_elsewhere(node, reason)
         await self.dispatcher.recover()
         await self.runs.recover()
         self.loops.start()
@@ -470,6 +473,7 @@ async def serve(opts: ServeOptions) -> int:
                 ready=ready,
                 admin=relay.admin,
                 check_token=lambda token: _console_token_expiry(relay.identity, token),
+                db=relay.db,
                 metrics_token=metrics_token,
             )
             try:

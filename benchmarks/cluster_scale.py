@@ -8,7 +8,8 @@ generators dial the next endpoint when their relay is gone, as the agent does). 
 each phase on a fresh database of that (local) server:
 
 1. baseline: one relay holding 2 x ``--per-relay`` daemons at a 30 s heartbeat -- its RSS
-   and CPU, the database server's CPU, a fleet ``edge.ping`` over all of them, and the
+   and CPU, the database server's CPU, the node and holder rows the database read per
+   cluster sync (its table statistics), a fleet ``edge.ping`` over all of them, and the
    storm when the relay is killed (kill -9) and started again on its port: seconds from
    the kill until every daemon's stream is held again;
 2. the cluster: relay A creates cluster ``bench``, relay B joins it with A's join bundle;
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from aegis_edge_core.cluster import lease_ttl, renew_every
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -81,16 +84,33 @@ def server_cpu(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def steady(relays: list[Relay], server: list[int], window: float) -> dict[str, Any]:
-    """RSS and CPU of each relay and of the database server over one shared window."""
+def rows_read(url: str) -> int:
+    """Rows of ``nodes`` and ``stream_holders`` the database has read so far (sequential and
+    index reads, from its statistics): what the relays' cluster syncs cost it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(seq_tup_read + COALESCE(idx_tup_fetch, 0)), 0)"
+            " FROM pg_stat_user_tables WHERE relname IN ('nodes', 'stream_holders')"
+        ).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def steady(relays: list[Relay], server: list[int], window: float, url: str) -> dict[str, Any]:
+    """RSS and CPU of each relay and of the database server over one shared window, and the
+    node and holder rows read per cluster sync (each relay syncs every ``renew_every``)."""
     c0 = [cpu_secs(r.pid) for r in relays]
+    r0 = rows_read(url)
     s0, t0 = server_cpu(server), time.monotonic()
     time.sleep(window)
     elapsed = time.monotonic() - t0
     s1 = server_cpu(server)
+    time.sleep(1.5)  # the backends report their table statistics at most once a second
+    rows = rows_read(url) - r0
+    syncs = len(relays) * elapsed / renew_every(lease_ttl(3 * HEARTBEAT))
     # backends that came or went during the window (other clients') count for nothing
     db = sum(s1[pid] - s0[pid] for pid in s0.keys() & s1.keys())
     return {
+        "rows_per_sync": round(rows / syncs, 1),
         "relays": [
             {
                 "rss_mb": round(rss_mb(r.pid), 1),
@@ -164,7 +184,7 @@ def single(args: argparse.Namespace, procs: Procs, root: Path, url: str) -> dict
     timeout = max(120.0, n / 40)
     connect_all(workers, n, url, timeout)
     time.sleep(3.0)
-    out = steady([relay], server_pids(url), args.window)
+    out = steady([relay], server_pids(url), args.window, url)
     log(f"single: steady {out}; fleet edge.ping over {n}")
     out["fleet"] = fleet_run(relay, "all", timeout=timeout)
     out["storm_s"] = kill_storm(procs, relay, workers, relay, n, url, timeout, restart=True)
@@ -199,7 +219,7 @@ def cluster(args: argparse.Namespace, procs: Procs, root: Path, url: str) -> dic
     timeout = max(120.0, n / 40)
     connect_all(both, n, url, timeout)
     time.sleep(3.0)
-    out = steady([a, b], server_pids(url), args.window)
+    out = steady([a, b], server_pids(url), args.window, url)
     held = holders(url)
     log(f"cluster: steady {out}, held {held}; fleet edge.ping over {n} started on A")
     out["fleet"] = fleet_run(a, "all", timeout=timeout)
@@ -224,6 +244,8 @@ def table(res: dict[str, Any]) -> str:
          ratio(ra["cpu_cores"] + rb["cpu_cores"], r1["cpu_cores"])),
         ("PostgreSQL server CPU (cores)", one["db_cpu_cores"], two["db_cpu_cores"],
          ratio(two["db_cpu_cores"], one["db_cpu_cores"])),
+        ("node + holder rows read per idle cluster sync", one["rows_per_sync"],
+         two["rows_per_sync"], ""),
         (f"fleet edge.ping over {n}, wall (s)", one["fleet"]["wall_s"], two["fleet"]["wall_s"],
          ratio(two["fleet"]["wall_s"], one["fleet"]["wall_s"])),
         ("  targets ok", one["fleet"]["ok"], two["fleet"]["ok"], ""),

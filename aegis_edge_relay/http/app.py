@@ -21,6 +21,7 @@ from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import api
 from aegis_edge_relay.http.console import Sessions, TokenCheck, add_console
 from aegis_edge_relay.http.openapi import OPENAPI_PATH, committed_document
+from aegis_edge_relay.store import StoreWorker
 
 __all__ = ["Credentials", "Readiness", "bearer_token", "make_app"]
 
@@ -48,12 +49,14 @@ def make_app(
     ready: Readiness,
     admin: AdminServicer,
     check_token: TokenCheck | None = None,
+    db: StoreWorker | None = None,
     metrics_token: bytes | None = None,
 ) -> web.Application:
     """The relay's HTTP app; ``admin`` is the same servicer object the gRPC server calls.
 
-    With ``check_token`` (how the console verifies a token at login) the console is served
-    at ``/`` and its session cookie stands for the token; without it, only bearer tokens.
+    With ``check_token`` (how the console verifies a token at login) and ``db`` (where its
+    sessions live) the console is served at ``/`` and its session cookie stands for the
+    token; without them, only bearer tokens.
     """
 
     async def metrics(request: web.Request) -> web.Response:
@@ -95,7 +98,7 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     credentials: Credentials = bearer_token
-    if check_token is not None:
-        credentials = add_console(app, admin, check_token, Sessions())
+    if check_token is not None and db is not None:
+        credentials = add_console(app, admin, check_token, Sessions(db))
     api.add_routes(app, admin, credentials)
     return app

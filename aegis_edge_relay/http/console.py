@@ -18,9 +18,15 @@ it ends, then the finished run, so the run page fills in target by target.
 
 A one-time login link: ``POST /console/login-links`` with ``Authorization: Bearer
 <operator token>`` answers ``{"url": ".../login/once/<code>", "expires_at": ...}``. The code
-is random, kept only in the relay's memory, good for one use within ``LINK_TTL`` seconds,
-and opens a session standing for the token that asked for it (``aegis relay demo`` prints
-one). The URL never holds the token, so it may be printed; a used or stale link is refused.
+is random, good for one use within ``LINK_TTL`` seconds, and opens a session standing for
+the token that asked for it (``aegis relay demo`` prints one). The URL never holds the
+token, so it may be printed; a used or stale link is refused.
+
+Sessions and links live in the store, so every relay over it honours them (a load balancer
+may send a browser to any relay; a logout at one ends the session at all). The store never
+holds the cookie or the code: a row is found by the SHA-256 of the secret, and the operator
+token in it is sealed (AES-GCM) under a key derived from the secret, so the database alone
+gives neither a way in nor the token.
 
 The host, runs and run pages are static shells whose script reads the JSON API with the
 session cookie; every change they make (tags, revoke) is an API call carrying the CSRF token.
@@ -29,6 +35,9 @@ session cookie; every change they make (tags, revoke) is an API call carrying th
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextvars
+import hashlib
 import hmac
 import html
 import json
@@ -41,6 +50,8 @@ from typing import Any, Final
 import attrs
 import grpc
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
@@ -48,11 +59,11 @@ from aegis_edge_relay.http import representation as rep
 from aegis_edge_relay.http.api import BadRequest, host_page, list_hosts_request
 from aegis_edge_relay.http.context import Aborted, HttpContext
 from aegis_edge_relay.http.problems import problem
+from aegis_edge_relay.store import ConsoleSecret, StoreUnavailable, StoreWorker
 
 __all__ = ["COOKIE", "Sessions", "TokenCheck", "add_console"]
 
 COOKIE: Final = "aegis_session"
-MAX_SESSIONS: Final = 10_000
 EVENTS_PAGE: Final = 100
 """Hosts per page of the live table (counts cover every host)."""
 EVENTS_INTERVAL: Final = 1.0
@@ -75,6 +86,16 @@ _PAGES: Final = {
 }
 
 
+_CURRENT: Final[contextvars.ContextVar[Session | None]] = contextvars.ContextVar(
+    "aegis_console_session", default=None
+)
+"""The session of the request being handled (set by the console's middleware)."""
+
+SEAL_NONCE: Final = bytes(12)
+"""Every sealing key is derived from one fresh secret and seals one token once, so a fixed
+nonce never repeats under a key."""
+
+
 @attrs.define
 class Session:
     token: str = attrs.field(repr=False)
@@ -82,50 +103,97 @@ class Session:
     expires_at: float
 
 
-class Sessions:
-    """Session id -> operator token, in memory: a relay restart logs everyone out."""
+def _derived(secret: str, purpose: bytes) -> bytes:
+    return hashlib.sha256(b"aegis-console/" + purpose + b"\0" + secret.encode()).digest()
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._by_id: dict[str, Session] = {}
-        self._links: dict[str, tuple[str, float]] = {}
+
+def _secret_hash(secret: str) -> str:
+    """The secret's name in the store (its SHA-256, labelled): never the secret itself."""
+    return _derived(secret, b"id").hex()
+
+
+def _csrf(sid: str) -> str:
+    """The session's CSRF token: derived from the cookie, so nothing more is stored, and a
+    page that cannot read the cookie cannot make it."""
+    return base64.urlsafe_b64encode(_derived(sid, b"csrf")).decode().rstrip("=")
+
+
+def _seal(secret: str, token: str) -> bytes:
+    return AESGCM(_derived(secret, b"seal")).encrypt(SEAL_NONCE, token.encode(), None)
+
+
+def _unseal(secret: str, sealed: bytes) -> str | None:
+    try:
+        return AESGCM(_derived(secret, b"seal")).decrypt(SEAL_NONCE, sealed, None).decode()
+    except (InvalidTag, UnicodeDecodeError):
+        return None
+
+
+class Sessions:
+    """Session id -> operator token, and one-time login links, in the store (shared by
+    every relay over it). Each request with the cookie costs one store read, done once by
+    :meth:`load` before the handlers look (:meth:`get`)."""
+
+    def __init__(self, db: StoreWorker, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
         self._clock = clock
 
-    def open(self, token: str, expires_at: float) -> tuple[str, Session]:
-        if len(self._by_id) >= MAX_SESSIONS:
-            self._by_id.pop(next(iter(self._by_id)))  # the oldest
+    async def open(self, token: str, expires_at: float) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        session = Session(token=token, csrf=secrets.token_urlsafe(32), expires_at=expires_at)
-        self._by_id[sid] = session
-        return sid, session
+        row = ConsoleSecret(kind="session", sealed=_seal(sid, token), expires_at=expires_at)
+        await self._db.call(
+            self._db.store.put_console_secret, _secret_hash(sid), row, self._clock()
+        )
+        return sid, Session(token=token, csrf=_csrf(sid), expires_at=expires_at)
 
-    def get(self, request: web.Request) -> Session | None:
-        sid = request.cookies.get(COOKIE, "")
-        session = self._by_id.get(sid)
-        if session is not None and session.expires_at <= self._clock():
-            del self._by_id[sid]  # the token expired: so did the session
+    async def find(self, sid: str) -> Session | None:
+        """The live session of the cookie ``sid`` (None: unknown, logged out or expired --
+        a session ends when its token does)."""
+        if not sid:
             return None
-        return session
+        row = await self._db.call(
+            self._db.store.get_console_secret, _secret_hash(sid), "session", self._clock()
+        )
+        token = _unseal(sid, row.sealed) if row is not None else None
+        if row is None or token is None:
+            return None
+        return Session(token=token, csrf=_csrf(sid), expires_at=row.expires_at)
 
-    def close(self, request: web.Request) -> None:
-        self._by_id.pop(request.cookies.get(COOKIE, ""), None)
+    async def load(self, request: web.Request) -> contextvars.Token[Session | None]:
+        """Look the request's session up, for :meth:`get` while the request is handled (the
+        caller resets the returned token when it is done)."""
+        return _CURRENT.set(await self.find(request.cookies.get(COOKIE, "")))
 
-    def new_link(self, token: str) -> tuple[str, float]:
+    @staticmethod
+    def get(_request: web.Request) -> Session | None:
+        """The request's session, as :meth:`load` found it (one request is one task)."""
+        return _CURRENT.get()
+
+    async def still_open(self, request: web.Request) -> bool:
+        """Whether the request's session is still live now (a logout at any relay ends it)."""
+        return await self.find(request.cookies.get(COOKIE, "")) is not None
+
+    async def close(self, request: web.Request) -> None:
+        sid = request.cookies.get(COOKIE, "")
+        if sid:
+            await self._db.call(
+                self._db.store.take_console_secret, _secret_hash(sid), "session", self._clock()
+            )
+
+    async def new_link(self, token: str) -> tuple[str, float]:
         """A one-time login code for ``token``; returns it and when it goes stale."""
         now = self._clock()
-        # Stale codes go when a new one is made: no timer, and at most one per request.
-        self._links = {c: v for c, v in self._links.items() if v[1] > now}
-        if len(self._links) >= MAX_SESSIONS:
-            self._links.pop(next(iter(self._links)))
         code = secrets.token_hex(24)  # hex: never mistaken for (or logged as) a JWT
-        self._links[code] = (token, now + LINK_TTL)
+        row = ConsoleSecret(kind="link", sealed=_seal(code, token), expires_at=now + LINK_TTL)
+        await self._db.call(self._db.store.put_console_secret, _secret_hash(code), row, now)
         return code, now + LINK_TTL
 
-    def redeem_link(self, code: str) -> str | None:
+    async def redeem_link(self, code: str) -> str | None:
         """The token of a good, unused code; the code is spent either way."""
-        found = self._links.pop(code, None)
-        if found is None or found[1] <= self._clock():
-            return None
-        return found[0]
+        row = await self._db.call(
+            self._db.store.take_console_secret, _secret_hash(code), "link", self._clock()
+        )
+        return _unseal(code, row.sealed) if row is not None else None
 
 
 def _asset(name: str) -> bytes:
@@ -165,6 +233,17 @@ def add_console(
             return bearer
         session = sessions.get(request)
         return session.token if session is not None else ""
+
+    @web.middleware
+    async def session_loader(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            loaded = await sessions.load(request)
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                _CURRENT.reset(loaded)
+        except StoreUnavailable as err:  # sessions live in the store: no store, no console
+            return problem(grpc.StatusCode.UNAVAILABLE, str(err))
 
     @web.middleware
     async def csrf_guard(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -218,10 +297,10 @@ def add_console(
             response = page("login.html", error=str(err))
             response.set_status(401)
             return response
-        raise logged_in(token, expires_at)
+        raise await logged_in(token, expires_at)
 
-    def logged_in(token: str, expires_at: float) -> web.HTTPSeeOther:
-        sid, _session = sessions.open(token, expires_at)
+    async def logged_in(token: str, expires_at: float) -> web.HTTPSeeOther:
+        sid, _session = await sessions.open(token, expires_at)
         response = web.HTTPSeeOther("/")
         response.set_cookie(
             COOKIE,
@@ -244,12 +323,12 @@ def add_console(
             check_token(token)
         except ValueError as err:
             return problem(grpc.StatusCode.UNAUTHENTICATED, str(err))
-        code, expires_at = sessions.new_link(token)
+        code, expires_at = await sessions.new_link(token)
         url = f"{request.scheme}://{request.host}/login/once/{code}"
         return web.json_response({"url": url, "expires_at": expires_at}, status=201)
 
     async def redeem_login_link(request: web.Request) -> web.StreamResponse:
-        token = sessions.redeem_link(request.match_info["code"])
+        token = await sessions.redeem_link(request.match_info["code"])
         try:
             if token is None:
                 raise ValueError(
@@ -261,10 +340,10 @@ def add_console(
             response = page("login.html", error=str(err))
             response.set_status(401)
             return response
-        raise logged_in(token, expires_at)
+        raise await logged_in(token, expires_at)
 
     async def logout(request: web.Request) -> web.StreamResponse:
-        sessions.close(request)
+        await sessions.close(request)
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE, path="/")
         raise response
@@ -296,7 +375,13 @@ def add_console(
             if request.query.get(key):
                 values[key] = request.query[key]
         last = ""
-        while sessions.get(request) is session:
+        while True:
+            try:
+                if not await sessions.still_open(request):
+                    break
+            except StoreUnavailable as err:  # the page's EventSource comes back by itself
+                await response.write(_event("problem", {"detail": str(err)}))
+                return response
             try:
                 context: Any = HttpContext(token=session.token, peer="console")
                 listed = await admin.ListHosts(  # type: ignore[misc]
@@ -333,6 +418,7 @@ def add_console(
             await watch.aclose()
         return response
 
+    app.middlewares.append(session_loader)
     app.middlewares.append(csrf_guard)
     app.router.add_get("/", shell("index.html"))
     app.router.add_get("/hosts/{node_id}", shell("host.html"))

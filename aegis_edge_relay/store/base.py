@@ -29,10 +29,12 @@ __all__ = [
     "NODES_CHANGED",
     "ROUTED_OUTPUT_ROWS",
     "CommandRow",
+    "ConsoleSecret",
     "FleetRunRow",
     "GroupExists",
     "GroupRow",
     "Listener",
+    "NodeFeed",
     "NodeRecord",
     "RoutedCommand",
     "RoutedOutput",
@@ -45,9 +47,9 @@ __all__ = [
 
 
 NODES_CHANGED: Final = "aegis_nodes"
-"""The wake-up channel a shared store signals when a transaction revoked nodes: the other
-relays reread the nodes at once (and cut the revoked ones' streams) instead of at their
-next periodic sync."""
+"""The wake-up channel a shared store signals when a transaction revoked nodes (payload
+``revoked``) or changed any row of the change feed (``changed``): the other relays read
+the feed at once (and cut revoked nodes' streams) instead of at their next periodic sync."""
 
 
 ROUTED_OUTPUT_ROWS: Final = 64
@@ -179,6 +181,32 @@ class RoutedOutput:
     stdout: bytes = b""
     stderr: bytes = b""
     dropped_before: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class NodeFeed:
+    """One read of the cluster's change feed (``aegis_edge_core.cluster_feed``): the node
+    and holder rows changed after the number asked for (every row: a full read), from one
+    snapshot. Holder rows include released ones (``relay_id`` empty)."""
+
+    nodes: tuple[NodeRecord, ...]
+    holders: tuple[Holder, ...]
+    seqs: tuple[int, ...]
+    """The change numbers of the rows read (nodes' and holders')."""
+    head: int
+    """The sequence's last number drawn when read (committed or not)."""
+    full: bool
+
+
+@attrs.frozen(kw_only=True)
+class ConsoleSecret:
+    """A console session or one-time login link as stored: found by the SHA-256 of its
+    secret, the operator token sealed under a key derived from that secret."""
+
+    kind: str
+    """``session`` or ``link``."""
+    sealed: bytes = attrs.field(repr=False)
+    expires_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -391,4 +419,24 @@ class Store(Protocol):
 
     def listen(self, channels: Sequence[str]) -> Listener | None:
         """A listener for ``channels``; None where no other relay can signal (SQLite)."""
+        ...
+
+    # the change feed of node and holder rows (``aegis_edge_core.cluster_feed``)
+    def node_feed(self, since: int | None) -> NodeFeed:
+        """Node and holder rows changed after change number ``since`` (None: every row),
+        read from one snapshot."""
+        ...
+
+    # console sessions and one-time login links, shared by every relay of the store
+    def put_console_secret(self, secret_hash: str, secret: ConsoleSecret, now: float) -> None:
+        """Store a session or link (and drop every expired one: no timer needed)."""
+        ...
+
+    def get_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        """The live session or link of that hash and kind (None: unknown or expired)."""
+        ...
+
+    def take_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        """Delete it and return it if it was live: a second take finds nothing (a link is
+        used once, a logout ends a session everywhere)."""
         ...

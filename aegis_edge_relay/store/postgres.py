@@ -31,9 +31,11 @@ from aegis_edge_relay.store.base import (
     NODES_CHANGED,
     ROUTED_OUTPUT_ROWS,
     CommandRow,
+    ConsoleSecret,
     FleetRunRow,
     GroupExists,
     GroupRow,
+    NodeFeed,
     NodeRecord,
     RoutedCommand,
     RoutedOutput,
@@ -46,8 +48,10 @@ from aegis_edge_relay.store.postgres_schema import _MIGRATIONS, MIGRATION_LOCK
 from aegis_edge_relay.store.rows import (
     capabilities_json,
     command_from,
+    console_secret_from,
     dispatch_values,
     end_values,
+    feed_from,
     group_from,
     group_values,
     holder_from,
@@ -969,6 +973,65 @@ class PostgresStore:
             lambda cur: cur.execute("SELECT * FROM stream_holders WHERE relay_id <> ''")
         )
         return [holder_from(r) for r in rows]
+
+    # -- the change feed (``aegis_edge_core.cluster_feed``) and console sessions
+
+    def node_feed(self, since: int | None) -> NodeFeed:
+        """One REPEATABLE READ snapshot for both tables: with migration 8's trigger making
+        feed writers commit in number order, every number up to the highest read is in it."""
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                if since is None:
+                    nodes = cur.execute("SELECT * FROM nodes").fetchall()
+                    holders = cur.execute(
+                        "SELECT * FROM stream_holders WHERE relay_id <> ''"
+                    ).fetchall()
+                else:
+                    # A generic plan for `change_seq > $1` guesses a third of the table and
+                    # scans all of it; the feed's point is to touch only the rows changed.
+                    cur.execute("SET LOCAL enable_seqscan = off")
+                    nodes = cur.execute(
+                        "SELECT * FROM nodes WHERE change_seq > %s", (since,)
+                    ).fetchall()
+                    holders = cur.execute(
+                        "SELECT * FROM stream_holders WHERE change_seq > %s", (since,)
+                    ).fetchall()
+                seq = cur.execute("SELECT last_value, is_called FROM change_feed").fetchone()
+        except psycopg.Error as err:
+            raise self._error(err) from err
+        head = int(seq["last_value"]) if seq is not None and seq["is_called"] else 0
+        return feed_from(nodes, holders, head, full=since is None)
+
+    def put_console_secret(self, secret_hash: str, secret: ConsoleSecret, now: float) -> None:
+        def tx(cur: Cursor) -> None:
+            cur.execute("DELETE FROM console_sessions WHERE expires_at <= %s", (now,))
+            cur.execute(
+                "INSERT INTO console_sessions (secret_hash, kind, sealed, expires_at, created_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (secret_hash, secret.kind, secret.sealed, secret.expires_at, now),
+            )
+
+        self._write(tx)
+
+    def get_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        row = self._one(
+            "SELECT * FROM console_sessions WHERE secret_hash = %s AND kind = %s"
+            " AND expires_at > %s",
+            (secret_hash, kind, now),
+        )
+        return console_secret_from(row) if row is not None else None
+
+    def take_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        row = self._write(
+            lambda cur: cur.execute(
+                "DELETE FROM console_sessions WHERE secret_hash = %s AND kind = %s RETURNING *",
+                (secret_hash, kind),
+            ).fetchone()
+        )
+        if row is None or row["expires_at"] <= now:
+            return None
+        return console_secret_from(row)
 
 
 class PostgresListener:

@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["MIGRATION_LOCK"]
+__all__ = ["FEED_LOCK", "MIGRATION_LOCK"]
 
 MIGRATION_LOCK: Final = 0x6165676973_0016
 """The ``pg_advisory_lock`` key held while migrating: two relays starting together on one
 database take turns, and the second finds nothing left to do."""
+
+FEED_LOCK: Final = 0x6567_6973_6665_6518
+"""The ``pg_advisory_xact_lock`` key migration 8's trigger takes before numbering a change
+(spelled out in its SQL; a test holds them equal)."""
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -177,5 +181,41 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         taken_by         TEXT NOT NULL DEFAULT '',
         answer           BYTEA
     );
+    """,
+    # Issue 18: the change feed and console sessions (see sqlite_schema's 8). One sequence
+    # numbers every feed change; the trigger takes FEED_LOCK before drawing a number, so
+    # feed writers commit in the order of their numbers and a reader that saw number n has
+    # seen every change numbered below it (no change commits late under a smaller number).
+    # It also signals NODES_CHANGED ('changed', once per transaction however many rows):
+    # reading the feed is cheap, so the other relays read it at once, not at their next sync.
+    8: """
+    CREATE SEQUENCE change_feed;
+    ALTER TABLE nodes ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE stream_holders ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX nodes_change_seq ON nodes (change_seq);
+    CREATE INDEX stream_holders_change_seq ON stream_holders (change_seq);
+    CREATE FUNCTION aegis_feed_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(7306924864791995672);
+        NEW.change_seq := nextval('change_feed');
+        PERFORM pg_notify('aegis_nodes', 'changed');
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER nodes_enrolled BEFORE INSERT ON nodes
+        FOR EACH ROW EXECUTE FUNCTION aegis_feed_stamp();
+    CREATE TRIGGER nodes_changed
+        BEFORE UPDATE OF status, public_key, key_thumbprint, capabilities, tags ON nodes
+        FOR EACH ROW EXECUTE FUNCTION aegis_feed_stamp();
+    CREATE TRIGGER holders_changed BEFORE INSERT OR UPDATE ON stream_holders
+        FOR EACH ROW EXECUTE FUNCTION aegis_feed_stamp();
+    CREATE TABLE console_sessions (
+        secret_hash TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL CHECK (kind IN ('session', 'link')),
+        sealed      BYTEA NOT NULL,
+        expires_at  DOUBLE PRECISION NOT NULL,
+        created_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
     """,
 }

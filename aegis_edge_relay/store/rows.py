@@ -5,14 +5,17 @@ so the two stores cannot drift apart in how a column is encoded."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_core.health import DaemonStatus
 from aegis_edge_relay.store.base import (
     CommandRow,
+    ConsoleSecret,
     FleetRunRow,
     GroupRow,
+    NodeFeed,
     NodeRecord,
     RoutedCommand,
     RoutedOutput,
@@ -232,3 +235,23 @@ def capabilities_json(capabilities: Any) -> str:
 
 def tags_json(tags: Any) -> str:
     return json.dumps(sorted(set(tags)))
+
+
+def feed_from(
+    node_rows: Sequence[Row], holder_rows: Sequence[Row], head: int, *, full: bool
+) -> NodeFeed:
+    """A change-feed read from its ``nodes`` and ``stream_holders`` rows (with
+    ``change_seq``)."""
+    return NodeFeed(
+        nodes=tuple(node_from(r) for r in node_rows),
+        holders=tuple(holder_from(r) for r in holder_rows),
+        seqs=tuple(int(r["change_seq"]) for r in (*node_rows, *holder_rows)),
+        head=head,
+        full=full,
+    )
+
+
+def console_secret_from(row: Row) -> ConsoleSecret:
+    return ConsoleSecret(
+        kind=row["kind"], sealed=bytes(row["sealed"]), expires_at=row["expires_at"]
+    )

@@ -19,9 +19,11 @@ from aegis_edge_relay.files import tighten_mode
 from aegis_edge_relay.store.base import (
     ROUTED_OUTPUT_ROWS,
     CommandRow,
+    ConsoleSecret,
     FleetRunRow,
     GroupExists,
     GroupRow,
+    NodeFeed,
     NodeRecord,
     RoutedCommand,
     RoutedOutput,
@@ -32,8 +34,10 @@ from aegis_edge_relay.store.base import (
 from aegis_edge_relay.store.rows import (
     capabilities_json,
     command_from,
+    console_secret_from,
     dispatch_values,
     end_values,
+    feed_from,
     group_from,
     group_values,
     holder_from,
@@ -92,9 +96,8 @@ class SQLiteStore:
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
             with self._tx() as db:
-                for statement in _MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(_MIGRATIONS[version]):
+                    db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
         return current, SCHEMA_VERSION
 
@@ -725,6 +728,65 @@ class SQLiteStore:
     def load_holders(self) -> list[Holder]:
         rows = self._db.execute("SELECT * FROM stream_holders WHERE relay_id <> ''")
         return [holder_from(r) for r in rows]
+
+    # -- the change feed (``aegis_edge_core.cluster_feed``) and console sessions
+
+    def node_feed(self, since: int | None) -> NodeFeed:
+        """One read transaction for both tables (one relay writes this file: the feed is
+        the PostgreSQL one's shape, for the same code above it)."""
+        with self._tx() as db:
+            if since is None:
+                nodes = db.execute("SELECT * FROM nodes").fetchall()
+                holders = db.execute("SELECT * FROM stream_holders WHERE relay_id <> ''").fetchall()
+            else:
+                nodes = db.execute("SELECT * FROM nodes WHERE change_seq > ?", (since,)).fetchall()
+                holders = db.execute(
+                    "SELECT * FROM stream_holders WHERE change_seq > ?", (since,)
+                ).fetchall()
+            head = int(db.execute("SELECT seq FROM change_feed").fetchone()["seq"])
+        return feed_from(nodes, holders, head, full=since is None)
+
+    def put_console_secret(self, secret_hash: str, secret: ConsoleSecret, now: float) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM console_sessions WHERE expires_at <= ?", (now,))
+            db.execute(
+                "INSERT INTO console_sessions (secret_hash, kind, sealed, expires_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (secret_hash, secret.kind, secret.sealed, secret.expires_at, now),
+            )
+
+    def get_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        row = self._db.execute(
+            "SELECT * FROM console_sessions WHERE secret_hash = ? AND kind = ? AND expires_at > ?",
+            (secret_hash, kind, now),
+        ).fetchone()
+        return console_secret_from(row) if row is not None else None
+
+    def take_console_secret(self, secret_hash: str, kind: str, now: float) -> ConsoleSecret | None:
+        with self._tx() as db:
+            row = db.execute(
+                "DELETE FROM console_sessions WHERE secret_hash = ? AND kind = ? RETURNING *",
+                (secret_hash, kind),
+            ).fetchone()
+        if row is None or row["expires_at"] <= now:
+            return None
+        return console_secret_from(row)
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements, one by one (a trigger's body holds semicolons of its own:
+    a piece ends a statement only once SQLite calls the text so far complete)."""
+    out: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending)
+            pending = ""
+    if pending.strip(" \n;"):
+        out.append(pending)
+    return out
 
 
 _SIDECARS: Final = ("", "-wal", "-shm", "-journal")

@@ -9,7 +9,7 @@ from typing import Final
 
 __all__ = ["SCHEMA_VERSION"]
 
-SCHEMA_VERSION: Final = 7
+SCHEMA_VERSION: Final = 8
 
 _MIGRATIONS: Final[Mapping[int, str]] = {
     1: """
@@ -180,5 +180,49 @@ _MIGRATIONS: Final[Mapping[int, str]] = {
         taken_by         TEXT NOT NULL DEFAULT '',
         answer           BLOB
     )
+    """,
+    # Issue 18, the cluster's change feed and shared console sessions. Every change another
+    # relay must learn of (a node enrolled, revoked, re-keyed, re-tagged, re-described; a
+    # stream held, released or its status changed) stamps the row with the next number of
+    # one counter, by trigger, so no writer can forget to; heartbeats and token refreshes do
+    # not (they are the holder's own business). A relay reads only rows stamped after the
+    # last number it saw. Console sessions and one-time login links live here too: the
+    # SHA-256 of the secret as key, the operator token sealed under a key only the secret
+    # gives (the cookie or link holder), never the secret itself.
+    8: """
+    CREATE TABLE change_feed (seq INTEGER NOT NULL);
+    INSERT INTO change_feed (seq) VALUES (0);
+    ALTER TABLE nodes ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE stream_holders ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX nodes_change_seq ON nodes (change_seq);
+    CREATE INDEX stream_holders_change_seq ON stream_holders (change_seq);
+    CREATE TRIGGER nodes_enrolled AFTER INSERT ON nodes BEGIN
+        UPDATE change_feed SET seq = seq + 1;
+        UPDATE nodes SET change_seq = (SELECT seq FROM change_feed) WHERE node_id = NEW.node_id;
+    END;
+    CREATE TRIGGER nodes_changed
+    AFTER UPDATE OF status, public_key, key_thumbprint, capabilities, tags ON nodes BEGIN
+        UPDATE change_feed SET seq = seq + 1;
+        UPDATE nodes SET change_seq = (SELECT seq FROM change_feed) WHERE node_id = NEW.node_id;
+    END;
+    CREATE TRIGGER holders_held AFTER INSERT ON stream_holders BEGIN
+        UPDATE change_feed SET seq = seq + 1;
+        UPDATE stream_holders SET change_seq = (SELECT seq FROM change_feed)
+        WHERE node_id = NEW.node_id;
+    END;
+    CREATE TRIGGER holders_changed
+    AFTER UPDATE OF relay_id, generation, status, since ON stream_holders BEGIN
+        UPDATE change_feed SET seq = seq + 1;
+        UPDATE stream_holders SET change_seq = (SELECT seq FROM change_feed)
+        WHERE node_id = NEW.node_id;
+    END;
+    CREATE TABLE console_sessions (
+        secret_hash TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL CHECK (kind IN ('session', 'link')),
+        sealed      BLOB NOT NULL,
+        expires_at  REAL NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX console_sessions_expiry ON console_sessions (expires_at)
     """,
 }
