@@ -110,8 +110,8 @@ def test_a_number_is_never_read_before_a_smaller_one_commits() -> None:
 
 
 def test_the_trigger_takes_the_lock_and_signals_the_channel_the_code_names() -> None:
-    assert f"pg_advisory_xact_lock({FEED_LOCK})" in _PG_MIGRATIONS[7]
-    assert f"pg_notify('{NODES_CHANGED}', 'changed')" in _PG_MIGRATIONS[7]
+    assert f"pg_advisory_xact_lock({FEED_LOCK})" in _PG_MIGRATIONS[8]
+    assert f"pg_notify('{NODES_CHANGED}', 'changed')" in _PG_MIGRATIONS[8]
 
 
 def test_a_feed_change_wakes_the_other_relays_once_per_transaction() -> None:
