@@ -44,6 +44,7 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from aegis_edge_core.handshake import (
     DEFAULT_HANDSHAKE_DEADLINE,
     DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    FEATURES,
     HandshakeGuard,
     HandshakeLimits,
 )
@@ -150,6 +151,8 @@ class ServeOptions:
     """A file holding the bearer token ``/metrics`` requires (``None``: no auth)."""
     cluster: str = ""
     """``--cluster NAME``: serve in that cluster (PostgreSQL store, shared CA)."""
+    protocol_features: frozenset[str] = FEATURES
+    """The optional stream features this relay uses when a daemon offers them."""
 
 
 @attrs.define(kw_only=True)
@@ -177,6 +180,7 @@ class RelayConfig:
     """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
     cluster: str = ""
     """The cluster this relay joins at start (``membership``); empty for a single relay."""
+    protocol_features: frozenset[str] = FEATURES
 
 
 def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
@@ -241,6 +245,7 @@ class Relay:
                 max_concurrent_commands=config.max_concurrent_commands,
                 max_message_bytes=config.max_message_bytes,
                 drain_grace=config.drain_grace,
+                features=config.protocol_features,
             ),
             fleet=fleet,
             identity=identity,
@@ -382,6 +387,7 @@ async def serve(opts: ServeOptions) -> int:
         handshake_timeout=opts.handshake_timeout,
         max_unattested_per_source=opts.max_unattested_per_source,
         cluster=opts.cluster,
+        protocol_features=opts.protocol_features,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())
