@@ -283,9 +283,13 @@ class StreamHandler:
         try:
             while handle.results_in:
                 batch, handle.results_in = handle.results_in, []
-                await asyncio.gather(
-                    *(self.dispatcher.on_result(node_id, ev.result, known=ev.known) for ev in batch)
-                )
+                stores = [
+                    self.dispatcher.on_result(node_id, e.result, known=e.known) for e in batch
+                ]
+                if len(stores) == 1:
+                    await stores[0]  # a fleet run's one result per daemon: no gather
+                else:
+                    await asyncio.gather(*stores)
                 if handle.closing:
                     return  # stored, not acked: the daemon sends them again, as a late result
                 handle.session.ack_results([ev.result.command_id for ev in batch])
