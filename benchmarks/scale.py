@@ -834,6 +834,8 @@ def ab_table(res: dict[str, Any]) -> str:
     ]
     for name, path, fl in rows:
         off, on = mean("off", *path), mean("on", *path)
+        if off is None and on is None:
+            continue  # a phase that was skipped (--skip-stress)
         out.append(
             f"| {name} | {off} | {on} | {ratio(on, off)} | {fl if fl is not None else '-'} "
             f"| {ratio(on, fl)} |"
