@@ -29,6 +29,7 @@ from aegis_edge_core import hoststate as hs
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
 from aegis_edge_core.errors import AegisError, LocalProtocolError, ProtocolError
+from aegis_edge_core.handshake import FEATURES
 from aegis_edge_core.identity import NodeKey, dial_order, peek_node_token, sign_attestation
 from aegis_edge_core.identity.rotation import RotationProof
 from aegis_edge_core.refusals import Refusal
@@ -300,7 +301,11 @@ class RelayLink:
         session = conn.session
         conn.capabilities = self._capabilities()
         session.hello(
-            node_id=node.node_id, node_token=token, capabilities=conn.capabilities, now=time.time()
+            node_id=node.node_id,
+            node_token=token,
+            capabilities=conn.capabilities,
+            now=time.time(),
+            features=FEATURES,
         )
         await conn.flush()
         while conn.accepted is None:
@@ -353,6 +358,8 @@ class RelayLink:
             relay=relay,
             heartbeat_interval_secs=accepted.heartbeat_interval_secs,
             pending_results=len(self._results),
+            features=list(accepted.features),
+            heartbeat_ack_every=accepted.heartbeat_ack_every,
         )
         # Results that finished while no stream was up.
         for result in self._results.pending():
@@ -462,6 +469,7 @@ class RelayLink:
             accepted.heartbeat_interval_secs,
             accepted.stale_threshold_secs,
             stall_after=self._stall_heartbeats,
+            ack_every=accepted.heartbeat_ack_every,
         )
         while not conn.closed:
             await asyncio.sleep(plan.interval_secs)

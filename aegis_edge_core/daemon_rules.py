@@ -119,15 +119,21 @@ class HeartbeatPlan:
 
 
 def heartbeat_plan(
-    interval_secs: float, stale_threshold_secs: float, *, stall_after: int | None = None
+    interval_secs: float,
+    stale_threshold_secs: float,
+    *,
+    stall_after: int | None = None,
+    ack_every: int = 0,
 ) -> HeartbeatPlan:
     """The daemon's heartbeat schedule from what the relay's ``SessionAccepted`` said (0
     where it said nothing). The relay is stalled once the daemon has waited as long as the
-    relay itself waits before calling the daemon stale; ``stall_after`` overrides the count."""
+    relay itself waits before calling the daemon stale; ``stall_after`` overrides the count.
+    A relay that acks one heartbeat in ``ack_every`` (``heartbeat-ack-coalesce``) is never
+    called stalled while its next ack is merely due: the count is at least one more."""
     interval = interval_secs or DEFAULT_HEARTBEAT_INTERVAL_SECS
     stale = stale_threshold_secs or 3 * interval
     limit = stall_after or max(MIN_STALL_HEARTBEATS, math.ceil(stale / interval))
-    return HeartbeatPlan(interval_secs=interval, stall_after=limit)
+    return HeartbeatPlan(interval_secs=interval, stall_after=max(limit, ack_every + 1))
 
 
 def token_refresh_due(*, issued_at: float, expires_at: float, now: float) -> bool:

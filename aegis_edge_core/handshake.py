@@ -45,6 +45,18 @@ and ``next_deadline`` look only at the oldest, and every operation is O(1) (amor
 ``expire``: each stream is expired at most once). No timers: the shell sleeps until
 :meth:`HandshakeGuard.next_deadline` and calls :meth:`HandshakeGuard.expire`.
 
+Optional protocol features
+--------------------------
+A daemon names the optional features it speaks in ``Hello.features``; the relay answers
+with the subset it uses on this stream in ``Accepted.features`` (:func:`negotiate`). An
+older peer sends or answers none and gets the behaviour without them, so
+``PROTOCOL_VERSION`` does not change:
+
+* ``heartbeat-ack-coalesce`` (:data:`HEARTBEAT_ACK_COALESCE`): the relay acks one heartbeat
+  in :func:`heartbeat_ack_every` -- as rarely as the daemon's stall detection allows;
+* ``result-ack-batch`` (:data:`RESULT_ACK_BATCH`): one ``ResultAck`` names every result
+  the relay stored together.
+
 Like the rest of the core this module does no I/O and reads no clock.
 """
 
@@ -52,20 +64,27 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Final
 
 import attrs
 
+from aegis_edge_core.daemon_rules import heartbeat_plan
 from aegis_edge_core.errors import ConfigError, LocalProtocolError
 
 __all__ = [
     "DEFAULT_HANDSHAKE_DEADLINE",
     "DEFAULT_MAX_UNATTESTED_PER_SOURCE",
+    "FEATURES",
     "HANDSHAKE_TIMEOUT",
+    "HEARTBEAT_ACK_COALESCE",
+    "RESULT_ACK_BATCH",
     "TOO_MANY_UNATTESTED",
     "HandshakeGuard",
     "HandshakeLimits",
     "HandshakeRefusal",
+    "heartbeat_ack_every",
+    "negotiate",
 ]
 
 DEFAULT_HANDSHAKE_DEADLINE: Final = 10.0
@@ -79,6 +98,27 @@ one address can then hold at most this many streams for at most the deadline."""
 
 HANDSHAKE_TIMEOUT: Final = "handshake_timeout"
 TOO_MANY_UNATTESTED: Final = "too_many_unattested"
+
+HEARTBEAT_ACK_COALESCE: Final = "heartbeat-ack-coalesce"
+RESULT_ACK_BATCH: Final = "result-ack-batch"
+FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH})
+"""Every optional feature this code speaks, on either end."""
+
+
+def negotiate(offered: Iterable[str], supported: Iterable[str] = FEATURES) -> tuple[str, ...]:
+    """The features both ends speak (sorted): what the relay names in ``Accepted``, and all
+    the daemon honours of what it names. Unknown names are ignored, never an error: they
+    are a newer peer's."""
+    return tuple(sorted(set(offered) & set(supported)))
+
+
+def heartbeat_ack_every(interval_secs: float, stale_threshold_secs: float) -> int:
+    """How many heartbeats one ack may cover: one fewer than the daemon's stall count (the
+    beats it lets go unanswered, :func:`~aegis_edge_core.daemon_rules.heartbeat_plan`), so a
+    live relay's ack may still come a whole interval late, and a stalled relay is noticed
+    as soon as before, the same number of beats after its last ack."""
+    stall_after = heartbeat_plan(interval_secs, stale_threshold_secs).stall_after
+    return max(1, stall_after - 1)
 
 
 def _finite(now: float) -> float:

@@ -36,8 +36,15 @@ reason at any point before ``ACCEPTED``.
 
 Once accepted, heartbeats are acknowledged by the relay session itself (the ack is part of
 the protocol, not a decision), while results are acknowledged by the shell with
-:meth:`RelaySession.ack_result` only after it has stored them: the daemon forgets a result
+:meth:`RelaySession.ack_results` only after it has stored them: the daemon forgets a result
 only once it is acked, so a result is never lost to a stream that drops in between.
+
+Optional features (:mod:`aegis_edge_core.handshake`) are offered in the daemon's hello and
+named back in ``accept``; the relay may only use what was offered. With
+``heartbeat-ack-coalesce`` the relay session acks one heartbeat in ``heartbeat_ack_every``
+(an ack of seq N covers every earlier one); with ``result-ack-batch`` one ``ResultAck``
+names several results. Either way the daemon session reports one :class:`ResultAcked` per
+result, so nothing past the session changes with them.
 
 A capability snapshot (in the hello or a CapabilityUpdate) over the bounds of
 :mod:`aegis_edge_core.capability_limits` is a protocol error too (``RESOURCE_EXHAUSTED``,
@@ -53,7 +60,7 @@ for a command already answered on this stream is a protocol error.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Generic, TypeVar
 
 import attrs
@@ -67,6 +74,7 @@ from aegis_edge_core.capability_limits import (
     check_capabilities,
 )
 from aegis_edge_core.errors import LocalProtocolError, RemoteProtocolError
+from aegis_edge_core.handshake import HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH, negotiate
 from aegis_edge_core.identity.attestation import VerifiedAttestation
 from aegis_edge_core.refusals import reason_name, reason_value
 from aegis_edge_core.wire import common_pb2, stream_pb2
@@ -142,6 +150,8 @@ class HelloReceived(Event):
     host_time: float
     control: bool
     """A CONTROL session (``aegis edge keys rotate``) never takes commands."""
+    features: tuple[str, ...] = ()
+    """The optional features the daemon offered that this code knows (sorted)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -216,6 +226,10 @@ class SessionAccepted(Event):
     relay_time: float
     relay_endpoints: tuple[str, ...] = ()
     """The cluster's relay endpoints; empty from a single relay (keep what you have)."""
+    features: tuple[str, ...] = ()
+    """The optional features the relay uses on this stream (of those the daemon offered)."""
+    heartbeat_ack_every: int = 1
+    """The relay acks one heartbeat in this many (1 without ``heartbeat-ack-coalesce``)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -394,7 +408,7 @@ _RELAY_SEND: Final[Mapping[str, tuple[frozenset[RelayState], RelayState | None]]
     ),
     "send_command": (frozenset({RelayState.ACCEPTED}), None),
     "cancel": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
-    "ack_result": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
+    "ack_results": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
     "refresh_token": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
     "key_rotated": (frozenset({RelayState.ACCEPTED, RelayState.DRAINING}), None),
     "drain": (frozenset({RelayState.ACCEPTED}), RelayState.DRAINING),
@@ -426,6 +440,11 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         self.nonce: bytes | None = None
         self._in_flight: set[str] = set()
         self._answered: set[str] = set()
+        self.offered_features: tuple[str, ...] = ()
+        self.features: frozenset[str] = frozenset()
+        """What this stream uses, as named in ``accept``."""
+        self._ack_every = 1
+        self._acked_seq = 0
 
     def _check_capabilities(self, caps: common_pb2.Capabilities) -> None:
         try:
@@ -454,6 +473,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             self._check_capabilities(hello.capabilities)
             self.node_id = hello.node_id
             self.control = hello.kind == stream_pb2.SESSION_KIND_CONTROL
+            self.offered_features = negotiate(hello.features)
             return [
                 HelloReceived(
                     node_id=hello.node_id,
@@ -461,6 +481,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
                     capabilities=hello.capabilities,
                     host_time=hello.host_time,
                     control=self.control,
+                    features=self.offered_features,
                 )
             ]
         if kind == "attestation":
@@ -470,10 +491,15 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             return [AttestationReceived(signature=msg.attestation.signature, nonce=self.nonce)]
         if kind == "heartbeat":
             hb = msg.heartbeat
-            ack = stream_pb2.RelayMessage()
-            ack.heartbeat_ack.seq = hb.seq
-            ack.heartbeat_ack.relay_time = now
-            self._outbox.append(ack)
+            # Coalesced: an ack covers every heartbeat up to its seq; the daemon counts
+            # beats since the last ack, so acking one in `_ack_every` keeps it below its
+            # stall count (see handshake.heartbeat_ack_every).
+            if hb.seq - self._acked_seq >= self._ack_every:
+                ack = stream_pb2.RelayMessage()
+                ack.heartbeat_ack.seq = hb.seq
+                ack.heartbeat_ack.relay_time = now
+                self._outbox.append(ack)
+                self._acked_seq = hb.seq
             return [
                 HeartbeatReceived(
                     seq=hb.seq, host_time=hb.host_time, inflight=hb.inflight, token_jti=hb.token_jti
@@ -564,14 +590,30 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         token_expires_at: float = 0.0,
         max_concurrent_commands: int = 0,
         relay_endpoints: Sequence[str] = (),
+        features: Iterable[str] = (),
+        heartbeat_ack_every: int = 1,
     ) -> None:
-        """Accept the daemon after ``verify_attestation`` approved *this* session's proof."""
+        """Accept the daemon after ``verify_attestation`` approved *this* session's proof.
+
+        ``features``: the offered features to use on this stream; ``heartbeat_ack_every``
+        counts only with ``heartbeat-ack-coalesce`` among them."""
         self._transition("accept")
         if verified.nonce != self.nonce or verified.node_id != self.node_id:
             raise LocalProtocolError(
                 "the verified attestation belongs to another session",
                 hint="verify the AttestationReceived event of this session",
             )
+        unoffered = set(features) - set(self.offered_features)
+        if unoffered:
+            raise LocalProtocolError(
+                f"cannot use features the daemon did not offer: {sorted(unoffered)}",
+                hint="name a subset of HelloReceived.features",
+            )
+        if heartbeat_ack_every < 1:
+            raise LocalProtocolError("heartbeat_ack_every must be at least 1")
+        self.features = frozenset(features)
+        coalesce = HEARTBEAT_ACK_COALESCE in self.features
+        self._ack_every = heartbeat_ack_every if coalesce else 1
         self.tenant_id = verified.tenant_id
         msg = stream_pb2.RelayMessage()
         acc = msg.accepted
@@ -584,6 +626,9 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         acc.max_concurrent_commands = max_concurrent_commands
         acc.relay_time = now
         acc.relay_endpoints.extend(relay_endpoints)
+        acc.features.extend(sorted(self.features))
+        if coalesce:
+            acc.heartbeat_ack_every = self._ack_every
         self._emit("accept", msg)
 
     def refuse(
@@ -631,11 +676,23 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         msg.cancel.reason = reason
         self._emit("cancel", msg)
 
+    def ack_results(self, command_ids: Sequence[str]) -> None:
+        """Tell the daemon it may forget these results: call only after storing them all.
+        One message with ``result-ack-batch``, else one per result."""
+        self._transition("ack_results")
+        if RESULT_ACK_BATCH in self.features and len(command_ids) > 1:
+            msg = stream_pb2.RelayMessage()
+            msg.result_ack.command_ids.extend(command_ids)
+            self._outbox.append(msg)
+            return
+        for command_id in command_ids:
+            msg = stream_pb2.RelayMessage()
+            msg.result_ack.command_id = command_id
+            self._outbox.append(msg)
+
     def ack_result(self, command_id: str) -> None:
         """Tell the daemon it may forget a result: call only after storing it."""
-        msg = stream_pb2.RelayMessage()
-        msg.result_ack.command_id = command_id
-        self._emit("ack_result", msg)
+        self.ack_results((command_id,))
 
     def refresh_token(self, node_token: str, expires_at: float) -> None:
         msg = stream_pb2.RelayMessage()
@@ -748,6 +805,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         self._answered: set[str] = set()
         self._heartbeat_seq = 0
         self._last_acked_seq = 0
+        self.offered_features: tuple[str, ...] = ()
 
     def _handle(self, kind: str, msg: stream_pb2.RelayMessage, now: float) -> list[Event]:
         if kind == "challenge":
@@ -765,6 +823,9 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             acc = msg.accepted
             if acc.node_id != self.node_id:
                 raise self._violation("relay accepted a different node id")
+            # Only what was offered: a feature named but never offered is ignored, as an
+            # older daemon would.
+            features = negotiate(acc.features, self.offered_features)
             return [
                 SessionAccepted(
                     node_id=acc.node_id,
@@ -776,6 +837,10 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
                     max_concurrent_commands=acc.max_concurrent_commands,
                     relay_time=acc.relay_time,
                     relay_endpoints=tuple(acc.relay_endpoints),
+                    features=features,
+                    heartbeat_ack_every=(
+                        max(1, acc.heartbeat_ack_every) if HEARTBEAT_ACK_COALESCE in features else 1
+                    ),
                 )
             ]
         if kind == "refused":
@@ -809,7 +874,11 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             known = c.command_id in self._commands and c.command_id not in self._answered
             return [CancelRequested(command_id=c.command_id, reason=c.reason, known=known)]
         if kind == "result_ack":
-            return [ResultAcked(command_id=msg.result_ack.command_id)]
+            ra = msg.result_ack
+            # as an older relay sends it (command_id), or batched (command_ids)
+            ids = [ra.command_id] if ra.command_id or not ra.command_ids else []
+            ids += ra.command_ids
+            return [ResultAcked(command_id=cid) for cid in ids]
         if kind == "token_refresh":
             tr = msg.token_refresh
             if not tr.node_token:
@@ -858,7 +927,9 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         capabilities: common_pb2.Capabilities,
         now: float,
         control: bool = False,
+        features: Iterable[str] = (),
     ) -> None:
+        """``features``: the optional features to offer (``handshake.FEATURES``)."""
         if not node_id or not node_token:
             raise LocalProtocolError("hello needs the node id and token from enrollment")
         _local_capabilities_check(capabilities)
@@ -870,9 +941,11 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         h.capabilities.CopyFrom(capabilities)
         h.host_time = now
         h.kind = stream_pb2.SESSION_KIND_CONTROL if control else stream_pb2.SESSION_KIND_DAEMON
+        h.features.extend(sorted(set(features)))
         self._emit("hello", msg)
         self.node_id = node_id
         self.control = control
+        self.offered_features = tuple(h.features)
 
     def attest(self, signature: bytes) -> None:
         """Answer the challenge with ``sign_attestation(key, ..., nonce=self.nonce)``."""

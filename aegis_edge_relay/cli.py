@@ -14,7 +14,11 @@ from aegis_edge_cli import CliError, CommandTree
 from aegis_edge_core.authz import AuthzError, parse_role
 from aegis_edge_core.drain import DEFAULT_ATTEST_RATE
 from aegis_edge_core.errors import AegisError, ConfigError
-from aegis_edge_core.handshake import DEFAULT_HANDSHAKE_DEADLINE, DEFAULT_MAX_UNATTESTED_PER_SOURCE
+from aegis_edge_core.handshake import (
+    DEFAULT_HANDSHAKE_DEADLINE,
+    DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    FEATURES,
+)
 from aegis_edge_core.identity.tokens import check_tenant_id
 from aegis_edge_core.ratelimit import (
     DEFAULT_ATTEST_PER_NODE,
@@ -79,6 +83,16 @@ def _hostport(text: str) -> str:
     return text
 
 
+def _features(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
+    unknown = names - FEATURES
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown feature(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(FEATURES))}"
+        )
+    return names
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aegis_edge_relay.server import ServeOptions, StartupError, serve
 
@@ -122,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout,
         max_unattested_per_source=args.max_unattested_per_source,
         metrics_token_file=Path(args.metrics_token_file) if args.metrics_token_file else None,
+        protocol_features=args.protocol_features,
     )
     try:
         return asyncio.run(serve(opts))
@@ -366,6 +381,14 @@ def register(tree: CommandTree) -> None:
         metavar="N",
         help="streams one address may have mid-handshake at once, or off "
         f"(default {DEFAULT_MAX_UNATTESTED_PER_SOURCE})",
+    )
+    p.add_argument(
+        "--protocol-features",
+        type=_features,
+        default=FEATURES,
+        metavar="LIST",
+        help="optional stream features to use with daemons that offer them, comma-separated, "
+        f"or none (default: all, {','.join(sorted(FEATURES))})",
     )
     # For tests that must order a daemon's kill at the deadline before the relay's tick.
     p.add_argument("--fleet-tick-interval", type=_duration, default=0.1, help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ every couple of seconds), so 10k daemons do not cost 10k writes per interval.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.health import DaemonStatus, HealthTracker, Transition
@@ -56,6 +56,9 @@ class FleetView:
         self.draining = False
         """Set once the relay shuts down: per-stream lines drop to debug from then on."""
         self._pending_heartbeats: dict[str, float] = {}
+        self._beat_counters: dict[str, Any] = {}
+        """The heartbeat counter's child per tenant: ``labels()`` takes a lock and builds a
+        key on every call, and it ran once per heartbeat."""
         self._attested_count = 0
         """Open attested streams (control ones too): stream-seconds accrue at this rate."""
         self._seconds_accounted_at = 0.0
@@ -181,7 +184,12 @@ class FleetView:
     def heartbeat(self, node_id: str, tenant_id: str, now: float) -> None:
         self.apply_transitions(self.health.heartbeat(node_id, now))
         self._pending_heartbeats[node_id] = now
-        self.metrics.heartbeats.labels(tenant=tenant_id).inc()
+        counter = self._beat_counters.get(tenant_id)
+        if counter is None:
+            counter = self._beat_counters[tenant_id] = self.metrics.heartbeats.labels(
+                tenant=tenant_id
+            )
+        counter.inc()
 
     async def flush_heartbeats(self) -> None:
         """Write the heartbeats noted since the last flush, in one store call."""

@@ -77,6 +77,16 @@ class Watcher:
             self.wake.clear()
             await self.wake.wait()
 
+    def ready(self) -> list[Event | None]:
+        """Every event already queued, without waiting (``None`` last if the run ended)."""
+        out: list[Event | None] = []
+        while (delivery := self.buffer.pop()) is not None:
+            event = self.run.event_of(delivery)
+            out.append(event)
+            if event is None:
+                break
+        return out
+
     def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.run.watchers.remove(self)
@@ -198,6 +208,18 @@ class ActiveRun:
         event.CopyFrom(delivery.item)  # shared by every watcher; the count is this one's
         event.output.dropped_bytes = delivery.dropped_before
         return event
+
+    def progress(self) -> admin_pb2.FleetRunProgress:
+        """Where the run stands, for a watcher that asked for no per-target events."""
+        out = admin_pb2.FleetRunProgress(
+            fleet_command_id=self.fleet_command_id,
+            targets=len(self.run.resolution.targets),
+            dispatched=len(self.dispatched_at),
+            finished=len(self.ends),
+        )
+        for end in self.ends.values():
+            out.counts[end.outcome.value] += 1
+        return out
 
     def to_proto(self) -> admin_pb2.FleetRun:
         out = run_to_proto(

@@ -45,6 +45,7 @@ from aegis_edge_core.drain import DEFAULT_ATTEST_RATE
 from aegis_edge_core.handshake import (
     DEFAULT_HANDSHAKE_DEADLINE,
     DEFAULT_MAX_UNATTESTED_PER_SOURCE,
+    FEATURES,
     HandshakeGuard,
     HandshakeLimits,
 )
@@ -162,6 +163,8 @@ class ServeOptions:
     """A file holding the bearer token ``/metrics`` requires (``None``: no auth)."""
     cluster: str = ""
     """``--cluster NAME``: serve in that cluster (PostgreSQL store, shared CA)."""
+    protocol_features: frozenset[str] = FEATURES
+    """The optional stream features this relay uses when a daemon offers them."""
 
 
 @attrs.define(kw_only=True)
@@ -190,6 +193,7 @@ class RelayConfig:
     """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
     cluster: str = ""
     """The cluster this relay joins at start (``membership``); empty for a single relay."""
+    protocol_features: frozenset[str] = FEATURES
 
 
 def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
@@ -257,6 +261,7 @@ class Relay:
                 max_message_bytes=config.max_message_bytes,
                 drain_grace=config.drain_grace,
                 drain_rate=config.drain_rate,
+                features=config.protocol_features,
             ),
             fleet=fleet,
             identity=identity,
@@ -443,6 +448,7 @@ async def serve(opts: ServeOptions) -> int:
         handshake_timeout=opts.handshake_timeout,
         max_unattested_per_source=opts.max_unattested_per_source,
         cluster=opts.cluster,
+        protocol_features=opts.protocol_features,
     )
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())

@@ -22,7 +22,13 @@ import grpc
 
 from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, drain_plan
 from aegis_edge_core.errors import RemoteProtocolError
-from aegis_edge_core.handshake import HandshakeGuard, HandshakeRefusal
+from aegis_edge_core.handshake import (
+    FEATURES,
+    RESULT_ACK_BATCH,
+    HandshakeGuard,
+    HandshakeRefusal,
+    heartbeat_ack_every,
+)
 from aegis_edge_core.identity import AttestationError, RotationError, verify_attestation
 from aegis_edge_core.identity.rotation import RotationProof, needs_refresh
 from aegis_edge_core.ratelimit import AttemptLimits, Decision, source_of
@@ -76,6 +82,8 @@ class StreamSettings:
     drain_rate: float = DEFAULT_ATTEST_RATE
     """Attestations per second the relay that takes the fleet back manages (the drain plan's
     rate, :mod:`aegis_edge_core.drain`)."""
+    features: frozenset[str] = FEATURES
+    """The optional features used with a daemon that offers them."""
 
 
 class StreamHandler:
@@ -177,10 +185,17 @@ class StreamHandler:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            jsonlog.log(
-                "error", "stream.failed", node_id=handle.node_id, error=repr(err), peer=handle.peer
-            )
-            handle.close(grpc.StatusCode.INTERNAL, "relay error")
+            self._failed(handle, err)
+
+    def _failed(self, handle: StreamHandle, err: Exception) -> None:
+        if isinstance(err, StoreUnavailable):
+            jsonlog.log("error", "stream.store_unavailable", node_id=handle.node_id, error=str(err))
+            handle.close(grpc.StatusCode.UNAVAILABLE, "relay store unavailable; retry later")
+            return
+        jsonlog.log(
+            "error", "stream.failed", node_id=handle.node_id, error=repr(err), peer=handle.peer
+        )
+        handle.close(grpc.StatusCode.INTERNAL, "relay error")
 
     def _stream_gone(self, handle: StreamHandle) -> None:
         fleet = self.fleet
@@ -244,6 +259,13 @@ class StreamHandler:
             await self._attest(handle, event, now)
         elif isinstance(event, ResultReceived):
             assert handle.node_id is not None
+            if RESULT_ACK_BATCH in handle.session.features:
+                handle.results_in.append(event)
+                if handle.result_store is None:
+                    handle.result_store = asyncio.get_running_loop().create_task(
+                        self._store_results(handle, handle.node_id)
+                    )
+                return
             await self.dispatcher.on_result(handle.node_id, event.result, known=event.known)
             handle.session.ack_result(event.result.command_id)
         elif isinstance(event, OutputReceived):
@@ -262,6 +284,29 @@ class StreamHandler:
             handle.session.refresh_token(issued.token, issued.claims.expires_at)
         elif isinstance(event, RotateKeyRequested):
             await self._rotate(handle, event, now)
+
+    async def _store_results(self, handle: StreamHandle, node_id: str) -> None:
+        """Store what came in, all at once (one group commit), then ack it in one message;
+        repeat while more arrived meanwhile. Reading goes on beside it: a daemon sending
+        a spool of results after a reconnect waits for one commit, not one per result."""
+        try:
+            while handle.results_in:
+                batch, handle.results_in = handle.results_in, []
+                stores = [
+                    self.dispatcher.on_result(node_id, e.result, known=e.known) for e in batch
+                ]
+                if len(stores) == 1:
+                    await stores[0]  # a fleet run's one result per daemon: no gather
+                else:
+                    await asyncio.gather(*stores)
+                if handle.closing:
+                    return  # stored, not acked: the daemon sends them again, as a late result
+                handle.session.ack_results([ev.result.command_id for ev in batch])
+                handle.flush()
+        except Exception as err:
+            self._failed(handle, err)
+        finally:
+            handle.result_store = None
 
     def _count_handshake_refusal(
         self, refusal: HandshakeRefusal, peer: str, node_id: str | None
@@ -381,6 +426,10 @@ class StreamHandler:
             token_expires_at=expires,
             max_concurrent_commands=settings.max_concurrent_commands,
             relay_endpoints=await identity.endpoints_for_daemon(),
+            features=[f for f in handle.session.offered_features if f in settings.features],
+            heartbeat_ack_every=heartbeat_ack_every(
+                settings.heartbeat_interval, settings.stale_threshold
+            ),
         )
         handle.attested = True
         handle.tenant_id = node.tenant_id

@@ -443,9 +443,17 @@ def hold_floor(
     return sample(pid, window)
 
 
-def fleet_run(relay: Relay, mode: str, timeout: float) -> dict[str, Any]:
+def fleet_run(
+    relay: Relay, mode: str, timeout: float, *, summary_only: bool = False
+) -> dict[str, Any]:
+    """``summary_only``: ask for progress counts instead of per-target events, as the
+    operator CLI does off a terminal (an older client's stream otherwise)."""
     spec = admin_pb2.FleetRunSpec(
-        selector="all", tool="edge.ping", mode=mode, args_json='{"echo": "bench"}'
+        selector="all",
+        tool="edge.ping",
+        mode=mode,
+        args_json='{"echo": "bench"}',
+        summary_only=summary_only,
     )
     with relay.channel() as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
@@ -455,7 +463,9 @@ def fleet_run(relay: Relay, mode: str, timeout: float) -> dict[str, Any]:
         first_result = None
         for event in admin.StartFleetRun(spec, metadata=relay.auth(), timeout=timeout):
             kind = event.WhichOneof("body")
-            if kind == "target_finished" and first_result is None:
+            if first_result is None and (
+                kind == "target_finished" or (kind == "progress" and event.progress.finished)
+            ):
                 first_result = time.monotonic() - t0
             if kind == "finished":
                 finished = event.finished
@@ -786,6 +796,149 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     return res
 
 
+FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "off": ("--protocol-features", "none"),
+    "on": (),
+}
+"""``--ab``: the relay without the optional stream features (what an older daemon gets,
+and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ack-batch,
+summary-only fleet events); the load generators offer them either way."""
+
+
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (if installed) on ``pid`` for ``seconds``: collapsed stacks to ``out``."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+         "-o", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def run_ab(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
+    """``--ab``: the same N daemons on the relay with the stream features off, then on, then
+    off and on again (``--rounds``), beside the bare-gRPC floor, in one run: steady CPU and
+    RSS at a 30 s heartbeat, fleet edge.ping mode all, and the 1 s heartbeat at
+    min(N, 5000). Ratios are what to read: the machine is shared."""
+    n = args.daemons
+    stress_n = min(n, 5000)
+    window = args.window or 30.0
+    connect = max(120.0, n / 25)  # the machine is shared: connecting may crawl
+    res: dict[str, Any] = {
+        "daemons": n,
+        "machine": machine(),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "runs": [],
+    }
+    data_dir = root / "relay"
+    relay = Relay(procs, data_dir)
+    relay.start(30.0)
+    nworkers = args.workers or max(1, math.ceil(n / PER_WORKER))
+    workers = Workers(procs, nworkers, relay.address, Path(relay.info["ca_cert"]), root)
+    log(f"enrolling {n} daemons ({nworkers} load generators)")
+    enroll(relay, workers, n)
+    relay.stop()
+    prof_dir = Path(args.profile) if args.profile else None
+    for rnd in range(args.rounds):
+        for variant, extra in FEATURE_VARIANTS.items():
+            run: dict[str, Any] = {"variant": variant, "round": rnd}
+            relay.extra = extra
+            relay.start(30.0)
+            workers.all({"cmd": "address", "address": relay.address})
+            log(f"[{variant}] 30 s heartbeat: holding {n}")
+            spy = None
+            if prof_dir is not None and rnd == 0:
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                workers.target(n)
+                wait_for(lambda: relay.connected() >= n, connect, "connected", 0.5)
+                spy = profile(relay.pid, window, prof_dir / f"{variant}-hb30.txt")
+            run["hb30"] = hold(relay, workers, n, window, connect)
+            if spy is not None:
+                spy.wait()
+            log(f"  {run['hb30']}")
+            if prof_dir is not None and rnd == 0:
+                spy = profile(relay.pid, 15, prof_dir / f"{variant}-fleet.txt")
+            run["fleet"] = fleet_run(
+                relay, "all", timeout=max(120.0, n / 50), summary_only=variant == "on"
+            )
+            if spy is not None:
+                spy.wait()
+            log(f"  fleet: {run['fleet']}")
+            workers.target(0)
+            wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
+            relay.stop()
+            if not args.skip_stress:
+                relay.start(1.0)
+                log(f"[{variant}] 1 s heartbeat: holding {stress_n}")
+                run["hb1"] = hold(relay, workers, stress_n, 10.0, 90.0)
+                run["hb1"].setdefault("connected", stress_n)  # set by hold when saturated
+                log(f"  {run['hb1']}")
+                workers.target(0)
+                wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
+                relay.stop()
+            res["runs"].append(run)
+    res["floor"] = {}
+    for hb_key, hb, count, win in (("hb30", 30.0, n, window), ("hb1", 1.0, stress_n, 10.0)):
+        if hb_key == "hb1" and args.skip_stress:
+            continue
+        floor, address = start_floor(procs, data_dir, root, hb_key)
+        log(f"floor, {hb:g} s heartbeat: holding {count} streams")
+        res["floor"][hb_key] = hold_floor(floor.pid, workers, address, count, hb, win, connect)
+        log(f"  {res['floor'][hb_key]}")
+        workers.floor(address, 0, hb)
+        procs.stop(floor)
+    workers.all({"cmd": "quit"})
+    return res
+
+
+def ab_table(res: dict[str, Any]) -> str:
+    """Features off and on beside the floor; the mean over rounds."""
+    floor = res["floor"]
+
+    def mean(variant: str, *path: str) -> float | None:
+        vals = []
+        for run in res["runs"]:
+            if run["variant"] != variant:
+                continue
+            v: Any = run
+            for key in path:
+                v = v.get(key, {}) if isinstance(v, dict) else {}
+            if isinstance(v, int | float):
+                vals.append(float(v))
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    n, s = label(res["daemons"]), label(min(res["daemons"], 5000))
+    f30, f1 = floor.get("hb30", {}), floor.get("hb1", {})
+    rows = [
+        (f"steady relay CPU, {n}, 30 s heartbeat (cores)", ("hb30", "cpu_cores"),
+         f30.get("cpu_cores")),
+        (f"relay RSS, {n}, 30 s heartbeat (MB)", ("hb30", "rss_mb"), f30.get("rss_mb")),
+        (f"fleet edge.ping over {n}, mode all (s)", ("fleet", "wall_s"), None),
+        ("  relay CPU during the run (s)", ("fleet", "relay_cpu_s"), None),
+        ("  p99 latency (ms)", ("fleet", "latency_ms_p99"), None),
+        (f"relay CPU, {s}, 1 s heartbeat (cores)", ("hb1", "cpu_cores"), f1.get("cpu_cores")),
+        (f"  daemons held of {s}", ("hb1", "connected"), None),
+    ]  # fmt: skip
+    out = [
+        "| figure | features off | features on | on/off | floor | on/floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, path, fl in rows:
+        off, on = mean("off", *path), mean("on", *path)
+        if off is None and on is None:
+            continue  # a phase that was skipped (--skip-stress)
+        out.append(
+            f"| {name} | {off} | {on} | {ratio(on, off)} | {fl if fl is not None else '-'} "
+            f"| {ratio(on, fl)} |"
+        )
+    return "\n".join(out)
+
+
 def server_pids(url: str) -> list[int]:
     """The PostgreSQL server behind ``url``: its postmaster (the parent of our backend) and
     every process it started. Only meaningful for a server on this machine."""
@@ -915,6 +1068,32 @@ def stores_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def start_floor(
+    procs: Procs, data_dir: Path, root: Path, name: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare grpc.aio floor with the relay's certificate and server options: the process
+    and the address it listens on."""
+    out = root / f"floor-{name}.json"
+    floor = procs.spawn(
+        [
+            sys.executable,
+            str(HERE / "scale_floor.py"),
+            "--cert",
+            str(data_dir / "server.pem"),
+            "--key",
+            str(data_dir / "server.key"),
+            "--out",
+            str(out),
+            "--options",
+            json.dumps(_grpc_options()),
+        ],
+        stdout=open(root / "floor.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(out.exists, 30, "floor server")
+    return floor, f"127.0.0.1:{json.loads(out.read_text())['port']}"
+
+
 def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
     n = args.daemons
     steps = sorted({s for s in (args.steps or [1000, 5000, n]) if s <= n} | {n})
@@ -991,26 +1170,7 @@ def run(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]:
     for hb_key, hb, win in (("hb30", 30.0, win30), ("hb1", 1.0, win1)):
         if hb_key == "hb1" and args.skip_stress:
             continue
-        out = root / f"floor-{hb_key}.json"
-        floor = procs.spawn(
-            [
-                sys.executable,
-                str(HERE / "scale_floor.py"),
-                "--cert",
-                str(data_dir / "server.pem"),
-                "--key",
-                str(data_dir / "server.key"),
-                "--out",
-                str(out),
-                "--options",
-                json.dumps(_grpc_options()),
-            ],
-            stdout=open(root / "floor.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(out.exists, 30, "floor server")
-        info = json.loads(out.read_text())
-        address = f"127.0.0.1:{info['port']}"
+        floor, address = start_floor(procs, data_dir, root, hb_key)
         res["floor"][hb_key] = {}
         for step in steps:
             log(f"floor, {hb:g} s heartbeat: holding {step} streams")
@@ -1082,6 +1242,14 @@ def main() -> int:
         "JSON to benchmarks/results/only.json, no table, no docs",
     )
     ap.add_argument(
+        "--ab",
+        action="store_true",
+        help="stream features off against on (and the floor) in one run: JSON to "
+        "benchmarks/results/ab.json, its table into docs/benchmarks.md",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="--ab: off/on pairs (default 1)")
+    ap.add_argument("--profile", metavar="DIR", help="--ab: py-spy stacks of round 1 to DIR")
+    ap.add_argument(
         "--store",
         metavar="URL",
         help="compare SQLite with this local PostgreSQL server (a fresh database on it): "
@@ -1104,6 +1272,16 @@ def main() -> int:
             out = Path(args.out) if args.out else HERE / "results" / "stores.json"
             out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
             log(f"results: {out}")
+            return 0
+        if args.ab:
+            res = run_ab(args, procs, root)
+            print()
+            print(ab_table(res))
+            out = Path(args.out) if args.out else HERE / "results" / "ab.json"
+            out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+            log(f"results: {out}")
+            if not args.no_docs:
+                write_docs(res, ab_table(res), section="ab")
             return 0
         if args.only:
             res = run_only(args, procs, root)

@@ -36,6 +36,7 @@ import grpc.aio
 from aegis_edge_core import PROTOCOL_VERSION, tools_spec
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
+from aegis_edge_core.handshake import FEATURES
 from aegis_edge_core.identity import NodeKey, sign_attestation
 from aegis_edge_core.identity.endpoints import dial_order
 from aegis_edge_core.identity.enrollment import sign_enrollment
@@ -214,7 +215,11 @@ class Worker:
             beat: asyncio.Task[None] | None = None
             try:
                 session.hello(
-                    node_id=d.node_id, node_token=d.token, capabilities=CAPS, now=time.time()
+                    node_id=d.node_id,
+                    node_token=d.token,
+                    capabilities=CAPS,
+                    now=time.time(),
+                    features=FEATURES,
                 )
                 await flush()
                 deadline = time.monotonic() + HANDSHAKE_TIMEOUT

@@ -398,6 +398,8 @@ class FleetRunSpec(_message.Message):
     SECRET_ARGS_JSON_FIELD_NUMBER: _builtins.int
     SECRET_KEYS_FIELD_NUMBER: _builtins.int
     FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_ONLY_FIELD_NUMBER: _builtins.int
     selector: _builtins.str
     """"all", "tags=AnyOf(a,b)", ..."""
     tool: _builtins.str
@@ -418,6 +420,13 @@ class FleetRunSpec(_message.Message):
     """
     follow_output: _builtins.bool
     """StartFleetRun: also stream `output` events (live output, bounded by the relay)."""
+    batch_events: _builtins.bool
+    """Added in v1 (issue 19), how the event stream reports targets (see FleetRunEvent):
+    batch_events: several targets per `targets_dispatched` / `targets_finished` event;
+    summary_only: no per-target events at all, `progress` counts instead (large runs).
+    An older relay ignores both and streams one event per target.
+    """
+    summary_only: _builtins.bool
     @_builtins.property
     def secret_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """answers: names of the run's secret arguments"""
@@ -436,10 +445,12 @@ class FleetRunSpec(_message.Message):
         secret_args_json: _builtins.str = ...,
         secret_keys: _abc.Iterable[_builtins.str] | None = ...,
         follow_output: _builtins.bool = ...,
+        batch_events: _builtins.bool = ...,
+        summary_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "canary", b"canary", "deadline_secs", b"deadline_secs", "follow_output", b"follow_output", "mode", b"mode", "on_error", b"on_error", "secret_args_json", b"secret_args_json", "secret_keys", b"secret_keys", "selector", b"selector", "tenant_id", b"tenant_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "batch_events", b"batch_events", "canary", b"canary", "deadline_secs", b"deadline_secs", "follow_output", b"follow_output", "mode", b"mode", "on_error", b"on_error", "secret_args_json", b"secret_args_json", "secret_keys", b"secret_keys", "selector", b"selector", "summary_only", b"summary_only", "tenant_id", b"tenant_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,6 +672,9 @@ class FleetRunEvent(_message.Message):
     TARGET_FINISHED_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    TARGETS_DISPATCHED_FIELD_NUMBER: _builtins.int
+    TARGETS_FINISHED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___FleetRun: ...
     @_builtins.property
@@ -673,6 +687,21 @@ class FleetRunEvent(_message.Message):
     def output(self) -> Global___TargetOutput:
         """only when the request asked for follow_output"""
 
+    @_builtins.property
+    def targets_dispatched(self) -> Global___TargetResults:
+        """Added in v1 (issue 19), only to a request that asked for them (batch_events,
+        summary_only); an older client never sees these cases.
+        batch_events: in place of `dispatched`
+        """
+
+    @_builtins.property
+    def targets_finished(self) -> Global___TargetResults:
+        """batch_events: in place of `target_finished`"""
+
+    @_builtins.property
+    def progress(self) -> Global___FleetRunProgress:
+        """summary_only: in place of both"""
+
     def __init__(
         self,
         *,
@@ -681,16 +710,102 @@ class FleetRunEvent(_message.Message):
         target_finished: Global___TargetResult | None = ...,
         finished: Global___FleetRun | None = ...,
         output: Global___TargetOutput | None = ...,
+        targets_dispatched: Global___TargetResults | None = ...,
+        targets_finished: Global___TargetResults | None = ...,
+        progress: Global___FleetRunProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "progress", b"progress", "started", b"started", "target_finished", b"target_finished", "targets_dispatched", b"targets_dispatched", "targets_finished", b"targets_finished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "started", b"started", "target_finished", b"target_finished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dispatched", b"dispatched", "finished", b"finished", "output", b"output", "progress", b"progress", "started", b"started", "target_finished", b"target_finished", "targets_dispatched", b"targets_dispatched", "targets_finished", b"targets_finished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "dispatched", "target_finished", "finished", "output"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["started", "dispatched", "target_finished", "finished", "output", "targets_dispatched", "targets_finished", "progress"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___FleetRunEvent: _TypeAlias = FleetRunEvent  # noqa: Y015
+
+@_typing.final
+class TargetResults(_message.Message):
+    """Several targets of one run, in the order they were dispatched or ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetResult]: ...
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[Global___TargetResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetResults: _TypeAlias = TargetResults  # noqa: Y015
+
+@_typing.final
+class FleetRunProgress(_message.Message):
+    """Where a run stands, at most a few times a second, for a client that asked for no
+    per-target events.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FLEET_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    DISPATCHED_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    fleet_command_id: _builtins.str
+    targets: _builtins.int
+    """targets of the run"""
+    dispatched: _builtins.int
+    """dispatched so far (finished ones included)"""
+    finished: _builtins.int
+    """ended so far, any outcome"""
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """ended targets per outcome name, as FleetRun.counts"""
+
+    def __init__(
+        self,
+        *,
+        fleet_command_id: _builtins.str = ...,
+        targets: _builtins.int = ...,
+        dispatched: _builtins.int = ...,
+        finished: _builtins.int = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "dispatched", b"dispatched", "finished", b"finished", "fleet_command_id", b"fleet_command_id", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetRunProgress: _TypeAlias = FleetRunProgress  # noqa: Y015
 
 @_typing.final
 class TargetOutput(_message.Message):
@@ -785,18 +900,26 @@ class GetFleetRunRequest(_message.Message):
 
     FLEET_COMMAND_ID_FIELD_NUMBER: _builtins.int
     FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_ONLY_FIELD_NUMBER: _builtins.int
     fleet_command_id: _builtins.str
     follow_output: _builtins.bool
     """WatchFleetRun: also stream `output` events"""
+    batch_events: _builtins.bool
+    """WatchFleetRun: as FleetRunSpec.batch_events"""
+    summary_only: _builtins.bool
+    """WatchFleetRun: as FleetRunSpec.summary_only"""
     def __init__(
         self,
         *,
         fleet_command_id: _builtins.str = ...,
         follow_output: _builtins.bool = ...,
+        batch_events: _builtins.bool = ...,
+        summary_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output", "summary_only", b"summary_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -810,12 +933,18 @@ class RerunFleetRunRequest(_message.Message):
     ONLY_FIELD_NUMBER: _builtins.int
     SECRET_ARGS_JSON_FIELD_NUMBER: _builtins.int
     FOLLOW_OUTPUT_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_ONLY_FIELD_NUMBER: _builtins.int
     fleet_command_id: _builtins.str
     only: _builtins.str
     """"all" (default), "failed" (any outcome but ok), "not_started" """
     secret_args_json: _builtins.str
     """the old run's secret arguments, every one, again"""
     follow_output: _builtins.bool
+    batch_events: _builtins.bool
+    """as FleetRunSpec.batch_events"""
+    summary_only: _builtins.bool
+    """as FleetRunSpec.summary_only"""
     def __init__(
         self,
         *,
@@ -823,10 +952,12 @@ class RerunFleetRunRequest(_message.Message):
         only: _builtins.str = ...,
         secret_args_json: _builtins.str = ...,
         follow_output: _builtins.bool = ...,
+        batch_events: _builtins.bool = ...,
+        summary_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output", "only", b"only", "secret_args_json", b"secret_args_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "fleet_command_id", b"fleet_command_id", "follow_output", b"follow_output", "only", b"only", "secret_args_json", b"secret_args_json", "summary_only", b"summary_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

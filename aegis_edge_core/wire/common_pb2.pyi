@@ -10,7 +10,10 @@ renumbered, retyped or reused; a removed field's number and name go into `reserv
 Every enum's zero value is *_UNSPECIFIED and means "a peer too old to know": readers
 treat an unknown enum value like UNSPECIFIED. Times are seconds since the Unix epoch as
 doubles (microsecond precision is plenty, and heartbeats stay small). A breaking change
-is a new package, aegis.edge.v2, served beside v1.
+is a new package, aegis.edge.v2, served beside v1. A change of behaviour that both ends
+must agree on is an optional feature instead: the daemon offers it by name in
+Hello.features, the relay names what it uses in Accepted.features, and a peer that
+names none (an older one) gets the behaviour without it; PROTOCOL_VERSION stays 1.
 """
 
 from collections import abc as _abc

@@ -230,6 +230,7 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     HOST_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     node_id: _builtins.str
     node_token: _builtins.str
@@ -241,6 +242,14 @@ class Hello(_message.Message):
     """
     @_builtins.property
     def capabilities(self) -> _common_pb2.Capabilities: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Added in v1 (compatible both ways): the optional protocol features this daemon
+        supports, lowercase-dashed names (aegis_edge_core.handshake lists them). A relay uses
+        only those it also knows and names them in Accepted.features; an older relay ignores
+        the field, and a daemon that sends none gets the behaviour of a relay without features.
+        """
+
     def __init__(
         self,
         *,
@@ -250,10 +259,11 @@ class Hello(_message.Message):
         capabilities: _common_pb2.Capabilities | None = ...,
         host_time: _builtins.float = ...,
         kind: Global___SessionKind.ValueType = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "host_time", b"host_time", "kind", b"kind", "node_id", b"node_id", "node_token", b"node_token", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "features", b"features", "host_time", b"host_time", "kind", b"kind", "node_id", b"node_id", "node_token", b"node_token", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -507,6 +517,8 @@ class Accepted(_message.Message):
     MAX_CONCURRENT_COMMANDS_FIELD_NUMBER: _builtins.int
     RELAY_TIME_FIELD_NUMBER: _builtins.int
     RELAY_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_ACK_EVERY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     tenant_id: _builtins.str
     heartbeat_interval_secs: _builtins.float
@@ -516,11 +528,24 @@ class Accepted(_message.Message):
     token_expires_at: _builtins.float
     max_concurrent_commands: _builtins.int
     relay_time: _builtins.float
+    heartbeat_ack_every: _builtins.int
+    """with heartbeat-ack-coalesce; 0 or 1: every heartbeat"""
     @_builtins.property
     def relay_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Added in v1 (compatible both ways): every relay endpoint of the relay's cluster, so a
         host enrolled before a relay joined learns of it. Empty from a single relay: the
         daemon then keeps the endpoints it has.
+        """
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Added in v1 (compatible both ways): the features of Hello.features the relay uses on
+        this stream. Empty from an older relay, or when the daemon offered none: the daemon then
+        expects today's behaviour (every heartbeat acked, one ResultAck per result).
+          heartbeat-ack-coalesce: the relay acknowledges one heartbeat in
+            `heartbeat_ack_every` (an ack of seq N covers every heartbeat up to N); the daemon
+            calls the relay stalled only after more than that many go unacknowledged.
+          result-ack-batch: a ResultAck may name several results in `command_ids`.
         """
 
     def __init__(
@@ -535,10 +560,12 @@ class Accepted(_message.Message):
         max_concurrent_commands: _builtins.int = ...,
         relay_time: _builtins.float = ...,
         relay_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        heartbeat_ack_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_secs", b"heartbeat_interval_secs", "max_concurrent_commands", b"max_concurrent_commands", "node_id", b"node_id", "node_token", b"node_token", "relay_endpoints", b"relay_endpoints", "relay_time", b"relay_time", "stale_threshold_secs", b"stale_threshold_secs", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "heartbeat_ack_every", b"heartbeat_ack_every", "heartbeat_interval_secs", b"heartbeat_interval_secs", "max_concurrent_commands", b"max_concurrent_commands", "node_id", b"node_id", "node_token", b"node_token", "relay_endpoints", b"relay_endpoints", "relay_time", b"relay_time", "stale_threshold_secs", b"stale_threshold_secs", "tenant_id", b"tenant_id", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,18 +688,29 @@ Global___CancelCommand: _TypeAlias = CancelCommand  # noqa: Y015
 
 @_typing.final
 class ResultAck(_message.Message):
+    """The relay stored these results: the daemon may forget them. A relay that negotiated
+    result-ack-batch lists them in `command_ids` (leaving `command_id` empty), all stored
+    before the ack is sent; otherwise it names one in `command_id`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
+    COMMAND_IDS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
+    @_builtins.property
+    def command_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """added in v1, with the result-ack-batch feature"""
+
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
+        command_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "command_ids", b"command_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,10 +8,12 @@ events back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
+import attrs
 import grpc
 
 from aegis_edge_core.authz import Principal, check_tenant, scope_tenants
@@ -31,6 +33,7 @@ from aegis_edge_core.wire import admin_pb2
 from aegis_edge_relay.admin.auth import Context, abort, guard
 from aegis_edge_relay.admin.groups import GroupsAdmin
 from aegis_edge_relay.runstate import (
+    ActiveRun,
     Watcher,
     record_of,
     row_to_proto,
@@ -107,6 +110,7 @@ class FleetAdmin(GroupsAdmin):
             rerun_of="",
             follow_output=request.follow_output,
             groups=groups,
+            mode=EventMode.of(request),
         ):
             yield event
 
@@ -158,6 +162,7 @@ class FleetAdmin(GroupsAdmin):
             rerun_of=old_id,
             follow_output=request.follow_output,
             groups=None,
+            mode=EventMode.of(request),
         ):
             yield event
 
@@ -175,6 +180,7 @@ class FleetAdmin(GroupsAdmin):
         rerun_of: str,
         follow_output: bool,
         groups: GroupIndex | None,
+        mode: EventMode,
     ) -> AsyncIterator[admin_pb2.FleetRunEvent]:
         """Start a resolved run and stream its events (``StartFleetRun``, ``RerunFleetRun``)."""
         if not res.targets:
@@ -210,11 +216,11 @@ class FleetAdmin(GroupsAdmin):
             follow_output=follow_output,
         )
         try:
-            yield admin_pb2.FleetRunEvent(started=active.to_proto())
+            yield _started(active, mode)
         except BaseException:
             watcher.close()  # closed after `started` (an HTTP start): hold nothing
             raise
-        async for event in _drain(watcher):
+        async for event in _drain(watcher, mode):
             yield event
 
     async def WatchFleetRun(
@@ -224,8 +230,9 @@ class FleetAdmin(GroupsAdmin):
         active = self.runs.runs.get(request.fleet_command_id)
         if active is not None and principal.sees_all(active.scope):
             watcher = active.subscribe(output=request.follow_output)
-            yield admin_pb2.FleetRunEvent(started=active.to_proto())
-            async for event in _drain(watcher):
+            mode = EventMode.of(request)
+            yield _started(active, mode)
+            async for event in _drain(watcher, mode):
                 yield event
             return
         run = await self._stored_run(context, principal, request.fleet_command_id)
@@ -327,15 +334,93 @@ class FleetAdmin(GroupsAdmin):
         return run
 
 
-async def _drain(watcher: Watcher) -> AsyncIterator[admin_pb2.FleetRunEvent]:
+@attrs.frozen
+class EventMode:
+    """How a client asked for targets in its event stream (``batch_events``,
+    ``summary_only``); neither: one event per target, as for an older client."""
+
+    batch: bool = False
+    summary: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        request: admin_pb2.FleetRunSpec
+        | admin_pb2.GetFleetRunRequest
+        | admin_pb2.RerunFleetRunRequest,
+    ) -> EventMode:
+        return cls(batch=request.batch_events, summary=request.summary_only)
+
+
+PROGRESS_INTERVAL: Final = 0.5
+"""Seconds between two ``progress`` events of a summary-only stream."""
+
+_PER_TARGET: Final = {"dispatched": "targets_dispatched", "target_finished": "targets_finished"}
+
+
+def _started(active: ActiveRun, mode: EventMode) -> admin_pb2.FleetRunEvent:
+    """The run as it starts; a summary-only stream gets it without its target rows (the
+    `finished` event has them all)."""
+    run = active.to_proto()
+    if mode.summary:
+        del run.targets[:]
+        run.targets_omitted = True
+    return admin_pb2.FleetRunEvent(started=run)
+
+
+async def _drain(
+    watcher: Watcher, mode: EventMode = EventMode()
+) -> AsyncIterator[admin_pb2.FleetRunEvent]:
     try:
         while True:
             event = await watcher.next()
             if event is None:
                 return
-            yield event
+            if not (mode.batch or mode.summary):
+                yield event
+                continue
+            # What queued up while the last message was written goes out together.
+            events = [event, *watcher.ready()]
+            for out in _shaped(watcher, events, mode):
+                yield out
+            if events[-1] is None:
+                return
+            if mode.summary:  # a few progress events a second; the end at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.run.done.wait(), PROGRESS_INTERVAL)
     finally:
         watcher.close()  # a watcher that went away holds nothing
+
+
+def _shaped(
+    watcher: Watcher, events: list[admin_pb2.FleetRunEvent | None], mode: EventMode
+) -> list[admin_pb2.FleetRunEvent]:
+    """Per-target events of ``events`` merged (batch) or counted (summary); the others kept
+    in order. A summary stream gets one ``progress`` before the next other event."""
+    out: list[admin_pb2.FleetRunEvent] = []
+    progressed = False
+    for event in events:
+        if event is None:
+            break
+        kind = event.WhichOneof("body")
+        batched = _PER_TARGET.get(kind or "")
+        if batched is None:
+            if progressed:
+                out.append(admin_pb2.FleetRunEvent(progress=watcher.run.progress()))
+                progressed = False
+            out.append(event)
+        elif mode.summary:
+            progressed = True
+        else:
+            last = out[-1] if out else None
+            if last is None or last.WhichOneof("body") != batched:
+                last = admin_pb2.FleetRunEvent()
+                getattr(last, batched).SetInParent()
+                out.append(last)
+            getattr(last, batched).targets.append(getattr(event, kind or ""))
+    if progressed:
+        out.append(admin_pb2.FleetRunEvent(progress=watcher.run.progress()))
+    return out
 
 
 def _fleet_spec(

@@ -126,7 +126,9 @@ def _admin_error(err: grpc.RpcError, relay: str) -> AdminError:
 _Reply = TypeVar("_Reply")
 Events = Iterator[admin_pb2.FleetRunEvent]
 """A run's event stream: ``started``, then ``dispatched`` / ``target_finished`` (and
-``output`` when asked for) per target, last ``finished`` with the final record."""
+``output`` when asked for) per target -- or several targets per ``targets_dispatched`` /
+``targets_finished`` (``batch_events``), or ``progress`` counts (``summary_only``) -- last
+``finished`` with the final record."""
 
 
 class AdminClient:
@@ -261,10 +263,21 @@ class AdminClient:
         """
         return self._stream(self._stub.StartFleetRun, spec)
 
-    def watch_fleet_run(self, fleet_command_id: str, *, follow_output: bool = False) -> Events:
-        """Follow a run to its end; a finished one answers ``started`` and ``finished``."""
+    def watch_fleet_run(
+        self,
+        fleet_command_id: str,
+        *,
+        follow_output: bool = False,
+        batch_events: bool = False,
+        summary_only: bool = False,
+    ) -> Events:
+        """Follow a run to its end; a finished one answers ``started`` and ``finished``.
+        ``batch_events``/``summary_only``: as ``FleetRunSpec``'s."""
         request = admin_pb2.GetFleetRunRequest(
-            fleet_command_id=fleet_command_id, follow_output=follow_output
+            fleet_command_id=fleet_command_id,
+            follow_output=follow_output,
+            batch_events=batch_events,
+            summary_only=summary_only,
         )
         return self._stream(self._stub.WatchFleetRun, request)
 
@@ -275,6 +288,8 @@ class AdminClient:
         only: str = "all",
         secret_args: Mapping[str, str] | None = None,
         follow_output: bool = False,
+        batch_events: bool = False,
+        summary_only: bool = False,
     ) -> Events:
         """Run a finished run's spec again on ``all``, the ``failed`` or the
         ``not_started`` targets of it. Its secret arguments are not stored: give every
@@ -284,6 +299,8 @@ class AdminClient:
             only=only,
             secret_args_json=json.dumps(dict(secret_args), sort_keys=True) if secret_args else "",
             follow_output=follow_output,
+            batch_events=batch_events,
+            summary_only=summary_only,
         )
         return self._stream(self._stub.RerunFleetRun, request)
 

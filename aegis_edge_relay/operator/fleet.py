@@ -53,8 +53,9 @@ __all__ = [
     "register",
 ]
 
-_OpenEvents = Callable[[AdminClient, bool], Events]
-"""Opens a run's event stream, asking for live output or not."""
+_OpenEvents = Callable[[AdminClient, bool, bool], Events]
+"""Opens a run's event stream, batched, asking for live output or not (first flag) and for
+progress counts in place of per-target events or not (second flag)."""
 
 
 def cmd_fleet_preview(args: argparse.Namespace) -> int:
@@ -81,13 +82,15 @@ def _run_and_report(args: argparse.Namespace, open_events: _OpenEvents) -> int:
     live = not as_json and sys.stdout.isatty()
     follow: bool | None = getattr(args, "follow", None)
     follow_output = live if follow is None else follow
+    # Nothing shows targets one by one without a terminal or live output: counts do.
+    summary_only = not live and not follow_output
     printer = LiveOutput(json_mode=as_json)
     final: admin_pb2.FleetRun | None = None
     started: admin_pb2.FleetRun | None = None
     with admin_client(args) as client:
         try:
             with Progress(live) as progress:
-                for event in open_events(client, follow_output):
+                for event in open_events(client, follow_output, summary_only):
                     kind = event.WhichOneof("body")
                     if kind == "started":
                         started = event.started
@@ -99,9 +102,18 @@ def _run_and_report(args: argparse.Namespace, open_events: _OpenEvents) -> int:
                         printer.output(event.output)
                     elif kind == "dispatched":
                         progress.dispatched(event.dispatched)
+                    elif kind == "targets_dispatched":
+                        for target in event.targets_dispatched.targets:
+                            progress.dispatched(target)
                     elif kind == "target_finished":
                         printer.target_done(event.target_finished.node_id)
                         progress.finished(event.target_finished)
+                    elif kind == "targets_finished":
+                        for target in event.targets_finished.targets:
+                            printer.target_done(target.node_id)
+                            progress.finished(target)
+                    elif kind == "progress":
+                        progress.counts(event.progress)
                     elif kind == "finished":
                         final = event.finished
                         break
@@ -134,8 +146,9 @@ def _run_and_report(args: argparse.Namespace, open_events: _OpenEvents) -> int:
 
 
 def _start(spec: admin_pb2.FleetRunSpec) -> _OpenEvents:
-    def open_events(client: AdminClient, follow_output: bool) -> Events:
+    def open_events(client: AdminClient, follow_output: bool, summary_only: bool) -> Events:
         spec.follow_output = follow_output
+        spec.batch_events, spec.summary_only = True, summary_only
         return client.start_fleet_run(spec)
 
     return open_events
@@ -157,11 +170,13 @@ def cmd_fleet_rerun(args: argparse.Namespace) -> int:
     secrets = parse_secret_args(args.secret_arg or ())
     return _run_and_report(
         args,
-        lambda client, follow_output: client.rerun_fleet_run(
+        lambda client, follow_output, summary_only: client.rerun_fleet_run(
             args.fleet_command_id,
             only=only.value,
             secret_args=secrets,
             follow_output=follow_output,
+            batch_events=True,
+            summary_only=summary_only,
         ),
     )
 
@@ -169,8 +184,11 @@ def cmd_fleet_rerun(args: argparse.Namespace) -> int:
 def cmd_fleet_watch(args: argparse.Namespace) -> int:
     return _run_and_report(
         args,
-        lambda client, follow_output: client.watch_fleet_run(
-            args.fleet_command_id, follow_output=follow_output
+        lambda client, follow_output, summary_only: client.watch_fleet_run(
+            args.fleet_command_id,
+            follow_output=follow_output,
+            batch_events=True,
+            summary_only=summary_only,
         ),
     )
 

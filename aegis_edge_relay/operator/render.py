@@ -383,6 +383,15 @@ class Progress:
         self.running += 1
         self._refresh()
 
+    def counts(self, progress: admin_pb2.FleetRunProgress) -> None:
+        """A summary-only stream's counts, in place of per-target events."""
+        self.saw_dispatched = True
+        self.total = progress.targets
+        self.done = progress.finished
+        self.running = max(0, progress.dispatched - progress.finished)
+        self.failed = progress.finished - progress.counts.get("ok", 0)
+        self._refresh()
+
     def finished(self, res: admin_pb2.TargetResult) -> None:
         if res.dispatched_at:
             self.running = max(0, self.running - 1)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from aegis_edge_core.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from aegis_edge_core.handshake import FEATURES
 from aegis_edge_core.identity import AttestationError
 from aegis_edge_core.identity.attestation import VerifiedAttestation
 from aegis_edge_core.session import (
@@ -428,14 +429,15 @@ class StreamMachine(RuleBasedStateMachine):
         self.to_daemon += [m.SerializeToString() for m in self.relay.messages_to_send()]
         return out
 
-    @rule()
-    def daemon_hello(self) -> None:
+    @rule(features=st.sets(st.sampled_from([*sorted(FEATURES), "from-the-future"])))
+    def daemon_hello(self, features: set[str]) -> None:
         self._daemon_call(
             self.daemon.hello,
             node_id="node-1",
             node_token=self.ident.token,
             capabilities=caps(),
             now=NOW,
+            features=features,
         )
 
     @rule(good=st.booleans())
@@ -456,8 +458,8 @@ class StreamMachine(RuleBasedStateMachine):
     def relay_challenge(self) -> None:
         self._relay_call(self.relay.challenge, self.ident.rng.randbytes(32), NOW)
 
-    @rule()
-    def relay_verify_and_accept(self) -> None:
+    @rule(ack_every=st.integers(min_value=1, max_value=3))
+    def relay_verify_and_accept(self, ack_every: int) -> None:
         if self.relay.state is not RelayState.ATTESTED:
             self.relay_accept_forged()
             return
@@ -474,6 +476,8 @@ class StreamMachine(RuleBasedStateMachine):
             heartbeat_interval_secs=30,
             stale_threshold_secs=90,
             now=NOW,
+            features=self.hello.features,
+            heartbeat_ack_every=ack_every,
         )
 
     @rule()
@@ -496,6 +500,10 @@ class StreamMachine(RuleBasedStateMachine):
     @rule(cid=st.sampled_from(["c0", "c1", "c2"]))
     def relay_command(self, cid: str) -> None:
         self._relay_call(self.relay.send_command, command_id=cid, tool="edge.ping")
+
+    @rule(cids=st.lists(st.sampled_from(["c0", "c1", "late"]), max_size=3))
+    def relay_ack_results(self, cids: list[str]) -> None:
+        self._relay_call(self.relay.ack_results, cids)
 
     @rule()
     def relay_drain(self) -> None:

@@ -80,3 +80,46 @@ def test_relay_sigstop_daemon_detects_stall_and_reconnects(tmp_path: Path, tally
         if daemon is not None:
             daemon.stop()
         relay.stop()
+
+
+@pytest.mark.parametrize("features", ["heartbeat-ack-coalesce", "none"])
+def test_stall_bound_with_and_without_coalesced_heartbeat_acks(
+    tmp_path: Path, tally: Tally, features: str
+) -> None:
+    """With coalesced acks the relay acks one beat in three (stall count 4 less one), and a
+    stalled relay is still noticed after 4 unanswered beats, as with every beat acked (a
+    relay that uses no features: what a new daemon meets at an older relay)."""
+    relay = RelayProcess.start(
+        tmp_path / "relay",
+        heartbeat_interval="0.5s",
+        stale_threshold="2s",
+        extra=("--protocol-features", features),
+    )
+    daemon: DaemonProcess | None = None
+    stopped = False
+    try:
+        host = enroll_host(relay, tmp_path / "edge")
+        daemon = DaemonProcess.start(host.state_dir)
+        first = daemon.wait_event("connected")
+        coalesced = features != "none"
+        assert first["features"] == (["heartbeat-ack-coalesce"] if coalesced else [])
+        assert first["heartbeat_ack_every"] == (3 if coalesced else 1)
+        time.sleep(3.0)  # six beats: a live relay acking one in three is never "stalled"
+        assert not daemon.events("relay_stalled")
+        wait_until(lambda: relay.host(host.node_id).status == CONNECTED, what="Connected")
+
+        os.kill(relay.proc.pid, signal.SIGSTOP)
+        stopped = True
+        stalled_at = time.monotonic()
+        tally.fault()
+        stall = daemon.wait_event("relay_stalled", timeout=15)
+        detected_after = time.monotonic() - stalled_at
+        assert stall["heartbeats_unacked"] >= 4
+        assert detected_after < 6.0, f"stall detected only after {detected_after:.1f}s"
+        print(f"{features}: stall detected after {detected_after:.2f}s")
+    finally:
+        if stopped:
+            os.kill(relay.proc.pid, signal.SIGCONT)
+        if daemon is not None:
+            daemon.stop()
+        relay.stop()

@@ -287,6 +287,8 @@ class DaemonDriver:
         self.ack_tokens = True
         """Acknowledge a new token (a heartbeat naming its jti) as the agent does; False
         plays a daemon too old to send the ack."""
+        self.features: tuple[str, ...] = ()
+        """Optional stream features offered in the hello (none: an older daemon's hello)."""
 
     # -- enrollment
 
@@ -322,6 +324,7 @@ class DaemonDriver:
             capabilities=self.capabilities,
             now=time.time() + self.clock_offset,
             control=control,
+            features=self.features,
         )
         start = len(self.events)
         await self._flush()

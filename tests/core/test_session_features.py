@@ -1,0 +1,182 @@
+"""Optional stream features: negotiation both ways, coalesced heartbeat acks, batched acks."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegis_edge_core import daemon_rules
+from aegis_edge_core.errors import LocalProtocolError
+from aegis_edge_core.handshake import (
+    FEATURES,
+    HEARTBEAT_ACK_COALESCE,
+    RESULT_ACK_BATCH,
+    heartbeat_ack_every,
+    negotiate,
+)
+from aegis_edge_core.session import (
+    AttestationReceived,
+    DaemonSession,
+    HeartbeatAcked,
+    HelloReceived,
+    RelaySession,
+    ResultAcked,
+    SessionAccepted,
+)
+from aegis_edge_core.wire import stream_pb2
+
+from .session_rig import NOW, Identity, caps, to_daemon, to_relay
+
+
+def _connect(
+    *, offer: tuple[str, ...], use: tuple[str, ...] | None = None, ack_every: int = 2
+) -> tuple[DaemonSession, RelaySession, SessionAccepted]:
+    """A handshake where the daemon offers ``offer`` and the relay uses ``use`` (default:
+    everything offered that it knows)."""
+    ident = Identity.make()
+    daemon, relay = DaemonSession(), RelaySession()
+    daemon.hello(
+        node_id=ident.node_id, node_token=ident.token, capabilities=caps(), now=NOW, features=offer
+    )
+    (hello,) = to_relay(daemon, relay)
+    assert isinstance(hello, HelloReceived)
+    relay.challenge(ident.rng.randbytes(32), NOW)
+    (challenge,) = to_daemon(relay, daemon)
+    daemon.attest(ident.sign(challenge.nonce))  # type: ignore[attr-defined]
+    (att,) = to_relay(daemon, relay)
+    assert isinstance(att, AttestationReceived)
+    relay.accept(
+        ident.verify(hello, att),
+        heartbeat_interval_secs=30,
+        stale_threshold_secs=90,
+        now=NOW,
+        features=hello.features if use is None else use,
+        heartbeat_ack_every=ack_every,
+    )
+    (accepted,) = to_daemon(relay, daemon)
+    assert isinstance(accepted, SessionAccepted)
+    return daemon, relay, accepted
+
+
+def test_negotiate_keeps_known_names_and_ignores_a_newer_peers() -> None:
+    assert negotiate(["result-ack-batch", "from-the-future", HEARTBEAT_ACK_COALESCE]) == (
+        HEARTBEAT_ACK_COALESCE,
+        RESULT_ACK_BATCH,
+    )
+    assert negotiate([]) == ()
+    assert negotiate(FEATURES, supported=()) == ()
+
+
+def test_both_new_ends_agree_on_every_feature() -> None:
+    _daemon, relay, accepted = _connect(offer=tuple(FEATURES))
+    assert set(accepted.features) == FEATURES == relay.features
+    assert accepted.heartbeat_ack_every == 2
+
+
+def test_new_daemon_with_a_relay_that_uses_no_features_gets_todays_behaviour() -> None:
+    daemon, relay, accepted = _connect(offer=tuple(FEATURES), use=(), ack_every=5)
+    assert accepted.features == () and accepted.heartbeat_ack_every == 1
+    for _ in range(3):
+        daemon.heartbeat(NOW)
+        to_relay(daemon, relay)
+        assert [type(e) for e in to_daemon(relay, daemon)] == [HeartbeatAcked]
+    relay.ack_results(["a", "b"])
+    msgs = relay.messages_to_send()
+    assert [m.result_ack.command_id for m in msgs] == ["a", "b"]
+    assert all(not m.result_ack.command_ids for m in msgs)
+
+
+def test_old_style_hello_with_a_new_relay() -> None:
+    """A hello without features (an older daemon): the relay cannot use any, acks every
+    heartbeat and answers each result on its own."""
+    ident = Identity.make()
+    daemon, relay = DaemonSession(), RelaySession()
+    daemon.hello(node_id=ident.node_id, node_token=ident.token, capabilities=caps(), now=NOW)
+    (hello,) = to_relay(daemon, relay)
+    assert isinstance(hello, HelloReceived) and hello.features == ()
+    relay.challenge(ident.rng.randbytes(32), NOW)
+    (challenge,) = to_daemon(relay, daemon)
+    daemon.attest(ident.sign(challenge.nonce))  # type: ignore[attr-defined]
+    (att,) = to_relay(daemon, relay)
+    assert isinstance(att, AttestationReceived)
+    verified = ident.verify(hello, att)
+    with pytest.raises(LocalProtocolError, match="did not offer"):
+        relay.accept(
+            verified,
+            heartbeat_interval_secs=30,
+            stale_threshold_secs=90,
+            now=NOW,
+            features=[HEARTBEAT_ACK_COALESCE],
+        )
+    relay.accept(
+        verified, heartbeat_interval_secs=30, stale_threshold_secs=90, now=NOW, features=()
+    )
+    (msg,) = relay.messages_to_send()
+    assert not msg.accepted.features and msg.accepted.heartbeat_ack_every == 0
+    daemon.receive_bytes(msg.SerializeToString(), NOW)
+    for seq in (1, 2, 3):
+        daemon.heartbeat(NOW)
+        to_relay(daemon, relay)
+        (ack,) = to_daemon(relay, daemon)
+        assert isinstance(ack, HeartbeatAcked) and ack.seq == seq
+
+
+def test_a_feature_the_daemon_never_offered_is_ignored_by_it() -> None:
+    daemon = DaemonSession()
+    daemon.hello(node_id="node-1", node_token="t", capabilities=caps(), now=NOW)
+    daemon.receive(
+        stream_pb2.RelayMessage(
+            challenge=stream_pb2.Challenge(protocol_version=1, nonce=b"n" * 32)
+        ),
+        NOW,
+    )
+    daemon.attest(b"s" * 64)
+    msg = stream_pb2.RelayMessage()
+    msg.accepted.node_id = "node-1"
+    msg.accepted.features.append(HEARTBEAT_ACK_COALESCE)
+    msg.accepted.heartbeat_ack_every = 9
+    (accepted,) = daemon.receive(msg, NOW)
+    assert isinstance(accepted, SessionAccepted)
+    assert accepted.features == () and accepted.heartbeat_ack_every == 1
+
+
+def test_coalesced_acks_keep_a_live_relay_below_the_stall_count() -> None:
+    every = heartbeat_ack_every(30, 90)
+    assert every == 2
+    daemon, relay, accepted = _connect(offer=tuple(FEATURES), ack_every=every)
+    plan = daemon_rules.heartbeat_plan(30, 90, ack_every=accepted.heartbeat_ack_every)
+    acks = 0
+    for _beat in range(12):
+        # the daemon's check before each beat (aegis_edge_agent.connection._heartbeats)
+        assert daemon.heartbeats_unacked < plan.stall_after
+        daemon.heartbeat(NOW)
+        to_relay(daemon, relay)
+        acks += sum(isinstance(e, HeartbeatAcked) for e in to_daemon(relay, daemon))
+    assert acks == 12 // every
+    # A relay that stops after its last ack is called stalled after as many beats as
+    # before: the stall count did not grow.
+    assert plan.stall_after == daemon_rules.heartbeat_plan(30, 90).stall_after
+    for _ in range(plan.stall_after):
+        daemon.heartbeat(NOW)
+    assert daemon.heartbeats_unacked >= plan.stall_after
+
+
+def test_the_stall_count_always_exceeds_the_ack_interval() -> None:
+    # a daemon whose own count is lower than the relay's ack interval would redial a live
+    # relay: the interval the relay names wins, one more than it
+    assert daemon_rules.heartbeat_plan(1, 10, stall_after=2, ack_every=4).stall_after == 5
+    assert daemon_rules.heartbeat_plan(1, 10, stall_after=6, ack_every=4).stall_after == 6
+    assert heartbeat_ack_every(0.5, 2) == 3
+    assert heartbeat_ack_every(1, 1.5) == 1  # the minimum stall count of 2 leaves 1
+
+
+def test_batched_result_ack_names_every_result_and_the_daemon_sees_each() -> None:
+    daemon, relay, _ = _connect(offer=tuple(FEATURES))
+    relay.ack_results(["c1", "c2", "c3"])
+    (msg,) = relay.messages_to_send()
+    assert list(msg.result_ack.command_ids) == ["c1", "c2", "c3"]
+    assert msg.result_ack.command_id == ""
+    events = daemon.receive_bytes(msg.SerializeToString(), NOW)
+    assert [e.command_id for e in events if isinstance(e, ResultAcked)] == ["c1", "c2", "c3"]
+    relay.ack_result("c4")  # one alone goes as an older relay sends it
+    (single,) = relay.messages_to_send()
+    assert single.result_ack.command_id == "c4" and not single.result_ack.command_ids
