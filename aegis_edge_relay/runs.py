@@ -93,6 +93,7 @@ class FleetRuns:
         self.now = clock
         self.runs: dict[str, ActiveRun] = {}
         self._leases_checked = False
+        self._handed_over = False
         self._returning_until: dict[str, float] = {}
         """fleet_command_id -> until when the daemons its previous coordinator drained are
         still on their way back (a run it handed over): a target whose daemon has no stream
@@ -163,8 +164,12 @@ class FleetRuns:
 
     async def take_over_due(self, now: float) -> None:
         """Claim and resume each unfinished run whose coordinator lease lapsed or whose
-        coordinating relay is gone (the rule is the core's ``run_takeover_due``)."""
+        coordinating relay is gone (the rule is the core's ``run_takeover_due``). None
+        once this relay handed its runs over: the rule's "the lease names this very relay"
+        would take them back from its successor while it drains."""
         db, cluster = self._db, self.fleet.cluster
+        if self._handed_over:
+            return
         leases = {fid: (coord, exp) for fid, coord, exp in await db.call(db.store.load_run_leases)}
         due = {
             fid: coord
@@ -178,7 +183,7 @@ class FleetRuns:
         self._leases_checked = True
         for row in await db.call(db.store.unfinished_fleet_runs):
             fid = row.fleet_command_id
-            if fid in self.runs:
+            if fid in self.runs or self._handed_over:
                 continue
             if fid in due:
                 expected = due[fid]
@@ -191,8 +196,12 @@ class FleetRuns:
             )
             if routed is None:
                 continue  # another relay claimed it first
+            if self._handed_over:  # claimed as this relay handed over: hand it over too
+                with contextlib.suppress(Exception):
+                    await db.call(db.store.lease_runs, cluster.relay_id, [fid], 0.0)
+                continue
             try:
-                handed_over = leases.get(fid, ("", 1.0))[1] <= 0
+                handed_over = fid in leases and leases[fid][1] <= 0
                 await self._resume(row, routed, previous=expected, now=now, handed_over=handed_over)
             except Exception as err:  # finish it from the store rather than leave it open
                 jsonlog.log("error", "fleet.takeover_failed", fleet_command_id=fid, error=repr(err))
@@ -290,6 +299,7 @@ class FleetRuns:
         now, so another relay resumes them at its next sync (results of what is in flight
         here still reach ``commands``, where the new coordinator finds them)."""
         db, me = self._db, self.fleet.cluster.relay_id
+        self._handed_over = True
         for fid in self.let_go("info", "fleet.run_handed_over"):
             with contextlib.suppress(Exception):
                 await db.call(db.store.lease_runs, me, [fid], 0.0)
