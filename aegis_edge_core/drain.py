@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_FIRST_AFTER",
     "DEFAULT_MAX_SPREAD",
     "DrainSlot",
+    "back_within",
     "drain_plan",
 ]
 
@@ -102,3 +103,24 @@ def drain_plan(
         )
         for i in range(count)
     ]
+
+
+def back_within(
+    count: int,
+    *,
+    attest_rate: float = DEFAULT_ATTEST_RATE,
+    first_after: float = DEFAULT_FIRST_AFTER,
+    max_spread: float = DEFAULT_MAX_SPREAD,
+) -> float:
+    """Seconds after a drain of at most ``count`` streams (back to the relay itself) by
+    which each of those daemons is due back: the last slot of :func:`drain_plan`, plus one
+    more first step for the daemon's jitter (at most half a first step) and its handshake.
+
+    A successor that resumes the drained relay's fleet runs waits this long for a target's
+    daemon before it counts the target ``edge_disconnected``: without the restart the
+    daemon would have been there. Same arguments and errors as :func:`drain_plan`.
+    """
+    plan = drain_plan(
+        max(count, 1), attest_rate=attest_rate, first_after=first_after, max_spread=max_spread
+    )
+    return plan[-1].reconnect_after_secs + _seconds("first_after", first_after)

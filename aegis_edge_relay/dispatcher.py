@@ -185,6 +185,13 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ commands out
 
+    def reachable(self, node_id: str) -> bool:
+        """Whether :meth:`send` can reach the node now: its live stream is here, or another
+        relay of the cluster holds it."""
+        handle = self.fleet.streams.get(node_id)
+        live = handle is not None and not handle.closing
+        return live or self.fleet.cluster.holder_of(node_id) is not None
+
     async def send(
         self,
         node_id: str,

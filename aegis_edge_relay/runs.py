@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from aegis_edge_core.cluster import run_takeover_due
+from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, back_within
 from aegis_edge_core.fleet import (
     Cancel,
     Dispatch,
@@ -65,6 +66,9 @@ from aegis_edge_relay.store import FleetRunRow, StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]
 
+_RETURN_POLL = 0.05
+"""How often a dispatch waiting for a drained daemon looks for its stream (seconds)."""
+
 
 class FleetRuns:
     """The fleet runs of one relay: the ones in flight, and recovery of a crashed one's."""
@@ -78,15 +82,22 @@ class FleetRuns:
         db: StoreWorker,
         metrics: RelayMetrics,
         clock: Clock,
+        drain_rate: float = DEFAULT_ATTEST_RATE,
     ) -> None:
         self.dispatcher = dispatcher
         self.router = router
+        self.drain_rate = drain_rate
         self.fleet = fleet
         self._db = db
         self.metrics = metrics
         self.now = clock
         self.runs: dict[str, ActiveRun] = {}
         self._leases_checked = False
+        self._handed_over = False
+        self._returning_until: dict[str, float] = {}
+        """fleet_command_id -> until when the daemons its previous coordinator drained are
+        still on their way back (a run it handed over): a target whose daemon has no stream
+        yet waits for it until then instead of ending ``edge_disconnected``."""
 
     async def recover(self) -> None:
         """After a crash (kill -9, power loss): end what the previous process left open.
@@ -115,7 +126,9 @@ class FleetRuns:
             me, ttl = self.fleet.cluster.relay_id, self.fleet.cluster.ttl
             routed = await db.call(db.store.claim_run, fid, me, handed[fid], now + ttl)
             try:
-                await self._resume(row, routed or {}, previous=handed[fid], now=now)
+                await self._resume(
+                    row, routed or {}, previous=handed[fid], now=now, handed_over=True
+                )
             except Exception as err:  # finish it from the store rather than leave it open
                 jsonlog.log("error", "fleet.takeover_failed", fleet_command_id=fid, error=repr(err))
                 await self._finish_recovered(row, now)
@@ -151,8 +164,12 @@ class FleetRuns:
 
     async def take_over_due(self, now: float) -> None:
         """Claim and resume each unfinished run whose coordinator lease lapsed or whose
-        coordinating relay is gone (the rule is the core's ``run_takeover_due``)."""
+        coordinating relay is gone (the rule is the core's ``run_takeover_due``). None
+        once this relay handed its runs over: the rule's "the lease names this very relay"
+        would take them back from its successor while it drains."""
         db, cluster = self._db, self.fleet.cluster
+        if self._handed_over:
+            return
         leases = {fid: (coord, exp) for fid, coord, exp in await db.call(db.store.load_run_leases)}
         due = {
             fid: coord
@@ -166,7 +183,7 @@ class FleetRuns:
         self._leases_checked = True
         for row in await db.call(db.store.unfinished_fleet_runs):
             fid = row.fleet_command_id
-            if fid in self.runs:
+            if fid in self.runs or self._handed_over:
                 continue
             if fid in due:
                 expected = due[fid]
@@ -179,15 +196,26 @@ class FleetRuns:
             )
             if routed is None:
                 continue  # another relay claimed it first
+            if self._handed_over:  # claimed as this relay handed over: hand it over too
+                with contextlib.suppress(Exception):
+                    await db.call(db.store.lease_runs, cluster.relay_id, [fid], 0.0)
+                continue
             try:
-                await self._resume(row, routed, previous=expected, now=now)
+                handed_over = fid in leases and leases[fid][1] <= 0
+                await self._resume(row, routed, previous=expected, now=now, handed_over=handed_over)
             except Exception as err:  # finish it from the store rather than leave it open
                 jsonlog.log("error", "fleet.takeover_failed", fleet_command_id=fid, error=repr(err))
                 await self._finish_recovered(row, now)
                 await db.call(db.store.drop_run_lease, fid, cluster.relay_id)
 
     async def _resume(
-        self, row: FleetRunRow, routed: dict[str, str], *, previous: str, now: float
+        self,
+        row: FleetRunRow,
+        routed: dict[str, str],
+        *,
+        previous: str,
+        now: float,
+        handed_over: bool = False,
     ) -> None:
         db = self._db
         if row.args_json is None or row.secret_keys:
@@ -239,6 +267,10 @@ class FleetRuns:
         for stored in resumed.replayed:
             active.ends[stored.node_id] = end_of(by_id[stored.command_id])
         self.runs[row.fleet_command_id] = active
+        if handed_over:
+            # Handed over (lease 0): its coordinator drained every daemon just now.
+            window = back_within(len(self.fleet.nodes), attest_rate=self.drain_rate)
+            self._returning_until[row.fleet_command_id] = now + window
         for stored in resumed.awaiting:
             self.router.adopt(
                 command_id=stored.command_id,
@@ -267,6 +299,7 @@ class FleetRuns:
         now, so another relay resumes them at its next sync (results of what is in flight
         here still reach ``commands``, where the new coordinator finds them)."""
         db, me = self._db, self.fleet.cluster.relay_id
+        self._handed_over = True
         for fid in self.let_go("info", "fleet.run_handed_over"):
             with contextlib.suppress(Exception):
                 await db.call(db.store.lease_runs, me, [fid], 0.0)
@@ -463,9 +496,12 @@ class FleetRuns:
                 log_level="debug" if active.large else "info",
             )
         except NotConnected as err:
+            now = self.now()
+            if now < self._returning_until.get(run.fleet_command_id, 0.0):
+                self.dispatcher.spawn(self._dispatch_on_return(active, dispatch))
+                return []
             # Resolved as Connected a moment ago, gone now: the planner hears it like a
             # command lost to a dropped stream.
-            now = self.now()
             self.metrics.commands_dispatched.labels(
                 tool=run.spec.tool, outcome=TargetOutcome.EDGE_DISCONNECTED.value
             ).inc()
@@ -492,6 +528,21 @@ class FleetRuns:
         if not active.large:
             active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
         return []
+
+    async def _dispatch_on_return(self, active: ActiveRun, dispatch: Dispatch) -> None:
+        """Dispatch once the target's daemon is back from its previous coordinator's drain
+        (or its return window closed: then it ends ``edge_disconnected`` as usual)."""
+        fid, node_id = active.fleet_command_id, dispatch.node_id
+        until = self._returning_until.get(fid, 0.0)
+        while self.now() < until and not self.dispatcher.reachable(node_id):
+            if self.fleet.draining:
+                return  # this relay hands the run over in turn: its successor dispatches
+            await asyncio.sleep(_RETURN_POLL)
+        if self.runs.get(fid) is not active or active.run.target(node_id).outcome is not None:
+            return  # ended, cancelled or handed over meanwhile
+        if self.now() >= until:
+            self._returning_until.pop(fid, None)
+        await self._apply(active, await self._dispatch_target(active, dispatch))
 
     def _listener(self, active: ActiveRun, node_id: str) -> Listener:
         run = active.run

@@ -251,7 +251,13 @@ class Relay:
         self.dispatcher = dispatcher = Dispatcher(fleet=fleet, db=db, metrics=metrics, clock=clock)
         self.router = router = Router(dispatcher)
         self.runs = runs = FleetRuns(
-            dispatcher=dispatcher, router=router, fleet=fleet, db=db, metrics=metrics, clock=clock
+            dispatcher=dispatcher,
+            router=router,
+            fleet=fleet,
+            db=db,
+            metrics=metrics,
+            clock=clock,
+            drain_rate=config.drain_rate,
         )
         self.streams = streams = StreamHandler(
             settings=StreamSettings(
