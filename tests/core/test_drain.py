@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aegis_edge_core.drain import DEFAULT_FIRST_AFTER, DrainSlot, drain_plan
+from aegis_edge_core.drain import DEFAULT_FIRST_AFTER, DrainSlot, back_within, drain_plan
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -95,3 +95,23 @@ def test_no_taker_gets_more_than_its_rate_when_uncapped(
         mine = [s.reconnect_after_secs for s in plan if s.relay_endpoint == target]
         gaps = [b - a for a, b in itertools.pairwise(mine)]
         assert all(gap >= 1 / rate - 1e-9 for gap in gaps)  # float rounding, no more
+
+
+def test_a_successor_waits_for_the_last_slot_plus_one_first_step() -> None:
+    # 10k at 400/s: the last daemon is due 1 s + 25 s (less one arrival) after the drain,
+    # and one more first step covers its jitter and handshake.
+    assert back_within(10_000, attest_rate=400.0) == pytest.approx(1.0 + 25.0 - 1 / 400 + 1.0)
+    # nothing drained still leaves one slot's wait: a daemon dropped at the very end
+    assert back_within(0) == back_within(1) == pytest.approx(2 * DEFAULT_FIRST_AFTER)
+    with pytest.raises(ValueError, match="attest_rate"):
+        back_within(3, attest_rate=0.0)
+
+
+@FAST
+@given(count=counts, rate=rates, first=seconds)
+def test_every_slot_is_due_before_the_successor_stops_waiting(
+    count: int, rate: float, first: float
+) -> None:
+    plan = drain_plan(count, attest_rate=rate, first_after=first)
+    window = back_within(count, attest_rate=rate, first_after=first)
+    assert all(slot.reconnect_after_secs + first / 2 <= window for slot in plan)
