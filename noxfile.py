@@ -20,7 +20,12 @@ def _install(session: nox.Session) -> None:
 
 
 def _tests(session: nox.Session) -> None:
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    # Two workers, a test module to a worker at a time (tests/schedule.py): most of the
+    # suite's time is relays and daemons waiting on each other, so two workers fit two
+    # cores. `nox -s tests -- -n 0` runs it in one process.
+    session.run(
+        "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope", *session.posargs
+    )
 
 
 def _lint(session: nox.Session) -> None:
