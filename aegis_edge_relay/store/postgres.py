@@ -116,6 +116,15 @@ def _target(url: str) -> tuple[str, str, str]:
     return host, port, database
 
 
+def _session_options(url: str, statement_timeout: float) -> str:
+    """The connections' ``options``: the relay's statement timeout, then the URL's own
+    ``options=``. A keyword argument replaces the URL's parameter of the same name, so the
+    two are joined; the server applies them in order, so a timeout the URL sets stands."""
+    ours = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    theirs = str(conninfo_to_dict(url).get("options") or "")
+    return f"{ours} {theirs}" if theirs else ours
+
+
 class PostgresStore:
     """:class:`Store` on a PostgreSQL database. Use from one thread at a time (the
     relay's store worker); the pool holds the connections."""
@@ -141,7 +150,7 @@ class PostgresStore:
         self._kwargs: dict[str, Any] = {
             "connect_timeout": CONNECT_TIMEOUT,
             "application_name": "aegis-relay",
-            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "options": _session_options(url, statement_timeout),
             "row_factory": dict_row,
             "autocommit": True,
         }
