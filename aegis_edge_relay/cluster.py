@@ -17,6 +17,8 @@ so the single relay behaves exactly as before: it holds every stream there is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Final
 
 from aegis_edge_core.cluster import (
@@ -35,10 +37,38 @@ from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import Clock
 from aegis_edge_relay.store import NodeRecord, StoreWorker
 
-__all__ = ["ClusterView"]
+__all__ = ["ClusterView", "Wakeups"]
 
 _PENDING: Final = 0
 """The generation of a stream whose holder row is being written."""
+
+
+class Wakeups:
+    """Waiters for a keyed store notification (a run's cancel answered, by run id)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set by every :meth:`wake` of ``key`` while the block runs."""
+        event = asyncio.Event()
+        self._waiting.setdefault(key, []).append(event)
+        try:
+            yield event
+        finally:
+            events = self._waiting[key]
+            events.remove(event)
+            if not events:
+                del self._waiting[key]
+
+    def wake(self, key: str) -> None:
+        for event in self._waiting.get(key, ()):
+            event.set()
+
+    def __len__(self) -> int:
+        """How many keys are watched (a block left behind nothing)."""
+        return len(self._waiting)
 
 
 class ClusterView:
@@ -81,6 +111,8 @@ class ClusterView:
         """Set by a store notification: sync now rather than at the next interval."""
         self.route_wake = asyncio.Event()
         """Set when commands were routed to this relay, or results routed back to it."""
+        self.cancel_answers = Wakeups()
+        """Woken when a run's cancel this relay asked another relay for is answered."""
 
     # ------------------------------------------------------------------ what others hold
 

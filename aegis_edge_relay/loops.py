@@ -28,7 +28,14 @@ from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.routing import Router
 from aegis_edge_relay.runs import FleetRuns
-from aegis_edge_relay.store import NODES_CHANGED, Listener, NodeRecord, relay_channel
+from aegis_edge_relay.store import (
+    NODES_CHANGED,
+    RUN_CANCELS,
+    Listener,
+    NodeRecord,
+    answered_run,
+    relay_channel,
+)
 from aegis_edge_relay.streams import LEASE_LAPSED, StreamHandler
 
 __all__ = ["Loops"]
@@ -213,7 +220,8 @@ class Loops:
 
     async def _listen_loop(self) -> None:
         """Wake the cluster loop on the store's notifications (a revocation by another
-        relay reaches its streams in a round trip, not a sync interval). The wait runs in a
+        relay reaches its streams in a round trip, not a sync interval), and a cancel
+        waiting for another relay's answer as the answer is stored. The wait runs in a
         thread of its own: the store worker's thread must never block on it."""
         store, cluster = self.fleet.db.store, self.fleet.cluster
         listener: Listener | None = None
@@ -221,12 +229,15 @@ class Loops:
             while True:
                 try:
                     if listener is None:
-                        channels = [NODES_CHANGED, relay_channel(cluster.relay_id)]
+                        channels = [NODES_CHANGED, RUN_CANCELS, relay_channel(cluster.relay_id)]
                         listener = await asyncio.to_thread(store.listen, channels)
                         if listener is None:
                             return
                     for payload in await asyncio.to_thread(listener.wait, LISTEN_WAIT):
-                        if payload in ("revoked", "changed"):
+                        answered = answered_run(payload)
+                        if answered is not None:
+                            cluster.cancel_answers.wake(answered)
+                        elif payload in ("revoked", "changed"):
                             cluster.wake.set()
                         else:
                             cluster.route_wake.set()

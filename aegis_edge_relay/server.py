@@ -349,6 +349,7 @@ class Relay:
         await self.streams.drain()
 
     async def stop(self) -> None:
+        self.db.stopping()  # a store down now costs seconds, not minutes per write
         await self.runs.cancel_all("relay shutting down")
         await self.loops.stop()
         await self.dispatcher.stop()

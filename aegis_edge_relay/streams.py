@@ -49,7 +49,7 @@ from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.refusals import abort_refused
+from aegis_edge_relay.refusals import refuse_at_open
 from aegis_edge_relay.state import CloseStream, NodeState, StreamHandle, capabilities_from_proto
 from aegis_edge_relay.store import StoreUnavailable, StoreWorker
 
@@ -123,12 +123,12 @@ class StreamHandler:
             peer=context.peer(), max_message_bytes=self.settings.max_message_bytes
         )
         if self.fleet.draining:
-            await abort_refused(context, "unavailable", "relay is shutting down", self.now())
+            await refuse_at_open(context, "unavailable", "relay is shutting down", self.now)
         now = self.now()
         refusal = self.handshakes.admit(handle.id, source=source_of(handle.peer), now=now)
         if refusal is not None:
             self._count_handshake_refusal(refusal, handle.peer, None)
-            await abort_refused(context, refusal.reason, refusal.message, now)
+            await refuse_at_open(context, refusal.reason, refusal.message, self.now)
         self._unattested[handle.id] = handle
         self.handshake_pending.set()
         self.fleet.all_streams.add(handle)

@@ -43,11 +43,11 @@ from aegis_edge_relay.store import FleetRunRow
 
 __all__ = ["FleetAdmin"]
 
-CANCEL_ANSWER_POLL: Final = 0.1
-CANCEL_ANSWER_POLLS: Final = 50
-"""How long (polls of the store, 0.1 s apart) a cancel through a relay that does not
-coordinate the run waits for the coordinator's answer: the coordinator's wake-up takes a
-round trip, and its sweep (every 5 s at the default stale threshold) covers a lost one."""
+CANCEL_ANSWER_WAIT: Final = 5.0
+"""How long a cancel through a relay that does not coordinate the run waits for the
+coordinator's answer: the coordinator's wake-up takes a round trip, and its sweep (every 5 s
+at the default stale threshold) covers a lost one. The store's notification of the answer
+ends the wait; the store is read again at the end in case that notification was lost."""
 
 
 class FleetAdmin(GroupsAdmin):
@@ -294,16 +294,25 @@ class FleetAdmin(GroupsAdmin):
         # Another relay coordinates it (or will, once it takes it over): the cancel goes
         # through the store, and its coordinator answers with the run as it stands then.
         reason = f"cancelled by {principal.subject}"
-        await self.db.call(self.store.request_run_cancel, fid, reason, self.now())
-        for _ in range(CANCEL_ANSWER_POLLS):
-            await asyncio.sleep(CANCEL_ANSWER_POLL)
-            answer = await self.db.call(self.store.run_cancel_answer, fid)
-            if answer is not None:
-                return admin_pb2.FleetRun.FromString(answer)
-            row = await self.db.call(self.store.get_fleet_run, fid)
-            if row is not None and row.outcome != "running":
-                # ended already (the cancel's answer went with its lease)
-                return await self._stored_run(context, principal, fid)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CANCEL_ANSWER_WAIT
+        # Watched before asking, so an answer faster than this coroutine is not missed.
+        with self.fleet.cluster.cancel_answers.watch(fid) as answered:
+            await self.db.call(self.store.request_run_cancel, fid, reason, self.now())
+            while True:
+                answer = await self.db.call(self.store.run_cancel_answer, fid)
+                if answer is not None:
+                    return admin_pb2.FleetRun.FromString(answer)
+                row = await self.db.call(self.store.get_fleet_run, fid)
+                if row is not None and row.outcome != "running":
+                    # ended already (the cancel's answer went with its lease)
+                    return await self._stored_run(context, principal, fid)
+                left = give_up - loop.time()
+                if left <= 0:
+                    break
+                answered.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), left)
         run.halt_reason = (
             f"{reason}: handed to the run's coordinator, which has not taken it yet; "
             f"`aegis edge fleet show {fid}` tells when it has"

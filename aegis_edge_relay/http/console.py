@@ -56,8 +56,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from aegis_edge_core.wire import admin_pb2
 from aegis_edge_core.wire.admin_pb2_grpc import AdminServicer
 from aegis_edge_relay.http import representation as rep
-from aegis_edge_relay.http.api import BadRequest, host_page, list_hosts_request
 from aegis_edge_relay.http.context import Aborted, HttpContext
+from aegis_edge_relay.http.paging import host_page, list_hosts_request
+from aegis_edge_relay.http.params import BadRequest
 from aegis_edge_relay.http.problems import problem
 from aegis_edge_relay.store import ConsoleSecret, StoreUnavailable, StoreWorker
 

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of ``/api/v1``, built from :data:`~.api.ROUTES`.
+"""The OpenAPI 3.1 document of ``/api/v1``, built from :data:`~.routes.ROUTES`.
 
 The parameters come from the same declarations the API parses with, and the answer schemas
 below describe exactly what :mod:`.representation` produces (``additionalProperties:
@@ -13,7 +13,8 @@ import json
 from importlib import resources
 from typing import Any, Final
 
-from aegis_edge_relay.http.api import API_PREFIX, ROUTES, Param, Route
+from aegis_edge_relay.http.params import Param
+from aegis_edge_relay.http.routes import API_PREFIX, ROUTES, Route
 
 __all__ = ["OPENAPI_PATH", "build_document", "committed_document", "render"]
 

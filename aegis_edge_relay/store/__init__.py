@@ -8,6 +8,7 @@ store the relay has.
 from aegis_edge_relay.store.base import (
     NODES_CHANGED,
     ROUTED_OUTPUT_ROWS,
+    RUN_CANCELS,
     CommandRow,
     ConsoleSecret,
     FleetRunRow,
@@ -22,6 +23,8 @@ from aegis_edge_relay.store.base import (
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    answered_run,
+    cancel_answered,
     relay_channel,
 )
 from aegis_edge_relay.store.factory import STORE_FILE, open_store
@@ -32,6 +35,7 @@ from aegis_edge_relay.store.worker import StoreWorker
 __all__ = [
     "NODES_CHANGED",
     "ROUTED_OUTPUT_ROWS",
+    "RUN_CANCELS",
     "SCHEMA_VERSION",
     "STORE_FILE",
     "CommandRow",
@@ -51,6 +55,8 @@ __all__ = [
     "StoreUnavailable",
     "StoreWorker",
     "TokenAlreadyRedeemed",
+    "answered_run",
+    "cancel_answered",
     "open_store",
     "redact_url",
     "relay_channel",

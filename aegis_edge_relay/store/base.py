@@ -28,6 +28,7 @@ from aegis_edge_core.errors import AegisError
 __all__ = [
     "NODES_CHANGED",
     "ROUTED_OUTPUT_ROWS",
+    "RUN_CANCELS",
     "CommandRow",
     "ConsoleSecret",
     "FleetRunRow",
@@ -42,6 +43,8 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TokenAlreadyRedeemed",
+    "answered_run",
+    "cancel_answered",
     "relay_channel",
 ]
 
@@ -55,6 +58,24 @@ the feed at once (and cut revoked nodes' streams) instead of at their next perio
 ROUTED_OUTPUT_ROWS: Final = 64
 """Output chunks of one routed command the store keeps waiting for its coordinator; a
 coordinator that falls behind loses the oldest (and is told how many bytes)."""
+
+
+RUN_CANCELS: Final = "aegis_run_cancels"
+"""The wake-up channel a shared store signals (payload :func:`cancel_answered`) when a run's
+cancel asked through a relay that does not coordinate the run is answered, or goes with the
+run's lease as it ends: the asking relay returns at once instead of polling for the answer."""
+
+_ANSWERED: Final = "answered:"
+
+
+def cancel_answered(fleet_command_id: str) -> str:
+    """The :data:`RUN_CANCELS` payload for a run whose cancel was answered."""
+    return _ANSWERED + fleet_command_id
+
+
+def answered_run(payload: str) -> str | None:
+    """The run a :func:`cancel_answered` payload names; None for any other payload."""
+    return payload.removeprefix(_ANSWERED) if payload.startswith(_ANSWERED) else None
 
 
 def relay_channel(relay_id: str) -> str:

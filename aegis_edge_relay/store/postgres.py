@@ -30,6 +30,7 @@ from aegis_edge_core.cluster import Holder, RelayLease
 from aegis_edge_relay.store.base import (
     NODES_CHANGED,
     ROUTED_OUTPUT_ROWS,
+    RUN_CANCELS,
     CommandRow,
     ConsoleSecret,
     FleetRunRow,
@@ -42,6 +43,7 @@ from aegis_edge_relay.store.base import (
     StoreError,
     StoreUnavailable,
     TokenAlreadyRedeemed,
+    cancel_answered,
     relay_channel,
 )
 from aegis_edge_relay.store.postgres_schema import _MIGRATIONS, MIGRATION_LOCK
@@ -114,6 +116,15 @@ def _target(url: str) -> tuple[str, str, str]:
     return host, port, database
 
 
+def _session_options(url: str, statement_timeout: float) -> str:
+    """The connections' ``options``: the relay's statement timeout, then the URL's own
+    ``options=``. A keyword argument replaces the URL's parameter of the same name, so the
+    two are joined; the server applies them in order, so a timeout the URL sets stands."""
+    ours = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    theirs = str(conninfo_to_dict(url).get("options") or "")
+    return f"{ours} {theirs}" if theirs else ours
+
+
 class PostgresStore:
     """:class:`Store` on a PostgreSQL database. Use from one thread at a time (the
     relay's store worker); the pool holds the connections."""
@@ -139,7 +150,7 @@ class PostgresStore:
         self._kwargs: dict[str, Any] = {
             "connect_timeout": CONNECT_TIMEOUT,
             "application_name": "aegis-relay",
-            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "options": _session_options(url, statement_timeout),
             "row_factory": dict_row,
             "autocommit": True,
         }
@@ -860,12 +871,18 @@ class PostgresStore:
 
     def drop_run_lease(self, fleet_command_id: str, coordinator: str) -> None:
         def tx(cur: Cursor) -> None:
-            if cur.execute(
-                "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
-                (fleet_command_id, coordinator),
-            ).rowcount:
+            if (
                 cur.execute(
+                    "DELETE FROM run_leases WHERE fleet_command_id = %s AND coordinator = %s",
+                    (fleet_command_id, coordinator),
+                ).rowcount
+                and cur.execute(
                     "DELETE FROM run_cancels WHERE fleet_command_id = %s", (fleet_command_id,)
+                ).rowcount
+            ):
+                # an asker still waiting reads the finished run instead
+                cur.execute(
+                    "SELECT pg_notify(%s, %s)", (RUN_CANCELS, cancel_answered(fleet_command_id))
                 )
 
         self._write(tx)
@@ -945,10 +962,16 @@ class PostgresStore:
         return [(r["fleet_command_id"], r["reason"]) for r in rows]
 
     def answer_run_cancel(self, fleet_command_id: str, answer: bytes) -> None:
-        self._update(
-            "UPDATE run_cancels SET answer = %s WHERE fleet_command_id = %s",
-            (answer, fleet_command_id),
-        )
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE run_cancels SET answer = %s WHERE fleet_command_id = %s",
+                (answer, fleet_command_id),
+            )
+            cur.execute(
+                "SELECT pg_notify(%s, %s)", (RUN_CANCELS, cancel_answered(fleet_command_id))
+            )
+
+        self._write(tx)
 
     def run_cancel_answer(self, fleet_command_id: str) -> bytes | None:
         rows = self._read(

@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 import pytest
 
-from aegis_edge_relay.http.api import API_PREFIX
 from aegis_edge_relay.http.openapi import committed_document
+from aegis_edge_relay.http.routes import API_PREFIX
 from tests import https
 from tests.agent.harness import DaemonProcess, RelayProcess, cli, enroll_host, wait_until
 from tests.faults.conftest import Tally

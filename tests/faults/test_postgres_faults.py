@@ -272,3 +272,55 @@ def test_serialization_failure_is_retried() -> None:
         got = store.get_node("n1")
         assert got is not None and got.revoked and got.tags == ("other",)  # both changes kept
         store.close()
+
+
+def test_a_database_down_as_the_relay_stops_costs_seconds_and_names_what_was_lost(
+    tmp_path: Path, tally: Tally
+) -> None:
+    """A command in flight when the database goes and the relay is stopped: its daemon is
+    drained, and the command's end (edge_disconnected) cannot be written. The relay gives up
+    on it within its stop patience (not the 120 s it gives a write while it runs), exits by
+    itself, and logs the command it could not store."""
+    with private_server() as pg:
+        relay = RelayProcess.start(tmp_path / "relay", store_url=pg.url)
+        try:
+
+            async def scenario() -> tuple[str, int]:
+                async with relay.channel() as channel:
+                    d = await enrolled(relay, channel, "stop", tools=["cmd.run"])
+                    gate = asyncio.Event()
+
+                    async def held(_cmd: stream_pb2.CommandInvocation) -> tuple[str, int]:
+                        await gate.wait()
+                        return ("ok", 0)
+
+                    assert isinstance(await d.connect(), SessionAccepted)
+                    d.command_handler = held
+                    events = relay.admin(channel).StartFleetRun(
+                        admin_pb2.FleetRunSpec(
+                            selector="all",
+                            tool="cmd.run",
+                            args_json=json.dumps({"cmd": "true"}),
+                            tenant_id="stop",
+                        ),
+                        metadata=relay.auth(),
+                    )
+                    await anext(aiter(events))
+                    await wait_until(lambda: len(d.commands) == 1)
+                    await asyncio.to_thread(pg.stop)
+                    tally.fault()
+                    stopping = time.monotonic()
+                    # the daemon is drained with its command held
+                    code = await asyncio.to_thread(relay.stop, 90)  # not PERSIST_PATIENCE
+                    print(f"the relay stopped {time.monotonic() - stopping:.1f} s after SIGTERM")
+                    return d.commands[0].command_id, code
+
+            command_id, code = asyncio.run(scenario())
+        finally:
+            relay.stop()
+            pg.start()  # for private_server's own stop
+    assert code in (0, 1), code  # it ended by itself (1: heartbeats it could not flush)
+    abandoned = [e for e in relay.logs() if e.get("event") == "store.write_abandoned"]
+    assert [command_id] in [e.get("command_ids") for e in abandoned], abandoned
+    assert all(e["relay_stopping"] for e in abandoned), abandoned
+    assert "Traceback" not in (relay.data_dir / "stderr.log").read_text()

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from aegis_edge_core.wire import admin_pb2
-from aegis_edge_relay.http.api import API_PREFIX, ROUTES
 from aegis_edge_relay.http.openapi import build_document, committed_document, render
+from aegis_edge_relay.http.routes import API_PREFIX, ROUTES
 from aegis_edge_relay.operator.jsonrepr import fleet_run_to_dict, host_to_dict
 from tests import https
 from tests.agent.harness import (

@@ -246,33 +246,40 @@ def test_stream_refusals_carry_their_reason(relay: RelayProcess) -> None:
 def test_too_many_unattested_carries_its_reason(relay: RelayProcess) -> None:
     _key, node_id, token = _host(relay)
 
-    async def attempt(channel: grpc.aio.Channel) -> Refusal | None:
-        """Two streams mid-handshake (the cap), then a third; None if a holder timed out
-        before the third opened (a slow machine), so the attempt proves nothing."""
+    async def attempt(channel: grpc.aio.Channel, hello: bool) -> Call | None:
+        """Two streams mid-handshake (the cap), then a third, with a hello or silent; None
+        if a holder timed out before the third opened (a slow machine), so the attempt
+        proves nothing."""
         holders = [Call(channel), Call(channel)]
         for holder in holders:
             await holder.call.write(_hello(node_id, token))
             await holder.until("challenge")
         third = Call(channel)
-        await third.send(_hello(node_id, token))
+        if hello:
+            await third.send(_hello(node_id, token))
+            # The relay reads the hello before it refuses, so the write never meets the
+            # ended call (grpc's client would report its own INTERNAL, without details).
+            assert third.error is None, third.error
         await third.until("challenge")
         for holder in holders:
             holder.call.cancel()
-        if third.error is None or third.error.code() == grpc.StatusCode.INTERNAL:
-            # INTERNAL ("Internal error from Core"): grpc's client lost the race between its
-            # first write and the refusal at open, and reports its own failure instead of
-            # the relay's status; like a timed-out holder, that attempt proves nothing.
+        if third.error is None:
             third.call.cancel()
             return None
-        return decoded(third.error)
+        return third
 
     async def body(channel: grpc.aio.Channel) -> None:
-        for _ in range(5):
-            refusal = await attempt(channel)
-            if refusal is not None:
-                assert refusal.reason == "too_many_unattested"
-                return
-        raise AssertionError("the third unattested stream was never refused")
+        for hello in (True, False):  # silent: refused once the relay's short wait is over
+            for _ in range(5):
+                third = await attempt(channel, hello)
+                if third is not None:
+                    assert third.error is not None
+                    assert third.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert decoded(third.error).reason == "too_many_unattested"
+                    assert third.got == []
+                    break
+            else:
+                raise AssertionError("the third unattested stream was never refused")
 
     _stream_scenario(relay, body)
 

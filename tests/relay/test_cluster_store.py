@@ -3,6 +3,7 @@ every release (``aegis_edge_core.cluster``'s rules, as the stores apply them).""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,13 +11,19 @@ import pytest
 
 from aegis_edge_core.cluster import RelayLease
 from aegis_edge_core.health import DaemonStatus
+from aegis_edge_relay.cluster import Wakeups
 from aegis_edge_relay.store import (
     ROUTED_OUTPUT_ROWS,
+    RUN_CANCELS,
+    PostgresStore,
     RoutedCommand,
     RoutedOutput,
     Store,
+    answered_run,
+    cancel_answered,
     open_store,
 )
+from tests.pg import fresh_database
 
 
 @pytest.fixture
@@ -201,3 +208,41 @@ def test_a_run_cancel_reaches_its_coordinator_and_a_new_one_after_a_takeover(
     store.drop_run_lease("f-1", "b")  # the run finished: its cancel goes with its lease
     assert store.run_cancel_answer("f-1") is None
     assert store.take_run_cancels("b") == []
+
+
+def test_a_run_cancels_answer_wakes_the_relay_that_asked() -> None:
+    """The asking relay waits on the store's notification, not a poll: one when the
+    coordinator answers, one when the run ends with the cancel pending, none otherwise."""
+    with fresh_database() as url:
+        store = PostgresStore(url)
+        listener = store.listen([RUN_CANCELS])
+        try:
+            store.lease_runs("a", ["f-1", "f-2"], 10.0)
+            store.request_run_cancel("f-1", "cancelled by alice", 1.0)
+            assert listener.wait(0.3) == []  # asking wakes the coordinator, not the askers
+            store.answer_run_cancel("f-1", b"run-as-a-saw-it")
+            assert [answered_run(p) for p in listener.wait(5.0)] == ["f-1"]
+            store.drop_run_lease("f-2", "a")  # ended, nobody asked: nobody to wake
+            assert listener.wait(0.3) == []
+            store.request_run_cancel("f-1", "cancelled by bob", 2.0)
+            store.drop_run_lease("f-1", "a")  # ended before answering: the asker reads it
+            assert listener.wait(5.0) == [cancel_answered("f-1")]
+            assert listener.wait(0.3) == []
+        finally:
+            listener.close()
+            store.close()
+
+
+def test_wakeups_reach_the_watchers_of_their_key_only() -> None:
+    async def main() -> None:
+        wakeups = Wakeups()
+        with wakeups.watch("f-1") as one, wakeups.watch("f-1") as again:
+            with wakeups.watch("f-2") as other:
+                wakeups.wake("f-1")
+                wakeups.wake("f-3")  # nobody watches it
+                assert (one.is_set(), again.is_set(), other.is_set()) == (True, True, False)
+            assert len(wakeups) == 1
+        assert len(wakeups) == 0  # a block leaves nothing behind
+        assert answered_run("route") is None
+
+    asyncio.run(main())

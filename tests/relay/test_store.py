@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -465,3 +466,25 @@ def test_store_urls_never_show_a_password(tmp_path: Path) -> None:
         open_store(f"postgresql://relay:s3cret@127.0.0.1:{port}/fleet", tmp_path)
     assert f"host 127.0.0.1 port {port} database fleet" in str(down.value)
     assert "s3cret" not in str(down.value)
+
+
+def test_the_urls_own_options_are_kept_beside_the_relays() -> None:
+    """libpq takes one ``options`` string: the relay's statement timeout joins the one the
+    URL gives instead of replacing it, and a setting the URL names itself stands."""
+    with fresh_database() as url:
+        sep = "&" if "?" in url else "?"
+        for options, lock, statement in (
+            ("-c lock_timeout=1234", "1234ms", "5s"),
+            ("-c lock_timeout=1234 -c statement_timeout=7000", "1234ms", "7s"),
+        ):
+            store = PostgresStore(f"{url}{sep}options={urllib.parse.quote(options)}")
+            try:
+                shown = store._read(  # a pooled connection, as every call gets
+                    lambda cur: cur.execute(
+                        "SELECT current_setting('lock_timeout') AS lock,"
+                        " current_setting('statement_timeout') AS statement"
+                    )
+                )
+                assert (shown[0]["lock"], shown[0]["statement"]) == (lock, statement)
+            finally:
+                store.close()
