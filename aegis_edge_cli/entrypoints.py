@@ -64,7 +64,8 @@ def _read(group: str) -> list[EntryPoint]:
         raise _Unsupported
     seen: set[str] = set()
     found: list[EntryPoint] = []
-    for entry in sys.path:
+    for item in sys.path:
+        entry = os.fspath(item) if isinstance(item, os.PathLike) else item
         if not isinstance(entry, str):
             continue
         if entry.lower().endswith(".egg"):
@@ -87,8 +88,8 @@ def _read(group: str) -> list[EntryPoint]:
             try:
                 with open(os.path.join(entry or ".", child, "entry_points.txt"), "rb") as f:
                     text = f.read().decode("utf-8")
-            except OSError:
-                continue
+            except (OSError, UnicodeDecodeError):
+                continue  # as if it had none: one broken distribution must not stop `aegis`
             found.extend(_parse(text, group))
     return found
 

@@ -65,6 +65,16 @@ def test_path_order_shadowing_comments_and_sections_match(
     ]
 
 
+def test_a_path_object_on_sys_path_is_read_like_a_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dist(tmp_path, "pathlike-1.0.dist-info", "[aegis_edge.tools]\np = pmod:T\n")
+    monkeypatch.setattr(sys, "path", [tmp_path, *sys.path])
+    found = entry_points("aegis_edge.tools")
+    assert found == _metadata("aegis_edge.tools")
+    assert EntryPoint("p", "pmod:T", "aegis_edge.tools") in found
+
+
 def test_a_zip_on_the_path_goes_to_importlib_metadata(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
