@@ -347,7 +347,7 @@ def release_free_memory() -> None:
     """Hand the C heap's free pages back to the OS: glibc's ``malloc_trim(0)``.
 
     glibc returns freed memory only from the top of its heap; the holes start-up leaves
-    below live objects stay resident (~1.4 MB of an idle daemon, docs/benchmarks.md) until
+    below live objects stay resident (~1.5 MB of an idle daemon, docs/benchmarks.md) until
     trimmed. Nothing to do outside glibc (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return
