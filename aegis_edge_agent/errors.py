@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from grpc_status import rpc_status
 
 from aegis_edge_core.refusals import Refusal, refusal_from_status
 
@@ -46,6 +45,10 @@ class ConnectFailed(Exception):
 def refusal_of(err: grpc.RpcError) -> Refusal | None:
     """The refusal in an RPC's status details (``grpc-status-details-bin``), or None: a
     relay too old to send one, or an end that is not a refusal."""
+    # Imported on first use: grpc_status brings grpc.experimental and google.rpc along,
+    # which a connected daemon holds for nothing until a call is refused.
+    from grpc_status import rpc_status
+
     try:
         return refusal_from_status(rpc_status.from_call(err))  # type: ignore[arg-type]
     except ValueError:  # details that contradict the status: not to be trusted

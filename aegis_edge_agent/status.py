@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class StatusBoard:
             "relay": "",
             "agent_version": __version__,
         }
+        self.connected = asyncio.Event()
+        """Set the first time the state is CONNECTED: the daemon's start-up is over."""
 
     def note(self, **changes: Any) -> None:
         """Change fields without writing: the next :meth:`set` carries them."""
@@ -47,6 +50,8 @@ class StatusBoard:
         self.fields["updated_at"] = time.time()
         self.fields["inflight"] = self._inflight()
         self.fields["pending_results"] = self._pending_results()
+        if self.fields["state"] == hs.ConnectionState.CONNECTED:
+            self.connected.set()
         try:
             self._state.write_status(hs.DaemonStatus(**self.fields))
         except OSError as err:

@@ -21,11 +21,11 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from aegis_edge_cli.entrypoints import entry_points
 from aegis_edge_core import __version__, policy, tools_spec
 from aegis_edge_core.wire import stream_pb2
 

@@ -16,15 +16,14 @@ bugs only; a reader that closes the pipe early (``aegis edge show ... | head``) 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
+from aegis_edge_cli.entrypoints import entry_points
 from aegis_edge_core.errors import AegisError
 
 __all__ = [
@@ -69,6 +68,8 @@ def render_error(err: BaseException) -> str:
 
 def suggest(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    import difflib  # only for a mistyped command or flag: a running daemon never needs it
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -11,5 +11,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 1
 """Major version of the daemon stream protocol (``aegis.edge.v1``)."""
+DEFAULT_HEARTBEAT_INTERVAL_SECS = 30.0
+"""How often daemons heartbeat, told to each daemon when the relay accepts its stream.
 
-__all__ = ["PROTOCOL_VERSION", "__version__"]
+Here rather than in :mod:`aegis_edge_core.health` (which re-exports it): the daemon needs
+only this number of the relay's health rules."""
+
+__all__ = ["DEFAULT_HEARTBEAT_INTERVAL_SECS", "PROTOCOL_VERSION", "__version__"]

@@ -51,19 +51,22 @@ silently taking the last value.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import yaml
 
 from aegis_edge_core.capability_limits import CapabilityError, check_labels
 from aegis_edge_core.errors import ConfigError
 from aegis_edge_core.policy import DEFAULT_ALLOWED_TOOLS, ToolPolicy, ToolRestriction
+
+# PyYAML (~1 MB resident) is imported where YAML text is parsed or written, so that a daemon
+# with no aegis-config.yaml never loads it.
+if TYPE_CHECKING:
+    import yaml
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -576,6 +579,8 @@ _ALL_PATHS = _all_paths(_SCHEMA)
 
 def _suggest(path: str, key: str, siblings: Iterable[str]) -> str:
     """A 'did you mean' hint: nearest sibling first, else nearest key anywhere."""
+    import difflib  # only for a mistyped key: a daemon reading a good file never needs it
+
     near = difflib.get_close_matches(key, list(siblings), n=1, cutoff=0.6)
     if near:
         parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
@@ -639,6 +644,8 @@ def _marks(node: yaml.Node | None) -> tuple[dict[str, yaml.Mark], dict[str, yaml
     Raises :class:`ConfigError` for a key set twice in one mapping. Visits each node once so a
     document built from aliases ("billion laughs") stays linear.
     """
+    import yaml
+
     values: dict[str, yaml.Mark] = {}
     keys: dict[str, yaml.Mark] = {}
     seen: set[int] = set()
@@ -708,6 +715,8 @@ def _locate(
 def _load_yaml(text: str, source: str) -> tuple[object, dict[str, yaml.Mark], dict[str, yaml.Mark]]:
     if not isinstance(text, str):
         raise TypeError(f"parse the config from text (str), got {type(text).__name__}")
+    import yaml
+
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigFileError(
             f"config is {len(text)} characters; the limit is {MAX_CONFIG_BYTES}", source=source
@@ -903,6 +912,8 @@ def render_config(cfg: DaemonConfig, *, include_defaults: bool = False) -> str:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = list(value) if isinstance(value, tuple) else value
+    import yaml
+
     body = yaml.safe_dump(nested, sort_keys=False, default_flow_style=False, allow_unicode=True)
     header = (
         f"# {CONFIG_FILENAME}: the host owner's settings for this aegis-edge daemon.\n"

@@ -13,8 +13,7 @@ from typing import Final
 
 import attrs
 
-from aegis_edge_core import tools_spec
-from aegis_edge_core.health import DEFAULT_HEARTBEAT_INTERVAL_SECS
+from aegis_edge_core import DEFAULT_HEARTBEAT_INTERVAL_SECS, tools_spec
 from aegis_edge_core.identity.rotation import DEFAULT_REFRESH_MARGIN, needs_refresh
 from aegis_edge_core.wire import stream_pb2
 

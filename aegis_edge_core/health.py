@@ -78,6 +78,7 @@ from types import MappingProxyType
 
 import attrs
 
+from aegis_edge_core import DEFAULT_HEARTBEAT_INTERVAL_SECS
 from aegis_edge_core.errors import ConfigError, LocalProtocolError
 
 __all__ = [
@@ -94,9 +95,6 @@ __all__ = [
     "Transition",
     "next_status",
 ]
-
-DEFAULT_HEARTBEAT_INTERVAL_SECS = 30.0
-"""How often daemons heartbeat, told to each daemon when the relay accepts its stream."""
 
 DEFAULT_STALE_THRESHOLD_SECS = 90.0
 """Silence after which an open stream counts as Unhealthy: three missed heartbeats."""

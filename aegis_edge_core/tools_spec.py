@@ -20,7 +20,6 @@ Nothing here spawns a process or reads the host: the agent does that and passes 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -213,8 +212,10 @@ SchemaPart = Literal["args", "result"]
 def _schema_validator(tool: str, part: SchemaPart) -> Draft202012Validator | None:
     if tool not in BUILTIN_TOOLS:
         return None
-    # Imported on first use: it is most of this module's import time, and the CLI's
-    # commands that never check a tool call should not pay for it.
+    # Imported on first use: jsonschema is most of this module's import time, and neither
+    # it nor importlib.resources is needed by the CLI or by a daemon that has run no tool.
+    import importlib.resources
+
     import jsonschema
 
     # Package data shipped beside this module, read once like the code itself: not the

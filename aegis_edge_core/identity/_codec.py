@@ -18,6 +18,8 @@ import binascii
 import re
 from typing import Final
 
+from cryptography.hazmat.primitives import hashes
+
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -36,6 +38,15 @@ def b64url_decode(text: str) -> bytes | None:
     if b64url_encode(data) != text:
         return None
     return data
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 through cryptography, which every identity module loads anyway: ``hashlib``
+    would add its own OpenSSL binding and BLAKE2 module (~0.7 MB) to a daemon for two
+    digests."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()
 
 
 def transcript(label: bytes, *fields: bytes) -> bytes:

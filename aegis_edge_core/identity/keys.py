@@ -20,7 +20,6 @@ a node key by this thumbprint (``cnf.jkt``) and the relay's signing key is picke
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Final
 
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from aegis_edge_core.identity._codec import b64url_encode
+from aegis_edge_core.identity._codec import b64url_encode, sha256
 from aegis_edge_core.identity.errors import KeyFileError
 
 __all__ = [
@@ -59,7 +58,7 @@ def jwk_thumbprint(public_key: bytes) -> str:
         separators=(",", ":"),
         sort_keys=True,
     )
-    return b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest())
+    return b64url_encode(sha256(canonical.encode("ascii")))
 
 
 def _check_public_bytes(raw: bytes) -> None:

@@ -52,7 +52,6 @@ token; the issued token's repr hides it too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -62,7 +61,7 @@ from typing import Any, Final, Generic, Literal, NoReturn, TypeVar
 
 import attrs
 
-from aegis_edge_core.identity._codec import b64url_decode, b64url_encode
+from aegis_edge_core.identity._codec import b64url_decode, b64url_encode, sha256
 from aegis_edge_core.identity.errors import IdentityError, Reason, TokenError, default_hint
 from aegis_edge_core.identity.keys import PublicKey, RelaySigningKey
 from aegis_edge_core.identity.revocation import Revocations
@@ -210,7 +209,7 @@ def ca_pin(ca_certificate_der: bytes) -> str:
     """The ``cap`` claim: lowercase sha256 hex of the relay CA certificate in DER."""
     if not isinstance(ca_certificate_der, bytes) or not ca_certificate_der:
         raise ValueError("pass the CA certificate's DER bytes")
-    return hashlib.sha256(ca_certificate_der).hexdigest()
+    return sha256(ca_certificate_der).hex()
 
 
 def _duration(seconds: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 
 import pytest
@@ -259,3 +260,50 @@ def test_spool_survives_restart_and_capabilities_follow_config(relay, daemons, t
         lambda: relay.host(h.node_id).capabilities.labels.get("role") == "db",
         what="relay sees the new label",
     )
+
+
+# What an idle daemon must not carry (docs/benchmarks.md, "Idle daemon RSS"): each was
+# imported once and cut, so that a new import of any of them is a decision, not an accident.
+NOT_ON_THE_DAEMON_PATH = (
+    "importlib.metadata",  # entry points are read by aegis_edge_cli.entrypoints
+    "email",
+    "zipfile",
+    "csv",
+    "hashlib",  # SHA-256 through cryptography
+    "difflib",  # only for a mistyped name
+    "grpc_status",  # only once a call is refused
+    "importlib.resources",  # tool schemas, on the first tool call
+    "yaml",  # only with an aegis-config.yaml
+    "aegis_edge_core.health",
+    "aegis_edge_relay",
+)
+
+
+def test_connected_daemon_imports_only_what_it_runs(relay, tmp_path):
+    host = enroll_host(relay, tmp_path / "h")
+    (host.state_dir / "aegis-config.yaml").unlink()  # all defaults: no YAML to read
+    d = DaemonProcess.start(host.state_dir, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    try:
+        d.wait_event("connected")
+
+        def imported() -> set[str]:
+            return {
+                line.split("|")[2].strip()
+                for line in d.output.lines
+                if line.startswith("import time:") and line.count("|") == 2
+            }
+
+        # Start-up's freed memory goes back to the OS once connected (glibc's malloc_trim,
+        # through ctypes); by then the daemon has imported all it needs to sit idle.
+        if sys.platform.startswith("linux"):
+            wait_until(lambda: "ctypes" in imported(), 10, what="malloc_trim after start")
+        modules = imported()
+        assert {"aegis_edge_agent.daemon", "aegis_edge_core.session", "grpc"} <= modules
+        unwanted = [
+            m
+            for m in modules
+            if any(m == n or m.startswith(f"{n}.") for n in NOT_ON_THE_DAEMON_PATH)
+        ]
+        assert sorted(unwanted) == []
+    finally:
+        d.stop()
