@@ -27,15 +27,27 @@ from aegis_edge_core.wire import stream_pb2
 from .session_rig import NOW, Identity, caps, to_daemon, to_relay
 
 
+KEEPALIVE_30S = daemon_rules.keepalive_plan(30, 90).bound_secs
+
+
 def _connect(
-    *, offer: tuple[str, ...], use: tuple[str, ...] | None = None, ack_every: int = 2
+    *,
+    offer: tuple[str, ...],
+    use: tuple[str, ...] | None = None,
+    ack_every: int = 2,
+    keepalive_secs: float = KEEPALIVE_30S,
 ) -> tuple[DaemonSession, RelaySession, SessionAccepted]:
-    """A handshake where the daemon offers ``offer`` and the relay uses ``use`` (default:
-    everything offered that it knows)."""
+    """A handshake where the daemon offers ``offer`` (with a keepalive for 30 s / 90 s)
+    and the relay uses ``use`` (default: everything offered that it knows)."""
     ident = Identity.make()
     daemon, relay = DaemonSession(), RelaySession()
     daemon.hello(
-        node_id=ident.node_id, node_token=ident.token, capabilities=caps(), now=NOW, features=offer
+        node_id=ident.node_id,
+        node_token=ident.token,
+        capabilities=caps(),
+        now=NOW,
+        features=offer,
+        keepalive_secs=keepalive_secs,
     )
     (hello,) = to_relay(daemon, relay)
     assert isinstance(hello, HelloReceived)
