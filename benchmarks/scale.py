@@ -801,8 +801,8 @@ FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
     "on": (),
 }
 """``--ab``: the relay without the optional stream features (what an older daemon gets,
-and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ack-batch,
-summary-only fleet events); the load generators offer them either way."""
+and today's Admin event stream) and with them (heartbeat-ack-coalesce, heartbeat-keepalive,
+result-ack-batch, summary-only fleet events); the load generators offer them either way."""
 
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
