@@ -58,6 +58,11 @@ def rpc_error(err: grpc.aio.AioRpcError) -> str:
     return f"{name}: {details}".strip().rstrip(":")
 
 
+def keepalive_timed_out(err: grpc.aio.AioRpcError) -> bool:
+    """The channel's keepalive ping went unanswered (grpc core ends the calls with this)."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and "ping timeout" in (err.details() or "")
+
+
 def handshake_failed(err: grpc.aio.AioRpcError, in_band: s.Refused | None) -> Exception:
     """Why the handshake's call ended: the status details first, else the in-band
     ``Refused`` an older relay sent, else the status itself."""
@@ -211,6 +216,10 @@ class RelayLink:
         self._capabilities = capabilities
         self._reload_settings = reload_settings
         self._stall_heartbeats = stall_heartbeats
+        self._keepalive = rules.keepalive_plan(0.0, 0.0)
+        """The channel's keepalive, for the heartbeat plan the relay last handed out (it
+        is fixed before the handshake: a relay with other settings grants
+        heartbeat-keepalive from the stream after the first)."""
         self.stream: Stream | None = None
         self.exit_reason = ""
         self.relay = ""
@@ -258,9 +267,11 @@ class RelayLink:
         self._status.set(state=hs.ConnectionState.CONNECTING, next_retry_at=None)
         self._log.info("connecting", relay=relay)
         creds = grpc.ssl_channel_credentials(root_certificates=ca)
+        keepalive = self._keepalive
         options = [
             ("grpc.max_receive_message_length", s.MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),
+            *keepalive.channel_options(),
         ]
         async with grpc.aio.secure_channel(relay, creds, options=options) as channel:
             stub: Any = stream_pb2_grpc.EdgeStreamStub(channel)
@@ -269,7 +280,8 @@ class RelayLink:
             try:
                 try:
                     await asyncio.wait_for(
-                        self._handshake(conn, key, token, node), timeout=HANDSHAKE_TIMEOUT
+                        self._handshake(conn, key, token, node, keepalive),
+                        timeout=HANDSHAKE_TIMEOUT,
                     )
                 except TimeoutError:
                     raise ConnectFailed("the relay did not finish the handshake in time") from None
@@ -297,7 +309,14 @@ class RelayLink:
         assert isinstance(msg, stream_pb2.RelayMessage)
         return msg
 
-    async def _handshake(self, conn: Stream, key: NodeKey, token: str, node: hs.NodeInfo) -> None:
+    async def _handshake(
+        self,
+        conn: Stream,
+        key: NodeKey,
+        token: str,
+        node: hs.NodeInfo,
+        keepalive: rules.KeepalivePlan,
+    ) -> None:
         session = conn.session
         conn.capabilities = self._capabilities()
         session.hello(
@@ -306,6 +325,7 @@ class RelayLink:
             capabilities=conn.capabilities,
             now=time.time(),
             features=FEATURES,
+            keepalive_secs=keepalive.bound_secs,
         )
         await conn.flush()
         while conn.accepted is None:
@@ -341,6 +361,9 @@ class RelayLink:
         now = time.time()
         self._backoff.connected(now)
         self.stream = conn
+        self._keepalive = rules.keepalive_plan(
+            accepted.heartbeat_interval_secs, accepted.stale_threshold_secs
+        )
         if accepted.node_token:
             self._store_token(accepted.node_token)
             self._ack_token(conn, accepted.node_token)
@@ -376,6 +399,13 @@ class RelayLink:
                     if not conn.closed:
                         refusal = refusal_of(err)
                         conn.end_reason = rpc_error(err)
+                        if keepalive_timed_out(err):
+                            self._log.warning(
+                                "relay_stalled",
+                                heartbeats_unacked=conn.session.heartbeats_unacked,
+                                detected_by="keepalive",
+                            )
+                            conn.end_reason = "relay stalled: keepalive ping unanswered"
                         if refusal is not None and refusal.reason == "revoked":
                             conn.end_reason = "revoked"
                         elif refusal is not None and refusal.retry_after_secs > 0:
@@ -475,7 +505,11 @@ class RelayLink:
             await asyncio.sleep(plan.interval_secs)
             session = conn.session
             if session.heartbeats_unacked >= plan.stall_after:
-                self._log.warning("relay_stalled", heartbeats_unacked=session.heartbeats_unacked)
+                self._log.warning(
+                    "relay_stalled",
+                    heartbeats_unacked=session.heartbeats_unacked,
+                    detected_by="heartbeats",
+                )
                 conn.close(f"relay stalled: {session.heartbeats_unacked} heartbeats unacknowledged")
                 return
             if not self._state.key_path.exists():

@@ -21,11 +21,14 @@ __all__ = [
     "MIN_STALL_HEARTBEATS",
     "Arrival",
     "HeartbeatPlan",
+    "KeepalivePlan",
     "StopReason",
     "arrival",
     "command_timeout",
     "concurrency_bound",
     "heartbeat_plan",
+    "keepalive_plan",
+    "stall_bound",
     "stopped_outcome",
     "token_refresh_due",
 ]
@@ -133,6 +136,58 @@ def heartbeat_plan(
     stale = stale_threshold_secs or 3 * interval
     limit = stall_after or max(MIN_STALL_HEARTBEATS, math.ceil(stale / interval))
     return HeartbeatPlan(interval_secs=interval, stall_after=max(limit, ack_every + 1))
+
+
+def stall_bound(interval_secs: float, stale_threshold_secs: float) -> float:
+    """The longest a stalled relay goes unnoticed by the heartbeat count alone: the stall
+    count's beats plus one interval of phase (the relay may stop just after an ack)."""
+    plan = heartbeat_plan(interval_secs, stale_threshold_secs)
+    return (plan.stall_after + 1) * plan.interval_secs
+
+
+@attrs.frozen
+class KeepalivePlan:
+    """The HTTP/2 keepalive of the daemon's channel (``heartbeat-keepalive``)."""
+
+    time_secs: float
+    """A ping after this long without anything read from the relay."""
+    timeout_secs: float
+    """The connection is dropped when the ping's ack is not in by then."""
+
+    @property
+    def bound_secs(self) -> float:
+        """The longest a silent relay goes unnoticed: ``Hello.keepalive_secs``."""
+        return self.time_secs + self.timeout_secs
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """The grpc channel arguments that run it."""
+        time_ms = max(1, round(self.time_secs * 1000))
+        timeout_ms = max(1, round(self.timeout_secs * 1000))
+        return [
+            ("grpc.keepalive_time_ms", time_ms),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            # grpc core times a keepalive ping's ack by the ping timeout (default 60 s),
+            # whatever the keepalive timeout says: without this the bound is not kept.
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            # The daemon writes a heartbeat between pings, but grpc must never hold a ping
+            # back for want of data frames: the bound depends on it.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+def keepalive_plan(interval_secs: float, stale_threshold_secs: float) -> KeepalivePlan:
+    """Keepalive for a relay with this heartbeat plan (0s: the defaults), within its
+    :func:`stall_bound`: the ack may take two intervals (answered in grpc's C core, so a
+    live relay's is late only when its host is starved), the ping goes out after the rest
+    of the bound. At 30 s / 90 s: a ping after 60 s without an ack, 60 s to answer, 120 s
+    in all, as the heartbeat count (and the relay's own keepalive, 60 s, never fires while
+    heartbeats come in)."""
+    plan = heartbeat_plan(interval_secs, stale_threshold_secs)
+    timeout = 2 * plan.interval_secs
+    return KeepalivePlan(
+        time_secs=stall_bound(interval_secs, stale_threshold_secs) - timeout,
+        timeout_secs=timeout,
+    )
 
 
 def token_refresh_due(*, issued_at: float, expires_at: float, now: float) -> bool:

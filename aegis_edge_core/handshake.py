@@ -55,7 +55,13 @@ older peer sends or answers none and gets the behaviour without them, so
 * ``heartbeat-ack-coalesce`` (:data:`HEARTBEAT_ACK_COALESCE`): the relay acks one heartbeat
   in :func:`heartbeat_ack_every` -- as rarely as the daemon's stall detection allows;
 * ``result-ack-batch`` (:data:`RESULT_ACK_BATCH`): one ``ResultAck`` names every result
-  the relay stored together.
+  the relay stored together;
+* ``heartbeat-keepalive`` (:data:`HEARTBEAT_KEEPALIVE`): the daemon's channel runs HTTP/2
+  keepalive pings (``Hello.keepalive_secs``), answered inside grpc's C core, which notice a
+  stopped relay or a dead connection within the stall bound. The relay's acks then only
+  prove that its event loop runs and come :data:`KEEPALIVE_ACK_SPREAD` times more rarely
+  (:func:`heartbeat_ack_every`). Granted only when the daemon's keepalive fits the relay's
+  stall bound (:func:`keepalive_fits`).
 
 Like the rest of the core this module does no I/O and reads no clock.
 """
@@ -69,7 +75,7 @@ from typing import Final
 
 import attrs
 
-from aegis_edge_core.daemon_rules import heartbeat_plan
+from aegis_edge_core.daemon_rules import heartbeat_plan, stall_bound
 from aegis_edge_core.errors import ConfigError, LocalProtocolError
 
 __all__ = [
@@ -78,12 +84,16 @@ __all__ = [
     "FEATURES",
     "HANDSHAKE_TIMEOUT",
     "HEARTBEAT_ACK_COALESCE",
+    "HEARTBEAT_KEEPALIVE",
+    "KEEPALIVE_ACK_SPREAD",
     "RESULT_ACK_BATCH",
     "TOO_MANY_UNATTESTED",
     "HandshakeGuard",
     "HandshakeLimits",
     "HandshakeRefusal",
+    "grant",
     "heartbeat_ack_every",
+    "keepalive_fits",
     "negotiate",
 ]
 
@@ -101,8 +111,16 @@ TOO_MANY_UNATTESTED: Final = "too_many_unattested"
 
 HEARTBEAT_ACK_COALESCE: Final = "heartbeat-ack-coalesce"
 RESULT_ACK_BATCH: Final = "result-ack-batch"
-FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH})
+HEARTBEAT_KEEPALIVE: Final = "heartbeat-keepalive"
+FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, HEARTBEAT_KEEPALIVE, RESULT_ACK_BATCH})
 """Every optional feature this code speaks, on either end."""
+
+KEEPALIVE_ACK_SPREAD: Final = 5
+"""With ``heartbeat-keepalive`` the relay acks this many times more rarely than the stall
+count alone allows (at 30 s / 90 s: one beat in 10, so a relay whose event loop is wedged
+while grpc's core still answers pings is noticed after 11 beats, 5.5-6 minutes). Acks are
+then a small part of the relay's steady CPU; rarer ones would save little and only
+lengthen that bound."""
 
 
 def negotiate(offered: Iterable[str], supported: Iterable[str] = FEATURES) -> tuple[str, ...]:
@@ -112,13 +130,49 @@ def negotiate(offered: Iterable[str], supported: Iterable[str] = FEATURES) -> tu
     return tuple(sorted(set(offered) & set(supported)))
 
 
-def heartbeat_ack_every(interval_secs: float, stale_threshold_secs: float) -> int:
+def heartbeat_ack_every(
+    interval_secs: float, stale_threshold_secs: float, *, keepalive: bool = False
+) -> int:
     """How many heartbeats one ack may cover: one fewer than the daemon's stall count (the
     beats it lets go unanswered, :func:`~aegis_edge_core.daemon_rules.heartbeat_plan`), so a
     live relay's ack may still come a whole interval late, and a stalled relay is noticed
-    as soon as before, the same number of beats after its last ack."""
+    as soon as before, the same number of beats after its last ack. With ``keepalive``
+    (``heartbeat-keepalive``) the transport's pings catch a stalled relay within that
+    bound, and the acks, left to catch a wedged event loop, are spread further."""
     stall_after = heartbeat_plan(interval_secs, stale_threshold_secs).stall_after
-    return max(1, stall_after - 1)
+    every = max(1, stall_after - 1)
+    return every * KEEPALIVE_ACK_SPREAD if keepalive else every
+
+
+def keepalive_fits(
+    keepalive_secs: float, interval_secs: float, stale_threshold_secs: float
+) -> bool:
+    """Whether a daemon whose channel notices a silent relay within ``keepalive_secs``
+    (``Hello.keepalive_secs``) keeps the stall bound it has without the feature
+    (:func:`~aegis_edge_core.daemon_rules.stall_bound`); 0 or less: it runs no keepalive."""
+    if not (math.isfinite(keepalive_secs) and keepalive_secs > 0):
+        return False
+    # a daemon computes its keepalive from the same numbers: allow for float rounding
+    return keepalive_secs <= stall_bound(interval_secs, stale_threshold_secs) + 1e-6
+
+
+def grant(
+    offered: Iterable[str],
+    supported: Iterable[str],
+    *,
+    keepalive_secs: float,
+    interval_secs: float,
+    stale_threshold_secs: float,
+) -> tuple[str, ...]:
+    """The features a relay that uses ``supported`` names in ``Accepted`` for a daemon that
+    offered ``offered``: :func:`negotiate`, less ``heartbeat-keepalive`` when the daemon's
+    keepalive would not notice a stalled relay within the stall bound."""
+    features = negotiate(offered, supported)
+    if HEARTBEAT_KEEPALIVE in features and not keepalive_fits(
+        keepalive_secs, interval_secs, stale_threshold_secs
+    ):
+        features = tuple(f for f in features if f != HEARTBEAT_KEEPALIVE)
+    return features
 
 
 def _finite(now: float) -> float:

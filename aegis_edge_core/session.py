@@ -41,10 +41,12 @@ only once it is acked, so a result is never lost to a stream that drops in betwe
 
 Optional features (:mod:`aegis_edge_core.handshake`) are offered in the daemon's hello and
 named back in ``accept``; the relay may only use what was offered. With
-``heartbeat-ack-coalesce`` the relay session acks one heartbeat in ``heartbeat_ack_every``
-(an ack of seq N covers every earlier one); with ``result-ack-batch`` one ``ResultAck``
-names several results. Either way the daemon session reports one :class:`ResultAcked` per
-result, so nothing past the session changes with them.
+``heartbeat-ack-coalesce`` (or ``heartbeat-keepalive``, which needs the daemon's
+``Hello.keepalive_secs`` within the stall bound) the relay session acks one heartbeat in
+``heartbeat_ack_every`` (an ack of seq N covers every earlier one); with
+``result-ack-batch`` one ``ResultAck`` names several results. Either way the daemon
+session reports one :class:`ResultAcked` per result, so nothing past the session changes
+with them.
 
 A capability snapshot (in the hello or a CapabilityUpdate) over the bounds of
 :mod:`aegis_edge_core.capability_limits` is a protocol error too (``RESOURCE_EXHAUSTED``,
@@ -74,7 +76,13 @@ from aegis_edge_core.capability_limits import (
     check_capabilities,
 )
 from aegis_edge_core.errors import LocalProtocolError, RemoteProtocolError
-from aegis_edge_core.handshake import HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH, negotiate
+from aegis_edge_core.handshake import (
+    HEARTBEAT_ACK_COALESCE,
+    HEARTBEAT_KEEPALIVE,
+    RESULT_ACK_BATCH,
+    keepalive_fits,
+    negotiate,
+)
 from aegis_edge_core.identity.attestation import VerifiedAttestation
 from aegis_edge_core.refusals import reason_name, reason_value
 from aegis_edge_core.wire import common_pb2, stream_pb2
@@ -109,6 +117,9 @@ __all__ = [
 
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 """Default cap on one frame; a larger one closes the stream with RESOURCE_EXHAUSTED."""
+
+_ACKS_COALESCED: Final = frozenset({HEARTBEAT_ACK_COALESCE, HEARTBEAT_KEEPALIVE})
+"""Either feature lets one heartbeat ack cover ``heartbeat_ack_every`` beats."""
 
 
 class DaemonState(enum.Enum):
@@ -152,6 +163,8 @@ class HelloReceived(Event):
     """A CONTROL session (``aegis edge keys rotate``) never takes commands."""
     features: tuple[str, ...] = ()
     """The optional features the daemon offered that this code knows (sorted)."""
+    keepalive_secs: float = 0.0
+    """How soon the daemon's channel notices a silent relay (``heartbeat-keepalive``)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -441,6 +454,8 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         self._in_flight: set[str] = set()
         self._answered: set[str] = set()
         self.offered_features: tuple[str, ...] = ()
+        self.keepalive_secs = 0.0
+        """``Hello.keepalive_secs`` (0: the daemon runs no keepalive)."""
         self.features: frozenset[str] = frozenset()
         """What this stream uses, as named in ``accept``."""
         self._ack_every = 1
@@ -474,6 +489,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             self.node_id = hello.node_id
             self.control = hello.kind == stream_pb2.SESSION_KIND_CONTROL
             self.offered_features = negotiate(hello.features)
+            self.keepalive_secs = hello.keepalive_secs
             return [
                 HelloReceived(
                     node_id=hello.node_id,
@@ -482,6 +498,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
                     host_time=hello.host_time,
                     control=self.control,
                     features=self.offered_features,
+                    keepalive_secs=hello.keepalive_secs,
                 )
             ]
         if kind == "attestation":
@@ -611,8 +628,16 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             )
         if heartbeat_ack_every < 1:
             raise LocalProtocolError("heartbeat_ack_every must be at least 1")
+        if HEARTBEAT_KEEPALIVE in features and not keepalive_fits(
+            self.keepalive_secs, heartbeat_interval_secs, stale_threshold_secs
+        ):
+            raise LocalProtocolError(
+                f"heartbeat-keepalive needs the daemon's keepalive within the stall bound "
+                f"(it said {self.keepalive_secs:g}s)",
+                hint="name the features handshake.grant returns",
+            )
         self.features = frozenset(features)
-        coalesce = HEARTBEAT_ACK_COALESCE in self.features
+        coalesce = bool(self.features & _ACKS_COALESCED)
         self._ack_every = heartbeat_ack_every if coalesce else 1
         self.tenant_id = verified.tenant_id
         msg = stream_pb2.RelayMessage()
@@ -839,7 +864,9 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
                     relay_endpoints=tuple(acc.relay_endpoints),
                     features=features,
                     heartbeat_ack_every=(
-                        max(1, acc.heartbeat_ack_every) if HEARTBEAT_ACK_COALESCE in features else 1
+                        max(1, acc.heartbeat_ack_every)
+                        if _ACKS_COALESCED.intersection(features)
+                        else 1
                     ),
                 )
             ]
@@ -928,8 +955,11 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         now: float,
         control: bool = False,
         features: Iterable[str] = (),
+        keepalive_secs: float = 0.0,
     ) -> None:
-        """``features``: the optional features to offer (``handshake.FEATURES``)."""
+        """``features``: the optional features to offer (``handshake.FEATURES``);
+        ``keepalive_secs``: with ``heartbeat-keepalive``, how soon this daemon's channel
+        notices a silent relay (``daemon_rules.KeepalivePlan.bound_secs``)."""
         if not node_id or not node_token:
             raise LocalProtocolError("hello needs the node id and token from enrollment")
         _local_capabilities_check(capabilities)
@@ -942,6 +972,8 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         h.host_time = now
         h.kind = stream_pb2.SESSION_KIND_CONTROL if control else stream_pb2.SESSION_KIND_DAEMON
         h.features.extend(sorted(set(features)))
+        if HEARTBEAT_KEEPALIVE in h.features:
+            h.keepalive_secs = keepalive_secs
         self._emit("hello", msg)
         self.node_id = node_id
         self.control = control

@@ -8,7 +8,8 @@ Health *decisions* are the core's :class:`~aegis_edge_core.health.HealthTracker`
 are applied (gauge, log line).
 
 Heartbeats update memory at once and reach the store in batches (:meth:`FleetView.flush_heartbeats`,
-every couple of seconds), so 10k daemons do not cost 10k writes per interval.
+once per heartbeat interval, at least 2 s, on a relay of its own; every five minutes on a
+shared store), so 10k daemons do not cost 10k transactions per interval.
 """
 
 from __future__ import annotations

@@ -24,9 +24,11 @@ from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, drain_plan
 from aegis_edge_core.errors import RemoteProtocolError
 from aegis_edge_core.handshake import (
     FEATURES,
+    HEARTBEAT_KEEPALIVE,
     RESULT_ACK_BATCH,
     HandshakeGuard,
     HandshakeRefusal,
+    grant,
     heartbeat_ack_every,
 )
 from aegis_edge_core.identity import AttestationError, RotationError, verify_attestation
@@ -417,6 +419,13 @@ class StreamHandler:
             issued = await identity.issue_node_token(node)
             token, expires = issued.token, issued.claims.expires_at
         settings = self.settings
+        features = grant(
+            handle.session.offered_features,
+            settings.features,
+            keepalive_secs=handle.session.keepalive_secs,
+            interval_secs=settings.heartbeat_interval,
+            stale_threshold_secs=settings.stale_threshold,
+        )
         handle.session.accept(
             verified,
             heartbeat_interval_secs=settings.heartbeat_interval,
@@ -426,9 +435,11 @@ class StreamHandler:
             token_expires_at=expires,
             max_concurrent_commands=settings.max_concurrent_commands,
             relay_endpoints=await identity.endpoints_for_daemon(),
-            features=[f for f in handle.session.offered_features if f in settings.features],
+            features=features,
             heartbeat_ack_every=heartbeat_ack_every(
-                settings.heartbeat_interval, settings.stale_threshold
+                settings.heartbeat_interval,
+                settings.stale_threshold,
+                keepalive=HEARTBEAT_KEEPALIVE in features,
             ),
         )
         handle.attested = True

@@ -801,8 +801,8 @@ FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
     "on": (),
 }
 """``--ab``: the relay without the optional stream features (what an older daemon gets,
-and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ack-batch,
-summary-only fleet events); the load generators offer them either way."""
+and today's Admin event stream) and with them (heartbeat-ack-coalesce, heartbeat-keepalive,
+result-ack-batch, summary-only fleet events); the load generators offer them either way."""
 
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
@@ -844,6 +844,16 @@ def run_ab(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]
     enroll(relay, workers, n)
     relay.stop()
     prof_dir = Path(args.profile) if args.profile else None
+
+    def floor_hold(hb: float, count: int, win: float) -> dict[str, Any]:
+        floor, address = start_floor(procs, data_dir, root, f"hb{hb:g}")
+        log(f"floor, {hb:g} s heartbeat: holding {count} streams")
+        held = hold_floor(floor.pid, workers, address, count, hb, win, connect)
+        log(f"  {held}")
+        workers.floor(address, 0, hb)
+        procs.stop(floor)
+        return held
+
     for rnd in range(args.rounds):
         for variant, extra in FEATURE_VARIANTS.items():
             run: dict[str, Any] = {"variant": variant, "round": rnd}
@@ -882,16 +892,15 @@ def run_ab(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, Any]
                 wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
                 relay.stop()
             res["runs"].append(run)
-    res["floor"] = {}
-    for hb_key, hb, count, win in (("hb30", 30.0, n, window), ("hb1", 1.0, stress_n, 10.0)):
-        if hb_key == "hb1" and args.skip_stress:
-            continue
-        floor, address = start_floor(procs, data_dir, root, hb_key)
-        log(f"floor, {hb:g} s heartbeat: holding {count} streams")
-        res["floor"][hb_key] = hold_floor(floor.pid, workers, address, count, hb, win, connect)
-        log(f"  {res['floor'][hb_key]}")
-        workers.floor(address, 0, hb)
-        procs.stop(floor)
+        # The floor in every round, beside the variants: on a shared machine the load
+        # moves within minutes, and a ratio to a floor taken at another time moves with it.
+        res["runs"].append({"variant": "floor", "round": rnd, "hb30": floor_hold(30.0, n, window)})
+    res["floor"] = {"hb30": {}}
+    for key in ("cpu_cores", "rss_mb"):
+        vals = [r["hb30"][key] for r in res["runs"] if r["variant"] == "floor"]
+        res["floor"]["hb30"][key] = round(sum(vals) / len(vals), 4)
+    if not args.skip_stress:
+        res["floor"]["hb1"] = floor_hold(1.0, stress_n, 10.0)
     workers.all({"cmd": "quit"})
     return res
 
@@ -1074,6 +1083,7 @@ def start_floor(
     """The bare grpc.aio floor with the relay's certificate and server options: the process
     and the address it listens on."""
     out = root / f"floor-{name}.json"
+    out.unlink(missing_ok=True)  # the floor of an earlier round wrote its port here
     floor = procs.spawn(
         [
             sys.executable,

@@ -36,6 +36,7 @@ import grpc.aio
 from aegis_edge_core import PROTOCOL_VERSION, tools_spec
 from aegis_edge_core import session as s
 from aegis_edge_core.backoff import Backoff
+from aegis_edge_core.daemon_rules import KeepalivePlan, keepalive_plan
 from aegis_edge_core.handshake import FEATURES
 from aegis_edge_core.identity import NodeKey, sign_attestation
 from aegis_edge_core.identity.endpoints import dial_order
@@ -64,6 +65,8 @@ CAPS = common_pb2.Capabilities(
 
 # The agent's channel options plus a local subchannel pool: without it grpc would share one
 # TCP connection between all channels of this process with the same target and arguments.
+# Each channel adds the agent's keepalive (`KeepalivePlan.channel_options`), for the plan
+# its daemon last saw, as the agent does.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", s.MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
@@ -101,6 +104,11 @@ class Daemon:
         self.last_good = ""
         self.failures = 0
         self.drained_to = ""
+        self.keepalive = keepalive_plan(0.0, 0.0)
+
+
+def channel_options(keepalive: KeepalivePlan) -> list[tuple[str, Any]]:
+    return [*CHANNEL_OPTIONS, *keepalive.channel_options()]
 
 
 class Worker:
@@ -196,7 +204,10 @@ class Worker:
         if d.drained_to in self.endpoints:
             address = d.drained_to  # as the agent: where the Drain said
         d.drained_to = ""
-        async with grpc.aio.secure_channel(address, self.creds, options=CHANNEL_OPTIONS) as channel:
+        keepalive = d.keepalive
+        async with grpc.aio.secure_channel(
+            address, self.creds, options=channel_options(keepalive)
+        ) as channel:
             call = channel.stream_stream(
                 CONNECT,
                 request_serializer=stream_pb2.DaemonMessage.SerializeToString,
@@ -220,6 +231,7 @@ class Worker:
                     capabilities=CAPS,
                     now=time.time(),
                     features=FEATURES,
+                    keepalive_secs=keepalive.bound_secs,
                 )
                 await flush()
                 deadline = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -243,6 +255,9 @@ class Worker:
                             accepted = ev
                     await flush()
                 d.backoff.connected(time.time())
+                d.keepalive = keepalive_plan(
+                    accepted.heartbeat_interval_secs, accepted.stale_threshold_secs
+                )
                 d.last_good, d.failures = address, 0
                 if accepted.node_token:
                     d.token = accepted.node_token
@@ -337,9 +352,9 @@ class Worker:
         msg.heartbeat.inflight = 0
         for _attempt in range(5):
             try:
-                async with grpc.aio.secure_channel(
-                    address, self.creds, options=CHANNEL_OPTIONS
-                ) as channel:
+                # the same pings as a daemon at this interval: the floor answers them too
+                options = channel_options(keepalive_plan(interval, 3 * interval))
+                async with grpc.aio.secure_channel(address, self.creds, options=options) as channel:
                     call = channel.stream_stream(
                         CONNECT,
                         request_serializer=stream_pb2.DaemonMessage.SerializeToString,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aegis_edge_core import refusals, session, tools_spec
+from aegis_edge_core import handshake, refusals, session, tools_spec
 from aegis_edge_core.wire import common_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +190,16 @@ def test_the_os_and_arch_tables_are_what_the_daemon_sends() -> None:
     assert _sent(os="FreeBSD").os == "freebsd"
     assert _sent(arch="armv7l").arch == "armv7l"
     assert (_sent(os="").os, _sent(arch="").arch) == ("unknown", "unknown")
+
+
+def test_the_feature_table_is_the_features_the_code_speaks() -> None:
+    table = _section("### 3.2 Feature negotiation").split("| feature |", 1)[1].split("\n\n")[0]
+    documented = {
+        m.group(1) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|", table, flags=re.MULTILINE)
+    }
+    assert documented == handshake.FEATURES
+    # each is a lowercase-dashed name, as §3.2 requires
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", f) for f in documented)
 
 
 def test_the_status_code_table_is_refusal_status() -> None:

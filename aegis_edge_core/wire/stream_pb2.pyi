@@ -231,6 +231,7 @@ class Hello(_message.Message):
     HOST_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_SECS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     node_id: _builtins.str
     node_token: _builtins.str
@@ -239,6 +240,14 @@ class Hello(_message.Message):
     kind: Global___SessionKind.ValueType
     """CONTROL sessions (`aegis edge keys rotate` while a daemon runs) attest like any other
     but never take commands and do not change the daemon's health.
+    """
+    keepalive_secs: _builtins.float
+    """Added in v1 (compatible both ways): with heartbeat-keepalive offered, the longest this
+    daemon's channel lets a silent relay go unnoticed: it sends an HTTP/2 keepalive ping
+    after a quiet spell and drops the connection when the ping's ack is late, the two
+    together at most this many seconds. A relay grants heartbeat-keepalive only when this
+    is within its own stall bound; 0 (an older daemon): no keepalive, the feature is not
+    granted.
     """
     @_builtins.property
     def capabilities(self) -> _common_pb2.Capabilities: ...
@@ -260,10 +269,11 @@ class Hello(_message.Message):
         host_time: _builtins.float = ...,
         kind: Global___SessionKind.ValueType = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
+        keepalive_secs: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "features", b"features", "host_time", b"host_time", "kind", b"kind", "node_id", b"node_id", "node_token", b"node_token", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "features", b"features", "host_time", b"host_time", "keepalive_secs", b"keepalive_secs", "kind", b"kind", "node_id", b"node_id", "node_token", b"node_token", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -529,7 +539,7 @@ class Accepted(_message.Message):
     max_concurrent_commands: _builtins.int
     relay_time: _builtins.float
     heartbeat_ack_every: _builtins.int
-    """with heartbeat-ack-coalesce; 0 or 1: every heartbeat"""
+    """with heartbeat-ack-coalesce or heartbeat-keepalive; 0 or 1: every heartbeat"""
     @_builtins.property
     def relay_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Added in v1 (compatible both ways): every relay endpoint of the relay's cluster, so a
@@ -546,6 +556,11 @@ class Accepted(_message.Message):
             `heartbeat_ack_every` (an ack of seq N covers every heartbeat up to N); the daemon
             calls the relay stalled only after more than that many go unacknowledged.
           result-ack-batch: a ResultAck may name several results in `command_ids`.
+          heartbeat-keepalive: the daemon's channel runs HTTP/2 keepalive pings
+            (Hello.keepalive_secs), which notice a stopped relay or a dead connection within
+            the stall bound; the relay's heartbeat acks then only prove its event loop runs,
+            one in `heartbeat_ack_every` (coalesced as above, and sparser), and the daemon
+            calls the relay stalled after more than that many go unacknowledged.
         """
 
     def __init__(

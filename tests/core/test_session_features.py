@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aegis_edge_core import daemon_rules
 from aegis_edge_core.errors import LocalProtocolError
 from aegis_edge_core.handshake import (
     FEATURES,
     HEARTBEAT_ACK_COALESCE,
+    HEARTBEAT_KEEPALIVE,
+    KEEPALIVE_ACK_SPREAD,
     RESULT_ACK_BATCH,
+    grant,
     heartbeat_ack_every,
+    keepalive_fits,
     negotiate,
 )
 from aegis_edge_core.session import (
@@ -26,16 +34,27 @@ from aegis_edge_core.wire import stream_pb2
 
 from .session_rig import NOW, Identity, caps, to_daemon, to_relay
 
+KEEPALIVE_30S = daemon_rules.keepalive_plan(30, 90).bound_secs
+
 
 def _connect(
-    *, offer: tuple[str, ...], use: tuple[str, ...] | None = None, ack_every: int = 2
+    *,
+    offer: tuple[str, ...],
+    use: tuple[str, ...] | None = None,
+    ack_every: int = 2,
+    keepalive_secs: float = KEEPALIVE_30S,
 ) -> tuple[DaemonSession, RelaySession, SessionAccepted]:
-    """A handshake where the daemon offers ``offer`` and the relay uses ``use`` (default:
-    everything offered that it knows)."""
+    """A handshake where the daemon offers ``offer`` (with a keepalive for 30 s / 90 s)
+    and the relay uses ``use`` (default: everything offered that it knows)."""
     ident = Identity.make()
     daemon, relay = DaemonSession(), RelaySession()
     daemon.hello(
-        node_id=ident.node_id, node_token=ident.token, capabilities=caps(), now=NOW, features=offer
+        node_id=ident.node_id,
+        node_token=ident.token,
+        capabilities=caps(),
+        now=NOW,
+        features=offer,
+        keepalive_secs=keepalive_secs,
     )
     (hello,) = to_relay(daemon, relay)
     assert isinstance(hello, HelloReceived)
@@ -180,3 +199,74 @@ def test_batched_result_ack_names_every_result_and_the_daemon_sees_each() -> Non
     relay.ack_result("c4")  # one alone goes as an older relay sends it
     (single,) = relay.messages_to_send()
     assert single.result_ack.command_id == "c4" and not single.result_ack.command_ids
+
+
+def test_heartbeat_keepalive_is_granted_only_within_the_stall_bound() -> None:
+    fits = daemon_rules.keepalive_plan(30, 90).bound_secs
+    assert fits == daemon_rules.stall_bound(30, 90) == 120
+    offered = tuple(FEATURES)
+    granted = grant(
+        offered, FEATURES, keepalive_secs=fits, interval_secs=30, stale_threshold_secs=90
+    )
+    assert set(granted) == FEATURES
+    for late in (fits + 1, 0.0, -1.0, math.inf, math.nan):
+        assert HEARTBEAT_KEEPALIVE not in grant(
+            offered, FEATURES, keepalive_secs=late, interval_secs=30, stale_threshold_secs=90
+        )
+    # a daemon set up for the default plan, at a relay with a 0.5 s / 2 s one
+    assert HEARTBEAT_KEEPALIVE not in grant(
+        offered, FEATURES, keepalive_secs=fits, interval_secs=0.5, stale_threshold_secs=2
+    )
+    # the relay session refuses to name it for a keepalive that does not fit
+    with pytest.raises(LocalProtocolError, match="keepalive"):
+        _connect(offer=offered, keepalive_secs=fits + 1)
+    # an offer without the feature sends no keepalive
+    daemon = DaemonSession()
+    daemon.hello(node_id="n", node_token="t", capabilities=caps(), now=NOW, keepalive_secs=9)
+    (hello,) = daemon.messages_to_send()
+    assert hello.hello.keepalive_secs == 0
+
+
+def test_keepalive_acks_are_sparse_and_a_live_relay_is_never_stalled() -> None:
+    every = heartbeat_ack_every(30, 90, keepalive=True)
+    assert every == 2 * KEEPALIVE_ACK_SPREAD == 10
+    daemon, relay, accepted = _connect(
+        offer=(HEARTBEAT_KEEPALIVE,), ack_every=every, keepalive_secs=KEEPALIVE_30S
+    )
+    assert accepted.features == (HEARTBEAT_KEEPALIVE,)
+    assert accepted.heartbeat_ack_every == every
+    plan = daemon_rules.heartbeat_plan(30, 90, ack_every=accepted.heartbeat_ack_every)
+    assert plan.stall_after == every + 1  # a wedged relay: 11 beats
+    acked = []
+    for _beat in range(40):
+        assert daemon.heartbeats_unacked < plan.stall_after
+        daemon.heartbeat(NOW)
+        to_relay(daemon, relay)
+        acked += [e.seq for e in to_daemon(relay, daemon) if isinstance(e, HeartbeatAcked)]
+    assert acked == [10, 20, 30, 40]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    interval=st.floats(min_value=0.05, max_value=3600),
+    stale_factor=st.floats(min_value=0.5, max_value=20),
+    keepalive=st.booleans(),
+)
+def test_any_plan_keeps_its_keepalive_in_the_bound_and_a_live_relay_connected(
+    interval: float, stale_factor: float, keepalive: bool
+) -> None:
+    stale = interval * stale_factor
+    ka = daemon_rules.keepalive_plan(interval, stale)
+    # the daemon's own keepalive for the plan always fits it, pings and waits a while
+    assert keepalive_fits(ka.bound_secs, interval, stale)
+    assert ka.time_secs >= interval * (1 - 1e-9) and ka.timeout_secs == 2 * interval
+    options = dict(ka.channel_options())
+    assert options["grpc.http2.max_pings_without_data"] == 0
+    assert options["grpc.http2.ping_timeout_ms"] == options["grpc.keepalive_timeout_ms"] >= 1
+    # whatever the relay names, the daemon's stall count stays above it: a live relay that
+    # acks one beat in `every` is never called stalled
+    every = heartbeat_ack_every(interval, stale, keepalive=keepalive)
+    plan = daemon_rules.heartbeat_plan(interval, stale, ack_every=every)
+    assert plan.stall_after > every
+    if not keepalive:  # coalescing alone keeps the bound of every beat acked
+        assert plan.stall_after == daemon_rules.heartbeat_plan(interval, stale).stall_after

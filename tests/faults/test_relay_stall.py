@@ -123,3 +123,61 @@ def test_stall_bound_with_and_without_coalesced_heartbeat_acks(
         if daemon is not None:
             daemon.stop()
         relay.stop()
+
+
+def test_stall_bound_with_heartbeat_keepalive(tmp_path: Path, tally: Tally) -> None:
+    """With heartbeat-keepalive the daemon's channel pings the relay (answered inside grpc's
+    core) and the relay acks one beat in 15; a stopped relay is still noticed within the
+    heartbeat count's bound (4 beats of 0.5 s plus one of phase: 2.5 s), by the ping.
+
+    The daemon sets its channel's keepalive before the handshake, from the plan it last saw:
+    its first stream (the default 30 s plan) does not fit this relay's 2 s bound and is
+    granted nothing, and it finds the stall by its heartbeat count; the stream after it fits.
+    """
+    relay = RelayProcess.start(
+        tmp_path / "relay",
+        heartbeat_interval="0.5s",
+        stale_threshold="2s",
+        extra=("--protocol-features", "heartbeat-keepalive"),
+    )
+    daemon: DaemonProcess | None = None
+    stopped = False
+    try:
+        host = enroll_host(relay, tmp_path / "edge")
+        daemon = DaemonProcess.start(host.state_dir)
+        first = daemon.wait_event("connected")
+        assert first["features"] == [] and first["heartbeat_ack_every"] == 1
+        os.kill(relay.proc.pid, signal.SIGSTOP)
+        stopped = True
+        tally.fault()
+        assert daemon.wait_event("relay_stalled", timeout=15)["detected_by"] == "heartbeats"
+        os.kill(relay.proc.pid, signal.SIGCONT)
+        stopped = False
+
+        second = daemon.wait_event("connected", count=2, timeout=30)
+        assert second["features"] == ["heartbeat-keepalive"]
+        assert second["heartbeat_ack_every"] == 15  # (4 - 1) x KEEPALIVE_ACK_SPREAD
+        time.sleep(3.0)  # six beats, one ack at most: the pings keep the stream up
+        assert len(daemon.events("relay_stalled")) == 1
+        assert len(daemon.events("connected")) == 2
+        wait_until(lambda: relay.host(host.node_id).status == CONNECTED, what="Connected")
+
+        os.kill(relay.proc.pid, signal.SIGSTOP)
+        stopped = True
+        stalled_at = time.monotonic()
+        tally.fault()
+        stall = daemon.wait_event("relay_stalled", count=2, timeout=15)
+        detected_after = time.monotonic() - stalled_at
+        assert stall["detected_by"] == "keepalive"
+        assert stall["heartbeats_unacked"] < 16  # before the heartbeat count would have
+        # ping after 1.5 s without an ack, 1 s to answer it, plus the log pump's latency
+        assert detected_after < 6.0, f"stall detected only after {detected_after:.1f}s"
+        print(f"heartbeat-keepalive: stall detected after {detected_after:.2f}s")
+        down = daemon.wait_event("disconnected", count=2)
+        assert "stalled" in down["reason"]
+    finally:
+        if stopped:
+            os.kill(relay.proc.pid, signal.SIGCONT)
+        if daemon is not None:
+            daemon.stop()
+        relay.stop()
