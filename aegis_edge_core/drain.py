@@ -35,6 +35,7 @@ __all__ = [
     "DrainSlot",
     "back_within",
     "drain_plan",
+    "hint_at",
 ]
 
 DEFAULT_ATTEST_RATE: Final = 400.0
@@ -124,3 +125,19 @@ def back_within(
         max(count, 1), attest_rate=attest_rate, first_after=first_after, max_spread=max_spread
     )
     return plan[-1].reconnect_after_secs + _seconds("first_after", first_after)
+
+
+def hint_at(due: float, now: float, *, first_after: float = DEFAULT_FIRST_AFTER) -> float:
+    """The ``reconnect_after_secs`` to write at ``now`` for a slot due at ``due`` (both on
+    the relay's clock: the drain's start plus the slot's seconds).
+
+    A plan's slots count from the drain's start, but 10k ``Drain`` writes take the relay
+    seconds; a hint fixed at the start would push the stream written last that much past
+    its slot, and the fleet would come back slower than the rate. Never less than
+    ``first_after``, the plan's first slot (the taker's time to be ready): while the
+    writes go out faster than the plan's rate that bound never moves a slot. Raises
+    ValueError on non-finite times or a negative ``first_after``.
+    """
+    if not (math.isfinite(due) and math.isfinite(now)):
+        raise ValueError(f"due and now must be finite, got {due!r} and {now!r}")
+    return max(_seconds("first_after", first_after), due - now)

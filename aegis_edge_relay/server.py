@@ -356,7 +356,7 @@ class Relay:
         await self.fleet.flush_heartbeats()
         self.fleet.account_stream_seconds(self.fleet.now())
         self.db.close()
-        jsonlog.log("info", "relay.stopped")
+        jsonlog.log("info", "relay.store_closed")
 
 
 def _console_token_expiry(identity: IdentityService, token: str) -> float:
@@ -600,6 +600,15 @@ async def serve(opts: ServeOptions) -> int:
     # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
     stopping = asyncio.ensure_future(server.stop(grace=opts.drain_grace + 2.0))
     await relay.drain(hand_over=successor)
+    # No stream touches the store any more (the rest only write their queued Drain): close
+    # it and hand the data dir over now, so a successor opens it while the Drains go out
+    # (at 10k streams writing them is seconds the daemons would otherwise wait).
+    if http_listener is not None:
+        await http_listener.close()
+    await relay.stop()
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / RELAY_JSON).unlink()
+    await relay.streams.drained()
     if opts.fast_exit:
         # Every stream has had its Drain and been ended by the relay (or cut at the end of
         # the grace). What server.stop() still waits for is grpc tearing down 10k finished
@@ -609,11 +618,7 @@ async def serve(opts: ServeOptions) -> int:
             await asyncio.wait_for(asyncio.shield(stopping), timeout=1.0)
     else:
         await stopping
-    if http_listener is not None:
-        await http_listener.close()
-    await relay.stop()
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / RELAY_JSON).unlink()
+    jsonlog.log("info", "relay.stopped")
     if opts.fast_exit:
         # Everything is stored and every stream is closed. What is left is tearing down
         # the objects of 10k finished calls one by one (measured: ~20 s at 10k daemons),
