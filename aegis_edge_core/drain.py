@@ -6,7 +6,7 @@ daemon's jitter spreads them over half a second) and the relay that takes them -
 relay restarted, or the other relays of a cluster -- gets 10k TLS handshakes and
 attestations at once. It can take only so many per second (its *attestation rate*: two
 Ed25519 verifications, a TLS handshake and four stream messages each; measured about
-400-550 per second on two shared cores); the rest queue in its accept backlog or time out
+500 per second on two shared cores); the rest queue in its accept backlog or time out
 and come back on their backoff ladder, which is the storm.
 
 :func:`drain_plan` gives each stream its own slot instead: stream ``i`` of ``count`` comes
@@ -38,9 +38,12 @@ __all__ = [
     "hint_at",
 ]
 
-DEFAULT_ATTEST_RATE: Final = 400.0
-"""Attestations per second one relay takes while a fleet comes back (the lower end of what
-``benchmarks/scale.py`` measured at 10k daemons on two cores shared with the load)."""
+DEFAULT_ATTEST_RATE: Final = 500.0
+"""Attestations per second one relay takes while a fleet comes back: what
+``benchmarks/scale.py`` measured a pressed relay taking at 10k daemons on two cores shared
+with the load generators (528/s; 500/s beat both 400/s and 600/s in one 5k take-over run
+on a loaded machine). Too low a rate leaves the taker idle between arrivals; too high
+queues them in its backlog, which costs handshake time but no refusal."""
 
 DEFAULT_FIRST_AFTER: Final = 1.0
 """The earliest slot, in seconds: the hint every daemon got before slots existed."""
