@@ -603,12 +603,14 @@ async def serve(opts: ServeOptions) -> int:
     # No stream touches the store any more (the rest only write their queued Drain): close
     # it and hand the data dir over now, so a successor opens it while the Drains go out
     # (at 10k streams writing them is seconds the daemons would otherwise wait).
-    if http_listener is not None:
-        await http_listener.close()
-    await relay.stop()
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / RELAY_JSON).unlink()
-    await relay.streams.drained()
+    try:
+        if http_listener is not None:
+            await http_listener.close()
+        await relay.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / RELAY_JSON).unlink()
+    finally:
+        await relay.streams.drained()  # the Drains held for the close go out either way
     if opts.fast_exit:
         # Every stream has had its Drain and been ended by the relay (or cut at the end of
         # the grace). What server.stop() still waits for is grpc tearing down 10k finished
