@@ -11,7 +11,8 @@ the store. The order is:
    are refused. Idle streams hold theirs while no stream needs the store, so the
    relay's last store work (a few awaits) does not queue behind 10k writes in the loop.
 2. the relay closes its store and hands the data dir over;
-3. :meth:`Drain.finish`: the held ``Drain`` writes go out, bounded by the same grace.
+3. :meth:`Drain.finish`: the held ``Drain`` writes go out, bounded by the grace or the
+   plan's last slot, whichever is later (:func:`write_bound`).
 
 A hint counts from the drain's start, not from its write (``hint_at``), so a stream
 written last still comes back at its slot.
@@ -24,11 +25,11 @@ import contextlib
 import time
 from collections.abc import Callable, Collection
 
-from aegis_edge_core.drain import drain_plan
+from aegis_edge_core.drain import DEFAULT_FIRST_AFTER, DEFAULT_MAX_SPREAD, drain_plan
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.state import StreamHandle
 
-__all__ = ["Drain"]
+__all__ = ["Drain", "write_bound"]
 
 SHUTTING_DOWN = "relay shutting down"
 
@@ -43,6 +44,7 @@ class Drain:
         self._started = 0.0
         self._total = 0
         self._spread = 0.0
+        self._last_slot = 0.0
         self._targets: tuple[str, ...] = ()
         self._cut = 0
         self._held: list[StreamHandle] = []
@@ -63,6 +65,7 @@ class Drain:
         # back to), so the taker sees them at the rate it attests instead of all at once.
         plan = drain_plan(len(daemons), attest_rate=self._rate, targets=targets)
         self._spread = plan[-1].reconnect_after_secs - plan[0].reconnect_after_secs if plan else 0
+        self._last_slot = plan[-1].reconnect_after_secs if plan else 0.0
         for handle, slot in zip(daemons, plan, strict=True):
             with contextlib.suppress(Exception):
                 handle.session.drain(
@@ -101,10 +104,16 @@ class Drain:
             handle.end()
 
     async def finish(self, streams: Collection[StreamHandle]) -> None:
-        """Write the held ``Drain``s and wait (to the end of the grace) until every call
-        has ended; cut what is left. Logs the one ``relay.drained`` line."""
+        """Write the held ``Drain``s and wait until every call has ended, up to the end of
+        the grace or the plan's last slot, whichever is later; cut what is left. Logs the
+        one ``relay.drained`` line.
+
+        The grace bounds waiting for daemons; these are the relay's own writes, and one
+        written late (it still counts from the drain's start) beats a cut stream, which
+        retries on its ladder together with every other stream cut at that moment. The
+        store is closed by now, so a successor does not wait for them."""
         self._release()
-        deadline = self._started + self._grace
+        deadline = self._started + max(self._grace, self._last_slot)
         while streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = list(streams)
@@ -120,3 +129,10 @@ class Drain:
             cut_at_grace=self._cut + len(cut),
             seconds=round(time.monotonic() - self._started, 3),
         )
+
+
+def write_bound(grace: float) -> float:
+    """The longest a drain may last from its start: its writes may run to the plan's last
+    slot (:meth:`Drain.finish`), at most ``first_after + max_spread`` of the core's plan.
+    The gRPC server's own stop grace must not cut them before that."""
+    return max(grace, DEFAULT_FIRST_AFTER + DEFAULT_MAX_SPREAD)

@@ -66,6 +66,7 @@ from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.admin import AdminService
 from aegis_edge_relay.cluster import ClusterView
 from aegis_edge_relay.dispatcher import Dispatcher
+from aegis_edge_relay.drainer import write_bound
 from aegis_edge_relay.durations import parse_hostport
 from aegis_edge_relay.enrollment import EnrollmentService
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
@@ -598,7 +599,10 @@ async def serve(opts: ServeOptions) -> int:
     # Stop listening first: open streams keep the grace to be drained, while the daemons
     # that reconnect early are refused by the kernel instead of costing a TLS handshake and
     # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
-    stopping = asyncio.ensure_future(server.stop(grace=opts.drain_grace + 2.0))
+    # The CLI leaves as soon as the Drains are written (below), so gRPC may not cut them
+    # first; an embedder keeps gRPC's bound on its other calls (admin streams) short.
+    grace = write_bound(opts.drain_grace) if opts.fast_exit else opts.drain_grace
+    stopping = asyncio.ensure_future(server.stop(grace=grace + 2.0))
     await relay.drain(hand_over=successor)
     # No stream touches the store any more (the rest only write their queued Drain): close
     # it and hand the data dir over now, so a successor opens it while the Drains go out
