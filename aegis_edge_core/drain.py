@@ -6,7 +6,7 @@ daemon's jitter spreads them over half a second) and the relay that takes them -
 relay restarted, or the other relays of a cluster -- gets 10k TLS handshakes and
 attestations at once. It can take only so many per second (its *attestation rate*: two
 Ed25519 verifications, a TLS handshake and four stream messages each; measured about
-400-550 per second on two shared cores); the rest queue in its accept backlog or time out
+500 per second on two shared cores); the rest queue in its accept backlog or time out
 and come back on their backoff ladder, which is the storm.
 
 :func:`drain_plan` gives each stream its own slot instead: stream ``i`` of ``count`` comes
@@ -35,11 +35,15 @@ __all__ = [
     "DrainSlot",
     "back_within",
     "drain_plan",
+    "hint_at",
 ]
 
-DEFAULT_ATTEST_RATE: Final = 400.0
-"""Attestations per second one relay takes while a fleet comes back (the lower end of what
-``benchmarks/scale.py`` measured at 10k daemons on two cores shared with the load)."""
+DEFAULT_ATTEST_RATE: Final = 500.0
+"""Attestations per second one relay takes while a fleet comes back: what
+``benchmarks/scale.py`` measured a pressed relay taking at 10k daemons on two cores shared
+with the load generators (528/s; 500/s beat both 400/s and 600/s in one 5k take-over run
+on a loaded machine). Too low a rate leaves the taker idle between arrivals; too high
+queues them in its backlog, which costs handshake time but no refusal."""
 
 DEFAULT_FIRST_AFTER: Final = 1.0
 """The earliest slot, in seconds: the hint every daemon got before slots existed."""
@@ -124,3 +128,19 @@ def back_within(
         max(count, 1), attest_rate=attest_rate, first_after=first_after, max_spread=max_spread
     )
     return plan[-1].reconnect_after_secs + _seconds("first_after", first_after)
+
+
+def hint_at(due: float, now: float, *, first_after: float = DEFAULT_FIRST_AFTER) -> float:
+    """The ``reconnect_after_secs`` to write at ``now`` for a slot due at ``due`` (both on
+    the relay's clock: the drain's start plus the slot's seconds).
+
+    A plan's slots count from the drain's start, but 10k ``Drain`` writes take the relay
+    seconds; a hint fixed at the start would push the stream written last that much past
+    its slot, and the fleet would come back slower than the rate. Never less than
+    ``first_after``, the plan's first slot (the taker's time to be ready): while the
+    writes go out faster than the plan's rate that bound never moves a slot. Raises
+    ValueError on non-finite times or a negative ``first_after``.
+    """
+    if not (math.isfinite(due) and math.isfinite(now)):
+        raise ValueError(f"due and now must be finite, got {due!r} and {now!r}")
+    return max(_seconds("first_after", first_after), due - now)

@@ -204,6 +204,10 @@ class ClusterView:
             return
         for task in list(self._releases):
             await task
+        # Dropping the lease releases every row still held here: the streams that end
+        # after it (a drain's last writes, once the store is closed) have none to release.
+        self._held.clear()
+        self._statuses.clear()
         db = self._db
         await db.call(db.store.drop_lease, self.relay_id)
 

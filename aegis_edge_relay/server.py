@@ -66,6 +66,7 @@ from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.admin import AdminService
 from aegis_edge_relay.cluster import ClusterView
 from aegis_edge_relay.dispatcher import Dispatcher
+from aegis_edge_relay.drainer import write_bound
 from aegis_edge_relay.durations import parse_hostport
 from aegis_edge_relay.enrollment import EnrollmentService
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
@@ -360,7 +361,7 @@ class Relay:
         await self.fleet.flush_heartbeats()
         self.fleet.account_stream_seconds(self.fleet.now())
         self.db.close()
-        jsonlog.log("info", "relay.stopped")
+        jsonlog.log("info", "relay.store_closed")
 
 
 def _console_token_expiry(identity: IdentityService, token: str) -> float:
@@ -602,8 +603,22 @@ async def serve(opts: ServeOptions) -> int:
     # Stop listening first: open streams keep the grace to be drained, while the daemons
     # that reconnect early are refused by the kernel instead of costing a TLS handshake and
     # an aborted call each (with 10k daemons that made shutdown take tens of seconds).
-    stopping = asyncio.ensure_future(server.stop(grace=opts.drain_grace + 2.0))
+    # The CLI leaves as soon as the Drains are written (below), so gRPC may not cut them
+    # first; an embedder keeps gRPC's bound on its other calls (admin streams) short.
+    grace = write_bound(opts.drain_grace) if opts.fast_exit else opts.drain_grace
+    stopping = asyncio.ensure_future(server.stop(grace=grace + 2.0))
     await relay.drain(hand_over=successor)
+    # No stream touches the store any more (the rest only write their queued Drain): close
+    # it and hand the data dir over now, so a successor opens it while the Drains go out
+    # (at 10k streams writing them is seconds the daemons would otherwise wait).
+    try:
+        if http_listener is not None:
+            await http_listener.close()
+        await relay.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / RELAY_JSON).unlink()
+    finally:
+        await relay.streams.drained()  # the Drains held for the close go out either way
     if opts.fast_exit:
         # Every stream has had its Drain and been ended by the relay (or cut at the end of
         # the grace). What server.stop() still waits for is grpc tearing down 10k finished
@@ -613,11 +628,7 @@ async def serve(opts: ServeOptions) -> int:
             await asyncio.wait_for(asyncio.shield(stopping), timeout=1.0)
     else:
         await stopping
-    if http_listener is not None:
-        await http_listener.close()
-    await relay.stop()
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / RELAY_JSON).unlink()
+    jsonlog.log("info", "relay.stopped")
     if opts.fast_exit:
         # Everything is stored and every stream is closed. What is left is tearing down
         # the objects of 10k finished calls one by one (measured: ~20 s at 10k daemons),

@@ -156,6 +156,9 @@ class StreamHandle:
         self.results_in: list[ResultReceived] = []
         """Results read but not yet being stored (``result-ack-batch`` streams)."""
         self.result_store: asyncio.Task[None] | None = None
+        self.drain_due: float | None = None
+        """``time.monotonic()`` at which a drained daemon is due back (its slot); the
+        ``Drain``'s hint is counted from the moment it is written."""
 
     def flush(self) -> None:
         """Move what the session wants to say onto the outbox, in order."""
@@ -169,6 +172,17 @@ class StreamHandle:
         if self.closing:
             return
         self.closing = True
+        self.end(code, details, metadata)
+
+    def stop_reading(self) -> None:
+        """Take nothing more from the peer (the reader leaves at its next message); the
+        call stays open until :meth:`end`."""
+        self.closing = True
+
+    def end(
+        self, code: grpc.StatusCode | None = None, details: str = "", metadata: Metadata = ()
+    ) -> None:
+        """Write what is queued, then end the call (once, after :meth:`stop_reading`)."""
         self.flush()
         self.outbox.put_nowait(CloseStream(code, details, metadata))
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 import grpc
 
-from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, drain_plan
+from aegis_edge_core.drain import DEFAULT_ATTEST_RATE, hint_at
 from aegis_edge_core.errors import RemoteProtocolError
 from aegis_edge_core.handshake import (
     FEATURES,
@@ -48,6 +48,7 @@ from aegis_edge_core.session import (
 from aegis_edge_core.wire import common_pb2
 from aegis_edge_relay import jsonlog
 from aegis_edge_relay.dispatcher import Dispatcher
+from aegis_edge_relay.drainer import Drain
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.identity import IdentityService
 from aegis_edge_relay.metrics import RelayMetrics
@@ -116,6 +117,9 @@ class StreamHandler:
         """The streams the guard holds a deadline for, by stream id."""
         self.handshake_pending = asyncio.Event()
         """Set when a stream starts its handshake (the deadline loop waits for it)."""
+        self._drain = Drain(
+            grace=settings.drain_grace, attest_rate=settings.drain_rate, now=self.now
+        )
 
     # ------------------------------------------------------------------ the call
 
@@ -142,6 +146,8 @@ class StreamHandler:
                 if isinstance(item, CloseStream):
                     close = item
                     break
+                if handle.drain_due is not None and item.WhichOneof("body") == "drain":
+                    item.drain.reconnect_after_secs = hint_at(handle.drain_due, time.monotonic())
                 await context.write(item)
         finally:
             reader.cancel()
@@ -547,47 +553,18 @@ class StreamHandler:
         return len(streams)
 
     async def drain(self) -> None:
-        """Tell every daemon to go away and come back, and wait (bounded) for them.
-
-        Per-stream ``stream.closed``/``daemon.status`` lines are at debug level from here
-        on; one ``relay.drained`` line sums the drain up."""
-        fleet = self.fleet
-        fleet.draining = True
-        started = time.monotonic()
-        total = len(fleet.all_streams)
-        daemons = [h for h in fleet.all_streams if h.attested and not h.control]
-        # Each stream its own time to come back (and, in a cluster, another relay to come
-        # back to), so the taker sees them at the rate it attests instead of all at once.
-        targets = fleet.cluster.other_endpoints()
-        plan = drain_plan(len(daemons), attest_rate=self.settings.drain_rate, targets=targets)
-        for handle, slot in zip(daemons, plan, strict=True):
-            with contextlib.suppress(Exception):
-                handle.session.drain(
-                    "relay shutting down",
-                    reconnect_after_secs=slot.reconnect_after_secs,
-                    relay_endpoint=slot.relay_endpoint,
-                )
-                handle.flush()
-                if not handle.session.in_flight:
-                    # Nothing to wait for: end the call after the Drain (status OK)
-                    # rather than wait for the daemon to hang up; 10k streams then
-                    # close at the relay's pace, not at their hosts'.
-                    handle.close()
-        deadline = time.monotonic() + self.settings.drain_grace
-        while fleet.all_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        cut = list(fleet.all_streams)
-        now = self.now()
-        for handle in cut:
-            handle.refuse("unavailable", "relay shutting down", now)
-        jsonlog.log(
-            "info",
-            "relay.drained",
-            streams=total,
-            spread_secs=round(plan[-1].reconnect_after_secs - plan[0].reconnect_after_secs, 3)
-            if plan
-            else 0.0,
-            to=list(targets),
-            cut_at_grace=len(cut),
-            seconds=round(time.monotonic() - started, 3),
+        """Tell every daemon to go away and come back (:mod:`.drainer`); returns once no
+        stream can touch the store, with the idle streams' ``Drain``s still to write
+        (:meth:`drained`). Per-stream ``stream.closed``/``daemon.status`` lines are at debug
+        level from here on; one ``relay.drained`` line sums the drain up."""
+        self.fleet.draining = True
+        await self._drain.begin(
+            self.fleet.all_streams,
+            list(self._unattested.values()),
+            self.fleet.cluster.other_endpoints(),
         )
+
+    async def drained(self) -> None:
+        """After :meth:`drain` (and the store's close): write the ``Drain``s and end the
+        calls, bounded by the drain's grace."""
+        await self._drain.finish(self.fleet.all_streams)

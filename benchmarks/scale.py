@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -171,6 +172,9 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.port = 0
+        self.profile_dir: Path | None = None
+        """``--profile`` with ``--only storm``: py-spy on the old relay and the successor of
+        each take-over."""
 
     def start(self, heartbeat: float, timeout: float = 120.0) -> float:
         """Start (same port after the first start); returns seconds until relay.json."""
@@ -234,10 +238,16 @@ class Relay:
         self.extra = (*old_extra, "--take-over")
         info = self.data_dir / "relay.json"
         t0 = time.monotonic()
+        spies = []
+        if self.profile_dir is not None:
+            tag = f"{time.strftime('%H%M%S')}-{self.rate_label()}"
+            spies.append(profile(old.pid, 30, self.profile_dir / f"stop-{tag}.txt"))
         try:
             self._spawn(heartbeat)
         finally:
             self.extra = old_extra
+        if self.profile_dir is not None:
+            spies.append(profile(self.proc.pid, 60, self.profile_dir / f"successor-{tag}.txt"))
         old_exit = 0.0
         while True:
             if not old_exit and old.poll() is not None:
@@ -257,6 +267,11 @@ class Relay:
         ready = time.monotonic() - t0
         old.wait(60)
         return ready, old_exit or time.monotonic() - t0
+
+    def rate_label(self) -> str:
+        """The ``--drain-rate`` this relay was started with (``default`` if none)."""
+        rates = [v for k, v in itertools.pairwise(self.extra) if k == "--drain-rate"]
+        return rates[-1] if rates else "default"
 
     def last_draining_at(self) -> float:
         """Wall time of the last ``relay.draining`` line: when the old relay got its signal."""
@@ -556,21 +571,36 @@ def storm(
     }
 
 
-def restart_storms(relay: Relay, workers: Workers, n: int) -> dict[str, Any]:
+def restart_storms(
+    relay: Relay, workers: Workers, n: int, rates: list[str] | None = None
+) -> dict[str, Any]:
     """The restart before and after, one after the other on the same fleet: a plain restart
     of a relay draining with the uniform 1 s hint, then ``--take-over`` of a relay draining
-    with per-stream slots (the default ``--drain-rate``)."""
+    with per-stream slots (the default ``--drain-rate``; with ``rates``, one take-over per
+    rate, each drained by a relay started with that ``--drain-rate``)."""
     timeout = max(120.0, n / 40)
     assert relay.extra[-2:] == UNIFORM_DRAIN, "the relay must hold the fleet with the old drain"
-    relay.extra = relay.extra[:-2]
+    base = relay.extra[:-2]
+    plan = rates or [""]
+
+    def with_rate(rate: str) -> tuple[str, ...]:
+        return (*base, "--drain-rate", rate) if rate else base
+
+    relay.extra = with_rate(plan[0])
     log(f"reconnect storm: restarting the relay with {n} daemons attached (uniform drain)")
     before = storm(relay, workers, n, 30.0, timeout=timeout)
     log(f"  {before}")
-    log(f"graceful restart: --take-over with {n} daemons attached (per-stream slots)")
-    after = storm(relay, workers, n, 30.0, timeout=timeout, take_over=True)
-    log(f"  {after}")
-    after["ratio_to_plain"] = round(after["from_signal_s"] / before["from_signal_s"], 2)
-    return {"plain": before, "take_over": after}
+    afters = []
+    for i, rate in enumerate(plan):
+        relay.extra = with_rate(plan[i + 1] if i + 1 < len(plan) else rate)
+        log(f"graceful restart: --take-over of {n} daemons, drain rate {rate or 'default'}")
+        after = storm(relay, workers, n, 30.0, timeout=timeout, take_over=True)
+        after["drain_rate"] = rate or "default"
+        after["ratio_to_plain"] = round(after["from_signal_s"] / before["from_signal_s"], 2)
+        log(f"  {after}")
+        afters.append(after)
+    relay.extra = base
+    return {"plain": before, "take_over": afters[0], "take_overs": afters}
 
 
 def daemon_idle(seconds: float) -> dict[str, Any]:
@@ -789,8 +819,12 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
         res["fleet"].append(fr)
         log(f"  {fr}")
     if "storm" in only:
-        storms = restart_storms(relay, workers, n)
+        relay.profile_dir = Path(args.profile) if args.profile else None
+        if relay.profile_dir is not None:
+            relay.profile_dir.mkdir(parents=True, exist_ok=True)
+        storms = restart_storms(relay, workers, n, args.storm_rates)
         res["storm"], res["storm_take_over"] = storms["plain"], storms["take_over"]
+        res["storm_take_overs"] = storms["take_overs"]
     workers.target(0)
     relay.stop()
     return res
@@ -1258,7 +1292,17 @@ def main() -> int:
         "benchmarks/results/ab.json, its table into docs/benchmarks.md",
     )
     ap.add_argument("--rounds", type=int, default=1, help="--ab: off/on pairs (default 1)")
-    ap.add_argument("--profile", metavar="DIR", help="--ab: py-spy stacks of round 1 to DIR")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="--ab: py-spy stacks of round 1 to DIR; --only storm: of each take-over's old "
+        "relay (stop-*.txt) and successor (successor-*.txt)",
+    )
+    ap.add_argument(
+        "--storm-rates",
+        type=lambda t: t.split(","),
+        help="--only storm: one take-over per --drain-rate, in one run, e.g. 400,800",
+    )
     ap.add_argument(
         "--store",
         metavar="URL",

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aegis_edge_core.drain import DEFAULT_FIRST_AFTER, DrainSlot, back_within, drain_plan
+from aegis_edge_core.drain import (
+    DEFAULT_FIRST_AFTER,
+    DEFAULT_MAX_SPREAD,
+    DrainSlot,
+    back_within,
+    drain_plan,
+    hint_at,
+)
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -115,3 +122,40 @@ def test_every_slot_is_due_before_the_successor_stops_waiting(
     plan = drain_plan(count, attest_rate=rate, first_after=first)
     window = back_within(count, attest_rate=rate, first_after=first)
     assert all(slot.reconnect_after_secs + first / 2 <= window for slot in plan)
+
+
+def test_a_drain_written_late_keeps_its_slot() -> None:
+    # the plan started at 100.0; slot 3.5 s in, its Drain written 2.25 s into the drain
+    assert hint_at(103.5, 102.25, first_after=0.5) == pytest.approx(1.25)
+    assert hint_at(103.5, 100.0) == pytest.approx(3.5)
+    # written less than a first step before its slot, or after it: one first step
+    assert hint_at(103.5, 103.0) == DEFAULT_FIRST_AFTER
+    assert hint_at(103.5, 104.0, first_after=0.25) == 0.25
+    with pytest.raises(ValueError):
+        hint_at(math.nan, 1.0)
+    with pytest.raises(ValueError):
+        hint_at(1.0, math.inf)
+    with pytest.raises(ValueError):
+        hint_at(1.0, 0.0, first_after=-1.0)
+
+
+@FAST
+@given(
+    count=st.integers(1, 3000),
+    rate=rates,
+    first=seconds,
+    write_rate=st.floats(min_value=0.5, max_value=1e5, allow_nan=False),
+)
+def test_drains_written_faster_than_the_rate_return_at_their_slots(
+    count: int, rate: float, first: float, write_rate: float
+) -> None:
+    """Stream i's Drain written i / write_rate s into the drain: it comes back at its slot
+    when the writes outpace the rate, else one first step after its write; never earlier
+    than either."""
+    plan = drain_plan(count, attest_rate=rate, first_after=first)
+    for i, slot in enumerate(plan):
+        written = i / write_rate
+        back = written + hint_at(slot.reconnect_after_secs, written, first_after=first)
+        assert back == pytest.approx(max(slot.reconnect_after_secs, written + first))
+        if write_rate >= max(rate, count / DEFAULT_MAX_SPREAD):  # the plan's own rate
+            assert back == pytest.approx(slot.reconnect_after_secs)
