@@ -1,7 +1,7 @@
 """The dispatcher: commands out to live streams, results and output back.
 
-Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.send`
-records the dispatch in command history, hands the invocation to the node's
+Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.send_many`
+records the dispatches in command history, hands the invocation to the node's
 :class:`RelaySession` and remembers who is waiting. A node whose stream another relay of the
 cluster holds gets the command through the store instead (a ``routed_commands`` row that
 relay delivers once); the rest of that trip -- delivery at the holder, the end coming
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 import attrs
@@ -29,7 +29,7 @@ from aegis_edge_core.wire import stream_pb2
 from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.fleetview import FleetView
 from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.state import Clock
+from aegis_edge_relay.state import Clock, StreamHandle
 from aegis_edge_relay.store import CommandRow, RoutedCommand, StoreWorker
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Dispatcher",
     "GroupCommit",
     "NotConnected",
+    "Outgoing",
     "OutputSink",
     "PendingCommand",
 ]
@@ -71,6 +72,26 @@ OutputSink = Callable[["PendingCommand", OutputReceived, int], None]
 the bytes of it lost just before the chunk on its way from another relay."""
 
 
+@attrs.frozen(kw_only=True)
+class Outgoing:
+    """One command for :meth:`Dispatcher.send_many`.
+
+    ``timeout_secs`` is sent as the invocation's timeout when given (a fleet run sends the
+    planner's, so the planner knows the bound the daemon kills at); else it is what is
+    left until ``deadline``."""
+
+    node_id: str
+    tool: str
+    args_json: str = "{}"
+    fleet_command_id: str = ""
+    deadline: float = 0.0
+    timeout_secs: float | None = None
+    listener: Listener | None = None
+    output: OutputSink | None = None
+    parent_span: Any = None
+    log_level: str = "info"
+
+
 @attrs.define(kw_only=True)
 class PendingCommand:
     command_id: str
@@ -98,18 +119,22 @@ W = TypeVar("W")
 class GroupCommit(Generic[R, W]):
     """Rows that arrive while a batch is being written go together into the next one: one
     store transaction (and one hop to the store thread) per batch, not per row. Each caller
-    still awaits *its* row being committed, so "persist, then send/ack" holds."""
+    still awaits *its* rows being committed, so "persist, then send/ack" holds."""
 
     def __init__(self, db: StoreWorker, write_many: Callable[[list[R]], list[W] | None]) -> None:
         self.db = db
         self._write_many = write_many
-        self._queue: list[tuple[R, asyncio.Future[W | None]]] = []
+        self._queue: list[tuple[list[R], asyncio.Future[list[W | None]]]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, row: R) -> W | None:
+        return (await self.submit_many([row]))[0]
+
+    async def submit_many(self, rows: list[R]) -> list[W | None]:
+        """Rows that go in one transaction (with whatever else is queued then)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[W | None] = loop.create_future()
-        self._queue.append((row, fut))
+        fut: asyncio.Future[list[W | None]] = loop.create_future()
+        self._queue.append((rows, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
         return await fut
@@ -118,15 +143,19 @@ class GroupCommit(Generic[R, W]):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                out = await self.db.persist(self._write_many, [row for row, _ in batch])
+                rows = [row for group, _ in batch for row in group]
+                out = await self.db.persist(self._write_many, rows)
             except Exception as err:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
-            for i, (_, fut) in enumerate(batch):
+            start = 0
+            for group, fut in batch:
+                end = start + len(group)
                 if not fut.done():
-                    fut.set_result(out[i] if out is not None else None)
+                    fut.set_result(list(out[start:end]) if out is not None else [None] * len(group))
+                start = end
 
 
 class Dispatcher:
@@ -192,113 +221,130 @@ class Dispatcher:
         live = handle is not None and not handle.closing
         return live or self.fleet.cluster.holder_of(node_id) is not None
 
-    async def send(
-        self,
-        node_id: str,
-        tool: str,
-        args_json: str = "{}",
-        *,
-        fleet_command_id: str = "",
-        deadline: float = 0.0,
-        timeout_secs: float | None = None,
-        listener: Listener | None = None,
-        output: OutputSink | None = None,
-        parent_span: Any = None,
-        log_level: str = "info",
-    ) -> PendingCommand:
-        """Dispatch one command on the node's live stream; raises :class:`NotConnected`.
-
-        ``timeout_secs`` is sent as the invocation's timeout when given (a fleet run sends
-        the planner's, so the planner knows the bound the daemon kills at); else it is
-        what is left until ``deadline``.
+    async def send_many(self, batch: Sequence[Outgoing]) -> list[PendingCommand | NotConnected]:
+        """Dispatch commands, each on its node's live stream (or through the store to the
+        relay of the cluster holding it). Every dispatch row of the batch goes into one
+        store transaction before any command goes out, and no task is made per command.
+        Returns, in order, each command as sent or why its node was not reachable.
         """
         fleet = self.fleet
-        handle = fleet.streams.get(node_id)
-        holder = None
-        if handle is None or handle.closing:
-            holder = fleet.cluster.holder_of(node_id)
-            if holder is None:
-                raise NotConnected(f"daemon {node_id} has no live stream")
-        node = fleet.nodes[node_id]
         now = self.now()
-        command_id = "c-" + os.urandom(10).hex()
-        span, traceparent, tracestate = tracing.start_node_span(
-            parent_span,
-            node_id=node_id,
-            tool=tool,
-            fleet_command_id=fleet_command_id,
-            command_id=command_id,
-        )
-        pending = PendingCommand(
-            command_id=command_id,
-            node_id=node_id,
-            tenant_id=node.tenant_id,
-            tool=tool,
-            fleet_command_id=fleet_command_id,
-            dispatched_at=now,
-            listener=listener,
-            output=output,
-            span=span,
-            log_level=log_level,
-        )
-        timeout = (
-            timeout_secs
-            if timeout_secs is not None
-            else (max(0.0, deadline - now) if deadline else 0.0)
-        )
-        if holder is None:
-            await self._dispatch_log.submit(
-                CommandRow(
-                    command_id=command_id,
-                    node_id=node_id,
-                    tenant_id=node.tenant_id,
-                    tool=tool,
-                    dispatched_at=now,
-                    fleet_command_id=fleet_command_id,
-                )
+        out: list[PendingCommand | NotConnected] = []
+        here: list[tuple[int, StreamHandle, PendingCommand, Outgoing, float, str, str]] = []
+        routed: list[tuple[PendingCommand, RoutedCommand]] = []
+        for req in batch:
+            node_id = req.node_id
+            handle = fleet.streams.get(node_id)
+            holder = None
+            if handle is None or handle.closing:
+                holder = fleet.cluster.holder_of(node_id)
+                if holder is None:
+                    out.append(NotConnected(f"daemon {node_id} has no live stream"))
+                    continue
+            node = fleet.nodes[node_id]
+            command_id = "c-" + os.urandom(10).hex()
+            span, traceparent, tracestate = tracing.start_node_span(
+                req.parent_span,
+                node_id=node_id,
+                tool=req.tool,
+                fleet_command_id=req.fleet_command_id,
+                command_id=command_id,
             )
-        else:
-            pending.routed_to = holder
-            self.pending[command_id] = pending
-            routed = RoutedCommand(
+            pending = PendingCommand(
                 command_id=command_id,
                 node_id=node_id,
                 tenant_id=node.tenant_id,
-                holder=holder,
-                coordinator=fleet.cluster.relay_id,
-                tool=tool,
-                args_json=args_json or "{}",
-                fleet_command_id=fleet_command_id,
-                deadline=deadline,
-                timeout_secs=timeout,
-                created_at=now,
+                tool=req.tool,
+                fleet_command_id=req.fleet_command_id,
+                dispatched_at=now,
+                listener=req.listener,
+                output=req.output,
+                span=span,
+                log_level=req.log_level,
             )
+            timeout = (
+                req.timeout_secs
+                if req.timeout_secs is not None
+                else (max(0.0, req.deadline - now) if req.deadline else 0.0)
+            )
+            out.append(pending)
+            if holder is None:
+                assert handle is not None
+                here.append((len(out) - 1, handle, pending, req, timeout, traceparent, tracestate))
+                continue
+            pending.routed_to = holder
+            routed.append(
+                (
+                    pending,
+                    RoutedCommand(
+                        command_id=command_id,
+                        node_id=node_id,
+                        tenant_id=node.tenant_id,
+                        holder=holder,
+                        coordinator=fleet.cluster.relay_id,
+                        tool=req.tool,
+                        args_json=req.args_json or "{}",
+                        fleet_command_id=req.fleet_command_id,
+                        deadline=req.deadline,
+                        timeout_secs=timeout,
+                        created_at=now,
+                    ),
+                )
+            )
+        if here:
+            rows = [
+                CommandRow(
+                    command_id=p.command_id,
+                    node_id=p.node_id,
+                    tenant_id=p.tenant_id,
+                    tool=p.tool,
+                    dispatched_at=now,
+                    fleet_command_id=p.fleet_command_id,
+                )
+                for _, _, p, _, _, _, _ in here
+            ]
             try:
-                await self._route_log.submit(routed)  # the dispatch row and the queue row
+                await self._dispatch_log.submit_many(rows)
             except Exception:
-                self.pending.pop(command_id, None)
-                tracing.end_span(span, "edge_disconnected")
+                for pending, _ in routed:
+                    tracing.end_span(pending.span, "edge_disconnected")
+                for _, _, pending, _, _, _, _ in here:
+                    tracing.end_span(pending.span, "edge_disconnected")
                 raise
-            return self._dispatched(pending)
-        assert handle is not None
-        if handle.closing or fleet.streams.get(node_id) is not handle:
-            tracing.end_span(span, "edge_disconnected")
-            raise NotConnected(f"daemon {node_id} disconnected")
-        self.pending[command_id] = pending
-        handle.session.send_command(
-            command_id=command_id,
-            tool=tool,
-            args_json=args_json or "{}",
-            fleet_command_id=fleet_command_id,
-            deadline=deadline,
-            timeout_secs=timeout,
-            traceparent=traceparent,
-            tracestate=tracestate,
-        )
-        handle.flush()
-        return self._dispatched(pending)
+        if routed:
+            for pending, _ in routed:
+                self.pending[pending.command_id] = pending
+            try:
+                await self._route_log.submit_many([row for _, row in routed])  # + dispatch rows
+            except Exception:
+                for pending, _ in routed:
+                    self.pending.pop(pending.command_id, None)
+                    tracing.end_span(pending.span, "edge_disconnected")
+                raise
+            for pending, _ in routed:
+                self._dispatched(pending)
+        for i, handle, pending, req, timeout, traceparent, tracestate in here:
+            node_id = pending.node_id
+            if handle.closing or fleet.streams.get(node_id) is not handle:
+                tracing.end_span(pending.span, "edge_disconnected")
+                out[i] = NotConnected(f"daemon {node_id} disconnected")
+                continue
+            self.pending[pending.command_id] = pending
+            handle.session.send_command(
+                command_id=pending.command_id,
+                tool=req.tool,
+                args_json=req.args_json or "{}",
+                fleet_command_id=req.fleet_command_id,
+                deadline=req.deadline,
+                timeout_secs=timeout,
+                traceparent=traceparent,
+                tracestate=tracestate,
+            )
+            handle.flush()
+            self._dispatched(pending)
+        return out
 
-    def _dispatched(self, pending: PendingCommand) -> PendingCommand:
+    def _dispatched(self, pending: PendingCommand) -> None:
         jsonlog.log(
             pending.log_level,
             "command.dispatched",
@@ -309,7 +355,6 @@ class Dispatcher:
             tool=pending.tool,
             routed_to=pending.routed_to or None,
         )
-        return pending
 
     def cancel_command(self, command_id: str, reason: str) -> None:
         pending = self.pending.get(command_id)

@@ -96,7 +96,8 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True, **kw)
+        kw.setdefault("cwd", REPO)
+        proc = subprocess.Popen(argv, start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -168,6 +169,9 @@ class Relay:
         self.data_dir = data_dir
         self.store_url = store_url
         self.extra = extra
+        self.code = ""
+        """A source tree whose ``aegis_*`` packages the relay runs instead of this one's
+        (``--baseline``): ahead of the editable install on its ``sys.path``."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.port = 0
@@ -219,6 +223,8 @@ class Relay:
             ],
             stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
+            env={**os.environ, "PYTHONPATH": self.code} if self.code else None,
+            cwd=self.code or REPO,  # `-m` puts the working directory first on sys.path
         )
 
     def stop(self) -> float:
@@ -619,13 +625,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
+def commit(tree: Path = REPO) -> str:
     out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, check=False
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, check=False
     )
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--", "aegis_edge_relay", "aegis_edge_core"],
-        cwd=REPO,
+        cwd=tree,
         capture_output=True,
         check=False,
     )
@@ -774,6 +780,11 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     log(f"enrolling {n} daemons ({nworkers} load generators)")
     enroll(relay, workers, n)
     relay.stop()
+    if args.baseline:
+        res["baseline"] = {"tree": args.baseline, "commit": commit(Path(args.baseline))}
+        res["fleet_ab"] = fleet_against_baseline(args, relay, workers)
+        workers.all({"cmd": "quit"})
+        return res
     if "storm" in only:
         relay.extra = (*relay.extra, *UNIFORM_DRAIN)
     relay.start(30.0)
@@ -794,6 +805,47 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     workers.target(0)
     relay.stop()
     return res
+
+
+def fleet_against_baseline(
+    args: argparse.Namespace, relay: Relay, workers: Workers
+) -> list[dict[str, Any]]:
+    """``--only fleet --baseline TREE``: fleet edge.ping mode all over the same N daemons on
+    the relay of TREE (before) and of this tree (after), in turn, ``--rounds`` times, with
+    the stream features on and summary-only events both times. ``--profile DIR``: py-spy
+    stacks of each relay's first run."""
+    n = args.daemons
+    connect = max(120.0, n / 25)
+    prof_dir = Path(args.profile) if args.profile else None
+    runs: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        for variant, code in (("before", args.baseline), ("after", "")):
+            relay.code = code
+            relay.start(30.0)
+            workers.all({"cmd": "address", "address": relay.address})
+            workers.target(n)
+            wait_for(lambda: relay.connected() >= n, connect, f"{n} connected", 0.5)
+            time.sleep(3.0)
+            spy = None
+            if prof_dir is not None and rnd == 0:
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                spy = profile(relay.pid, 15, prof_dir / f"{variant}-fleet.txt")
+            load = os.getloadavg()[0]
+            fr = fleet_run(relay, "all", timeout=max(120.0, n / 50), summary_only=True)
+            if spy is not None:
+                spy.wait()
+            runs.append({"variant": variant, "round": rnd, "load1": round(load, 2), **fr})
+            log(f"  [{variant}] round {rnd}: load {load:.1f}: {fr}")
+            workers.target(0)
+            wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
+            relay.stop()
+    relay.code = ""
+    for variant in ("before", "after"):
+        mine = [r for r in runs if r["variant"] == variant]
+        wall = sum(r["wall_s"] for r in mine) / len(mine)
+        cpu = sum(r["relay_cpu_s"] for r in mine) / len(mine)
+        log(f"{variant}: mean wall {wall:.2f} s, relay CPU {cpu:.2f} s over {len(mine)} runs")
+    return runs
 
 
 FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -1247,8 +1299,18 @@ def main() -> int:
         help="stream features off against on (and the floor) in one run: JSON to "
         "benchmarks/results/ab.json, its table into docs/benchmarks.md",
     )
-    ap.add_argument("--rounds", type=int, default=1, help="--ab: off/on pairs (default 1)")
-    ap.add_argument("--profile", metavar="DIR", help="--ab: py-spy stacks of round 1 to DIR")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="--ab, --baseline: pairs of runs (default 1)"
+    )
+    ap.add_argument(
+        "--profile", metavar="DIR", help="--ab, --baseline: py-spy stacks of round 1 to DIR"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="with --only fleet: the fleet run on TREE's relay (e.g. a `git worktree add` of "
+        "the base commit) against this tree's, in turn, in one run",
+    )
     ap.add_argument(
         "--store",
         metavar="URL",
