@@ -5,7 +5,7 @@ records the dispatches in command history, hands the invocation to the node's
 :class:`RelaySession` and remembers who is waiting. A node whose stream another relay of the
 cluster holds gets the command through the store instead (a ``routed_commands`` row that
 relay delivers once); the rest of that trip -- delivery at the holder, the end coming
-back -- is :mod:`.routing`'s. Results (:meth:`Dispatcher.on_result`, called by the stream
+back -- is :mod:`.routing`'s. Results (:meth:`Dispatcher.on_results`, called by the stream
 reader *before* it acks), lost streams (:meth:`Dispatcher.connection_lost`, with the ids
 :meth:`RelaySession.connection_lost` returned), late results and routed ends all end up in
 :meth:`Dispatcher.finish`, which persists, counts and tells the waiter. Fleet runs
@@ -396,31 +396,42 @@ class Dispatcher:
         if pending.output is not None:
             pending.output(pending, event, lost_before)
 
-    async def on_result(
-        self, node_id: str, result: stream_pb2.CommandResult, *, known: bool
-    ) -> None:
-        """A daemon reported a result: persist it (the caller acks only after this)."""
+    async def store_results(
+        self, results: Sequence[tuple[str, stream_pb2.CommandResult]]
+    ) -> list[tuple[PendingCommand, CommandEnd]]:
+        """Daemons reported results (``(node_id, result)``): persist them all, the known
+        ones in one group commit. The caller acks them only after this, then hands the ends
+        returned to :meth:`tell`."""
         now = self.now()
-        pending = self.pending.get(result.command_id)
-        if pending is not None and pending.node_id != node_id:
-            pending = None  # another node's command id: never trust it
-        outcome = outcome_of(result)
-        exit_code = result.exit_code if result.has_exit_code else None
-        if pending is None:
-            await self._late_result(node_id, result, outcome, exit_code, now)
-            return
-        stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
-        stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
-        await self.finish(
-            pending,
-            outcome,
-            now,
-            exit_code=exit_code,
-            error_message=result.error_message,
-            stdout=stdout[-_TAIL:],
-            stderr=stderr[-_TAIL:],
-            result_json=capped_result(result.result_json),
-        )
+        ends: list[tuple[PendingCommand, CommandEnd]] = []
+        late = []
+        for node_id, result in results:
+            pending = self.pending.get(result.command_id)
+            if pending is not None and pending.node_id != node_id:
+                pending = None  # another node's command id: never trust it
+            outcome = outcome_of(result)
+            exit_code = result.exit_code if result.has_exit_code else None
+            if pending is None:
+                late.append(self._late_result(node_id, result, outcome, exit_code, now))
+                continue
+            stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
+            stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
+            end = self._ended(
+                pending,
+                outcome,
+                now,
+                exit_code=exit_code,
+                error_message=result.error_message,
+                stdout=stdout[-_TAIL:],
+                stderr=stderr[-_TAIL:],
+                result_json=capped_result(result.result_json),
+            )
+            if end is not None:
+                ends.append((pending, end))
+        if late:
+            await asyncio.gather(*late)
+        await self._store_ends(ends)
+        return ends
 
     async def _late_result(
         self,
@@ -490,9 +501,42 @@ class Dispatcher:
         stderr: bytes,
         result_json: str = "",
     ) -> None:
+        end = self._ended(
+            pending,
+            outcome,
+            now,
+            exit_code=exit_code,
+            error_message=error_message,
+            stdout=stdout,
+            stderr=stderr,
+            result_json=result_json,
+        )
+        if end is not None:
+            await self._store_ends([(pending, end)])
+            await self.tell(pending, end)
+
+    def _ended(
+        self,
+        pending: PendingCommand,
+        outcome: TargetOutcome,
+        now: float,
+        *,
+        exit_code: int | None,
+        error_message: str,
+        stdout: bytes,
+        stderr: bytes,
+        result_json: str = "",
+    ) -> CommandEnd | None:
+        """The command's end, counted and off the pending table; None if it had ended."""
         if self.pending.pop(pending.command_id, None) is None:
-            return  # already finished (e.g. lost, then the late result raced in)
-        end = CommandEnd(
+            return None  # already finished (e.g. lost, then the late result raced in)
+        metrics = self.metrics
+        metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
+        metrics.command_duration.labels(tool=pending.tool).observe(
+            max(0.0, now - pending.dispatched_at)
+        )
+        tracing.end_span(pending.span, outcome.value)
+        return CommandEnd(
             command_id=pending.command_id,
             node_id=pending.node_id,
             tenant_id=pending.tenant_id,
@@ -507,39 +551,45 @@ class Dispatcher:
             stderr_tail=stderr,
             result_json=result_json,
         )
-        metrics = self.metrics
-        metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
-        metrics.command_duration.labels(tool=pending.tool).observe(
-            max(0.0, now - pending.dispatched_at)
+
+    async def _store_ends(self, ends: list[tuple[PendingCommand, CommandEnd]]) -> None:
+        """Persist the ends (one transaction, with whatever else is queued then)."""
+        if not ends:
+            return
+        await self._result_log.submit_many(
+            [
+                CommandRow(
+                    command_id=end.command_id,
+                    node_id=end.node_id,
+                    tenant_id=end.tenant_id,
+                    tool=end.tool,
+                    dispatched_at=end.dispatched_at,
+                    fleet_command_id=end.fleet_command_id,
+                    finished_at=end.finished_at,
+                    outcome=end.outcome.value,
+                    exit_code=end.exit_code,
+                    error=end.error_message,
+                    stdout_tail=end.stdout_tail,
+                    stderr_tail=end.stderr_tail,
+                    result_json=end.result_json,
+                )
+                for _, end in ends
+            ]
         )
-        tracing.end_span(pending.span, outcome.value)
-        await self._result_log.submit(
-            CommandRow(
-                command_id=pending.command_id,
-                node_id=pending.node_id,
-                tenant_id=pending.tenant_id,
-                tool=pending.tool,
-                dispatched_at=pending.dispatched_at,
-                fleet_command_id=pending.fleet_command_id,
-                finished_at=now,
-                outcome=outcome.value,
-                exit_code=exit_code,
-                error=error_message,
-                stdout_tail=stdout,
-                stderr_tail=stderr,
-                result_json=result_json,
+        for pending, end in ends:
+            jsonlog.log(
+                pending.log_level,
+                "command.finished",
+                node_id=end.node_id,
+                tenant_id=end.tenant_id,
+                command_id=end.command_id,
+                fleet_command_id=end.fleet_command_id or None,
+                tool=end.tool,
+                outcome=end.outcome.value,
+                exit_code=end.exit_code,
             )
-        )
-        jsonlog.log(
-            pending.log_level,
-            "command.finished",
-            node_id=pending.node_id,
-            tenant_id=pending.tenant_id,
-            command_id=pending.command_id,
-            fleet_command_id=pending.fleet_command_id or None,
-            tool=pending.tool,
-            outcome=outcome.value,
-            exit_code=exit_code,
-        )
+
+    async def tell(self, pending: PendingCommand, end: CommandEnd) -> None:
+        """Tell a stored end to whoever waits for the command (a fleet run)."""
         if pending.listener is not None:
             await pending.listener(end)
