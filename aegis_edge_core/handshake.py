@@ -56,6 +56,12 @@ older peer sends or answers none and gets the behaviour without them, so
   in :func:`heartbeat_ack_every` -- as rarely as the daemon's stall detection allows;
 * ``result-ack-batch`` (:data:`RESULT_ACK_BATCH`): one ``ResultAck`` names every result
   the relay stored together.
+* ``result-ack-deferred`` (:data:`RESULT_ACK_DEFERRED`): the relay holds the acks of stored
+  results until the next heartbeat it acknowledges, and sends them *as* that heartbeat's
+  ack: one ``ResultAck`` naming them and the heartbeat's ``seq``. A fleet run's result
+  then costs the relay no write of its own (the daemon keeps it spooled a little longer:
+  at most ``heartbeat_ack_every`` heartbeat intervals, and sends it again after a
+  reconnect, as any unacknowledged result).
 
 Like the rest of the core this module does no I/O and reads no clock.
 """
@@ -79,6 +85,7 @@ __all__ = [
     "HANDSHAKE_TIMEOUT",
     "HEARTBEAT_ACK_COALESCE",
     "RESULT_ACK_BATCH",
+    "RESULT_ACK_DEFERRED",
     "TOO_MANY_UNATTESTED",
     "HandshakeGuard",
     "HandshakeLimits",
@@ -101,7 +108,8 @@ TOO_MANY_UNATTESTED: Final = "too_many_unattested"
 
 HEARTBEAT_ACK_COALESCE: Final = "heartbeat-ack-coalesce"
 RESULT_ACK_BATCH: Final = "result-ack-batch"
-FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH})
+RESULT_ACK_DEFERRED: Final = "result-ack-deferred"
+FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH, RESULT_ACK_DEFERRED})
 """Every optional feature this code speaks, on either end."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from aegis_edge_core import refusals, session, tools_spec
+from aegis_edge_core.handshake import FEATURES
 from aegis_edge_core.wire import common_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +213,10 @@ def test_statuses_named_with_a_reason_in_the_prose_are_the_tables() -> None:
     for code, reason in pairs:
         assert reason in refusals.REFUSAL_STATUS, reason
         assert refusals.REFUSAL_STATUS[reason] == code, (code, reason)
+
+
+def test_the_feature_table_is_the_codes() -> None:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    table = text.split("Features defined for v1:", 1)[1].split("\n\n", 2)[1]
+    rows = table.splitlines()[2:]
+    assert {row.split("|")[1].strip().strip("`") for row in rows} == FEATURES

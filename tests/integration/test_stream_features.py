@@ -60,7 +60,7 @@ async def _scenario(relay: RelayProcess) -> None:
         await wait_until(lambda: len(old.saw(HeartbeatAcked)) == 4, what="4 acks")
 
         # A new daemon: both features; one ack per two beats (stall count 3, less one).
-        new.features = tuple(FEATURES)
+        new.features = (HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH)
         accepted = await new.connect()
         assert isinstance(accepted, SessionAccepted)
         assert set(accepted.features) == {HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH}
@@ -119,6 +119,31 @@ async def _scenario(relay: RelayProcess) -> None:
         last = summary[-2].progress
         assert (last.targets, last.finished, last.counts["ok"]) == (10, 10, 10)
         assert len(summary[-1].finished.targets) == 10
+
+        # result-ack-deferred: a run's result is stored at once, and acked only as the
+        # daemon's next acked heartbeat (one message for both).
+        late = fleet[0]
+        await late.close()
+        late.features = tuple(FEATURES)
+        accepted = await late.connect()
+        assert isinstance(accepted, SessionAccepted)
+        assert set(accepted.features) == set(FEATURES)
+        for _ in range(2):
+            await late.heartbeat()
+        await wait_until(lambda: len(late.saw(HeartbeatAcked)) == 1, what="the first ack")
+        run = await _run(admin, relay, f"node={late.node_id}", batch=False, summary=True)
+        assert run.targets[0].outcome == OK  # stored and counted before any ack
+        await asyncio.sleep(0.3)
+        assert late.saw(ResultAcked) == [] and late.session is not None
+        assert late.session.heartbeats_unacked == 0
+        await late.heartbeat()
+        await asyncio.sleep(0.3)
+        assert late.saw(ResultAcked) == []  # beat 3: not due an ack (one in two)
+        await late.heartbeat()
+        await wait_until(lambda: len(late.saw(ResultAcked)) == 1, what="the deferred ack")
+        assert [e.command_id for e in late.saw(ResultAcked)] == [run.targets[0].command_id]  # type: ignore[attr-defined]
+        assert [e.seq for e in late.saw(HeartbeatAcked)] == [2, 4]  # type: ignore[attr-defined]
+        assert late.session.heartbeats_unacked == 0
         for d in [new, old, *fleet]:
             await d.close()
 
