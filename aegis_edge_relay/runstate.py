@@ -221,7 +221,7 @@ class ActiveRun:
             out.counts[end.outcome.value] += 1
         return out
 
-    def to_proto(self) -> admin_pb2.FleetRun:
+    def to_proto(self, *, with_targets: bool = True) -> admin_pb2.FleetRun:
         out = run_to_proto(
             self.run.record(),
             spec=self.spec,
@@ -231,6 +231,7 @@ class ActiveRun:
             command_ids=self.command_ids,
             tenants=self.tenants,
             ends=self.ends,
+            with_targets=with_targets,
         )
         out.spec.args_json = self.stored_args_json
         out.spec.secret_keys[:] = sorted(self.secret_keys)

@@ -829,7 +829,8 @@ def fleet_against_baseline(
             spy = None
             if prof_dir is not None and rnd == 0:
                 prof_dir.mkdir(parents=True, exist_ok=True)
-                spy = profile(relay.pid, 15, prof_dir / f"{variant}-fleet.txt")
+                # a run of a few seconds: 50 Hz would give a few hundred samples
+                spy = profile(relay.pid, 12, prof_dir / f"{variant}-fleet.txt", rate=250)
             load = os.getloadavg()[0]
             fr = fleet_run(relay, "all", timeout=max(120.0, n / 50), summary_only=True)
             if spy is not None:
@@ -857,13 +858,16 @@ and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ac
 summary-only fleet events); the load generators offer them either way."""
 
 
-def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    """py-spy (if installed) on ``pid`` for ``seconds``: collapsed stacks to ``out``."""
+def profile(
+    pid: int, seconds: float, out: Path, rate: int = 50
+) -> subprocess.Popen[bytes] | None:
+    """py-spy (if installed) on ``pid`` for ``seconds`` at ``rate`` Hz: collapsed stacks to
+    ``out``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return None
     return subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate), "-f", "raw",
          "-o", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

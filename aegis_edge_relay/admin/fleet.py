@@ -361,11 +361,7 @@ _PER_TARGET: Final = {"dispatched": "targets_dispatched", "target_finished": "ta
 def _started(active: ActiveRun, mode: EventMode) -> admin_pb2.FleetRunEvent:
     """The run as it starts; a summary-only stream gets it without its target rows (the
     `finished` event has them all)."""
-    run = active.to_proto()
-    if mode.summary:
-        del run.targets[:]
-        run.targets_omitted = True
-    return admin_pb2.FleetRunEvent(started=run)
+    return admin_pb2.FleetRunEvent(started=active.to_proto(with_targets=not mode.summary))
 
 
 async def _drain(
