@@ -858,9 +858,7 @@ and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ac
 summary-only fleet events); the load generators offer them either way."""
 
 
-def profile(
-    pid: int, seconds: float, out: Path, rate: int = 50
-) -> subprocess.Popen[bytes] | None:
+def profile(pid: int, seconds: float, out: Path, rate: int = 50) -> subprocess.Popen[bytes] | None:
     """py-spy (if installed) on ``pid`` for ``seconds`` at ``rate`` Hz: collapsed stacks to
     ``out``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
