@@ -67,9 +67,6 @@ from aegis_edge_relay.store import FleetRunRow, StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]
 
-_RETURN_POLL = 0.05
-"""How often a dispatch waiting for a drained daemon looks for its stream (seconds)."""
-
 
 class FleetRuns:
     """The fleet runs of one relay: the ones in flight, and recovery of a crashed one's."""
@@ -549,7 +546,9 @@ class FleetRuns:
         while self.now() < until and not self.dispatcher.reachable(node_id):
             if self.fleet.draining:
                 return  # this relay hands the run over in turn: its successor dispatches
-            await asyncio.sleep(_RETURN_POLL)
+            # woken when a daemon attests here or the cluster's holders are read again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.fleet.arrival().wait(), until - self.now())
         if self.runs.get(fid) is not active or active.run.target(node_id).outcome is not None:
             return  # ended, cancelled or handed over meanwhile
         if self.now() >= until:

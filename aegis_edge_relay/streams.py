@@ -565,6 +565,7 @@ class StreamHandler:
         on; one ``relay.drained`` line sums the drain up."""
         fleet = self.fleet
         fleet.draining = True
+        fleet.arrived()  # dispatches waiting for a returning daemon stop waiting
         started = time.monotonic()
         total = len(fleet.all_streams)
         daemons = [h for h in fleet.all_streams if h.attested and not h.control]
