@@ -811,16 +811,23 @@ def fleet_against_baseline(
     args: argparse.Namespace, relay: Relay, workers: Workers
 ) -> list[dict[str, Any]]:
     """``--only fleet --baseline TREE``: fleet edge.ping mode all over the same N daemons on
-    the relay of TREE (before) and of this tree (after), in turn, ``--rounds`` times, with
-    the stream features on and summary-only events both times. ``--profile DIR``: py-spy
+    the relay of TREE (before), of this tree without ``result-ack-deferred`` and of this
+    tree (after), in turn, ``--rounds`` times, with the stream features on and summary-only
+    events each time. ``--profile DIR``: py-spy
     stacks of each relay's first run."""
     n = args.daemons
     connect = max(120.0, n / 25)
     prof_dir = Path(args.profile) if args.profile else None
     runs: list[dict[str, Any]] = []
+    variants = (
+        ("before", args.baseline, ()),
+        # this tree without the one feature an older relay cannot have: what it buys
+        ("after-no-defer", "", ("--protocol-features", "heartbeat-ack-coalesce,result-ack-batch")),
+        ("after", "", ()),
+    )
     for rnd in range(args.rounds):
-        for variant, code in (("before", args.baseline), ("after", "")):
-            relay.code = code
+        for variant, code, extra in variants:
+            relay.code, relay.extra = code, extra
             relay.start(30.0)
             workers.all({"cmd": "address", "address": relay.address})
             workers.target(n)
@@ -840,8 +847,8 @@ def fleet_against_baseline(
             workers.target(0)
             wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
             relay.stop()
-    relay.code = ""
-    for variant in ("before", "after"):
+    relay.code, relay.extra = "", ()
+    for variant, _, _ in variants:
         mine = [r for r in runs if r["variant"] == variant]
         wall = sum(r["wall_s"] for r in mine) / len(mine)
         cpu = sum(r["relay_cpu_s"] for r in mine) / len(mine)
