@@ -177,6 +177,7 @@ class Dispatcher:
         )
         self._result_log: GroupCommit[CommandRow, bool] = GroupCommit(db, db.store.record_results)
         self._route_log: GroupCommit[RoutedCommand, None] = GroupCommit(db, db.store.route_commands)
+        self._counters: dict[tuple[str, TargetOutcome], tuple[Any, Any]] = {}
 
     async def recover(self) -> None:
         """After a crash: commands the previous process left without an end are
@@ -490,30 +491,14 @@ class Dispatcher:
             )
 
     async def finish(
-        self,
-        pending: PendingCommand,
-        outcome: TargetOutcome,
-        now: float,
-        *,
-        exit_code: int | None,
-        error_message: str,
-        stdout: bytes,
-        stderr: bytes,
-        result_json: str = "",
+        self, pending: PendingCommand, outcome: TargetOutcome, now: float, **end: Any
     ) -> None:
-        end = self._ended(
-            pending,
-            outcome,
-            now,
-            exit_code=exit_code,
-            error_message=error_message,
-            stdout=stdout,
-            stderr=stderr,
-            result_json=result_json,
-        )
-        if end is not None:
-            await self._store_ends([(pending, end)])
-            await self.tell(pending, end)
+        """End a command (``end``: the rest of :meth:`_ended`'s arguments): count it,
+        persist it, then tell its waiter."""
+        ended = self._ended(pending, outcome, now, **end)
+        if ended is not None:
+            await self._store_ends([(pending, ended)])
+            await self.tell(pending, ended)
 
     def _ended(
         self,
@@ -530,11 +515,17 @@ class Dispatcher:
         """The command's end, counted and off the pending table; None if it had ended."""
         if self.pending.pop(pending.command_id, None) is None:
             return None  # already finished (e.g. lost, then the late result raced in)
-        metrics = self.metrics
-        metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
-        metrics.command_duration.labels(tool=pending.tool).observe(
-            max(0.0, now - pending.dispatched_at)
-        )
+        counted = self._counters.get((pending.tool, outcome))
+        if counted is None:
+            # labels() takes a lock and builds a key per call: once per tool and outcome
+            metrics = self.metrics
+            counted = (
+                metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value),
+                metrics.command_duration.labels(tool=pending.tool),
+            )
+            self._counters[(pending.tool, outcome)] = counted
+        counted[0].inc()
+        counted[1].observe(max(0.0, now - pending.dispatched_at))
         tracing.end_span(pending.span, outcome.value)
         return CommandEnd(
             command_id=pending.command_id,
