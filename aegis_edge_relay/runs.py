@@ -67,6 +67,9 @@ from aegis_edge_relay.store import FleetRunRow, StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]
 
+_COUNTED = admin_pb2.FleetRunEvent(target_finished=admin_pb2.TargetResult())
+"""A target ended, for watchers that only count such events (``Watcher.per_target``)."""
+
 
 class FleetRuns:
     """The fleet runs of one relay: the ones in flight, and recovery of a crashed one's."""
@@ -344,6 +347,7 @@ class FleetRuns:
         secret_keys: tuple[str, ...] = (),
         rerun_of: str = "",
         follow_output: bool = False,
+        per_target: bool = True,
     ) -> tuple[ActiveRun, Watcher]:
         """Start a run (the resolution must have targets; the planner checks).
 
@@ -373,7 +377,7 @@ class FleetRuns:
             trace_id=trace_id,
             large=len(resolution.targets) > DETAIL_LIMIT,
         )
-        queue = active.subscribe(output=follow_output)
+        queue = active.subscribe(output=follow_output, per_target=per_target)
         active.started_at = now
         db, cluster = self._db, self.fleet.cluster
         # Stored first: a run the store refused (disk full) must not linger in memory. On a
@@ -572,9 +576,11 @@ class FleetRuns:
                 error_message=end.error_message or None,
             )
             active.end_output(node_id)
-            active.publish(
-                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
-            )
+            if active.wants_targets:
+                event = admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id))
+            else:
+                event = _COUNTED  # summary-only watchers count it; no proto built per target
+            active.publish(event, node_id)
             await self._apply(active, actions)
 
         return listener

@@ -214,6 +214,7 @@ class FleetAdmin(GroupsAdmin):
             secret_keys=secret_keys,
             rerun_of=rerun_of,
             follow_output=follow_output,
+            per_target=not mode.summary,
         )
         try:
             yield _started(active, mode)
@@ -229,8 +230,8 @@ class FleetAdmin(GroupsAdmin):
         principal = await self._auth(context, "WatchFleetRun")
         active = self.runs.runs.get(request.fleet_command_id)
         if active is not None and principal.sees_all(active.scope):
-            watcher = active.subscribe(output=request.follow_output)
             mode = EventMode.of(request)
+            watcher = active.subscribe(output=request.follow_output, per_target=not mode.summary)
             yield _started(active, mode)
             async for event in _drain(watcher, mode):
                 yield event
