@@ -862,7 +862,8 @@ FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 """``--ab``: the relay without the optional stream features (what an older daemon gets,
 and today's Admin event stream) and with them (heartbeat-ack-coalesce, result-ack-batch,
-summary-only fleet events); the load generators offer them either way."""
+result-ack-deferred, summary-only fleet events); the load generators offer them either
+way."""
 
 
 def profile(pid: int, seconds: float, out: Path, rate: int = 50) -> subprocess.Popen[bytes] | None:
