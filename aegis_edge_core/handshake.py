@@ -57,11 +57,12 @@ older peer sends or answers none and gets the behaviour without them, so
 * ``result-ack-batch`` (:data:`RESULT_ACK_BATCH`): one ``ResultAck`` names every result
   the relay stored together.
 * ``result-ack-deferred`` (:data:`RESULT_ACK_DEFERRED`): the relay holds the acks of stored
-  results until the next heartbeat it acknowledges, and sends them *as* that heartbeat's
-  ack: one ``ResultAck`` naming them and the heartbeat's ``seq``. A fleet run's result
-  then costs the relay no write of its own (the daemon keeps it spooled a little longer:
-  at most ``heartbeat_ack_every`` heartbeat intervals, and sends it again after a
-  reconnect, as any unacknowledged result).
+  results until the daemon's next heartbeat, and sends them *as* that heartbeat's ack: one
+  ``ResultAck`` naming them and the heartbeat's ``seq`` (the next plain ack then comes
+  ``heartbeat_ack_every`` beats later, so a sparse result adds no write). A fleet run's
+  result then costs the relay no write of its own; the daemon keeps it spooled at most
+  one heartbeat interval longer, and sends it again after a reconnect, as any
+  unacknowledged result.
 
 Like the rest of the core this module does no I/O and reads no clock.
 """

@@ -451,7 +451,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         self._ack_every = 1
         self._acked_seq = 0
         self._acks_owed: list[str] = []
-        """Stored results whose ack waits for the next heartbeat ack (result-ack-deferred)."""
+        """Stored results whose ack waits for the next heartbeat (result-ack-deferred)."""
 
     def _check_capabilities(self, caps: common_pb2.Capabilities) -> None:
         try:
@@ -501,9 +501,11 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             # Coalesced: an ack covers every heartbeat up to its seq; the daemon counts
             # beats since the last ack, so acking one in `_ack_every` keeps it below its
             # stall count (see handshake.heartbeat_ack_every).
-            if hb.seq - self._acked_seq >= self._ack_every:
+            # result-ack-deferred: held result acks go out at the next beat, as its ack; the
+            # next plain ack then comes `_ack_every` beats later, so no write is added
+            if self._acks_owed or hb.seq - self._acked_seq >= self._ack_every:
                 ack = stream_pb2.RelayMessage()
-                if self._acks_owed:  # result-ack-deferred: the results' ack acks the beat
+                if self._acks_owed:
                     ack.result_ack.command_ids.extend(self._acks_owed)
                     ack.result_ack.heartbeat_seq = hb.seq
                     ack.result_ack.relay_time = now
@@ -693,7 +695,7 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         """Tell the daemon it may forget these results: call only after storing them all.
         One message with ``result-ack-batch``, else one per result; with
         ``result-ack-deferred`` (and not draining) none yet: they go out as the ack of the
-        daemon's next heartbeat that gets one, or before a drain."""
+        daemon's next heartbeat, or before a drain."""
         self._transition("ack_results")
         if RESULT_ACK_DEFERRED in self.features and self.state is RelayState.ACCEPTED:
             self._acks_owed.extend(command_ids)

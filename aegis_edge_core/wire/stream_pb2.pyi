@@ -546,8 +546,8 @@ class Accepted(_message.Message):
             `heartbeat_ack_every` (an ack of seq N covers every heartbeat up to N); the daemon
             calls the relay stalled only after more than that many go unacknowledged.
           result-ack-batch: a ResultAck may name several results in `command_ids`.
-          result-ack-deferred: the acks of stored results may wait for the next heartbeat
-            the relay acknowledges, and go out as its ack (ResultAck.heartbeat_seq).
+          result-ack-deferred: the acks of stored results may wait for the daemon's next
+            heartbeat, and go out as its ack (ResultAck.heartbeat_seq).
         """
 
     def __init__(
@@ -694,11 +694,12 @@ class ResultAck(_message.Message):
     result-ack-batch lists them in `command_ids` (leaving `command_id` empty), all stored
     before the ack is sent; otherwise it names one in `command_id`.
     Added in v1 (compatible both ways), with the result-ack-deferred feature: the relay may
-    hold the acks of stored results until the next heartbeat it acknowledges and send them,
-    in `command_ids`, as that heartbeat's ack: `heartbeat_seq` and `relay_time` then mean
-    what HeartbeatAck's `seq` and `relay_time` do, and no HeartbeatAck is sent for it. Acks
-    still held when the relay drains the stream go out, without `heartbeat_seq`, before its
-    Drain. A peer that did not negotiate the feature never sees the two fields set.
+    hold the acks of stored results until the daemon's next heartbeat and send them, in
+    `command_ids`, as that heartbeat's ack (even one the coalesced acks would have let
+    pass): `heartbeat_seq` and `relay_time` then mean what HeartbeatAck's `seq` and
+    `relay_time` do, and no HeartbeatAck is sent for it. Acks still held when the relay
+    drains the stream go out, without `heartbeat_seq`, before its Drain. A peer that did not
+    negotiate the feature never sees the two fields set.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -189,24 +189,28 @@ def _beat(daemon: DaemonSession, relay: RelaySession) -> list[stream_pb2.RelayMe
     return relay.messages_to_send()
 
 
-def test_deferred_result_acks_go_out_as_the_next_heartbeat_ack() -> None:
+def test_deferred_result_acks_go_out_as_the_next_heartbeats_ack() -> None:
     daemon, relay, accepted = _connect(offer=tuple(FEATURES), ack_every=2)
     assert RESULT_ACK_DEFERRED in accepted.features and daemon.features == FEATURES
+    assert _beat(daemon, relay) == []  # beat 1: not due an ack
+    (first,) = _beat(daemon, relay)  # beat 2: acked (one in two)
+    assert first.WhichOneof("body") == "heartbeat_ack"
+    daemon.receive_bytes(first.SerializeToString(), NOW)
     relay.ack_results(["c1"])
     relay.ack_results(["c2", "c3"])
     assert relay.messages_to_send() == []  # held: no message of their own
-    assert _beat(daemon, relay) == []  # beat 1: not due an ack (one in two)
-    (msg,) = _beat(daemon, relay)  # beat 2: the held acks are its ack
+    (msg,) = _beat(daemon, relay)  # beat 3, not due a plain ack: the held acks are its ack
     assert msg.WhichOneof("body") == "result_ack"
     assert list(msg.result_ack.command_ids) == ["c1", "c2", "c3"]
-    assert msg.result_ack.heartbeat_seq == 2 and msg.result_ack.relay_time == NOW
+    assert msg.result_ack.heartbeat_seq == 3 and msg.result_ack.relay_time == NOW
     events = daemon.receive_bytes(msg.SerializeToString(), NOW)
     assert [e.command_id for e in events if isinstance(e, ResultAcked)] == ["c1", "c2", "c3"]
-    assert [e.seq for e in events if isinstance(e, HeartbeatAcked)] == [2]
+    assert [e.seq for e in events if isinstance(e, HeartbeatAcked)] == [3]
     assert daemon.heartbeats_unacked == 0
-    _beat(daemon, relay)
+    # the coalesced acks count from it: no write was added
+    assert _beat(daemon, relay) == []
     (plain,) = _beat(daemon, relay)  # nothing held: a plain heartbeat ack
-    assert plain.WhichOneof("body") == "heartbeat_ack" and plain.heartbeat_ack.seq == 4
+    assert plain.WhichOneof("body") == "heartbeat_ack" and plain.heartbeat_ack.seq == 5
 
 
 def test_deferred_acks_still_held_go_out_before_a_drain_and_not_after() -> None:
