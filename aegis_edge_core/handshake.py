@@ -61,7 +61,14 @@ older peer sends or answers none and gets the behaviour without them, so
   stopped relay or a dead connection within the stall bound. The relay's acks then only
   prove that its event loop runs and come :data:`KEEPALIVE_ACK_SPREAD` times more rarely
   (:func:`heartbeat_ack_every`). Granted only when the daemon's keepalive fits the relay's
-  stall bound (:func:`keepalive_fits`).
+  stall bound (:func:`keepalive_fits`);
+* ``result-ack-deferred`` (:data:`RESULT_ACK_DEFERRED`): the relay holds the acks of stored
+  results until the daemon's next heartbeat, and sends them *as* that heartbeat's ack: one
+  ``ResultAck`` naming them and the heartbeat's ``seq`` (the next plain ack then comes
+  ``heartbeat_ack_every`` beats later, so a sparse result adds no write). A fleet run's
+  result then costs the relay no write of its own; the daemon keeps it spooled at most
+  one heartbeat interval longer, and sends it again after a reconnect, as any
+  unacknowledged result.
 
 Like the rest of the core this module does no I/O and reads no clock.
 """
@@ -87,6 +94,7 @@ __all__ = [
     "HEARTBEAT_KEEPALIVE",
     "KEEPALIVE_ACK_SPREAD",
     "RESULT_ACK_BATCH",
+    "RESULT_ACK_DEFERRED",
     "TOO_MANY_UNATTESTED",
     "HandshakeGuard",
     "HandshakeLimits",
@@ -112,7 +120,10 @@ TOO_MANY_UNATTESTED: Final = "too_many_unattested"
 HEARTBEAT_ACK_COALESCE: Final = "heartbeat-ack-coalesce"
 RESULT_ACK_BATCH: Final = "result-ack-batch"
 HEARTBEAT_KEEPALIVE: Final = "heartbeat-keepalive"
-FEATURES: Final = frozenset({HEARTBEAT_ACK_COALESCE, HEARTBEAT_KEEPALIVE, RESULT_ACK_BATCH})
+RESULT_ACK_DEFERRED: Final = "result-ack-deferred"
+FEATURES: Final = frozenset(
+    {HEARTBEAT_ACK_COALESCE, HEARTBEAT_KEEPALIVE, RESULT_ACK_BATCH, RESULT_ACK_DEFERRED}
+)
 """Every optional feature this code speaks, on either end."""
 
 KEEPALIVE_ACK_SPREAD: Final = 5

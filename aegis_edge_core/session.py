@@ -80,6 +80,7 @@ from aegis_edge_core.handshake import (
     HEARTBEAT_ACK_COALESCE,
     HEARTBEAT_KEEPALIVE,
     RESULT_ACK_BATCH,
+    RESULT_ACK_DEFERRED,
     keepalive_fits,
     negotiate,
 )
@@ -460,6 +461,8 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
         """What this stream uses, as named in ``accept``."""
         self._ack_every = 1
         self._acked_seq = 0
+        self._acks_owed: list[str] = []
+        """Stored results whose ack waits for the next heartbeat (result-ack-deferred)."""
 
     def _check_capabilities(self, caps: common_pb2.Capabilities) -> None:
         try:
@@ -511,10 +514,18 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
             # Coalesced: an ack covers every heartbeat up to its seq; the daemon counts
             # beats since the last ack, so acking one in `_ack_every` keeps it below its
             # stall count (see handshake.heartbeat_ack_every).
-            if hb.seq - self._acked_seq >= self._ack_every:
+            # result-ack-deferred: held result acks go out at the next beat, as its ack; the
+            # next plain ack then comes `_ack_every` beats later, so no write is added
+            if self._acks_owed or hb.seq - self._acked_seq >= self._ack_every:
                 ack = stream_pb2.RelayMessage()
-                ack.heartbeat_ack.seq = hb.seq
-                ack.heartbeat_ack.relay_time = now
+                if self._acks_owed:
+                    ack.result_ack.command_ids.extend(self._acks_owed)
+                    ack.result_ack.heartbeat_seq = hb.seq
+                    ack.result_ack.relay_time = now
+                    self._acks_owed = []
+                else:
+                    ack.heartbeat_ack.seq = hb.seq
+                    ack.heartbeat_ack.relay_time = now
                 self._outbox.append(ack)
                 self._acked_seq = hb.seq
             return [
@@ -703,8 +714,13 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
 
     def ack_results(self, command_ids: Sequence[str]) -> None:
         """Tell the daemon it may forget these results: call only after storing them all.
-        One message with ``result-ack-batch``, else one per result."""
+        One message with ``result-ack-batch``, else one per result; with
+        ``result-ack-deferred`` (and not draining) none yet: they go out as the ack of the
+        daemon's next heartbeat, or before a drain."""
         self._transition("ack_results")
+        if RESULT_ACK_DEFERRED in self.features and self.state is RelayState.ACCEPTED:
+            self._acks_owed.extend(command_ids)
+            return
         if RESULT_ACK_BATCH in self.features and len(command_ids) > 1:
             msg = stream_pb2.RelayMessage()
             msg.result_ack.command_ids.extend(command_ids)
@@ -735,6 +751,12 @@ class RelaySession(_Session[RelayState, stream_pb2.DaemonMessage, stream_pb2.Rel
     def drain(
         self, reason: str, reconnect_after_secs: float = 0.0, relay_endpoint: str = ""
     ) -> None:
+        self._transition("drain")
+        if self._acks_owed:  # the daemon need not send them again to the next relay
+            owed, self._acks_owed = self._acks_owed, []
+            ack = stream_pb2.RelayMessage()
+            ack.result_ack.command_ids.extend(owed)
+            self._outbox.append(ack)
         msg = stream_pb2.RelayMessage()
         msg.drain.reason = reason
         msg.drain.reconnect_after_secs = reconnect_after_secs
@@ -831,6 +853,8 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
         self._heartbeat_seq = 0
         self._last_acked_seq = 0
         self.offered_features: tuple[str, ...] = ()
+        self.features: frozenset[str] = frozenset()
+        """What the relay uses on this stream, as named in ``Accepted``."""
 
     def _handle(self, kind: str, msg: stream_pb2.RelayMessage, now: float) -> list[Event]:
         if kind == "challenge":
@@ -851,6 +875,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             # Only what was offered: a feature named but never offered is ignored, as an
             # older daemon would.
             features = negotiate(acc.features, self.offered_features)
+            self.features = frozenset(features)
             return [
                 SessionAccepted(
                     node_id=acc.node_id,
@@ -882,10 +907,7 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             ]
         if kind == "heartbeat_ack":
             ack = msg.heartbeat_ack
-            if ack.seq > self._heartbeat_seq:
-                raise self._violation(f"ack for heartbeat {ack.seq}, which was never sent")
-            self._last_acked_seq = max(self._last_acked_seq, ack.seq)
-            return [HeartbeatAcked(seq=ack.seq, relay_time=ack.relay_time)]
+            return [self._heartbeat_acked(ack.seq, ack.relay_time)]
         if kind == "command":
             cmd = msg.command
             if not cmd.command_id or not cmd.tool:
@@ -905,7 +927,11 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             # as an older relay sends it (command_id), or batched (command_ids)
             ids = [ra.command_id] if ra.command_id or not ra.command_ids else []
             ids += ra.command_ids
-            return [ResultAcked(command_id=cid) for cid in ids]
+            events: list[Event] = [ResultAcked(command_id=cid) for cid in ids]
+            if ra.heartbeat_seq and RESULT_ACK_DEFERRED in self.features:
+                # result-ack-deferred: the acks came as the ack of this heartbeat
+                events.append(self._heartbeat_acked(ra.heartbeat_seq, ra.relay_time))
+            return events
         if kind == "token_refresh":
             tr = msg.token_refresh
             if not tr.node_token:
@@ -932,6 +958,12 @@ class DaemonSession(_Session[DaemonState, stream_pb2.RelayMessage, stream_pb2.Da
             ]
         assert kind == "revoked"
         return [Revoked(reason=msg.revoked.reason)]
+
+    def _heartbeat_acked(self, seq: int, relay_time: float) -> HeartbeatAcked:
+        if seq > self._heartbeat_seq:
+            raise self._violation(f"ack for heartbeat {seq}, which was never sent")
+        self._last_acked_seq = max(self._last_acked_seq, seq)
+        return HeartbeatAcked(seq=seq, relay_time=relay_time)
 
     # -- sending
 

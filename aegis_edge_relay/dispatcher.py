@@ -1,11 +1,11 @@
 """The dispatcher: commands out to live streams, results and output back.
 
-Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.send`
-records the dispatch in command history, hands the invocation to the node's
+Single commands and fleet runs' commands take the same path: :meth:`Dispatcher.send_many`
+records the dispatches in command history, hands the invocation to the node's
 :class:`RelaySession` and remembers who is waiting. A node whose stream another relay of the
 cluster holds gets the command through the store instead (a ``routed_commands`` row that
 relay delivers once); the rest of that trip -- delivery at the holder, the end coming
-back -- is :mod:`.routing`'s. Results (:meth:`Dispatcher.on_result`, called by the stream
+back -- is :mod:`.routing`'s. Results (:meth:`Dispatcher.on_results`, called by the stream
 reader *before* it acks), lost streams (:meth:`Dispatcher.connection_lost`, with the ids
 :meth:`RelaySession.connection_lost` returned), late results and routed ends all end up in
 :meth:`Dispatcher.finish`, which persists, counts and tells the waiter. Fleet runs
@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final
 
 import attrs
 
@@ -28,15 +28,16 @@ from aegis_edge_core.session import OutputReceived
 from aegis_edge_core.wire import stream_pb2
 from aegis_edge_relay import jsonlog, tracing
 from aegis_edge_relay.fleetview import FleetView
+from aegis_edge_relay.groupcommit import GroupCommit
 from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.state import Clock
+from aegis_edge_relay.state import Clock, StreamHandle
 from aegis_edge_relay.store import CommandRow, RoutedCommand, StoreWorker
 
 __all__ = [
     "CommandEnd",
     "Dispatcher",
-    "GroupCommit",
     "NotConnected",
+    "Outgoing",
     "OutputSink",
     "PendingCommand",
 ]
@@ -71,6 +72,26 @@ OutputSink = Callable[["PendingCommand", OutputReceived, int], None]
 the bytes of it lost just before the chunk on its way from another relay."""
 
 
+@attrs.frozen(kw_only=True)
+class Outgoing:
+    """One command for :meth:`Dispatcher.send_many`.
+
+    ``timeout_secs`` is sent as the invocation's timeout when given (a fleet run sends the
+    planner's, so the planner knows the bound the daemon kills at); else it is what is
+    left until ``deadline``."""
+
+    node_id: str
+    tool: str
+    args_json: str = "{}"
+    fleet_command_id: str = ""
+    deadline: float = 0.0
+    timeout_secs: float | None = None
+    listener: Listener | None = None
+    output: OutputSink | None = None
+    parent_span: Any = None
+    log_level: str = "info"
+
+
 @attrs.define(kw_only=True)
 class PendingCommand:
     command_id: str
@@ -89,44 +110,6 @@ class PendingCommand:
     """The relay holding the node's stream when the command went through the store."""
     adopted: bool = False
     """Sent by a run's previous coordinator: its end is looked for in ``commands`` too."""
-
-
-R = TypeVar("R")
-W = TypeVar("W")
-
-
-class GroupCommit(Generic[R, W]):
-    """Rows that arrive while a batch is being written go together into the next one: one
-    store transaction (and one hop to the store thread) per batch, not per row. Each caller
-    still awaits *its* row being committed, so "persist, then send/ack" holds."""
-
-    def __init__(self, db: StoreWorker, write_many: Callable[[list[R]], list[W] | None]) -> None:
-        self.db = db
-        self._write_many = write_many
-        self._queue: list[tuple[R, asyncio.Future[W | None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, row: R) -> W | None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[W | None] = loop.create_future()
-        self._queue.append((row, fut))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                out = await self.db.persist(self._write_many, [row for row, _ in batch])
-            except Exception as err:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
-            for i, (_, fut) in enumerate(batch):
-                if not fut.done():
-                    fut.set_result(out[i] if out is not None else None)
 
 
 class Dispatcher:
@@ -148,6 +131,7 @@ class Dispatcher:
         )
         self._result_log: GroupCommit[CommandRow, bool] = GroupCommit(db, db.store.record_results)
         self._route_log: GroupCommit[RoutedCommand, None] = GroupCommit(db, db.store.route_commands)
+        self._counters: dict[tuple[str, TargetOutcome], tuple[Any, Any]] = {}
 
     async def recover(self) -> None:
         """After a crash: commands the previous process left without an end are
@@ -192,113 +176,130 @@ class Dispatcher:
         live = handle is not None and not handle.closing
         return live or self.fleet.cluster.holder_of(node_id) is not None
 
-    async def send(
-        self,
-        node_id: str,
-        tool: str,
-        args_json: str = "{}",
-        *,
-        fleet_command_id: str = "",
-        deadline: float = 0.0,
-        timeout_secs: float | None = None,
-        listener: Listener | None = None,
-        output: OutputSink | None = None,
-        parent_span: Any = None,
-        log_level: str = "info",
-    ) -> PendingCommand:
-        """Dispatch one command on the node's live stream; raises :class:`NotConnected`.
-
-        ``timeout_secs`` is sent as the invocation's timeout when given (a fleet run sends
-        the planner's, so the planner knows the bound the daemon kills at); else it is
-        what is left until ``deadline``.
+    async def send_many(self, batch: Sequence[Outgoing]) -> list[PendingCommand | NotConnected]:
+        """Dispatch commands, each on its node's live stream (or through the store to the
+        relay of the cluster holding it). Every dispatch row of the batch goes into one
+        store transaction before any command goes out, and no task is made per command.
+        Returns, in order, each command as sent or why its node was not reachable.
         """
         fleet = self.fleet
-        handle = fleet.streams.get(node_id)
-        holder = None
-        if handle is None or handle.closing:
-            holder = fleet.cluster.holder_of(node_id)
-            if holder is None:
-                raise NotConnected(f"daemon {node_id} has no live stream")
-        node = fleet.nodes[node_id]
         now = self.now()
-        command_id = "c-" + os.urandom(10).hex()
-        span, traceparent, tracestate = tracing.start_node_span(
-            parent_span,
-            node_id=node_id,
-            tool=tool,
-            fleet_command_id=fleet_command_id,
-            command_id=command_id,
-        )
-        pending = PendingCommand(
-            command_id=command_id,
-            node_id=node_id,
-            tenant_id=node.tenant_id,
-            tool=tool,
-            fleet_command_id=fleet_command_id,
-            dispatched_at=now,
-            listener=listener,
-            output=output,
-            span=span,
-            log_level=log_level,
-        )
-        timeout = (
-            timeout_secs
-            if timeout_secs is not None
-            else (max(0.0, deadline - now) if deadline else 0.0)
-        )
-        if holder is None:
-            await self._dispatch_log.submit(
-                CommandRow(
-                    command_id=command_id,
-                    node_id=node_id,
-                    tenant_id=node.tenant_id,
-                    tool=tool,
-                    dispatched_at=now,
-                    fleet_command_id=fleet_command_id,
-                )
+        out: list[PendingCommand | NotConnected] = []
+        here: list[tuple[int, StreamHandle, PendingCommand, Outgoing, float, str, str]] = []
+        routed: list[tuple[PendingCommand, RoutedCommand]] = []
+        for req in batch:
+            node_id = req.node_id
+            handle = fleet.streams.get(node_id)
+            holder = None
+            if handle is None or handle.closing:
+                holder = fleet.cluster.holder_of(node_id)
+                if holder is None:
+                    out.append(NotConnected(f"daemon {node_id} has no live stream"))
+                    continue
+            node = fleet.nodes[node_id]
+            command_id = "c-" + os.urandom(10).hex()
+            span, traceparent, tracestate = tracing.start_node_span(
+                req.parent_span,
+                node_id=node_id,
+                tool=req.tool,
+                fleet_command_id=req.fleet_command_id,
+                command_id=command_id,
             )
-        else:
-            pending.routed_to = holder
-            self.pending[command_id] = pending
-            routed = RoutedCommand(
+            pending = PendingCommand(
                 command_id=command_id,
                 node_id=node_id,
                 tenant_id=node.tenant_id,
-                holder=holder,
-                coordinator=fleet.cluster.relay_id,
-                tool=tool,
-                args_json=args_json or "{}",
-                fleet_command_id=fleet_command_id,
-                deadline=deadline,
-                timeout_secs=timeout,
-                created_at=now,
+                tool=req.tool,
+                fleet_command_id=req.fleet_command_id,
+                dispatched_at=now,
+                listener=req.listener,
+                output=req.output,
+                span=span,
+                log_level=req.log_level,
             )
+            timeout = (
+                req.timeout_secs
+                if req.timeout_secs is not None
+                else (max(0.0, req.deadline - now) if req.deadline else 0.0)
+            )
+            out.append(pending)
+            if holder is None:
+                assert handle is not None
+                here.append((len(out) - 1, handle, pending, req, timeout, traceparent, tracestate))
+                continue
+            pending.routed_to = holder
+            routed.append(
+                (
+                    pending,
+                    RoutedCommand(
+                        command_id=command_id,
+                        node_id=node_id,
+                        tenant_id=node.tenant_id,
+                        holder=holder,
+                        coordinator=fleet.cluster.relay_id,
+                        tool=req.tool,
+                        args_json=req.args_json or "{}",
+                        fleet_command_id=req.fleet_command_id,
+                        deadline=req.deadline,
+                        timeout_secs=timeout,
+                        created_at=now,
+                    ),
+                )
+            )
+        if here:
+            rows = [
+                CommandRow(
+                    command_id=p.command_id,
+                    node_id=p.node_id,
+                    tenant_id=p.tenant_id,
+                    tool=p.tool,
+                    dispatched_at=now,
+                    fleet_command_id=p.fleet_command_id,
+                )
+                for _, _, p, _, _, _, _ in here
+            ]
             try:
-                await self._route_log.submit(routed)  # the dispatch row and the queue row
+                await self._dispatch_log.submit_many(rows)
             except Exception:
-                self.pending.pop(command_id, None)
-                tracing.end_span(span, "edge_disconnected")
+                for pending, _ in routed:
+                    tracing.end_span(pending.span, "edge_disconnected")
+                for _, _, pending, _, _, _, _ in here:
+                    tracing.end_span(pending.span, "edge_disconnected")
                 raise
-            return self._dispatched(pending)
-        assert handle is not None
-        if handle.closing or fleet.streams.get(node_id) is not handle:
-            tracing.end_span(span, "edge_disconnected")
-            raise NotConnected(f"daemon {node_id} disconnected")
-        self.pending[command_id] = pending
-        handle.session.send_command(
-            command_id=command_id,
-            tool=tool,
-            args_json=args_json or "{}",
-            fleet_command_id=fleet_command_id,
-            deadline=deadline,
-            timeout_secs=timeout,
-            traceparent=traceparent,
-            tracestate=tracestate,
-        )
-        handle.flush()
-        return self._dispatched(pending)
+        if routed:
+            for pending, _ in routed:
+                self.pending[pending.command_id] = pending
+            try:
+                await self._route_log.submit_many([row for _, row in routed])  # + dispatch rows
+            except Exception:
+                for pending, _ in routed:
+                    self.pending.pop(pending.command_id, None)
+                    tracing.end_span(pending.span, "edge_disconnected")
+                raise
+            for pending, _ in routed:
+                self._dispatched(pending)
+        for i, handle, pending, req, timeout, traceparent, tracestate in here:
+            node_id = pending.node_id
+            if handle.closing or fleet.streams.get(node_id) is not handle:
+                tracing.end_span(pending.span, "edge_disconnected")
+                out[i] = NotConnected(f"daemon {node_id} disconnected")
+                continue
+            self.pending[pending.command_id] = pending
+            handle.session.send_command(
+                command_id=pending.command_id,
+                tool=req.tool,
+                args_json=req.args_json or "{}",
+                fleet_command_id=req.fleet_command_id,
+                deadline=req.deadline,
+                timeout_secs=timeout,
+                traceparent=traceparent,
+                tracestate=tracestate,
+            )
+            handle.flush()
+            self._dispatched(pending)
+        return out
 
-    def _dispatched(self, pending: PendingCommand) -> PendingCommand:
+    def _dispatched(self, pending: PendingCommand) -> None:
         jsonlog.log(
             pending.log_level,
             "command.dispatched",
@@ -309,7 +310,6 @@ class Dispatcher:
             tool=pending.tool,
             routed_to=pending.routed_to or None,
         )
-        return pending
 
     def cancel_command(self, command_id: str, reason: str) -> None:
         pending = self.pending.get(command_id)
@@ -351,31 +351,42 @@ class Dispatcher:
         if pending.output is not None:
             pending.output(pending, event, lost_before)
 
-    async def on_result(
-        self, node_id: str, result: stream_pb2.CommandResult, *, known: bool
-    ) -> None:
-        """A daemon reported a result: persist it (the caller acks only after this)."""
+    async def store_results(
+        self, results: Sequence[tuple[str, stream_pb2.CommandResult]]
+    ) -> list[tuple[PendingCommand, CommandEnd]]:
+        """Daemons reported results (``(node_id, result)``): persist them all, the known
+        ones in one group commit. The caller acks them only after this, then hands the ends
+        returned to :meth:`tell`."""
         now = self.now()
-        pending = self.pending.get(result.command_id)
-        if pending is not None and pending.node_id != node_id:
-            pending = None  # another node's command id: never trust it
-        outcome = outcome_of(result)
-        exit_code = result.exit_code if result.has_exit_code else None
-        if pending is None:
-            await self._late_result(node_id, result, outcome, exit_code, now)
-            return
-        stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
-        stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
-        await self.finish(
-            pending,
-            outcome,
-            now,
-            exit_code=exit_code,
-            error_message=result.error_message,
-            stdout=stdout[-_TAIL:],
-            stderr=stderr[-_TAIL:],
-            result_json=capped_result(result.result_json),
-        )
+        ends: list[tuple[PendingCommand, CommandEnd]] = []
+        late = []
+        for node_id, result in results:
+            pending = self.pending.get(result.command_id)
+            if pending is not None and pending.node_id != node_id:
+                pending = None  # another node's command id: never trust it
+            outcome = outcome_of(result)
+            exit_code = result.exit_code if result.has_exit_code else None
+            if pending is None:
+                late.append(self._late_result(node_id, result, outcome, exit_code, now))
+                continue
+            stdout = bytes(result.stdout_tail) or bytes(pending.stdout)
+            stderr = bytes(result.stderr_tail) or bytes(pending.stderr)
+            end = self._ended(
+                pending,
+                outcome,
+                now,
+                exit_code=exit_code,
+                error_message=result.error_message,
+                stdout=stdout[-_TAIL:],
+                stderr=stderr[-_TAIL:],
+                result_json=capped_result(result.result_json),
+            )
+            if end is not None:
+                ends.append((pending, end))
+        if late:
+            await asyncio.gather(*late)
+        await self._store_ends(ends)
+        return ends
 
     async def _late_result(
         self,
@@ -434,6 +445,16 @@ class Dispatcher:
             )
 
     async def finish(
+        self, pending: PendingCommand, outcome: TargetOutcome, now: float, **end: Any
+    ) -> None:
+        """End a command (``end``: the rest of :meth:`_ended`'s arguments): count it,
+        persist it, then tell its waiter."""
+        ended = self._ended(pending, outcome, now, **end)
+        if ended is not None:
+            await self._store_ends([(pending, ended)])
+            await self.tell(pending, ended)
+
+    def _ended(
         self,
         pending: PendingCommand,
         outcome: TargetOutcome,
@@ -444,10 +465,23 @@ class Dispatcher:
         stdout: bytes,
         stderr: bytes,
         result_json: str = "",
-    ) -> None:
+    ) -> CommandEnd | None:
+        """The command's end, counted and off the pending table; None if it had ended."""
         if self.pending.pop(pending.command_id, None) is None:
-            return  # already finished (e.g. lost, then the late result raced in)
-        end = CommandEnd(
+            return None  # already finished (e.g. lost, then the late result raced in)
+        counted = self._counters.get((pending.tool, outcome))
+        if counted is None:
+            # labels() takes a lock and builds a key per call: once per tool and outcome
+            metrics = self.metrics
+            counted = (
+                metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value),
+                metrics.command_duration.labels(tool=pending.tool),
+            )
+            self._counters[(pending.tool, outcome)] = counted
+        counted[0].inc()
+        counted[1].observe(max(0.0, now - pending.dispatched_at))
+        tracing.end_span(pending.span, outcome.value)
+        return CommandEnd(
             command_id=pending.command_id,
             node_id=pending.node_id,
             tenant_id=pending.tenant_id,
@@ -462,39 +496,45 @@ class Dispatcher:
             stderr_tail=stderr,
             result_json=result_json,
         )
-        metrics = self.metrics
-        metrics.commands_dispatched.labels(tool=pending.tool, outcome=outcome.value).inc()
-        metrics.command_duration.labels(tool=pending.tool).observe(
-            max(0.0, now - pending.dispatched_at)
+
+    async def _store_ends(self, ends: list[tuple[PendingCommand, CommandEnd]]) -> None:
+        """Persist the ends (one transaction, with whatever else is queued then)."""
+        if not ends:
+            return
+        await self._result_log.submit_many(
+            [
+                CommandRow(
+                    command_id=end.command_id,
+                    node_id=end.node_id,
+                    tenant_id=end.tenant_id,
+                    tool=end.tool,
+                    dispatched_at=end.dispatched_at,
+                    fleet_command_id=end.fleet_command_id,
+                    finished_at=end.finished_at,
+                    outcome=end.outcome.value,
+                    exit_code=end.exit_code,
+                    error=end.error_message,
+                    stdout_tail=end.stdout_tail,
+                    stderr_tail=end.stderr_tail,
+                    result_json=end.result_json,
+                )
+                for _, end in ends
+            ]
         )
-        tracing.end_span(pending.span, outcome.value)
-        await self._result_log.submit(
-            CommandRow(
-                command_id=pending.command_id,
-                node_id=pending.node_id,
-                tenant_id=pending.tenant_id,
-                tool=pending.tool,
-                dispatched_at=pending.dispatched_at,
-                fleet_command_id=pending.fleet_command_id,
-                finished_at=now,
-                outcome=outcome.value,
-                exit_code=exit_code,
-                error=error_message,
-                stdout_tail=stdout,
-                stderr_tail=stderr,
-                result_json=result_json,
+        for pending, end in ends:
+            jsonlog.log(
+                pending.log_level,
+                "command.finished",
+                node_id=end.node_id,
+                tenant_id=end.tenant_id,
+                command_id=end.command_id,
+                fleet_command_id=end.fleet_command_id or None,
+                tool=end.tool,
+                outcome=end.outcome.value,
+                exit_code=end.exit_code,
             )
-        )
-        jsonlog.log(
-            pending.log_level,
-            "command.finished",
-            node_id=pending.node_id,
-            tenant_id=pending.tenant_id,
-            command_id=pending.command_id,
-            fleet_command_id=pending.fleet_command_id or None,
-            tool=pending.tool,
-            outcome=outcome.value,
-            exit_code=exit_code,
-        )
+
+    async def tell(self, pending: PendingCommand, end: CommandEnd) -> None:
+        """Tell a stored end to whoever waits for the command (a fleet run)."""
         if pending.listener is not None:
             await pending.listener(end)

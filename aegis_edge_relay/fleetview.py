@@ -14,6 +14,7 @@ shared store), so 10k daemons do not cost 10k transactions per interval.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -63,6 +64,7 @@ class FleetView:
         self._attested_count = 0
         """Open attested streams (control ones too): stream-seconds accrue at this rate."""
         self._seconds_accounted_at = 0.0
+        self._arrival = asyncio.Event()
 
     # ------------------------------------------------------------------ nodes
 
@@ -218,6 +220,16 @@ class FleetView:
         self.account_stream_seconds(now)
         self._attested_count += 1
         handle.accounted_at = now
+        self.arrived()
+
+    def arrival(self) -> asyncio.Event:
+        """Set at the next :meth:`arrived`: a daemon attested here, or the cluster's view of
+        who holds which stream was read again (a waiter checks for its node and waits on)."""
+        return self._arrival
+
+    def arrived(self) -> None:
+        event, self._arrival = self._arrival, asyncio.Event()
+        event.set()
 
     def stream_ended(self, handle: StreamHandle, now: float) -> None:
         if handle.attested and handle.accounted_at:

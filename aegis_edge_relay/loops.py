@@ -202,6 +202,7 @@ class Loops:
     def _merge(self, records: list[NodeRecord]) -> None:
         for node, reason in self.fleet.merge(records):
             self.identity.revoked_elsewhere(node, reason)
+        self.fleet.arrived()  # the holders were read again: a drained daemon may be back
 
     async def _route_loop(self) -> None:
         """Commands routed to this relay, results and output routed back, and cancels of

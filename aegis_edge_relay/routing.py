@@ -21,13 +21,8 @@ from collections.abc import Collection
 
 from aegis_edge_core.fleet import TargetOutcome
 from aegis_edge_core.session import OutputReceived
-from aegis_edge_relay.dispatcher import (
-    CommandEnd,
-    Dispatcher,
-    GroupCommit,
-    Listener,
-    PendingCommand,
-)
+from aegis_edge_relay.dispatcher import CommandEnd, Dispatcher, Listener, PendingCommand
+from aegis_edge_relay.groupcommit import GroupCommit
 from aegis_edge_relay.store import RoutedCommand, RoutedOutput
 
 __all__ = ["Router"]

@@ -45,6 +45,7 @@ from aegis_edge_relay.dispatcher import (
     Dispatcher,
     Listener,
     NotConnected,
+    Outgoing,
     OutputSink,
     PendingCommand,
 )
@@ -66,8 +67,8 @@ from aegis_edge_relay.store import FleetRunRow, StoreWorker
 
 __all__ = ["ActiveRun", "FleetRuns", "Watcher"]
 
-_RETURN_POLL = 0.05
-"""How often a dispatch waiting for a drained daemon looks for its stream (seconds)."""
+_COUNTED = admin_pb2.FleetRunEvent(target_finished=admin_pb2.TargetResult())
+"""A target ended, for watchers that only count such events (``Watcher.per_target``)."""
 
 
 class FleetRuns:
@@ -281,7 +282,7 @@ class FleetRuns:
                 dispatched_at=stored.dispatched_at,
                 # sent on the previous coordinator's own stream unless it was routed
                 holder=routed.get(stored.command_id, previous),
-                listener=self._listener(active, stored.node_id),
+                listener=self._listener(active),
             )
         jsonlog.log(
             "warning",
@@ -346,6 +347,7 @@ class FleetRuns:
         secret_keys: tuple[str, ...] = (),
         rerun_of: str = "",
         follow_output: bool = False,
+        per_target: bool = True,
     ) -> tuple[ActiveRun, Watcher]:
         """Start a run (the resolution must have targets; the planner checks).
 
@@ -375,7 +377,7 @@ class FleetRuns:
             trace_id=trace_id,
             large=len(resolution.targets) > DETAIL_LIMIT,
         )
-        queue = active.subscribe(output=follow_output)
+        queue = active.subscribe(output=follow_output, per_target=per_target)
         active.started_at = now
         db, cluster = self._db, self.fleet.cluster
         # Stored first: a run the store refused (disk full) must not linger in memory. On a
@@ -433,10 +435,7 @@ class FleetRuns:
                 batch: list[Dispatch] = []
                 while queue and isinstance(queue[0], Dispatch):
                     batch.append(queue.popleft())
-                for more in await asyncio.gather(
-                    *(self._dispatch_target(active, dispatch) for dispatch in batch)
-                ):
-                    queue.extend(more)
+                queue.extend(await self._dispatch(active, batch))
                 continue
             action = queue.popleft()
             if isinstance(action, Cancel):
@@ -477,57 +476,71 @@ class FleetRuns:
 
         return sink
 
-    async def _dispatch_target(self, active: ActiveRun, dispatch: Dispatch) -> list[Any]:
+    async def _dispatch(self, active: ActiveRun, batch: list[Dispatch]) -> list[Any]:
+        """Send a batch of the planner's dispatches (one store transaction, no task per
+        target); returns the planner's next actions for the targets found gone."""
         run = active.run
-        node_id = dispatch.node_id
-        active.dispatched_at[node_id] = self.now()
-        listener = self._listener(active, node_id)
-        try:
-            pending = await self.dispatcher.send(
-                node_id,
-                run.spec.tool,
-                active.args_json,
-                fleet_command_id=run.fleet_command_id,
-                deadline=dispatch.deadline_at or 0.0,
-                timeout_secs=dispatch.timeout_secs,
-                listener=listener,
-                output=self._output_of(active),
-                parent_span=active.span,
-                log_level="debug" if active.large else "info",
+        now = self.now()
+        listener, output = self._listener(active), self._output_of(active)
+        level = "debug" if active.large else "info"
+        outgoing = []
+        for dispatch in batch:
+            active.dispatched_at[dispatch.node_id] = now
+            outgoing.append(
+                Outgoing(
+                    node_id=dispatch.node_id,
+                    tool=run.spec.tool,
+                    args_json=active.args_json,
+                    fleet_command_id=run.fleet_command_id,
+                    deadline=dispatch.deadline_at or 0.0,
+                    timeout_secs=dispatch.timeout_secs,
+                    listener=listener,
+                    output=output,
+                    parent_span=active.span,
+                    log_level=level,
+                )
             )
-        except NotConnected as err:
-            now = self.now()
-            if now < self._returning_until.get(run.fleet_command_id, 0.0):
-                self.dispatcher.spawn(self._dispatch_on_return(active, dispatch))
-                return []
-            # Resolved as Connected a moment ago, gone now: the planner hears it like a
-            # command lost to a dropped stream.
-            self.metrics.commands_dispatched.labels(
-                tool=run.spec.tool, outcome=TargetOutcome.EDGE_DISCONNECTED.value
-            ).inc()
-            actions = run.on_result(
-                node_id, TargetOutcome.EDGE_DISCONNECTED, now, error_message=str(err)
-            )
-            active.ends[node_id] = CommandEnd(
-                command_id="",
-                node_id=node_id,
-                tenant_id=active.tenants.get(node_id, ""),
-                tool=run.spec.tool,
-                fleet_command_id=run.fleet_command_id,
-                outcome=TargetOutcome.EDGE_DISCONNECTED,
-                exit_code=None,
-                error_message=str(err),
-                dispatched_at=now,
-                finished_at=now,
-            )
-            active.publish(
-                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
-            )
-            return list(actions)
-        active.command_ids[node_id] = pending.command_id
-        if not active.large:
-            active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
-        return []
+        more: list[Any] = []
+        for dispatch, sent in zip(batch, await self.dispatcher.send_many(outgoing), strict=True):
+            node_id = dispatch.node_id
+            if isinstance(sent, NotConnected):
+                more.extend(self._not_connected(active, dispatch, sent))
+                continue
+            active.command_ids[node_id] = sent.command_id
+            if not active.large:
+                active.publish(admin_pb2.FleetRunEvent(dispatched=self._target(active, node_id)))
+        return more
+
+    def _not_connected(self, active: ActiveRun, dispatch: Dispatch, err: NotConnected) -> list[Any]:
+        run, node_id = active.run, dispatch.node_id
+        now = self.now()
+        if now < self._returning_until.get(run.fleet_command_id, 0.0):
+            self.dispatcher.spawn(self._dispatch_on_return(active, dispatch))
+            return []
+        # Resolved as Connected a moment ago, gone now: the planner hears it like a
+        # command lost to a dropped stream.
+        self.metrics.commands_dispatched.labels(
+            tool=run.spec.tool, outcome=TargetOutcome.EDGE_DISCONNECTED.value
+        ).inc()
+        actions = run.on_result(
+            node_id, TargetOutcome.EDGE_DISCONNECTED, now, error_message=str(err)
+        )
+        active.ends[node_id] = CommandEnd(
+            command_id="",
+            node_id=node_id,
+            tenant_id=active.tenants.get(node_id, ""),
+            tool=run.spec.tool,
+            fleet_command_id=run.fleet_command_id,
+            outcome=TargetOutcome.EDGE_DISCONNECTED,
+            exit_code=None,
+            error_message=str(err),
+            dispatched_at=now,
+            finished_at=now,
+        )
+        active.publish(
+            admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
+        )
+        return list(actions)
 
     async def _dispatch_on_return(self, active: ActiveRun, dispatch: Dispatch) -> None:
         """Dispatch once the target's daemon is back from its previous coordinator's drain
@@ -537,20 +550,24 @@ class FleetRuns:
         while self.now() < until and not self.dispatcher.reachable(node_id):
             if self.fleet.draining:
                 return  # this relay hands the run over in turn: its successor dispatches
-            await asyncio.sleep(_RETURN_POLL)
+            # woken when a daemon attests here or the cluster's holders are read again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.fleet.arrival().wait(), until - self.now())
         if self.runs.get(fid) is not active or active.run.target(node_id).outcome is not None:
             return  # ended, cancelled or handed over meanwhile
         if self.now() >= until:
             self._returning_until.pop(fid, None)
-        await self._apply(active, await self._dispatch_target(active, dispatch))
+        await self._apply(active, await self._dispatch(active, [dispatch]))
 
-    def _listener(self, active: ActiveRun, node_id: str) -> Listener:
+    def _listener(self, active: ActiveRun) -> Listener:
+        """What a run's commands report their ends to (one for all its targets)."""
         run = active.run
 
         async def listener(end: CommandEnd) -> None:
             if active.detached:
                 return  # handed over: the new coordinator reads this end from the store
-            active.ends[end.node_id] = end
+            node_id = end.node_id
+            active.ends[node_id] = end
             actions = run.on_result(
                 end.node_id,
                 end.outcome,
@@ -559,9 +576,11 @@ class FleetRuns:
                 error_message=end.error_message or None,
             )
             active.end_output(node_id)
-            active.publish(
-                admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id)), node_id
-            )
+            if active.wants_targets:
+                event = admin_pb2.FleetRunEvent(target_finished=self._target(active, node_id))
+            else:
+                event = _COUNTED  # summary-only watchers count it; no proto built per target
+            active.publish(event, node_id)
             await self._apply(active, actions)
 
         return listener

@@ -65,6 +65,9 @@ class Watcher:
 
     run: ActiveRun
     output: bool = False
+    per_target: bool = True
+    """False for a summary-only stream: it counts ``target_finished`` events and reads
+    nothing in them, so the run need not build them for it."""
     buffer: WatcherBuffer[Event | None] = attrs.field(factory=WatcherBuffer)
     wake: asyncio.Event = attrs.field(factory=asyncio.Event)
 
@@ -134,10 +137,15 @@ class ActiveRun:
             watcher.buffer.push_control(event, node_id=node_id)
             watcher.wake.set()
 
-    def subscribe(self, *, output: bool = False) -> Watcher:
-        watcher = Watcher(run=self, output=output)
+    def subscribe(self, *, output: bool = False, per_target: bool = True) -> Watcher:
+        watcher = Watcher(run=self, output=output, per_target=per_target)
         self.watchers.append(watcher)
         return watcher
+
+    @property
+    def wants_targets(self) -> bool:
+        """Whether a watcher reads the target in a ``target_finished`` event."""
+        return any(w.per_target for w in self.watchers)
 
     def publish_output(
         self,
@@ -221,7 +229,7 @@ class ActiveRun:
             out.counts[end.outcome.value] += 1
         return out
 
-    def to_proto(self) -> admin_pb2.FleetRun:
+    def to_proto(self, *, with_targets: bool = True) -> admin_pb2.FleetRun:
         out = run_to_proto(
             self.run.record(),
             spec=self.spec,
@@ -231,6 +239,7 @@ class ActiveRun:
             command_ids=self.command_ids,
             tenants=self.tenants,
             ends=self.ends,
+            with_targets=with_targets,
         )
         out.spec.args_json = self.stored_args_json
         out.spec.secret_keys[:] = sorted(self.secret_keys)

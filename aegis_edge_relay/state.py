@@ -19,7 +19,7 @@ import grpc
 from aegis_edge_core.fleet.snapshot import DaemonSnapshot
 from aegis_edge_core.identity.attestation import NodeRecord as CoreNodeRecord
 from aegis_edge_core.identity.rotation import TokenSuccession
-from aegis_edge_core.session import RelaySession, ResultReceived
+from aegis_edge_core.session import RelaySession
 from aegis_edge_core.wire import common_pb2, stream_pb2
 from aegis_edge_relay.refusals import Metadata, refusal_status
 from aegis_edge_relay.store import NodeRecord
@@ -153,9 +153,6 @@ class StreamHandle:
         self.hello_token = ""
         self.hello_capabilities: common_pb2.Capabilities | None = None
         self.refresh_limit_logged = False
-        self.results_in: list[ResultReceived] = []
-        """Results read but not yet being stored (``result-ack-batch`` streams)."""
-        self.result_store: asyncio.Task[None] | None = None
         self.drain_due: float | None = None
         """``time.monotonic()`` at which a drained daemon is due back (its slot); the
         ``Drain``'s hint is counted from the moment it is written."""

@@ -120,6 +120,9 @@ class StreamHandler:
         self._drain = Drain(
             grace=settings.drain_grace, attest_rate=settings.drain_rate, now=self.now
         )
+        self._results_in: list[tuple[StreamHandle, ResultReceived]] = []
+        """Results read on ``result-ack-batch`` streams and not yet being stored."""
+        self._result_store: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the call
 
@@ -268,14 +271,18 @@ class StreamHandler:
         elif isinstance(event, ResultReceived):
             assert handle.node_id is not None
             if RESULT_ACK_BATCH in handle.session.features:
-                handle.results_in.append(event)
-                if handle.result_store is None:
-                    handle.result_store = asyncio.get_running_loop().create_task(
-                        self._store_results(handle, handle.node_id)
+                self._results_in.append((handle, event))
+                if self._result_store is None:
+                    self._result_store = asyncio.get_running_loop().create_task(
+                        self._store_results()
                     )
                 return
-            await self.dispatcher.on_result(handle.node_id, event.result, known=event.known)
+            dispatcher = self.dispatcher
+            ends = await dispatcher.store_results([(handle.node_id, event.result)])
             handle.session.ack_result(event.result.command_id)
+            handle.flush()
+            for pending, end in ends:
+                await dispatcher.tell(pending, end)
         elif isinstance(event, OutputReceived):
             assert handle.node_id is not None
             self.dispatcher.on_output(handle.node_id, event)
@@ -293,28 +300,44 @@ class StreamHandler:
         elif isinstance(event, RotateKeyRequested):
             await self._rotate(handle, event, now)
 
-    async def _store_results(self, handle: StreamHandle, node_id: str) -> None:
-        """Store what came in, all at once (one group commit), then ack it in one message;
-        repeat while more arrived meanwhile. Reading goes on beside it: a daemon sending
-        a spool of results after a reconnect waits for one commit, not one per result."""
+    async def _store_results(self) -> None:
+        """Store what came in on every ``result-ack-batch`` stream all at once (one group
+        commit), ack each stream's share in one message, then tell the waiters; repeat
+        while more arrived meanwhile. Reading goes on beside it: a daemon sending a spool
+        of results after a reconnect waits for one commit, not one per result, and the
+        10k results of a fleet run take a few commits and no task each."""
+        dispatcher = self.dispatcher
         try:
-            while handle.results_in:
-                batch, handle.results_in = handle.results_in, []
-                stores = [
-                    self.dispatcher.on_result(node_id, e.result, known=e.known) for e in batch
-                ]
-                if len(stores) == 1:
-                    await stores[0]  # a fleet run's one result per daemon: no gather
-                else:
-                    await asyncio.gather(*stores)
-                if handle.closing:
-                    return  # stored, not acked: the daemon sends them again, as a late result
-                handle.session.ack_results([ev.result.command_id for ev in batch])
-                handle.flush()
-        except Exception as err:
-            self._failed(handle, err)
+            while self._results_in:
+                batch, self._results_in = self._results_in, []
+                try:
+                    ends = await dispatcher.store_results(
+                        [(handle.node_id or "", event.result) for handle, event in batch]
+                    )
+                except Exception as err:
+                    for handle in {handle for handle, _ in batch}:
+                        self._failed(handle, err)
+                    continue
+                acks: dict[StreamHandle, list[str]] = {}
+                for handle, event in batch:
+                    acks.setdefault(handle, []).append(event.result.command_id)
+                for handle, command_ids in acks.items():
+                    if handle.closing:
+                        continue  # stored, not acked: the daemon sends them again (late)
+                    handle.session.ack_results(command_ids)
+                    handle.flush()
+                for pending, end in ends:
+                    try:
+                        await dispatcher.tell(pending, end)
+                    except Exception as err:
+                        jsonlog.log(
+                            "error",
+                            "dispatcher.listener_failed",
+                            command_id=end.command_id,
+                            error=repr(err),
+                        )
         finally:
-            handle.result_store = None
+            self._result_store = None
 
     def _count_handshake_refusal(
         self, refusal: HandshakeRefusal, peer: str, node_id: str | None
@@ -558,6 +581,7 @@ class StreamHandler:
         (:meth:`drained`). Per-stream ``stream.closed``/``daemon.status`` lines are at debug
         level from here on; one ``relay.drained`` line sums the drain up."""
         self.fleet.draining = True
+        self.fleet.arrived()  # dispatches waiting for a returning daemon stop waiting
         await self._drain.begin(
             self.fleet.all_streams,
             list(self._unattested.values()),

@@ -97,7 +97,8 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, cwd=REPO, start_new_session=True, **kw)
+        kw.setdefault("cwd", REPO)
+        proc = subprocess.Popen(argv, start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -169,6 +170,9 @@ class Relay:
         self.data_dir = data_dir
         self.store_url = store_url
         self.extra = extra
+        self.code = ""
+        """A source tree whose ``aegis_*`` packages the relay runs instead of this one's
+        (``--baseline``): ahead of the editable install on its ``sys.path``."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.port = 0
@@ -223,6 +227,8 @@ class Relay:
             ],
             stdout=open(self.data_dir / "stdout.log", "ab"),  # noqa: SIM115
             stderr=open(self.data_dir / "stderr.log", "ab"),  # noqa: SIM115
+            env={**os.environ, "PYTHONPATH": self.code} if self.code else None,
+            cwd=self.code or REPO,  # `-m` puts the working directory first on sys.path
         )
 
     def stop(self) -> float:
@@ -649,13 +655,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
+def commit(tree: Path = REPO) -> str:
     out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, check=False
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, check=False
     )
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--", "aegis_edge_relay", "aegis_edge_core"],
-        cwd=REPO,
+        cwd=tree,
         capture_output=True,
         check=False,
     )
@@ -804,6 +810,11 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     log(f"enrolling {n} daemons ({nworkers} load generators)")
     enroll(relay, workers, n)
     relay.stop()
+    if args.baseline:
+        res["baseline"] = {"tree": args.baseline, "commit": commit(Path(args.baseline))}
+        res["fleet_ab"] = fleet_against_baseline(args, relay, workers)
+        workers.all({"cmd": "quit"})
+        return res
     if "storm" in only:
         relay.extra = (*relay.extra, *UNIFORM_DRAIN)
     relay.start(30.0)
@@ -830,22 +841,73 @@ def run_only(args: argparse.Namespace, procs: Procs, root: Path) -> dict[str, An
     return res
 
 
+def fleet_against_baseline(
+    args: argparse.Namespace, relay: Relay, workers: Workers
+) -> list[dict[str, Any]]:
+    """``--only fleet --baseline TREE``: fleet edge.ping mode all over the same N daemons on
+    the relay of TREE (before), of this tree without ``result-ack-deferred`` and of this
+    tree (after), in turn, ``--rounds`` times, with the stream features on and summary-only
+    events each time. ``--profile DIR``: py-spy
+    stacks of each relay's first run."""
+    n = args.daemons
+    connect = max(120.0, n / 25)
+    prof_dir = Path(args.profile) if args.profile else None
+    runs: list[dict[str, Any]] = []
+    variants = (
+        ("before", args.baseline, ()),
+        # this tree without the one feature an older relay cannot have: what it buys
+        ("after-no-defer", "", ("--protocol-features", "heartbeat-ack-coalesce,result-ack-batch")),
+        ("after", "", ()),
+    )
+    for rnd in range(args.rounds):
+        for variant, code, extra in variants:
+            relay.code, relay.extra = code, extra
+            relay.start(30.0)
+            workers.all({"cmd": "address", "address": relay.address})
+            workers.target(n)
+            wait_for(lambda: relay.connected() >= n, connect, f"{n} connected", 0.5)
+            time.sleep(3.0)
+            spy = None
+            if prof_dir is not None and rnd == 0:
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                # a run of a few seconds: 50 Hz would give a few hundred samples
+                spy = profile(relay.pid, 12, prof_dir / f"{variant}-fleet.txt", rate=250)
+            load = os.getloadavg()[0]
+            fr = fleet_run(relay, "all", timeout=max(120.0, n / 50), summary_only=True)
+            if spy is not None:
+                spy.wait()
+            runs.append({"variant": variant, "round": rnd, "load1": round(load, 2), **fr})
+            log(f"  [{variant}] round {rnd}: load {load:.1f}: {fr}")
+            workers.target(0)
+            wait_for(lambda: workers.stats()["connected"] == 0, 60, "all disconnected")
+            relay.stop()
+    relay.code, relay.extra = "", ()
+    for variant, _, _ in variants:
+        mine = [r for r in runs if r["variant"] == variant]
+        wall = sum(r["wall_s"] for r in mine) / len(mine)
+        cpu = sum(r["relay_cpu_s"] for r in mine) / len(mine)
+        log(f"{variant}: mean wall {wall:.2f} s, relay CPU {cpu:.2f} s over {len(mine)} runs")
+    return runs
+
+
 FEATURE_VARIANTS: dict[str, tuple[str, ...]] = {
     "off": ("--protocol-features", "none"),
     "on": (),
 }
 """``--ab``: the relay without the optional stream features (what an older daemon gets,
 and today's Admin event stream) and with them (heartbeat-ack-coalesce, heartbeat-keepalive,
-result-ack-batch, summary-only fleet events); the load generators offer them either way."""
+result-ack-batch, result-ack-deferred, summary-only fleet events); the load generators offer
+them either way."""
 
 
-def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    """py-spy (if installed) on ``pid`` for ``seconds``: collapsed stacks to ``out``."""
+def profile(pid: int, seconds: float, out: Path, rate: int = 50) -> subprocess.Popen[bytes] | None:
+    """py-spy (if installed) on ``pid`` for ``seconds`` at ``rate`` Hz: collapsed stacks to
+    ``out``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return None
     return subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate), "-f", "raw",
          "-o", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -1291,17 +1353,25 @@ def main() -> int:
         help="stream features off against on (and the floor) in one run: JSON to "
         "benchmarks/results/ab.json, its table into docs/benchmarks.md",
     )
-    ap.add_argument("--rounds", type=int, default=1, help="--ab: off/on pairs (default 1)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="--ab, --baseline: pairs of runs (default 1)"
+    )
     ap.add_argument(
         "--profile",
         metavar="DIR",
-        help="--ab: py-spy stacks of round 1 to DIR; --only storm: of each take-over's old "
-        "relay (stop-*.txt) and successor (successor-*.txt)",
+        help="--ab, --baseline: py-spy stacks of round 1 to DIR; --only storm: of each "
+        "take-over's old relay (stop-*.txt) and successor (successor-*.txt)",
     )
     ap.add_argument(
         "--storm-rates",
         type=lambda t: t.split(","),
         help="--only storm: one take-over per --drain-rate, in one run, e.g. 400,800",
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="with --only fleet: the fleet run on TREE's relay (e.g. a `git worktree add` of "
+        "the base commit) against this tree's, in turn, in one run",
     )
     ap.add_argument(
         "--store",

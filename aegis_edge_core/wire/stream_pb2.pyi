@@ -561,6 +561,8 @@ class Accepted(_message.Message):
             the stall bound; the relay's heartbeat acks then only prove its event loop runs,
             one in `heartbeat_ack_every` (coalesced as above, and sparser), and the daemon
             calls the relay stalled after more than that many go unacknowledged.
+          result-ack-deferred: the acks of stored results may wait for the daemon's next
+            heartbeat, and go out as its ack (ResultAck.heartbeat_seq).
         """
 
     def __init__(
@@ -706,13 +708,26 @@ class ResultAck(_message.Message):
     """The relay stored these results: the daemon may forget them. A relay that negotiated
     result-ack-batch lists them in `command_ids` (leaving `command_id` empty), all stored
     before the ack is sent; otherwise it names one in `command_id`.
+    Added in v1 (compatible both ways), with the result-ack-deferred feature: the relay may
+    hold the acks of stored results until the daemon's next heartbeat and send them, in
+    `command_ids`, as that heartbeat's ack (even one the coalesced acks would have let
+    pass): `heartbeat_seq` and `relay_time` then mean what HeartbeatAck's `seq` and
+    `relay_time` do, and no HeartbeatAck is sent for it. Acks still held when the relay
+    drains the stream go out, without `heartbeat_seq`, before its Drain. A peer that did not
+    negotiate the feature never sees the two fields set.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     COMMAND_IDS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SEQ_FIELD_NUMBER: _builtins.int
+    RELAY_TIME_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
+    heartbeat_seq: _builtins.int
+    """added in v1, with result-ack-deferred; 0: acks no heartbeat"""
+    relay_time: _builtins.float
+    """added in v1, with result-ack-deferred (with heartbeat_seq)"""
     @_builtins.property
     def command_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """added in v1, with the result-ack-batch feature"""
@@ -722,10 +737,12 @@ class ResultAck(_message.Message):
         *,
         command_id: _builtins.str = ...,
         command_ids: _abc.Iterable[_builtins.str] | None = ...,
+        heartbeat_seq: _builtins.int = ...,
+        relay_time: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "command_ids", b"command_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "command_ids", b"command_ids", "heartbeat_seq", b"heartbeat_seq", "relay_time", b"relay_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

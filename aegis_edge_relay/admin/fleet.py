@@ -214,6 +214,7 @@ class FleetAdmin(GroupsAdmin):
             secret_keys=secret_keys,
             rerun_of=rerun_of,
             follow_output=follow_output,
+            per_target=not mode.summary,
         )
         try:
             yield _started(active, mode)
@@ -229,8 +230,8 @@ class FleetAdmin(GroupsAdmin):
         principal = await self._auth(context, "WatchFleetRun")
         active = self.runs.runs.get(request.fleet_command_id)
         if active is not None and principal.sees_all(active.scope):
-            watcher = active.subscribe(output=request.follow_output)
             mode = EventMode.of(request)
+            watcher = active.subscribe(output=request.follow_output, per_target=not mode.summary)
             yield _started(active, mode)
             async for event in _drain(watcher, mode):
                 yield event
@@ -370,11 +371,7 @@ _PER_TARGET: Final = {"dispatched": "targets_dispatched", "target_finished": "ta
 def _started(active: ActiveRun, mode: EventMode) -> admin_pb2.FleetRunEvent:
     """The run as it starts; a summary-only stream gets it without its target rows (the
     `finished` event has them all)."""
-    run = active.to_proto()
-    if mode.summary:
-        del run.targets[:]
-        run.targets_omitted = True
-    return admin_pb2.FleetRunEvent(started=run)
+    return admin_pb2.FleetRunEvent(started=active.to_proto(with_targets=not mode.summary))
 
 
 async def _drain(

@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aegis_edge_core import daemon_rules
-from aegis_edge_core.errors import LocalProtocolError
+from aegis_edge_core.errors import LocalProtocolError, ProtocolError
 from aegis_edge_core.handshake import (
     FEATURES,
     HEARTBEAT_ACK_COALESCE,
     HEARTBEAT_KEEPALIVE,
     KEEPALIVE_ACK_SPREAD,
     RESULT_ACK_BATCH,
+    RESULT_ACK_DEFERRED,
     grant,
     heartbeat_ack_every,
     keepalive_fits,
@@ -189,7 +190,7 @@ def test_the_stall_count_always_exceeds_the_ack_interval() -> None:
 
 
 def test_batched_result_ack_names_every_result_and_the_daemon_sees_each() -> None:
-    daemon, relay, _ = _connect(offer=tuple(FEATURES))
+    daemon, relay, _ = _connect(offer=(HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH))
     relay.ack_results(["c1", "c2", "c3"])
     (msg,) = relay.messages_to_send()
     assert list(msg.result_ack.command_ids) == ["c1", "c2", "c3"]
@@ -270,3 +271,75 @@ def test_any_plan_keeps_its_keepalive_in_the_bound_and_a_live_relay_connected(
     assert plan.stall_after > every
     if not keepalive:  # coalescing alone keeps the bound of every beat acked
         assert plan.stall_after == daemon_rules.heartbeat_plan(interval, stale).stall_after
+
+
+def _beat(daemon: DaemonSession, relay: RelaySession) -> list[stream_pb2.RelayMessage]:
+    daemon.heartbeat(NOW)
+    to_relay(daemon, relay)
+    return relay.messages_to_send()
+
+
+def test_deferred_result_acks_go_out_as_the_next_heartbeats_ack() -> None:
+    daemon, relay, accepted = _connect(offer=tuple(FEATURES), ack_every=2)
+    assert RESULT_ACK_DEFERRED in accepted.features and daemon.features == FEATURES
+    assert _beat(daemon, relay) == []  # beat 1: not due an ack
+    (first,) = _beat(daemon, relay)  # beat 2: acked (one in two)
+    assert first.WhichOneof("body") == "heartbeat_ack"
+    daemon.receive_bytes(first.SerializeToString(), NOW)
+    relay.ack_results(["c1"])
+    relay.ack_results(["c2", "c3"])
+    assert relay.messages_to_send() == []  # held: no message of their own
+    (msg,) = _beat(daemon, relay)  # beat 3, not due a plain ack: the held acks are its ack
+    assert msg.WhichOneof("body") == "result_ack"
+    assert list(msg.result_ack.command_ids) == ["c1", "c2", "c3"]
+    assert msg.result_ack.heartbeat_seq == 3 and msg.result_ack.relay_time == NOW
+    events = daemon.receive_bytes(msg.SerializeToString(), NOW)
+    assert [e.command_id for e in events if isinstance(e, ResultAcked)] == ["c1", "c2", "c3"]
+    assert [e.seq for e in events if isinstance(e, HeartbeatAcked)] == [3]
+    assert daemon.heartbeats_unacked == 0
+    # the coalesced acks count from it: no write was added
+    assert _beat(daemon, relay) == []
+    (plain,) = _beat(daemon, relay)  # nothing held: a plain heartbeat ack
+    assert plain.WhichOneof("body") == "heartbeat_ack" and plain.heartbeat_ack.seq == 5
+
+
+def test_deferred_acks_still_held_go_out_before_a_drain_and_not_after() -> None:
+    _daemon, relay, _ = _connect(offer=tuple(FEATURES))
+    relay.ack_results(["c1", "c2"])
+    relay.drain("restart", reconnect_after_secs=2.0)
+    ack, drain = relay.messages_to_send()
+    assert list(ack.result_ack.command_ids) == ["c1", "c2"]
+    assert ack.result_ack.heartbeat_seq == 0
+    assert drain.WhichOneof("body") == "drain"
+    relay.ack_results(["c3"])  # draining: the stream is about to end, nothing is held
+    (now,) = relay.messages_to_send()
+    assert now.result_ack.command_id == "c3"
+
+
+def test_without_result_ack_deferred_a_result_is_acked_at_once() -> None:
+    for use in ((), (HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH)):
+        _daemon, relay, _ = _connect(offer=tuple(FEATURES), use=use)
+        relay.ack_results(["c1"])
+        (msg,) = relay.messages_to_send()
+        assert msg.result_ack.command_id == "c1" and msg.result_ack.heartbeat_seq == 0
+
+
+def test_a_daemon_that_did_not_negotiate_it_ignores_heartbeat_seq() -> None:
+    daemon, _relay, _ = _connect(offer=(HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH))
+    daemon.heartbeat(NOW)
+    msg = stream_pb2.RelayMessage()
+    msg.result_ack.command_ids.append("c1")
+    msg.result_ack.heartbeat_seq = 1
+    events = daemon.receive(msg, NOW)
+    assert [type(e) for e in events] == [ResultAcked]
+    assert daemon.heartbeats_unacked == 1
+
+
+def test_a_deferred_ack_naming_a_heartbeat_never_sent_is_a_protocol_error() -> None:
+    daemon, _relay, _ = _connect(offer=tuple(FEATURES))
+    daemon.heartbeat(NOW)
+    msg = stream_pb2.RelayMessage()
+    msg.result_ack.command_ids.append("c1")
+    msg.result_ack.heartbeat_seq = 5
+    with pytest.raises(ProtocolError, match="never sent"):
+        daemon.receive(msg, NOW)

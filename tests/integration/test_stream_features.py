@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from aegis_edge_core.handshake import FEATURES, HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH
+from aegis_edge_core.handshake import (
+    FEATURES,
+    HEARTBEAT_ACK_COALESCE,
+    HEARTBEAT_KEEPALIVE,
+    RESULT_ACK_BATCH,
+)
 from aegis_edge_core.session import HeartbeatAcked, ResultAcked, SessionAccepted
 from aegis_edge_core.wire import admin_pb2, common_pb2, stream_pb2
 from tests.relay.daemon_driver import DaemonDriver, RelayProcess, wait_until
@@ -60,7 +65,7 @@ async def _scenario(relay: RelayProcess) -> None:
         await wait_until(lambda: len(old.saw(HeartbeatAcked)) == 4, what="4 acks")
 
         # A new daemon: both features; one ack per two beats (stall count 3, less one).
-        new.features = tuple(FEATURES)
+        new.features = (HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH)
         accepted = await new.connect()
         assert isinstance(accepted, SessionAccepted)
         assert set(accepted.features) == {HEARTBEAT_ACK_COALESCE, RESULT_ACK_BATCH}
@@ -119,6 +124,30 @@ async def _scenario(relay: RelayProcess) -> None:
         last = summary[-2].progress
         assert (last.targets, last.finished, last.counts["ok"]) == (10, 10, 10)
         assert len(summary[-1].finished.targets) == 10
+
+        # result-ack-deferred: a run's result is stored at once, and acked only as the
+        # ack of the daemon's next heartbeat (one message for both).
+        late = fleet[0]
+        await late.close()
+        # (without heartbeat-keepalive, which this test daemon's channel does not run, so
+        # plain acks stay one in two)
+        late.features = tuple(FEATURES - {HEARTBEAT_KEEPALIVE})
+        accepted = await late.connect()
+        assert isinstance(accepted, SessionAccepted)
+        assert set(accepted.features) == FEATURES - {HEARTBEAT_KEEPALIVE}
+        for _ in range(2):
+            await late.heartbeat()
+        await wait_until(lambda: len(late.saw(HeartbeatAcked)) == 1, what="the first ack")
+        run = await _run(admin, relay, f"node={late.node_id}", batch=False, summary=True)
+        assert run.targets[0].outcome == OK  # stored and counted before any ack
+        await asyncio.sleep(0.3)
+        assert late.saw(ResultAcked) == [] and late.session is not None
+        assert late.session.heartbeats_unacked == 0
+        await late.heartbeat()  # beat 3, not due a plain ack (one in two): the result's is
+        await wait_until(lambda: len(late.saw(ResultAcked)) == 1, what="the deferred ack")
+        assert [e.command_id for e in late.saw(ResultAcked)] == [run.targets[0].command_id]  # type: ignore[attr-defined]
+        assert [e.seq for e in late.saw(HeartbeatAcked)] == [2, 3]  # type: ignore[attr-defined]
+        assert late.session.heartbeats_unacked == 0
         for d in [new, old, *fleet]:
             await d.close()
 
