@@ -23,6 +23,7 @@ from typing import Final
 import attrs
 
 from aegis_edge_core.errors import AegisError
+from aegis_edge_core.identity.tokens import TENANT_ID_PATTERN, TENANT_ID_RULE
 
 __all__ = [
     "REQUIRED_ROLES",
@@ -167,9 +168,17 @@ def require_visible(principal: Principal, tenant_id: str, what: str) -> None:
 def scope_tenants(principal: Principal, requested: str = "") -> frozenset[str] | None:
     """The tenants a listing may include: ``None`` for every tenant.
 
-    An empty ``requested`` means every tenant the token sees; a named one must be in scope.
+    An empty ``requested`` means every tenant the token sees; a named one must be a tenant
+    id (``INVALID_ARGUMENT`` otherwise: a NUL or a 10 kB name never reaches the store, even
+    for a token that sees every tenant) and in scope.
     """
     if requested:
+        if not TENANT_ID_PATTERN.fullmatch(requested):
+            raise AuthzError(
+                f"tenant id {requested!r} is not allowed",
+                grpc_status="INVALID_ARGUMENT",
+                hint=TENANT_ID_RULE,
+            )
         check_tenant(principal, requested)
         return frozenset({requested})
     return principal.tenants

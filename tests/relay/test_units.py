@@ -59,6 +59,13 @@ def test_tenant_scoping() -> None:
     assert str(err.value) == "daemon n-1 not found"
     everyone = Principal(subject="x", role=Role.ADMIN)
     assert scope_tenants(everyone) is None
+    # a name that cannot be a tenant id is refused before any store sees it, even for a
+    # token that sees every tenant (schemathesis sent a NUL, which PostgreSQL refuses)
+    for bad in ("a\x00b", "*", "x" * 65, " a"):
+        for who in (everyone, p):
+            with pytest.raises(AuthzError, match="tenant id") as err:
+                scope_tenants(who, bad)
+            assert err.value.grpc_status == "INVALID_ARGUMENT"
     with pytest.raises(TypeError):
         Principal(subject="x", role=Role.ADMIN, tenants="a")  # type: ignore[arg-type]
 
