@@ -1,14 +1,7 @@
-"""Assembling and running the relay process: the parts, TLS, gRPC, HTTP, relay.json.
+"""Running the relay process: TLS, the gRPC server (``grpcserver``), the relay's wired
+parts (``wiring.Relay``), HTTP, relay.json, the signals and the drain at the end.
 
-This is the one module that constructs the relay's parts and wires them together
-(:class:`Relay`); each part receives what it uses and none of them imports this module.
-In construction order, each built from the ones before it::
-
-    store/ (StoreWorker) -> FleetView, IdentityService -> Dispatcher -> FleetRuns
-        -> StreamHandler, EnrollmentService -> AdminService (admin/), Loops
-
-plus one hook: the identity service tells the stream handler of each revocation, so the
-node's live streams end (``identity.on_revoked(streams.cut_revoked)``). The HTTP server
+No part of the relay imports this module or ``wiring``. The HTTP server
 (:mod:`.http`: /metrics, /healthz, /readyz, /api/v1, the console) is handed the same
 ``AdminService`` object the gRPC server calls, the metrics registry and a readiness probe.
 
@@ -33,57 +26,38 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import attrs
-import grpc
 import prometheus_client
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 
 from aegis_edge_core.drain import DEFAULT_ATTEST_RATE
 from aegis_edge_core.handshake import (
     DEFAULT_HANDSHAKE_DEADLINE,
     DEFAULT_MAX_UNATTESTED_PER_SOURCE,
     FEATURES,
-    HandshakeGuard,
-    HandshakeLimits,
 )
-from aegis_edge_core.health import HealthTracker
-from aegis_edge_core.identity import NODE_TOKEN_TTL, TokenError
+from aegis_edge_core.identity import TokenError
 from aegis_edge_core.ratelimit import (
     ATTEST_PER_NODE,
     ATTEST_PER_SOURCE,
     ENROLL_PER_SOURCE,
     REFRESH_PER_NODE,
-    AttemptLimits,
-    KeyedLimiter,
     Limit,
 )
-from aegis_edge_core.session import MAX_MESSAGE_BYTES
-from aegis_edge_core.wire import admin_pb2_grpc, enrollment_pb2_grpc, stream_pb2
 from aegis_edge_relay import jsonlog, tracing
-from aegis_edge_relay.admin import AdminService
-from aegis_edge_relay.cluster import ClusterView
-from aegis_edge_relay.dispatcher import Dispatcher
 from aegis_edge_relay.drainer import write_bound
 from aegis_edge_relay.durations import parse_hostport
-from aegis_edge_relay.enrollment import EnrollmentService
 from aegis_edge_relay.files import atomic_write, ensure_private_dir
-from aegis_edge_relay.fleetview import FleetView
+from aegis_edge_relay.grpcserver import add_services, bind, grpc_server, serving
 from aegis_edge_relay.http import HttpListener, make_app, server_ssl_context
-from aegis_edge_relay.identity import IdentityService, load_or_create_signing_key
-from aegis_edge_relay.loops import Loops
-from aegis_edge_relay.membership import check_cluster_store, join_cluster, write_cluster_json
-from aegis_edge_relay.metrics import RelayMetrics
-from aegis_edge_relay.routing import Router
-from aegis_edge_relay.runs import FleetRuns
+from aegis_edge_relay.identity import IdentityService
+from aegis_edge_relay.membership import check_cluster_store, write_cluster_json
 from aegis_edge_relay.startup import (
     GC_THRESHOLDS,
     HAND_OVER_SIGNAL,
     TAKE_OVER_SLACK,
     StartupError,
-    StoreErrorInterceptor,
     _advertised,
     _cannot_listen,
     _grpc_options,
@@ -97,9 +71,8 @@ from aegis_edge_relay.startup import (
     running_relay,
     take_over,
 )
-from aegis_edge_relay.store import StoreWorker, open_store
-from aegis_edge_relay.streams import StreamHandler, StreamSettings
 from aegis_edge_relay.tls import TlsMaterial, ensure_tls, load_tls
+from aegis_edge_relay.wiring import Relay, RelayConfig
 
 __all__ = [
     "Relay",
@@ -115,16 +88,6 @@ __all__ = [
 ]
 
 RELAY_JSON: Final = "relay.json"
-COARSE_HEARTBEAT_FLUSH: Final = 300.0
-"""On a shared store, how often heartbeats noted in memory are written: one row write per
-idle daemon per five minutes, DESIGN.md's budget (measured: no other per-daemon write while
-a daemon is idle; the leases cost each relay one write per renewal, whatever its fleet)."""
-
-SERVICES: Final = (
-    "aegis.edge.v1.EdgeStream",
-    "aegis.edge.v1.Enrollment",
-    "aegis.edge.v1.Admin",
-)
 
 
 @attrs.frozen(kw_only=True)
@@ -168,202 +131,6 @@ class ServeOptions:
     """The optional stream features this relay uses when a daemon offers them."""
 
 
-@attrs.define(kw_only=True)
-class RelayConfig:
-    data_dir: Path
-    store_url: str | None = None
-    """``--store``: None is SQLite in the data dir (see ``store.open_store``)."""
-    heartbeat_interval: float = 30.0
-    stale_threshold: float = 90.0
-    node_token_ttl: float = NODE_TOKEN_TTL
-    max_concurrent_commands: int = 16
-    heartbeat_flush_interval: float = 2.0
-    drain_grace: float = 5.0
-    drain_rate: float = DEFAULT_ATTEST_RATE
-    fleet_tick_interval: float = 0.1
-    """How often fleet runs' deadlines and cancel graces are checked. Tests stretch it to
-    make a daemon's kill at the deadline land before the relay's own tick."""
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    attest_limit_per_node: Limit | None = ATTEST_PER_NODE
-    attest_limit_per_source: Limit | None = ATTEST_PER_SOURCE
-    enroll_limit_per_source: Limit | None = ENROLL_PER_SOURCE
-    refresh_limit_per_node: Limit | None = REFRESH_PER_NODE
-    """Attempt rate limits (``None``: off); see :mod:`aegis_edge_core.ratelimit`."""
-    handshake_timeout: float = DEFAULT_HANDSHAKE_DEADLINE
-    max_unattested_per_source: int | None = DEFAULT_MAX_UNATTESTED_PER_SOURCE
-    """Bounds on streams that have not attested yet; see :mod:`aegis_edge_core.handshake`."""
-    cluster: str = ""
-    """The cluster this relay joins at start (``membership``); empty for a single relay."""
-    protocol_features: frozenset[str] = FEATURES
-
-
-def stream_handler(streams: StreamHandler) -> grpc.GenericRpcHandler[Any, Any]:
-    """``aegis.edge.v1.EdgeStream/Connect`` with raw request bytes: every frame reaches the
-    core session, so garbage becomes a counted protocol error closing that one stream
-    instead of a deserialization failure inside gRPC."""
-    handler = grpc.stream_stream_rpc_method_handler(
-        streams.connect,
-        request_deserializer=None,
-        response_serializer=stream_pb2.RelayMessage.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler("aegis.edge.v1.EdgeStream", {"Connect": handler})
-
-
-def _limiter(limit: Limit | None) -> KeyedLimiter | None:
-    return KeyedLimiter(limit) if limit is not None else None
-
-
-class Relay:
-    """The relay's parts, wired; one per process (or per test)."""
-
-    def __init__(self, config: RelayConfig, *, ca_der: bytes | None = None) -> None:
-        clock = time.time
-        signing_key = load_or_create_signing_key(config.data_dir)
-        self._cluster = config.cluster
-        self._ca_der = ca_der
-        self.metrics = metrics = RelayMetrics()
-        self.db = db = StoreWorker(open_store(config.store_url, config.data_dir))
-        shared = db.store.shared
-        self.cluster = cluster = ClusterView(
-            relay_id=signing_key.kid,
-            db=db,
-            clock=clock,
-            stale_threshold=config.stale_threshold,
-            shared=shared,
-            metrics=metrics,
-        )
-
-        health = HealthTracker(
-            stale_threshold_secs=config.stale_threshold,
-            heartbeat_interval_secs=config.heartbeat_interval,
-        )
-        self.fleet = fleet = FleetView(
-            health=health, metrics=metrics, db=db, clock=clock, cluster=cluster
-        )
-        self.identity = identity = IdentityService(
-            signing_key=signing_key,
-            ca_der=ca_der,
-            nodes=fleet.nodes,
-            db=db,
-            clock=clock,
-            node_token_ttl=config.node_token_ttl,
-            refresh_limit=config.refresh_limit_per_node,
-        )
-        self.dispatcher = dispatcher = Dispatcher(fleet=fleet, db=db, metrics=metrics, clock=clock)
-        self.router = router = Router(dispatcher)
-        self.runs = runs = FleetRuns(
-            dispatcher=dispatcher,
-            router=router,
-            fleet=fleet,
-            db=db,
-            metrics=metrics,
-            clock=clock,
-            drain_rate=config.drain_rate,
-        )
-        self.streams = streams = StreamHandler(
-            settings=StreamSettings(
-                heartbeat_interval=config.heartbeat_interval,
-                stale_threshold=config.stale_threshold,
-                max_concurrent_commands=config.max_concurrent_commands,
-                max_message_bytes=config.max_message_bytes,
-                drain_grace=config.drain_grace,
-                drain_rate=config.drain_rate,
-                features=config.protocol_features,
-            ),
-            fleet=fleet,
-            identity=identity,
-            dispatcher=dispatcher,
-            db=db,
-            metrics=metrics,
-            attest_limits=AttemptLimits(
-                per_source=_limiter(config.attest_limit_per_source),
-                per_node=_limiter(config.attest_limit_per_node),
-            ),
-            handshakes=HandshakeGuard(
-                HandshakeLimits(
-                    deadline_secs=config.handshake_timeout,
-                    max_unattested_per_source=config.max_unattested_per_source,
-                )
-            ),
-        )
-        identity.on_revoked(streams.cut_revoked)
-        self.enrollment = EnrollmentService(
-            identity=identity,
-            fleet=fleet,
-            db=db,
-            metrics=metrics,
-            limits=AttemptLimits(per_source=_limiter(config.enroll_limit_per_source)),
-            heartbeat_interval=config.heartbeat_interval,
-        )
-        self.admin = AdminService(fleet=fleet, identity=identity, runs=runs, db=db)
-        self.loops = Loops(
-            fleet=fleet,
-            identity=identity,
-            streams=streams,
-            runs=runs,
-            router=router,
-            stale_threshold=config.stale_threshold,
-            # Shared: heartbeats stay in memory (the holder answers for its nodes) and reach
-            # the store coarsely, so an idle daemon costs one row write per few minutes.
-            # Alone: the store lags memory by at most one heartbeat interval (its value is
-            # read only after a crash, as "last seen"), one transaction per interval rather
-            # than one per 2 s: at 30 s, ~10% of a steady relay's samples went to the commits.
-            heartbeat_flush_interval=max(config.heartbeat_flush_interval, COARSE_HEARTBEAT_FLUSH)
-            if shared
-            else max(config.heartbeat_flush_interval, config.heartbeat_interval),
-            fleet_tick_interval=config.fleet_tick_interval,
-        )
-
-    async def start(self) -> None:
-        db = self.db
-        records = await db.call(db.store.load_nodes)
-        if self._cluster:
-            if self._ca_der is None:
-                raise StartupError(f"--cluster {self._cluster}: a cluster needs TLS (its CA)")
-            await join_cluster(db, self._cluster, self._ca_der, time.time())
-            self.identity.cluster = self._cluster
-        await self.identity.load()
-        await self.identity.publish_endpoint()
-        self.fleet.load(records)
-        # what other relays changed between the load and the cluster's first (full) read
-        for node, reason in self.fleet.merge(await self.cluster.start()):
-            self.identity.revoked_elsewhere(node, reason)
-        await self.dispatcher.recover()
-        await self.runs.recover()
-        self.loops.start()
-        jsonlog.log("info", "relay.started", daemons=len(self.fleet.nodes))
-
-    @property
-    def relay_id(self) -> str:
-        """This relay's id in a cluster: its signing key's ``kid``."""
-        return self.identity.relay_id
-
-    async def drain(self, *, hand_over: bool = False) -> None:
-        """Drain every daemon stream. On a shared store, or with ``hand_over`` (a successor
-        takes over this data dir), the fleet runs are left to the next relay first instead
-        of being cancelled at :meth:`stop`."""
-        if hand_over:
-            self.dispatcher.handing_over = True  # what runs now ends at the successor
-        if self.cluster.shared or hand_over:
-            await self.runs.hand_over()  # before the streams go: another relay resumes them
-        if self.cluster.shared:
-            # The live relays as of now: each Drain names one of them to go to.
-            with contextlib.suppress(Exception):
-                await self.cluster.sync()
-        await self.streams.drain()
-
-    async def stop(self) -> None:
-        self.db.stopping()  # a store down now costs seconds, not minutes per write
-        await self.runs.cancel_all("relay shutting down")
-        await self.loops.stop()
-        await self.dispatcher.stop()
-        await self.cluster.stop()
-        await self.fleet.flush_heartbeats()
-        self.fleet.account_stream_seconds(self.fleet.now())
-        self.db.close()
-        jsonlog.log("info", "relay.store_closed")
-
-
 def _console_token_expiry(identity: IdentityService, token: str) -> float:
     """When an operator token pasted into the console's login expires; ValueError if it is
     refused (the same verification every Admin call makes)."""
@@ -374,6 +141,25 @@ def _console_token_expiry(identity: IdentityService, token: str) -> float:
     except TokenError as err:
         raise ValueError(f"operator token refused: {err.message}; {err.hint}") from None
     return claims.expires_at
+
+
+async def _until_signalled() -> bool:
+    """Wait for SIGTERM/SIGINT or the hand-over signal; returns whether it was the hand-over
+    (a successor is taking over this data dir)."""
+    stop = asyncio.Event()
+    successor = False
+
+    def hand_over() -> None:
+        nonlocal successor
+        successor = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(HAND_OVER_SIGNAL, hand_over)
+    await stop.wait()
+    return successor
 
 
 async def serve(opts: ServeOptions) -> int:
@@ -422,22 +208,11 @@ async def serve(opts: ServeOptions) -> int:
     tracing_mode = tracing.setup(opts.otlp_endpoint)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-    server = grpc.aio.server(
-        options=_grpc_options(opts.handshake_timeout),
-        maximum_concurrent_rpcs=None,
-        interceptors=[StoreErrorInterceptor()],
-    )
+    server = grpc_server(opts.handshake_timeout)
     # Bound (listening) before the store opens: when taking over, connections that arrive
     # from here on wait in this socket's backlog, not on a refused port, while the running
     # relay drains and closes the store; they are served as soon as this relay starts.
-    try:
-        if tls is not None:
-            creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
-            bound = server.add_secure_port(listen, creds)
-        else:
-            bound = server.add_insecure_port(listen)
-    except RuntimeError:
-        bound = 0
+    bound = bind(server, listen, tls)
     if not bound:
         raise _cannot_listen(listen_shown, "--listen", _probe_bind(host, port, share=bool(old)))
     if old is not None:
@@ -464,11 +239,9 @@ async def serve(opts: ServeOptions) -> int:
     relay = Relay(config, ca_der=tls.ca_der if tls else None)
     token_path = ensure_admin_token(relay.identity.verifier, data_dir, time.time())
 
-    server.add_generic_rpc_handlers((stream_handler(relay.streams),))
-    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(relay.enrollment, server)
-    admin_pb2_grpc.add_AdminServicer_to_server(relay.admin, server)
-    health_servicer = AsyncHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer = add_services(
+        server, streams=relay.streams, enrollment=relay.enrollment, admin=relay.admin
+    )
     grpc_serving = False
 
     async def ready() -> str | None:
@@ -521,8 +294,7 @@ async def serve(opts: ServeOptions) -> int:
         gc.set_threshold(*GC_THRESHOLDS)
         _keep_freed_memory()
     await server.start()
-    for name in ("", *SERVICES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await serving(health_servicer)
     grpc_serving = True
 
     http_url = ""
@@ -579,20 +351,7 @@ async def serve(opts: ServeOptions) -> int:
         tracing=tracing_mode,
     )
 
-    stop = asyncio.Event()
-    successor = False
-
-    def hand_over() -> None:
-        nonlocal successor
-        successor = True
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(HAND_OVER_SIGNAL, hand_over)
-    await stop.wait()
-
+    successor = await _until_signalled()
     jsonlog.log("info", "relay.draining", hand_over=successor)
     if opts.fast_exit:
         # The process ends in seconds: no cyclic-GC passes over a 1 GB heap of 10k streams

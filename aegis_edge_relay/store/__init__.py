@@ -1,5 +1,7 @@
 """The relay's persistent state: the :class:`Store` interface (``base``), its SQLite
-implementation (``sqlite``, the embedded default), the PostgreSQL one (``postgres``), the
+implementation (``sqlite``, the embedded default), the PostgreSQL one (``postgres``) -- each
+joined from the same parts: ``*_base`` (connection, migrations runner, transactions),
+``*_nodes``, ``*_runs`` and ``*_cluster`` (the queries by responsibility) -- the
 one function that picks between them from a URL (``factory.open_store``) and the thread that
 runs store calls off the event loop (``worker``). Nothing outside this package knows which
 store the relay has.
