@@ -24,8 +24,9 @@ killed on exit, Ctrl-C or failure):
 ``--store postgresql://USER@127.0.0.1:PORT/DB`` instead runs the store comparison: the same
 N daemons on a relay with SQLite, then on a relay with a fresh database on that (local)
 server, each figure printed as PostgreSQL/SQLite -- steady relay CPU at a 30 s heartbeat,
-the database server's own CPU (its postmaster and children, from /proc), the time one
-heartbeat flush of all N takes, and a fleet ``edge.ping`` over all N::
+the database server's own CPU (its postmaster and children, from /proc), the relay's RSS,
+the time one heartbeat flush of all N takes, a fleet ``edge.ping`` over all N, and a
+graceful restart (``serve --take-over``, from the old relay's signal to all N Connected)::
 
     .venv/bin/python benchmarks/scale.py --daemons 1000 --quick \
         --store postgresql://postgres@127.0.0.1:54329/postgres
@@ -1127,8 +1128,11 @@ def one_store(
     elapsed = time.monotonic() - t0
     out["relay_cpu_cores"] = round((cpu_secs(relay.pid) - c0) / elapsed, 4)
     out["db_cpu_cores"] = round((group_cpu(server) - s0) / elapsed, 4) if url else 0.0
+    out["rss_mb"] = round(rss_mb(relay.pid), 1)
     log(f"{kind}: fleet run edge.ping over {n}")
     out["fleet"] = fleet_run(relay, "all", timeout=max(120.0, n / 50))
+    log(f"{kind}: graceful restart (--take-over) of {n}")
+    out["take_over"] = storm(relay, workers, n, 30.0, timeout=max(120.0, n / 40), take_over=True)
     workers.target(0)
     for proc in workers.workers:
         procs.stop(proc, timeout=10)
@@ -1160,7 +1164,11 @@ def stores_table(res: dict[str, Any]) -> str:
         ("relay + database server CPU (cores)", lite["relay_cpu_cores"],
          pg["relay_cpu_cores"] + pg["db_cpu_cores"]),
         ("heartbeat flush of all daemons (s)", lite["flush_s"], pg["flush_s"]),
+        ("relay RSS, 30 s beats (MB)", lite.get("rss_mb", 0.0), pg.get("rss_mb", 0.0)),
         ("fleet edge.ping, mode all (s)", lite["fleet"]["wall_s"], pg["fleet"]["wall_s"]),
+        ("graceful restart, signal to all Connected (s)",
+         lite.get("take_over", {}).get("from_signal_s", 0.0),
+         pg.get("take_over", {}).get("from_signal_s", 0.0)),
         ("enrollment of all daemons (s)", lite["enroll_s"], pg["enroll_s"]),
     ]  # fmt: skip
     lines = [
