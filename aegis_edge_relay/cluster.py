@@ -33,6 +33,7 @@ from aegis_edge_core.cluster import (
 from aegis_edge_core.cluster_feed import FeedCursor, advance, apply_holders, read_from
 from aegis_edge_core.health import DaemonStatus
 from aegis_edge_relay import jsonlog
+from aegis_edge_relay.groupcommit import GroupCommit
 from aegis_edge_relay.metrics import RelayMetrics
 from aegis_edge_relay.state import Clock
 from aegis_edge_relay.store import NodeRecord, StoreWorker
@@ -93,6 +94,9 @@ class ClusterView:
         self.interval = renew_every(self.ttl)
         self.now = clock
         self._db = db
+        self._holds: GroupCommit[tuple[str, str, str, float], int] = GroupCommit(
+            db, db.store.hold_streams, persist=False
+        )
         self.lease_expires_at = 0.0
         """When this relay's own lease expires, as it last renewed it."""
         self.live: frozenset[str] = frozenset()
@@ -219,10 +223,11 @@ class ClusterView:
             return
         self._held[node_id] = (stream_id, _PENDING)
         self._statuses.pop(node_id, None)
-        db = self._db
-        generation = await db.call(
-            db.store.hold_stream, node_id, self.relay_id, status.value, self.now()
-        )
+        # Attestations that arrive together share one transaction: on PostgreSQL each holder
+        # row is a commit with the change feed's trigger, lock and NOTIFY, and a restarted
+        # relay attests its whole fleet at once.
+        generation = await self._holds.submit((node_id, self.relay_id, status.value, self.now()))
+        assert generation is not None
         if self._held.get(node_id) == (stream_id, _PENDING):
             self._held[node_id] = (stream_id, generation)
         else:

@@ -1,8 +1,9 @@
 """Group commit: rows that arrive while a batch is being written go into the next one.
 
-The dispatcher's dispatch and result rows and the router's queue and output rows each go
-through one :class:`GroupCommit`, so a fleet run's 10k rows take a few store transactions
-(and hops to the store thread), not 10k, while every caller still waits for its own rows.
+The dispatcher's dispatch and result rows, the router's queue and output rows, and the
+cluster's stream-holder rows each go through one :class:`GroupCommit`, so a fleet run's 10k
+rows (or a restarted relay's 10k attestations) take a few store transactions (and hops to
+the store thread), not 10k, while every caller still waits for its own rows.
 """
 
 from __future__ import annotations
@@ -24,9 +25,19 @@ class GroupCommit(Generic[R, W]):
     store transaction (and one hop to the store thread) per batch, not per row. Each caller
     still awaits *its* rows being committed, so "persist, then send/ack" holds."""
 
-    def __init__(self, db: StoreWorker, write_many: Callable[[list[R]], list[W] | None]) -> None:
+    def __init__(
+        self,
+        db: StoreWorker,
+        write_many: Callable[[list[R]], list[W] | None],
+        *,
+        persist: bool = True,
+    ) -> None:
+        """``persist``: retry while the store is unavailable (:meth:`StoreWorker.persist`,
+        for rows the relay holds and must not drop); False fails the batch at once
+        (:meth:`StoreWorker.call`), for writes the caller can answer with a refusal."""
         self.db = db
         self._write_many = write_many
+        self._write = db.persist if persist else db.call
         self._queue: list[tuple[list[R], asyncio.Future[list[W | None]]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -47,7 +58,7 @@ class GroupCommit(Generic[R, W]):
             batch, self._queue = self._queue, []
             try:
                 rows = [row for group, _ in batch for row in group]
-                out = await self.db.persist(self._write_many, rows)
+                out = await self._write(self._write_many, rows)
             except Exception as err:
                 for _, fut in batch:
                     if not fut.done():

@@ -355,6 +355,11 @@ class Store(Protocol):
         """Record ``relay_id`` as the holder of the node's stream; the new generation."""
         ...
 
+    def hold_streams(self, rows: Sequence[tuple[str, str, str, float]]) -> list[int]:
+        """:meth:`hold_stream` for each (node_id, relay_id, status, now), in order, in one
+        transaction; the new generations."""
+        ...
+
     def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
         """Clear the holder only if it is still (``relay_id``, ``generation``)."""
         ...

@@ -60,17 +60,25 @@ class PostgresCluster(PostgresBase):
         return self._write(tx)
 
     def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
-        def tx(cur: Cursor) -> int:
-            row = cur.execute(
-                "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
-                " VALUES (%s, %s, 1, %s, %s) ON CONFLICT (node_id) DO UPDATE"
-                " SET relay_id = EXCLUDED.relay_id, status = EXCLUDED.status,"
-                " since = EXCLUDED.since, generation = stream_holders.generation + 1"
-                " RETURNING generation",
-                (node_id, relay_id, status, now),
-            ).fetchone()
-            assert row is not None
-            return int(row["generation"])
+        return self.hold_streams([(node_id, relay_id, status, now)])[0]
+
+    def hold_streams(self, rows: Sequence[tuple[str, str, str, float]]) -> list[int]:
+        def tx(cur: Cursor) -> list[int]:
+            out = []
+            # one statement per row, in order, so a node twice in the batch gets two
+            # generations (the later stream's is the higher), as two calls would
+            for node_id, relay_id, status, now in rows:
+                row = cur.execute(
+                    "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
+                    " VALUES (%s, %s, 1, %s, %s) ON CONFLICT (node_id) DO UPDATE"
+                    " SET relay_id = EXCLUDED.relay_id, status = EXCLUDED.status,"
+                    " since = EXCLUDED.since, generation = stream_holders.generation + 1"
+                    " RETURNING generation",
+                    (node_id, relay_id, status, now),
+                ).fetchone()
+                assert row is not None
+                out.append(int(row["generation"]))
+            return out
 
         return self._write(tx)
 

@@ -48,16 +48,23 @@ class SQLiteCluster(SQLiteBase):
             ).rowcount
 
     def hold_stream(self, node_id: str, relay_id: str, status: str, now: float) -> int:
+        return self.hold_streams([(node_id, relay_id, status, now)])[0]
+
+    def hold_streams(self, rows: Sequence[tuple[str, str, str, float]]) -> list[int]:
         with self._tx() as db:
-            row = db.execute(
-                "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
-                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (node_id) DO UPDATE"
-                " SET relay_id = excluded.relay_id, status = excluded.status,"
-                " since = excluded.since, generation = stream_holders.generation + 1"
-                " RETURNING generation",
-                (node_id, relay_id, status, now),
-            ).fetchone()
-            return int(row["generation"])
+            return [
+                int(
+                    db.execute(
+                        "INSERT INTO stream_holders (node_id, relay_id, generation, status, since)"
+                        " VALUES (?, ?, 1, ?, ?) ON CONFLICT (node_id) DO UPDATE"
+                        " SET relay_id = excluded.relay_id, status = excluded.status,"
+                        " since = excluded.since, generation = stream_holders.generation + 1"
+                        " RETURNING generation",
+                        row,
+                    ).fetchone()["generation"]
+                )
+                for row in rows
+            ]
 
     def release_stream(self, node_id: str, relay_id: str, generation: int) -> bool:
         with self._tx() as db:

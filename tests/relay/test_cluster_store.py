@@ -60,6 +60,27 @@ def test_a_late_release_never_clears_a_newer_stream(store: Store) -> None:
     assert store.hold_stream("n1", "a", "Connected", 3.0) == second + 1
 
 
+def test_holds_written_together_keep_each_streams_generation(store: Store) -> None:
+    """A restarted relay's attestations share one transaction: each stream still gets its
+    own generation, a node twice in the batch gets two (the later stream's higher), and a
+    release of the earlier one never clears the later."""
+    base = store.hold_stream("n1", "a", "Connected", 1.0)
+    gens = store.hold_streams(
+        [
+            ("n1", "b", "Connected", 2.0),
+            ("n2", "b", "Connected", 2.0),
+            ("n1", "c", "Connected", 3.0),
+        ]
+    )
+    assert gens == [base + 1, 1, base + 2]
+    assert not store.release_stream("n1", "b", gens[0])
+    assert sorted((h.node_id, h.relay_id, h.generation) for h in store.load_holders()) == [
+        ("n1", "c", base + 2),
+        ("n2", "b", 1),
+    ]
+    assert store.hold_streams([]) == []
+
+
 def test_dropping_a_lease_releases_the_relays_streams(store: Store) -> None:
     store.hold_stream("n1", "a", "Connected", 1.0)
     store.hold_stream("n2", "a", "Connected", 1.0)
